@@ -1,0 +1,135 @@
+"""One scaled dot-product attention function with selectable backends (sdpa | xformers | math).
+
+softmax(q k^T / sqrt(d)) v  (Vaswani et al. 2017, Eq. 1). All attention in the U-Net goes through
+`attention()`. The backend is chosen, in order of precedence, by the `backend` argument (which the
+modules fill from their `attn_backend=` config parameter), the environment variable
+`LDM_ATTENTION_BACKEND`, and finally the default "sdpa". The "math" backend is the reference
+implementation; it can be sliced over queries (`slice_size` argument or `LDM_ATTENTION_SLICE`) so
+the full N x N score matrix is never materialized (sdpa's fused CPU/GPU kernels never build it
+anyway, so the slice setting only affects "math"). Half-precision inputs are softmaxed in fp32
+(SD 2.x needs it): the math backend upcasts explicitly, sdpa/xformers kernels accumulate in fp32.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("sdpa", "xformers", "math")
+ENV_BACKEND = "LDM_ATTENTION_BACKEND"
+ENV_SLICE = "LDM_ATTENTION_SLICE"
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(message)
+
+
+def resolve_backend(backend: str | None = None) -> str:
+    """Return the backend name to use: explicit argument, else $LDM_ATTENTION_BACKEND, else sdpa."""
+    name = backend if backend is not None else os.environ.get(ENV_BACKEND) or "sdpa"
+    name = name.strip().lower()
+    if name not in BACKENDS:
+        source = "attn_backend argument" if backend is not None else f"${ENV_BACKEND}"
+        raise ValueError(
+            f"Unknown attention backend {name!r} (from {source}); expected one of {BACKENDS}."
+        )
+    return name
+
+
+def _slice_size(slice_size: int | None) -> int | None:
+    if slice_size is not None:
+        return int(slice_size) if slice_size > 0 else None
+    env = os.environ.get(ENV_SLICE)
+    if not env:
+        return None
+    try:
+        value = int(env)
+    except ValueError as err:
+        raise ValueError(f"${ENV_SLICE} must be a positive integer (queries per slice), got {env!r}") from err
+    return value if value > 0 else None
+
+
+def _xformers_ops():
+    try:
+        import xformers.ops as xops  # noqa: PLC0415 (optional dependency)
+    except Exception:  # ImportError, or a broken build raising at import
+        return None
+    return xops
+
+
+def math_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    slice_size: int | None = None,
+) -> torch.Tensor:
+    """Reference attention softmax(q k^T * scale) v, optionally in query slices; fp32 softmax."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    n_q = q.shape[-2]
+    step = n_q if slice_size is None else min(slice_size, n_q)
+    upcast = q.dtype in (torch.float16, torch.bfloat16)
+    kt = (k.float() if upcast else k).transpose(-1, -2)  # [B, H, d, M]
+    out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=v.dtype, device=q.device)
+    for start in range(0, n_q, step):
+        q_s = q[..., start : start + step, :]
+        sim = (q_s.float() if upcast else q_s) @ kt * scale  # [B, H, n, M]
+        if mask is not None:
+            m = mask[..., start : start + step, :] if mask.shape[-2] == n_q else mask
+            if m.dtype == torch.bool:
+                sim = sim.masked_fill(~m, torch.finfo(sim.dtype).min)
+            else:
+                sim = sim + m.to(sim.dtype)
+        out[..., start : start + step, :] = sim.softmax(dim=-1).to(v.dtype) @ v
+    return out
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    backend: str | None = None,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    slice_size: int | None = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention (Vaswani et al. 2017, Eq. 1); q, k, v and out: [B, H, N, d].
+
+    mask: bool (True = attend) or additive float, broadcastable to [B, H, N, M].
+    """
+    if q.ndim != 4:
+        raise ValueError(f"attention expects q, k, v of shape [B, heads, N, d], got q {tuple(q.shape)}")
+    name = resolve_backend(backend)
+    if name == "xformers":
+        xops = _xformers_ops()
+        if xops is None or q.device.type != "cuda":
+            why = "xformers is not installed" if xops is None else f"tensors are on {q.device.type}"
+            _warn_once(f"xformers-{why}", f"attention backend 'xformers' unavailable ({why}); using 'sdpa'.")
+            name = "sdpa"
+        else:
+            bias = None
+            if mask is not None:
+                bias = mask
+                if mask.dtype == torch.bool:
+                    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
+                    bias = bias.masked_fill(~mask, -math.inf)
+                bias = bias.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+            # xformers layout is [B, N, H, d]
+            out = xops.memory_efficient_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias, scale=scale
+            )
+            return out.transpose(1, 2)  # [B, H, N, d]
+    if name == "math":
+        return math_attention(q, k, v, mask=mask, scale=scale, slice_size=_slice_size(slice_size))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

@@ -1,0 +1,255 @@
+"""Construction from configs: ``instantiate_from_config``, the legacy target alias table, helpers.
+
+Configs follow the CompVis/Stability format: every component is ``{target: dotted.path, params: {...}}``.
+Original module paths (``ldm.modules.diffusionmodules.openaimodel.UNetModel``, ...) resolve through
+:data:`LEGACY_TARGETS`, so official configs run unchanged. Mistakes raise :class:`ConfigError`, which
+names the key path, what was expected, what was found and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+#: Original target paths used by CompVis/latent-diffusion, CompVis/stable-diffusion,
+#: Stability-AI/stablediffusion and taming-transformers configs -> our classes.
+#: Paths that already exist in our layout (``ldm.models.autoencoder.AutoencoderKL``,
+#: ``ldm.modules.encoders.modules.*``, ``ldm.modules.losses.*``, ``ldm.lr_scheduler.*``,
+#: ``torch.nn.Identity``) import directly and need no entry.
+LEGACY_TARGETS: dict[str, str] = {
+    # U-Net
+    "ldm.modules.diffusionmodules.openaimodel.UNetModel": "ldm.modules.unet.UNetModel",
+    "ldm.modules.diffusionmodules.openaimodel.EncoderUNetModel": "ldm.modules.unet.EncoderUNetModel",
+    "ldm.modules.attention.SpatialTransformer": "ldm.modules.attention.SpatialTransformer",
+    # autoencoder building blocks
+    "ldm.modules.diffusionmodules.model.Encoder": "ldm.modules.autoencoder.Encoder",
+    "ldm.modules.diffusionmodules.model.Decoder": "ldm.modules.autoencoder.Decoder",
+    "ldm.modules.distributions.distributions.DiagonalGaussianDistribution": (
+        "ldm.modules.distributions.DiagonalGaussianDistribution"
+    ),
+    "taming.modules.vqvae.quantize.VectorQuantizer2": "ldm.modules.quantize.VectorQuantizer",
+    "taming.modules.vqvae.quantize.VectorQuantizer": "ldm.modules.quantize.VectorQuantizer",
+    "ldm.modules.vqvae.quantize.VectorQuantizer2": "ldm.modules.quantize.VectorQuantizer",
+    # autoencoder losses
+    "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator": (
+        "ldm.modules.losses.VQLPIPSWithDiscriminator"
+    ),
+    "taming.modules.losses.LPIPS": "ldm.modules.losses.LPIPS",
+    "taming.modules.losses.lpips.LPIPS": "ldm.modules.losses.LPIPS",
+    # diffusion models
+    "ldm.models.diffusion.ddpm.DDPM": "ldm.models.diffusion.ddpm.DDPM",
+    "ldm.models.diffusion.ddpm.LatentDiffusion": "ldm.models.diffusion.ddpm.LatentDiffusion",
+    "ldm.models.diffusion.ddpm.LatentInpaintDiffusion": (
+        "ldm.models.diffusion.ddpm.LatentInpaintDiffusion"
+    ),
+    "ldm.models.diffusion.ddpm.DiffusionWrapper": "ldm.models.diffusion.ddpm.DiffusionWrapper",
+    # EMA, training entry points
+    "ldm.modules.ema.LitEma": "ldm.ema.LitEma",
+    "main.DataModuleFromConfig": "ldm.data.datamodule.DataModuleFromConfig",
+    "main.ImageLogger": "ldm.callbacks.ImageLogger",
+    "main.SetupCallback": "ldm.callbacks.SetupCallback",
+    "main.CUDACallback": "ldm.callbacks.CUDACallback",
+    "main.WrappedDataset": "ldm.data.datamodule.WrappedDataset",
+    # class-conditional / text conditioners of latent-diffusion
+    "ldm.modules.encoders.modules.ClassEmbedder": "ldm.modules.encoders.class_embedder.ClassEmbedder",
+    "ldm.modules.encoders.modules.FrozenCLIPEmbedder": "ldm.modules.encoders.clip.FrozenCLIPEmbedder",
+    "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder": (
+        "ldm.modules.encoders.open_clip.FrozenOpenCLIPEmbedder"
+    ),
+}
+
+FIRST_STAGE_SENTINEL = "__is_first_stage__"
+UNCONDITIONAL_SENTINEL = "__is_unconditional__"
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config: the message names the key path, the problem and the fix."""
+
+
+# id(sub-config object) -> key path, so nested instantiate_from_config calls made from inside
+# constructors know where in the user's config they are.
+_CONFIG_PATHS: dict[int, str] = {}
+
+
+def _is_mapping(obj: Any) -> bool:
+    if isinstance(obj, Mapping):
+        return True
+    try:
+        from omegaconf import DictConfig
+
+        return isinstance(obj, DictConfig)
+    except ImportError:  # pragma: no cover - omegaconf is a runtime dependency
+        return False
+
+
+def config_path_of(config: Any, default: str = "") -> str:
+    """Key path of a (sub-)config in the user's file, e.g. ``model.params.unet_config``."""
+    path = _CONFIG_PATHS.get(id(config))
+    if path is not None:
+        return path
+    full_key = getattr(config, "_get_full_key", None)
+    if callable(full_key):
+        try:
+            key = full_key(None)
+            if key:
+                return str(key)
+        except Exception:  # noqa: BLE001 - best effort only
+            pass
+    return default
+
+
+def _register_paths(obj: Any, path: str) -> None:
+    """Remember the key path of every nested mapping/list under ``obj``."""
+    if _is_mapping(obj):
+        _CONFIG_PATHS[id(obj)] = path
+        for key in list(obj.keys()):
+            try:
+                child = obj[key]
+            except Exception:  # noqa: BLE001 - interpolation errors surface later
+                continue
+            _register_paths(child, f"{path}.{key}" if path else str(key))
+    elif isinstance(obj, list | tuple) or type(obj).__name__ == "ListConfig":
+        for i, child in enumerate(obj):
+            _register_paths(child, f"{path}[{i}]")
+
+
+def resolve_target(target: str) -> str:
+    """Map a legacy target path to ours (identity when not in :data:`LEGACY_TARGETS`)."""
+    return LEGACY_TARGETS.get(target, target)
+
+
+def get_obj_from_str(string: str, reload: bool = False, path: str = "") -> Any:
+    """Import ``package.module.Name`` (legacy paths go through the alias table)."""
+    resolved = resolve_target(string)
+    where = f"{path}.target: " if path else ""
+    module_name, _, cls_name = resolved.rpartition(".")
+    if not module_name:
+        raise ConfigError(f"{where}'{string}' is not a dotted path like 'package.module.Class'.")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        # distinguish "module missing" from an import error inside an existing module
+        if err.name and (module_name == err.name or module_name.startswith(err.name + ".")):
+            hint = _suggest(string, list(LEGACY_TARGETS))
+            raise ConfigError(
+                f"{where}cannot import module '{module_name}' for target '{string}'"
+                f"{' (resolved to ' + resolved + ')' if resolved != string else ''}."
+                f"{hint} Check the spelling, or install the package that provides it."
+            ) from err
+        raise
+    if reload:
+        module = importlib.reload(module)
+    if not hasattr(module, cls_name):
+        names = [n for n in dir(module) if not n.startswith("_")]
+        raise ConfigError(
+            f"{where}module '{module_name}' has no attribute '{cls_name}'.{_suggest(cls_name, names)}"
+        )
+    return getattr(module, cls_name)
+
+
+def _suggest(word: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _check_params(cls: Any, params: Mapping[str, Any], path: str) -> None:
+    """Validate parameter names against the constructor's signature."""
+    try:
+        sig = inspect.signature(cls)
+    except (TypeError, ValueError):
+        return
+    accepted = sig.parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        return
+    names = [n for n, p in accepted.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    cls_name = getattr(cls, "__name__", str(cls))
+    for key in params:
+        if key not in accepted:
+            raise ConfigError(
+                f"{path}.params.{key}: {cls_name} has no parameter '{key}'"
+                f"{_suggest(str(key), names)}. Accepted parameters: {', '.join(names)}."
+            )
+    missing = [
+        n
+        for n, p in accepted.items()
+        if p.default is inspect.Parameter.empty
+        and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        and n not in params
+    ]
+    if missing:
+        raise ConfigError(
+            f"{path}.params: {cls_name} needs parameter(s) {', '.join(repr(m) for m in missing)}, "
+            f"which the config does not give. Add them under '{path}.params'."
+        )
+
+
+def instantiate_from_config(config: Any, **extra_kwargs: Any) -> Any:
+    """Build ``target(**params, **extra_kwargs)`` from a ``{target, params}`` config.
+
+    The sentinels ``__is_first_stage__`` and ``__is_unconditional__`` are not buildable here; the
+    diffusion model interprets them (as in CompVis). A plain ``str``/``None`` config is an error.
+    """
+    path = config_path_of(config, default="<config>")
+    if isinstance(config, str) and config in (FIRST_STAGE_SENTINEL, UNCONDITIONAL_SENTINEL):
+        raise ConfigError(
+            f"{path}: the sentinel '{config}' is interpreted by LatentDiffusion "
+            "(first_stage_config / cond_stage_config) and cannot be instantiated on its own."
+        )
+    if not _is_mapping(config):
+        raise ConfigError(
+            f"{path}: expected a mapping with 'target' and optional 'params', "
+            f"found {type(config).__name__}: {config!r}."
+        )
+    if "target" not in config:
+        raise ConfigError(
+            f"{path}: expected key 'target' (a dotted class path) next to 'params'; "
+            f"found keys {sorted(map(str, config.keys()))}."
+        )
+    cls = get_obj_from_str(str(config["target"]), path=path)
+    params = config.get("params", None)
+    if params is None:
+        params = {}
+    if not _is_mapping(params):
+        raise ConfigError(
+            f"{path}.params: expected a mapping of constructor arguments, "
+            f"found {type(params).__name__}: {params!r}."
+        )
+    _register_paths(params, f"{path}.params")
+    kwargs = {str(k): params[k] for k in params.keys()}
+    kwargs.update(extra_kwargs)
+    _check_params(cls, kwargs, path)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except TypeError as err:
+        raise ConfigError(
+            f"{path}: building {getattr(cls, '__name__', cls)} failed: {err}. "
+            f"Check the values under '{path}.params'."
+        ) from err
+
+
+def count_params(model: Any, verbose: bool = False) -> int:
+    """Number of parameters of ``model`` (logged when ``verbose``)."""
+    total = sum(p.numel() for p in model.parameters())
+    if verbose:
+        logger.info("%s has %.2f M params.", model.__class__.__name__, total * 1e-6)
+    return total
+
+
+def exists(x: Any) -> bool:
+    """``x is not None`` (CompVis helper)."""
+    return x is not None
+
+
+def default(val: Any, d: Any) -> Any:
+    """``val`` if not None, else ``d`` (called when callable)."""
+    if val is not None:
+        return val
+    return d() if callable(d) else d

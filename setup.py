@@ -1,0 +1,35 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ldm",
+    version="0.1.0",
+    description="Latent diffusion models (the Stable Diffusion family) on current Lightning",
+    packages=find_packages(include=["ldm", "ldm.*"]),
+    py_modules=["main"],
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4,<=2.14.1",
+        "torchvision>=0.19,<=0.29.1",
+        "pytorch-lightning>=2.2,<3",
+        "transformers>=4.40,<6",
+        "open_clip_torch>=2.24,<4",
+        "omegaconf>=2.3,<3",
+        "einops>=0.7",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "pillow>=10",
+        "tqdm>=4.60",
+        "scikit-image>=0.22",
+        "webdataset>=0.2.86",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "diffusers>=0.30",
+            "accelerate>=0.30",
+            "ruff>=0.5",
+        ],
+        "xformers": ["xformers"],
+    },
+    entry_points={"console_scripts": []},
+)
