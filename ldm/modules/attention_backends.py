@@ -55,7 +55,9 @@ def _slice_size(slice_size: int | None) -> int | None:
     try:
         value = int(env)
     except ValueError as err:
-        raise ValueError(f"${ENV_SLICE} must be a positive integer (queries per slice), got {env!r}") from err
+        raise ValueError(
+            f"${ENV_SLICE} must be a positive integer (queries per slice), got {env!r}"
+        ) from err
     return value if value > 0 else None
 
 
@@ -109,13 +111,18 @@ def attention(
     mask: bool (True = attend) or additive float, broadcastable to [B, H, N, M].
     """
     if q.ndim != 4:
-        raise ValueError(f"attention expects q, k, v of shape [B, heads, N, d], got q {tuple(q.shape)}")
+        raise ValueError(
+            f"attention expects q, k, v of shape [B, heads, N, d], got q {tuple(q.shape)}"
+        )
     name = resolve_backend(backend)
     if name == "xformers":
         xops = _xformers_ops()
         if xops is None or q.device.type != "cuda":
             why = "xformers is not installed" if xops is None else f"tensors are on {q.device.type}"
-            _warn_once(f"xformers-{why}", f"attention backend 'xformers' unavailable ({why}); using 'sdpa'.")
+            _warn_once(
+                f"xformers-{why}",
+                f"attention backend 'xformers' unavailable ({why}); using 'sdpa'.",
+            )
             name = "sdpa"
         else:
             bias = None

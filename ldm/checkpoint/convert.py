@@ -1,0 +1,243 @@
+"""SD / our checkpoints <-> diffusers folders (unet, vae, text_encoder, tokenizer, scheduler).
+
+Every key of the source lands somewhere: U-Net, autoencoder and text weights in the diffusers
+components, everything diffusers has no slot for (EMA copies, schedule buffers, autoencoder losses,
+OpenCLIP's unused last layer, `text_projection`, `logit_scale`, `position_ids`) in
+`ldm_extras.safetensors`, and our config in `ldm_config.json`. diffusers ignores both files; we read
+them back, so checkpoint -> folder -> checkpoint is bit-exact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ldm.checkpoint import diffusers_config as dcfg
+from ldm.checkpoint.detect import Detection, as_full_config, detect, detect_sd
+from ldm.checkpoint.ema import apply_ema, has_ema
+from ldm.checkpoint.keymap_text import (
+    CLIP_PREFIX,
+    OPENCLIP_PREFIX,
+    clip_to_hf,
+    hf_to_clip,
+    hf_to_openclip,
+    openclip_num_layers,
+    openclip_to_hf,
+)
+from ldm.checkpoint.keymap_unet import unet_to_diffusers, unet_to_ldm
+from ldm.checkpoint.keymap_vae import vae_to_diffusers, vae_to_ldm
+from ldm.checkpoint.prune import save_state_dict, to_saveable
+from ldm.checkpoint.safe_load import LoadedCheckpoint, read_checkpoint
+
+logger = logging.getLogger(__name__)
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+EXTRAS_FILE = "ldm_extras.safetensors"
+CONFIG_FILE = "ldm_config.json"
+WEIGHT_FILES = {
+    "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+    "text_encoder": ("model.safetensors", "pytorch_model.bin"),
+}
+
+
+def text_kind(config: dict[str, Any], sd: dict[str, torch.Tensor]) -> str | None:
+    """'clip' (SD v1 FrozenCLIPEmbedder), 'openclip' (SD v2) or None (no convertible text encoder)."""
+    target = str(config["model"].get("params", {}).get("cond_stage_config", {}).get("target", ""))
+    if any(k.startswith(OPENCLIP_PREFIX) for k in sd) and "OpenCLIP" in target:
+        return "openclip"
+    if any(k.startswith(CLIP_PREFIX) for k in sd) and "CLIP" in target:
+        return "clip"
+    return None
+
+
+def _layer_mode(config: dict[str, Any]) -> str:
+    cond = config["model"].get("params", {}).get("cond_stage_config", {})
+    return str((cond.get("params") or {}).get("layer", "last"))
+
+
+def _heads(config: dict[str, Any]) -> int | None:
+    params = config["model"].get("params", {}).get("cond_stage_config", {}).get("params") or {}
+    for key in ("heads", "num_heads", "num_attention_heads"):
+        if isinstance(params.get(key), int):
+            return params[key]
+    return None
+
+
+def split_for_diffusers(
+    sd: dict[str, torch.Tensor], config: dict[str, Any]
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor], dict[str, str]]:
+    """(components, extras, metadata): diffusers state dicts, leftover SD keys, layout facts."""
+    unet = {k[len(UNET_PREFIX) :]: v for k, v in sd.items() if k.startswith(UNET_PREFIX)}
+    vae = {
+        k[len(VAE_PREFIX) :]: v
+        for k, v in sd.items()
+        if k.startswith(VAE_PREFIX) and not k.startswith(VAE_PREFIX + "loss.")
+    }
+    comps: dict[str, dict[str, torch.Tensor]] = {"unet": unet_to_diffusers(unet), "vae": vae_to_diffusers(vae)}
+    meta: dict[str, str] = {}
+    used = {UNET_PREFIX + k for k in unet} | {VAE_PREFIX + k for k in vae}
+    kind = text_kind(config, sd)
+    extras: dict[str, torch.Tensor] = {}
+    if kind == "clip":
+        if _layer_mode(config) != "last":
+            logger.warning("Text encoder uses layer=%s; diffusers' text_encoder gives the last layer.", _layer_mode(config))
+        text_sd = {k: v for k, v in sd.items() if k.startswith(CLIP_PREFIX)}
+        comps["text_encoder"], extra, nested = clip_to_hf(text_sd)
+        extras.update(extra)
+        meta["clip_text_model_level"] = "1" if nested else "0"
+        used |= set(text_sd)
+    elif kind == "openclip":
+        text_sd = {k: v for k, v in sd.items() if k.startswith(OPENCLIP_PREFIX)}
+        n = openclip_num_layers(text_sd)
+        keep = n - 1 if _layer_mode(config) == "penultimate" else n
+        comps["text_encoder"], extra = openclip_to_hf(text_sd, keep_layers=keep)
+        extras.update(extra)
+        used |= set(text_sd)
+    else:
+        logger.warning("Text encoder is not CLIP/OpenCLIP: its weights go to %s only.", EXTRAS_FILE)
+    if kind is not None:
+        meta["text_kind"] = kind
+    extras.update({k: v for k, v in sd.items() if k not in used})
+    return comps, extras, meta
+
+
+def _save_component(folder: Path, name: str, sd: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    sub = folder / name
+    sub.mkdir(parents=True, exist_ok=True)
+    (sub / "config.json").write_text(json.dumps(config, indent=2))
+    save_file(to_saveable(sd), str(sub / WEIGHT_FILES[name][0]), metadata={"format": "pt"})
+
+
+def to_diffusers(
+    src: str | os.PathLike | LoadedCheckpoint,
+    out_dir: str | os.PathLike,
+    *,
+    config: dict[str, Any] | str | os.PathLike | None = None,
+    prediction: str | None = None,
+    use_ema: bool = False,
+    unsafe: bool = False,
+) -> Path:
+    """Write a diffusers Stable Diffusion folder from an SD/our checkpoint (EMA weights if use_ema)."""
+    ckpt = src if isinstance(src, LoadedCheckpoint) else read_checkpoint(src, unsafe=unsafe)
+    cfg = resolve_config(ckpt, config, prediction).config
+    sd = apply_ema(ckpt.state_dict) if use_ema and has_ema(ckpt.state_dict) else ckpt.state_dict
+    comps, extras, meta = split_for_diffusers(sd, cfg)
+    params = cfg["model"]["params"]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    unet_params = params["unet_config"]["params"]
+    f = 2 ** (len(params["first_stage_config"]["params"]["ddconfig"]["ch_mult"]) - 1)
+    latent = params.get("image_size", unet_params.get("image_size", 64))
+    _save_component(out, "unet", comps["unet"], dcfg.unet_config(unet_params, latent))
+    scale = float(sd["scale_factor"]) if "scale_factor" in sd else params.get("scale_factor", 1.0)
+    _save_component(out, "vae", comps["vae"], dcfg.vae_config(params["first_stage_config"]["params"], scale))
+    if "text_encoder" in comps:
+        kind = meta["text_kind"]
+        _save_component(out, "text_encoder", comps["text_encoder"], dcfg.text_config(comps["text_encoder"], kind, _heads(cfg)))
+        dcfg.write_tokenizer(out / "tokenizer", kind)
+    (out / "scheduler").mkdir(exist_ok=True)
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(dcfg.scheduler_config(params), indent=2))
+    inpainting = unet_params["in_channels"] == 9
+    (out / "model_index.json").write_text(json.dumps(dcfg.model_index(inpainting), indent=2))
+    (out / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
+    from safetensors.torch import save_file
+
+    save_file(to_saveable(extras), str(out / EXTRAS_FILE), metadata={"format": "pt", **meta})
+    logger.info("Wrote diffusers folder %s (%d extra keys kept in %s)", out, len(extras), EXTRAS_FILE)
+    return out
+
+
+def resolve_config(
+    ckpt: LoadedCheckpoint, config: Any = None, prediction: str | None = None
+) -> Detection:
+    """The config for a checkpoint: given (path/dict) or detected."""
+    if config is None:
+        return detect(ckpt, prediction)
+    if isinstance(config, (str, os.PathLike)):
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.to_container(OmegaConf.load(config), resolve=True)
+        reason = f"config file {config}"
+    else:
+        from ldm.checkpoint.safe_load import _to_plain
+
+        cfg, reason = _to_plain(config), "config given"
+    cfg = as_full_config(cfg)  # type: ignore[arg-type]
+    if prediction is not None:
+        from ldm.checkpoint.detect import guess_parameterization
+
+        cfg["model"].setdefault("params", {})["parameterization"] = guess_parameterization(None, prediction)[0]
+    param = cfg["model"].get("params", {}).get("parameterization", "eps")
+    return Detection("given", cfg, param, reason)
+
+
+def _read_component(folder: Path, name: str) -> dict[str, torch.Tensor] | None:
+    for fname in WEIGHT_FILES[name]:
+        path = folder / name / fname
+        if path.is_file():
+            return read_checkpoint(path).state_dict
+    return None
+
+
+def is_diffusers_folder(path: str | os.PathLike) -> bool:
+    """True for a folder with model_index.json and a unet/ subfolder."""
+    p = Path(path)
+    return p.is_dir() and (p / "model_index.json").is_file() and (p / "unet").is_dir()
+
+
+def from_diffusers(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(SD-layout state dict, our config) from a diffusers Stable Diffusion folder."""
+    folder = Path(folder)
+    if not is_diffusers_folder(folder):
+        raise FileNotFoundError(f"{folder} is not a diffusers folder (model_index.json + unet/ expected).")
+    unet = _read_component(folder, "unet")
+    vae = _read_component(folder, "vae")
+    if unet is None or vae is None:
+        raise FileNotFoundError(f"{folder}: unet/ or vae/ has no diffusion_pytorch_model weights.")
+    sd = {UNET_PREFIX + k: v for k, v in unet_to_ldm(unet).items()}
+    sd.update({VAE_PREFIX + k: v for k, v in vae_to_ldm(vae).items()})
+    meta: dict[str, str] = {}
+    extras_path = folder / EXTRAS_FILE
+    if extras_path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(extras_path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            extras = {k: f.get_tensor(k) for k in f.keys()}
+    else:
+        extras = {}
+    text = _read_component(folder, "text_encoder")
+    if text is not None:
+        kind = meta.get("text_kind")
+        if kind is None:
+            tcfg = json.loads((folder / "text_encoder" / "config.json").read_text())
+            kind = "clip" if tcfg.get("hidden_act") == "quick_gelu" else "openclip"
+        if kind == "clip":
+            sd.update(hf_to_clip(text, nested=meta.get("clip_text_model_level", "1") == "1"))
+        else:
+            sd.update(hf_to_openclip(text))
+    sd.update(extras)
+    cfg_path = folder / CONFIG_FILE
+    if cfg_path.is_file():
+        config = json.loads(cfg_path.read_text())
+    else:
+        sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        sched_params = dcfg.params_from_scheduler(sched)
+        config = detect_sd(sd, folder, sched_params["parameterization"]).config
+        config["model"]["params"].update({k: v for k, v in sched_params.items() if k != "parameterization" or v != "eps"})
+    return sd, config
+
+
+def diffusers_to_checkpoint(folder: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Convert a diffusers folder to our checkpoint (`.safetensors` or `.ckpt`, config embedded)."""
+    sd, config = from_diffusers(folder)
+    return save_state_dict(sd, dst, config=config)

@@ -1,0 +1,124 @@
+"""`ldm.load_model`: a ready-to-sample model from a checkpoint file or diffusers folder, offline."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ldm.checkpoint.convert import from_diffusers, is_diffusers_folder, resolve_config
+from ldm.checkpoint.ema import apply_ema, has_ema, strip_ema
+from ldm.checkpoint.report import load_checked
+from ldm.checkpoint.safe_load import LoadedCheckpoint, read_checkpoint
+
+logger = logging.getLogger(__name__)
+
+_TEXT = "cond_stage_model.transformer."
+_NESTED = _TEXT + "text_model."
+
+
+def default_device() -> torch.device:
+    """cuda if available, else mps, else cpu."""
+    if torch.cuda.is_available():
+        return torch.device(torch.cuda.current_device())
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def match_clip_layout(sd: dict[str, torch.Tensor], model_keys: set[str]) -> dict[str, torch.Tensor]:
+    """Add/remove the `text_model.` level of CLIP text keys to match the model (old/new layouts)."""
+    file_nested = any(k.startswith(_NESTED) for k in sd)
+    file_flat = any(k.startswith(_TEXT) and not k.startswith(_NESTED) for k in sd)
+    model_nested = any(k.startswith(_NESTED) for k in model_keys)
+    model_flat = any(k.startswith(_TEXT) and not k.startswith(_NESTED) for k in model_keys)
+    if file_flat and not file_nested and model_nested:
+        return {(_NESTED + k[len(_TEXT) :] if k.startswith(_TEXT) else k): v for k, v in sd.items()}
+    if file_nested and model_flat and not model_nested:
+        return {(_TEXT + k[len(_NESTED) :] if k.startswith(_NESTED) else k): v for k, v in sd.items()}
+    return sd
+
+
+def _strip_ckpt_paths(cfg: Any) -> Any:
+    """Drop `ckpt_path` entries so building the model does not read other files."""
+    if isinstance(cfg, dict):
+        return {k: _strip_ckpt_paths(v) for k, v in cfg.items() if k != "ckpt_path"}
+    if isinstance(cfg, list):
+        return [_strip_ckpt_paths(v) for v in cfg]
+    return cfg
+
+
+def file_hash(path: str | os.PathLike, n: int = 10) -> str:
+    """Short sha256 of a file (or of a folder's model_index.json + weights), for image metadata."""
+    p = Path(path)
+    files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()[:n]
+
+
+def build_model(config: dict[str, Any]) -> nn.Module:
+    """Instantiate the `model` section of a config for inference (no EMA copy, no ckpt_path)."""
+    from ldm.util import instantiate_from_config
+
+    model_cfg = _strip_ckpt_paths(copy.deepcopy(config["model"]))
+    model_cfg.setdefault("params", {})["use_ema"] = False
+    return instantiate_from_config(model_cfg)
+
+
+def load_model(
+    path: str | os.PathLike,
+    config: Any = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    use_ema: bool | None = None,
+    *,
+    prediction: str | None = None,
+    unsafe: bool = False,
+) -> nn.Module:
+    """Build and load a model: config given or detected (SD v1/v2/inpainting/ours); EMA if present.
+
+    `use_ema=None` uses the EMA weights when the file has them; `prediction` ('eps' | 'v') decides
+    SD v2 eps vs v when neither the config nor the file name does.
+    """
+    if is_diffusers_folder(path):
+        sd, cfg = from_diffusers(path)
+        ckpt = LoadedCheckpoint(Path(path), sd, {"ldm_config": cfg}, {})
+    else:
+        ckpt = read_checkpoint(path, unsafe=unsafe)
+    detection = resolve_config(ckpt, config, prediction)
+    logger.info("Model config: %s", detection.reason)
+    sd = ckpt.state_dict
+    if use_ema is None:
+        use_ema = has_ema(sd)
+    if use_ema:
+        if not has_ema(sd):
+            raise ValueError(f"use_ema=True but {path} has no EMA weights (no `model_ema.*` keys).")
+        sd = apply_ema(sd)
+    else:
+        sd = strip_ema(sd)
+    model = build_model(detection.config)
+    sd = match_clip_layout(sd, set(model.state_dict()))
+    load_checked(model, sd, source=str(path))
+    model.eval()
+    model.requires_grad_(False)
+    model.to(device=torch.device(device) if device is not None else None, dtype=dtype)
+    model.checkpoint_info = {  # type: ignore[attr-defined]
+        "path": str(path),
+        "detected": detection.name,
+        "parameterization": detection.parameterization,
+        "reason": detection.reason,
+        "use_ema": bool(use_ema),
+        "config": detection.config,
+    }
+    return model

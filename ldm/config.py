@@ -1,0 +1,305 @@
+"""Load and merge CompVis-style YAML configs, apply command-line overrides, explain mistakes.
+
+Configs merge left to right (``OmegaConf.merge``), then the command-line overrides. Every key
+remembers the file (or ``command line``) that set it last, so an error names the file, the key
+path, what was expected and what was found, and suggests a fix (``difflib`` for misspellings).
+Override forms: ``a.b=1``, ``--a.b=1``, ``--a.b 1``; ``trainer.x`` means ``lightning.trainer.x``,
+and a bare Trainer argument (``--max_steps 20``, legacy ``--gpus 0,``) too.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ldm.util import ConfigError
+
+logger = logging.getLogger(__name__)
+
+SECTIONS = ("model", "data", "lightning")
+LIGHTNING_SECTIONS = ("trainer", "callbacks", "logger", "modelcheckpoint", "strategy", "profiler")
+CLI_SOURCE = "command line"
+_KEY_RE = re.compile(r"^[A-Za-z_][\w\-]*(\[\d+\])*(\.[\w\-]+(\[\d+\])*)*$")
+_NUMBER_RE = re.compile(r"^-(\d|\.\d)")
+
+
+def suggest(word: str, candidates: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest candidate, or an empty string."""
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+@dataclass
+class ConfigSources:
+    """Key path -> the file (or ``command line``) that set it last."""
+
+    by_key: dict[str, str] = field(default_factory=dict)
+
+    def record(self, cfg: Any, source: str, prefix: str = "") -> None:
+        """Remember ``source`` for every key path under ``cfg``."""
+        if isinstance(cfg, DictConfig):
+            for key in cfg.keys():
+                path = f"{prefix}.{key}" if prefix else str(key)
+                self.by_key[path] = source
+                self.record(cfg._get_node(key), source, path)  # type: ignore[arg-type]
+        elif isinstance(cfg, ListConfig):
+            for i in range(len(cfg)):
+                path = f"{prefix}[{i}]"
+                self.by_key[path] = source
+                self.record(cfg._get_node(i), source, path)
+
+    def of(self, path: str) -> str | None:
+        """Source of ``path`` or of its longest recorded prefix."""
+        probe = path
+        while probe:
+            if probe in self.by_key:
+                return self.by_key[probe]
+            cut = max(probe.rfind("."), probe.rfind("["))
+            probe = probe[:cut] if cut > 0 else ""
+        return None
+
+    def where(self, path: str) -> str:
+        """`` (set in FILE)`` for messages, or an empty string when unknown."""
+        src = self.of(path)
+        return f" (set in {src})" if src else ""
+
+
+def load_yaml(path: str | Path) -> DictConfig:
+    """Load one YAML config; a missing file or a YAML syntax error is a :class:`ConfigError`."""
+    path = Path(path)
+    if not path.is_file():
+        siblings = [p.name for p in path.parent.glob("*.yaml")] if path.parent.is_dir() else []
+        raise ConfigError(
+            f"config file '{path}' does not exist{suggest(path.name, siblings)}. "
+            "Pass an existing YAML file to -b/--base."
+        )
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as err:  # yaml.YAMLError and OmegaConf errors carry the line number
+        raise ConfigError(f"{path}: cannot parse YAML: {err}") from err
+    if cfg is None:
+        return OmegaConf.create()
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(
+            f"{path}: expected a mapping with sections {', '.join(SECTIONS)} at the top level, "
+            f"found a {type(cfg).__name__}."
+        )
+    return cfg
+
+
+def normalize_key(key: str, trainer_args: Iterable[str] = ()) -> str:
+    """``trainer.x`` -> ``lightning.trainer.x``; a bare Trainer argument ``x`` -> the same."""
+    if key.startswith("trainer.") or key == "trainer":
+        return f"lightning.{key}"
+    if "." not in key and key in set(trainer_args):
+        return f"lightning.trainer.{key}"
+    return key
+
+
+def split_cli(
+    argv: Sequence[str], own_flags: Iterable[str], trainer_args: Iterable[str] = ()
+) -> tuple[list[str], list[str]]:
+    """Separate overrides (``a.b=1``, ``--a.b=1``, ``--a.b 1``) from the launcher's own flags.
+
+    Returns ``(argv for argparse, dotlist overrides)``. A flag with no value means ``true``.
+    """
+    own = set(own_flags)
+    trainer = set(trainer_args)
+    rest: list[str] = []
+    overrides: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if not tok.startswith("-") and "=" in tok:
+            key, _, val = tok.partition("=")
+            if not _KEY_RE.match(key):
+                raise ConfigError(
+                    f"command line: '{tok}' is not an override of the form key.path=value."
+                )
+            overrides.append(f"{normalize_key(key, trainer)}={val}")
+        elif tok.startswith("--") and len(tok) > 2:
+            key, eq, val = tok[2:].partition("=")
+            if f"--{key}" in own or not ("." in key or key in trainer):
+                rest.append(tok)
+            else:
+                if not _KEY_RE.match(key):
+                    raise ConfigError(f"command line: '{tok}' is not a valid key path.")
+                if not eq:
+                    nxt = argv[i + 1] if i + 1 < len(argv) else None
+                    if nxt is not None and (not nxt.startswith("-") or _NUMBER_RE.match(nxt)):
+                        val, i = nxt, i + 1
+                    else:
+                        val = "true"
+                overrides.append(f"{normalize_key(key, trainer)}={val}")
+        else:
+            rest.append(tok)
+        i += 1
+    return rest, overrides
+
+
+def _type_name(value: Any) -> str:
+    if isinstance(value, DictConfig):
+        return "a mapping"
+    if isinstance(value, ListConfig):
+        return "a list"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if value is None:
+        return "null"
+    return "a string"
+
+
+def _compatible(old: Any, new: Any) -> bool:
+    """Whether an override value ``new`` may replace ``old`` (numbers stay numbers, etc.)."""
+    if old is None or new is None:
+        return True
+    if isinstance(old, bool):
+        return isinstance(new, bool)
+    if isinstance(old, int | float):
+        return isinstance(new, int | float) and not isinstance(new, bool)
+    if isinstance(old, DictConfig):
+        return isinstance(new, DictConfig)
+    if isinstance(old, ListConfig):
+        return isinstance(new, ListConfig)
+    return not isinstance(new, DictConfig | ListConfig)
+
+
+def _child(node: DictConfig | ListConfig, key: str | int) -> Any:
+    """Child node without resolving interpolations (sub-configs stay configs)."""
+    child = node._get_node(key)
+    return child if isinstance(child, DictConfig | ListConfig) else child._value()  # type: ignore[union-attr]
+
+
+def check_override(base: DictConfig, key: str, value: Any, sources: ConfigSources) -> None:
+    """Reject a misspelt key (close to an existing one) or a value of the wrong type."""
+    parts = key.replace("[", ".[").split(".")
+    node: Any = base
+    walked = ""
+    for part in parts:
+        if part.startswith("["):
+            walked += part
+            idx = int(part[1:-1])
+            if not isinstance(node, ListConfig) or idx >= len(node):
+                return  # new list entries: nothing to compare against
+            node = _child(node, idx)
+            continue
+        path = f"{walked}.{part}" if walked else part
+        if not isinstance(node, DictConfig):
+            if node is not None and not (walked.startswith("lightning.trainer")):
+                raise ConfigError(
+                    f"command line: '{key}' sets a key under '{walked}', but '{walked}' is "
+                    f"{_type_name(node)} ({node!r}){sources.where(walked)}, not a mapping. "
+                    f"Set '{walked}=...' itself, or fix the key path."
+                )
+            return
+        if part not in node:
+            existing = [str(k) for k in node.keys()]
+            hint = suggest(part, existing)
+            if hint:
+                raise ConfigError(
+                    f"command line: unknown key '{path}'{hint}. "
+                    f"Keys under '{walked or '<top level>'}': {', '.join(existing)}. "
+                    "Fix the spelling (a new key is only accepted when it is not a near-miss)."
+                )
+            logger.info("command line adds new key '%s'", path)
+            return
+        node = _child(node, part)
+        walked = path
+    if key.startswith("lightning.trainer."):
+        return  # Trainer arguments are checked by ldm.trainer_setup against the Trainer signature
+    if not _compatible(node, value):
+        raise ConfigError(
+            f"command line: '{key}' expects {_type_name(node)} like the current value "
+            f"{node!r}{sources.where(key)}, found {_type_name(value)} {value!r}. "
+            f"Fix: {key}=<{_type_name(node).split()[-1]}>."
+        )
+
+
+def parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    """Dotlist -> config; a token without ``=`` is an error explaining the two accepted forms."""
+    for tok in overrides:
+        if "=" not in tok:
+            raise ConfigError(
+                f"command line: '{tok}' has no value. Use key.path=value or --key.path value."
+            )
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"command line: cannot parse overrides {list(overrides)}: {err}") from err
+
+
+def merge_configs(
+    paths: Sequence[str | Path], overrides: Sequence[str] = ()
+) -> tuple[DictConfig, ConfigSources]:
+    """Merge YAML files left to right, then the overrides; returns the config and its sources."""
+    sources = ConfigSources()
+    merged = OmegaConf.create()
+    for p in paths:
+        cfg = load_yaml(p)
+        check_sections(cfg, str(p))
+        sources.record(cfg, str(p))
+        try:
+            merged = OmegaConf.merge(merged, cfg)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{p}: cannot merge into the configs before it: {err}") from err
+    for tok in overrides:
+        key, _, _ = tok.partition("=")
+        single = parse_overrides([tok])
+        value = OmegaConf.select(single, key)
+        check_override(merged, key, value, sources)
+        try:
+            merged = OmegaConf.merge(merged, single)
+        except OmegaConfBaseException as err:
+            raise ConfigError(
+                f"command line: '{tok}' cannot replace the value{sources.where(key)}: {err}"
+            ) from err
+        sources.record(single, CLI_SOURCE)
+    return merged, sources
+
+
+def check_sections(cfg: DictConfig, source: str) -> None:
+    """Top-level keys must be model/data/lightning; a near-miss is an error with a suggestion."""
+    for key in cfg.keys():
+        key = str(key)
+        if key in SECTIONS:
+            continue
+        hint = suggest(key, SECTIONS)
+        if hint:
+            raise ConfigError(
+                f"{source}: unknown top-level section '{key}'{hint}. "
+                f"Sections are {', '.join(SECTIONS)}."
+            )
+        logger.warning("%s: top-level key '%s' is not one of %s; kept.", source, key, SECTIONS)
+
+
+def require(config: DictConfig, path: str, sources: ConfigSources, hint: str) -> Any:
+    """Value at ``path``; a missing key is an error naming the files given and ``hint``."""
+    value = OmegaConf.select(config, path, default=None)
+    if value is None:
+        files = sorted({s for s in sources.by_key.values() if s != CLI_SOURCE})
+        raise ConfigError(
+            f"missing '{path}' in the merged config (files: {', '.join(files) or 'none'}). {hint}"
+        )
+    return value
+
+
+def explain(err: ConfigError, sources: ConfigSources) -> ConfigError:
+    """Add the file that set the failing key to a :class:`ConfigError` from instantiation."""
+    msg = str(err)
+    m = re.match(r"^([\w\-.\[\]]+):", msg)
+    if not m:
+        return err
+    where = sources.where(m.group(1))
+    if not where or where in msg:
+        return err
+    return ConfigError(f"{m.group(1)}{where}:{msg[m.end() :]}")

@@ -1,0 +1,220 @@
+"""``DataModuleFromConfig``: the CompVis data module (``main.DataModuleFromConfig``) on Lightning 2.
+
+Datasets are built from ``{target, params}`` configs per split. The training sampler is
+deterministic in (seed, epoch) and splits itself across ranks, so a resumed run sees the same
+batches as an uninterrupted one, continuing mid-epoch at the batch where the checkpoint was taken.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from collections.abc import Iterator, Sized
+from functools import partial
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
+
+from ldm.util import ConfigError, config_path_of, instantiate_from_config
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test", "predict")
+
+
+class WrappedDataset(Dataset):
+    """Wraps any object with ``__len__`` and ``__getitem__`` into a torch Dataset (CompVis)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.data = dataset
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, idx: int) -> Any:
+        return self.data[idx]
+
+
+def worker_init_fn(_: int) -> None:
+    """Seed numpy/random per worker from torch's worker seed; split CompVis iterable records."""
+    info = get_worker_info()
+    if info is None:
+        return
+    seed = info.seed % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+    dataset = info.dataset
+    # CompVis Txt2ImgIterableBaseDataset: each worker takes a contiguous share of the records
+    if hasattr(dataset, "valid_ids") and hasattr(dataset, "num_records"):
+        split = dataset.num_records // info.num_workers
+        dataset.sample_ids = dataset.valid_ids[info.id * split : (info.id + 1) * split]
+
+
+class ResumableSampler(Sampler[int]):
+    """Index order fixed by (seed, epoch), strided over ranks, able to skip a consumed prefix."""
+
+    def __init__(
+        self,
+        size: int,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        epoch: int = 0,
+        skip: int = 0,
+    ) -> None:
+        self.size, self.shuffle, self.seed = size, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self._skip = epoch, skip
+        self.num_samples = math.ceil(size / world_size)  # padded like DistributedSampler
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at every epoch start."""
+        self.epoch = epoch
+
+    def indices(self) -> list[int]:
+        """This rank's full index list for the current epoch."""
+        if self.shuffle:
+            gen = torch.Generator()
+            gen.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.size, generator=gen).tolist()
+        else:
+            order = list(range(self.size))
+        total = self.num_samples * self.world_size
+        order += order[: total - len(order)]  # pad so every rank gets the same count
+        return order[self.rank : total : self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.indices()
+        skip, self._skip = self._skip, 0  # the skip applies to the first iteration only
+        return iter(order[skip:])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class DataModuleFromConfig(pl.LightningDataModule):
+    """CompVis ``DataModuleFromConfig``: datasets from target/params for each split."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        train: Any = None,
+        validation: Any = None,
+        test: Any = None,
+        predict: Any = None,
+        wrap: bool = False,
+        num_workers: int | None = None,
+        shuffle_test_loader: bool = False,
+        use_worker_init_fn: bool = False,
+        shuffle_val_dataloader: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ConfigError(
+                f"data.params.batch_size: expected a positive integer, found {batch_size!r}."
+            )
+        self.batch_size = batch_size
+        cpus = os.cpu_count() or 1
+        self.num_workers = num_workers if num_workers is not None else min(batch_size * 2, cpus)
+        self.wrap = wrap
+        self.use_worker_init_fn = use_worker_init_fn
+        self.shuffle = {"train": True, "validation": shuffle_val_dataloader}
+        self.shuffle.update(test=shuffle_test_loader, predict=False)
+        self.seed = seed
+        given = dict(train=train, validation=validation, test=test, predict=predict)
+        self.dataset_configs = {k: v for k, v in given.items() if v is not None}
+        self.datasets: dict[str, Any] = {}
+        if not self.dataset_configs:
+            raise ConfigError(
+                "data.params: no split configured; give at least 'train' "
+                "({target: ..., params: ...})."
+            )
+        # Lightning only calls the hooks that exist, as in CompVis
+        for split, hook in (
+            ("train", "train_dataloader"),
+            ("validation", "val_dataloader"),
+            ("test", "test_dataloader"),
+            ("predict", "predict_dataloader"),
+        ):
+            if split in self.dataset_configs:
+                setattr(self, hook, partial(self._dataloader, split))
+
+    def _build(self, split: str) -> Any:
+        cfg = self.dataset_configs[split]
+        dataset = instantiate_from_config(cfg)
+        if self.wrap:
+            dataset = WrappedDataset(dataset)
+        if isinstance(dataset, Sized) and len(dataset) == 0:
+            where = config_path_of(cfg, default=f"data.params.{split}")
+            raise ConfigError(
+                f"{where}: the {split} dataset is empty (0 items). "
+                "Check the data path and filters in its params."
+            )
+        return dataset
+
+    def prepare_data(self) -> None:
+        """Build the datasets once on local rank 0 (downloads, caches); reused by ``setup``."""
+        for split in self.dataset_configs:
+            if split not in self.datasets:
+                self.datasets[split] = self._build(split)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets of every configured split (idempotent)."""
+        self.prepare_data()
+
+    def _ranks(self) -> tuple[int, int]:
+        """(rank, world_size) when this module splits the data itself, else (0, 1)."""
+        trainer = getattr(self, "trainer", None)
+        connector = getattr(trainer, "_accelerator_connector", None)
+        if trainer is None or getattr(connector, "use_distributed_sampler", True):
+            return 0, 1  # Lightning (or nobody) distributes the samples
+        return trainer.global_rank, trainer.world_size
+
+    def _position(self) -> tuple[int, int]:
+        """(epoch, batches already consumed in it) restored from a checkpoint by the trainer."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 0
+        loop = trainer.fit_loop
+        done = loop.epoch_progress.current
+        consumed = loop.epoch_loop.batch_progress.current.processed
+        unfinished = done.started != done.processed
+        return trainer.current_epoch, consumed if (trainer.ckpt_path and unfinished) else 0
+
+    def _dataloader(self, split: str) -> DataLoader:
+        if split not in self.datasets:
+            self.setup()
+        dataset = self.datasets[split]
+        iterable = isinstance(dataset, IterableDataset)
+        init_fn = worker_init_fn if (iterable or self.use_worker_init_fn) else None
+        sampler = None
+        if not iterable:
+            rank, world = self._ranks()
+            epoch, consumed = self._position() if split == "train" else (0, 0)
+            if consumed:
+                logger.info("resuming %s data at batch %d of epoch %d", split, consumed, epoch)
+            seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+            sampler = ResumableSampler(
+                len(dataset),
+                shuffle=self.shuffle[split],
+                seed=seed,
+                rank=rank,
+                world_size=world,
+                epoch=epoch,
+                skip=consumed * self.batch_size,
+            )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            worker_init_fn=init_fn,
+            persistent_workers=self.num_workers > 0,
+        )

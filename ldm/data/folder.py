@@ -1,0 +1,241 @@
+"""Image folder with captions: metadata.jsonl/.csv (Hugging Face imagefolder), sidecar .txt, or none.
+
+Items are CompVis data items: `{image_key: H x W x 3 float32 in [-1, 1], caption_key: str}`.
+Bad files are found cheaply at construction (PIL verify) and again on decode in `__getitem__`,
+where a failing index is replaced deterministically by the next good one; both are counted
+(`dataset.skipped`) and reported once.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from ldm.data.image_io import IMAGE_EXTENSIONS, BadImageError, SkipLog, load_rgb, verify_image
+from ldm.data.transforms import ImageTransform
+
+logger = logging.getLogger(__name__)
+
+CAPTION_SOURCES = ("auto", "metadata", "txt", "none")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+CAPTION_COLUMNS = ("text", "caption", "txt", "prompt")
+VALIDATE_MODES = ("verify", "full", "none")
+MAX_SUBSTITUTES = 64
+
+
+def find_images(root: Path, extensions: tuple[str, ...], recursive: bool = True) -> list[Path]:
+    """All files under `root` with an image extension (case-insensitive), sorted."""
+    exts = {e.lower() for e in extensions}
+    pattern = "**/*" if recursive else "*"
+    return sorted(p for p in root.glob(pattern) if p.suffix.lower() in exts and p.is_file())
+
+
+def _read_metadata_file(path: Path) -> list[dict[str, Any]]:
+    if path.suffix == ".jsonl":
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise ValueError(f"{path}:{n}: not a JSON object ({exc})") from exc
+        return rows
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def read_metadata(
+    root: Path, recursive: bool = True, caption_column: str | None = None
+) -> dict[Path, str]:
+    """Map image path -> caption from every metadata.jsonl/.csv (file_name relative to its folder)."""
+    captions: dict[Path, str] = {}
+    for name in METADATA_FILES:
+        for meta in sorted(root.glob(f"**/{name}" if recursive else name)):
+            for n, row in enumerate(_read_metadata_file(meta), 1):
+                if "file_name" not in row:
+                    raise ValueError(
+                        f"{meta} row {n}: no 'file_name' column (found {sorted(row)}); the Hugging "
+                        "Face imagefolder convention is one row per image with 'file_name' and 'text'"
+                    )
+                columns = (caption_column,) if caption_column else CAPTION_COLUMNS
+                text = next((row[c] for c in columns if c in row and row[c] is not None), None)
+                if text is None:
+                    raise ValueError(
+                        f"{meta} row {n}: no caption column; expected one of {list(columns)}, "
+                        f"found {sorted(row)}"
+                    )
+                captions[(meta.parent / row["file_name"]).resolve()] = str(text).strip()
+    return captions
+
+
+class ImageFolderDataset(Dataset):
+    """Images under `root` (recursive) with captions from metadata, sidecar .txt, or none."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        size: int | None = 256,
+        caption_source: str = "auto",
+        image_key: str = "image",
+        caption_key: str = "caption",
+        crop: str = "center",
+        flip: bool | float = False,
+        interpolation: str = "bicubic",
+        recursive: bool = True,
+        extensions: tuple[str, ...] | list[str] = IMAGE_EXTENSIONS,
+        caption_column: str | None = None,
+        default_caption: str = "",
+        validate: str = "verify",
+        background: tuple[int, int, int] | list[int] = (255, 255, 255),
+        return_path: bool = False,
+        max_items: int | None = None,
+    ):
+        if caption_source not in CAPTION_SOURCES:
+            raise ValueError(f"caption_source must be one of {CAPTION_SOURCES}, got {caption_source!r}")
+        if validate not in VALIDATE_MODES:
+            raise ValueError(f"validate must be one of {VALIDATE_MODES}, got {validate!r}")
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise FileNotFoundError(
+                f"image folder {str(self.root)!r} does not exist or is not a directory; "
+                "set data.params.<split>.params.root to a folder of images"
+            )
+        self.image_key, self.caption_key = image_key, caption_key
+        self.transform = ImageTransform(size, crop=crop, flip=flip, interpolation=interpolation)
+        self.background = tuple(background)
+        self.return_path = return_path
+        self.default_caption = default_caption
+        self.skipped = SkipLog(f"image folder {self.root}")
+        extensions = tuple(extensions)
+
+        paths = find_images(self.root, extensions, recursive)
+        metadata = read_metadata(self.root, recursive, caption_column)
+        if caption_source == "auto":
+            if metadata:
+                caption_source = "metadata"
+            elif any(p.with_suffix(".txt").is_file() for p in paths):
+                caption_source = "txt"
+            else:
+                caption_source = "none"
+        self.caption_source = caption_source
+        self.paths, self.captions = self._pair_captions(paths, metadata, caption_source)
+        if validate != "none":
+            self._prevalidate(full=validate == "full")
+        if max_items is not None:
+            self.paths, self.captions = self.paths[:max_items], self.captions[:max_items]
+        if not self.paths:
+            looked = f"files ending in {', '.join(extensions)}"
+            if caption_source == "metadata":
+                looked += " listed in metadata.jsonl/metadata.csv"
+            why = f" ({self.skipped.count} bad files skipped)" if self.skipped.count else ""
+            raise ValueError(
+                f"image folder {str(self.root)!r} has no usable images{why}: looked "
+                f"{'recursively ' if recursive else ''}for {looked}"
+            )
+        self._bad: set[int] = set()
+        logger.info(
+            "image folder %s: %d images, captions from %s", self.root, len(self.paths), caption_source
+        )
+
+    def _pair_captions(
+        self, paths: list[Path], metadata: dict[Path, str], source: str
+    ) -> tuple[list[Path], list[str | None]]:
+        if source == "none":
+            return paths, [None] * len(paths)
+        if source == "txt":
+            captions, missing = [], 0
+            for p in paths:
+                txt = p.with_suffix(".txt")
+                if txt.is_file():
+                    captions.append(txt.read_text(encoding="utf-8", errors="replace").strip())
+                else:
+                    missing += 1
+                    captions.append(self.default_caption)
+            if missing:
+                logger.warning(
+                    "image folder %s: %d of %d images have no sidecar .txt caption; using %r",
+                    self.root,
+                    missing,
+                    len(paths),
+                    self.default_caption,
+                )
+            return paths, captions
+        if not metadata:
+            raise ValueError(
+                f"caption_source='metadata' but no metadata.jsonl or metadata.csv under {self.root}"
+            )
+        on_disk = {p.resolve() for p in paths}
+        kept = [(p, c) for p, c in sorted(metadata.items()) if p in on_disk]
+        for p in sorted(set(metadata) - on_disk):
+            self.skipped.add(str(p), "listed in metadata but not found")
+        unlisted = len(on_disk) - len(kept)
+        if unlisted:
+            logger.warning(
+                "image folder %s: %d images are not listed in the metadata file(s) and are ignored",
+                self.root,
+                unlisted,
+            )
+        return [p for p, _ in kept], [c for _, c in kept]
+
+    def _prevalidate(self, full: bool) -> None:
+        good = []
+        for i, p in enumerate(self.paths):
+            if full:
+                try:
+                    load_rgb(p, self.background)
+                    reason = None
+                except BadImageError as exc:
+                    reason = str(exc)
+            else:
+                reason = verify_image(p)
+            if reason is None:
+                good.append(i)
+            else:
+                self.skipped.add(str(p), reason)
+        self.skipped.report()
+        self.paths = [self.paths[i] for i in good]
+        self.captions = [self.captions[i] for i in good]
+
+    @property
+    def deterministic(self) -> bool:
+        """True when item i is always the same array (no random crop/flip): safe to cache."""
+        return self.transform.deterministic
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _load(self, i: int) -> dict[str, Any]:
+        img = load_rgb(self.paths[i], self.background)
+        item: dict[str, Any] = {self.image_key: self.transform(img)}
+        if self.captions[i] is not None:
+            item[self.caption_key] = self.captions[i]
+        if self.return_path:
+            item["file_path_"] = str(self.paths[i])
+        return item
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        """Item i, or (if file i fails to decode) the next decodable one, deterministically."""
+        n = len(self.paths)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} images")
+        i %= n
+        for k in range(min(n, MAX_SUBSTITUTES)):
+            j = (i + k) % n
+            if j in self._bad:
+                continue
+            try:
+                return self._load(j)
+            except BadImageError as exc:
+                self._bad.add(j)
+                self.skipped.warn_once(str(self.paths[j]), str(exc))
+        raise RuntimeError(
+            f"image folder {self.root}: {MAX_SUBSTITUTES} consecutive images starting at index {i} "
+            f"failed to decode ({self.skipped.summary()}); check the files or use validate='full'"
+        )

@@ -1,0 +1,80 @@
+"""Image transforms for data items: resize the shorter side, crop, flip, and map to [-1, 1].
+
+The output follows the CompVis data-item convention: H x W x C float32 numpy in [-1, 1]
+(LatentDiffusion.get_input rearranges it to B x C x H x W).
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+from PIL import Image
+
+INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "area": Image.Resampling.BOX,
+}
+CROPS = ("center", "random", "none")
+
+
+def to_float_array(img: Image.Image) -> np.ndarray:
+    """RGB PIL image -> H x W x 3 float32 in [-1, 1] (x / 127.5 - 1, as CompVis)."""
+    return (np.asarray(img.convert("RGB"), dtype=np.float32) / 127.5 - 1.0).astype(np.float32)
+
+
+def to_pil(array: np.ndarray) -> Image.Image:
+    """H x W x 3 float in [-1, 1] -> RGB PIL image (inverse of `to_float_array`)."""
+    a = np.clip((np.asarray(array, dtype=np.float32) + 1.0) * 127.5 + 0.5, 0, 255)
+    return Image.fromarray(a.astype(np.uint8), mode="RGB")
+
+
+class ImageTransform:
+    """Resize the shorter side to `size`, crop `size` x `size` (center/random/none), optional flip."""
+
+    def __init__(
+        self,
+        size: int | None = 256,
+        crop: str = "center",
+        flip: bool | float = False,
+        interpolation: str = "bicubic",
+    ):
+        if crop not in CROPS:
+            raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}"
+            )
+        self.size = None if size is None else int(size)
+        self.crop = crop
+        self.flip_p = 0.5 if flip is True else float(flip or 0.0)
+        self.interpolation = INTERPOLATIONS[interpolation]
+
+    @property
+    def deterministic(self) -> bool:
+        """True when the same input always gives the same output (safe to cache encodings)."""
+        return self.crop != "random" and self.flip_p == 0.0
+
+    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> np.ndarray:
+        """Transform an RGB PIL image into an H x W x 3 float32 array in [-1, 1]."""
+        rng = rng or random  # DataLoader reseeds `random` in every worker
+        if self.size is not None:
+            w, h = img.size
+            scale = self.size / min(w, h)
+            if scale != 1.0:
+                new = (max(self.size, round(w * scale)), max(self.size, round(h * scale)))
+                img = img.resize(new, resample=self.interpolation)
+            if self.crop != "none":
+                w, h = img.size
+                if self.crop == "random":
+                    left, top = rng.randint(0, w - self.size), rng.randint(0, h - self.size)
+                else:
+                    left, top = (w - self.size) // 2, (h - self.size) // 2
+                img = img.crop((left, top, left + self.size, top + self.size))
+        if self.flip_p > 0 and rng.random() < self.flip_p:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return to_float_array(img)

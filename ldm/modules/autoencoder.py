@@ -1,0 +1,194 @@
+"""Convolutional Encoder E and Decoder D of the LDM first stage (Rombach et al. 2022, Sec. 3.1).
+
+Constructor arguments are the CompVis `ddconfig` keys; module names match
+`ldm.modules.diffusionmodules.model` so SD checkpoints load key for key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ldm.modules.autoencoder_blocks import (
+    Downsample,
+    Normalize,
+    ResnetBlock,
+    Upsample,
+    make_attn,
+    nonlinearity,
+)
+
+__all__ = ["Decoder", "Encoder"]
+
+
+def _attn_type(attn_type: str, use_linear_attn: bool) -> str:
+    return "linear" if use_linear_attn else attn_type
+
+
+class _Mid(nn.Module):
+    """Middle section: ResNet block, attention, ResNet block."""
+
+    def __init__(self, channels: int, dropout: float, attn_type: str) -> None:
+        super().__init__()
+        self.block_1 = ResnetBlock(in_channels=channels, out_channels=channels, dropout=dropout)
+        self.attn_1 = make_attn(channels, attn_type=attn_type)
+        self.block_2 = ResnetBlock(in_channels=channels, out_channels=channels, dropout=dropout)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(h)))
+
+
+class Encoder(nn.Module):
+    """E: x [B, in_channels, H, W] -> [B, (2 if double_z else 1) * z_channels, H/f, W/f], f = 2^(len(ch_mult)-1)."""
+
+    def __init__(
+        self,
+        *,
+        ch: int,
+        out_ch: int,
+        ch_mult: Sequence[int] = (1, 2, 4, 8),
+        num_res_blocks: int,
+        attn_resolutions: Sequence[int],
+        dropout: float = 0.0,
+        resamp_with_conv: bool = True,
+        in_channels: int,
+        resolution: int,
+        z_channels: int,
+        double_z: bool = True,
+        use_linear_attn: bool = False,
+        attn_type: str = "vanilla",
+        **ignore_kwargs,
+    ) -> None:
+        super().__init__()
+        attn_type = _attn_type(attn_type, use_linear_attn)
+        self.ch = ch
+        self.num_resolutions = len(ch_mult)
+        self.num_res_blocks = num_res_blocks
+        self.resolution = resolution
+        self.in_channels = in_channels
+        self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, stride=1, padding=1)
+
+        curr_res = resolution
+        in_ch_mult = (1, *tuple(ch_mult))
+        self.in_ch_mult = in_ch_mult
+        self.down = nn.ModuleList()
+        block_in = ch
+        for i_level in range(self.num_resolutions):
+            block = nn.ModuleList()
+            attn = nn.ModuleList()
+            block_in = ch * in_ch_mult[i_level]
+            block_out = ch * ch_mult[i_level]
+            for _ in range(num_res_blocks):
+                block.append(
+                    ResnetBlock(in_channels=block_in, out_channels=block_out, dropout=dropout)
+                )
+                block_in = block_out
+                if curr_res in attn_resolutions:
+                    attn.append(make_attn(block_in, attn_type=attn_type))
+            down = nn.Module()
+            down.block = block
+            down.attn = attn
+            if i_level != self.num_resolutions - 1:
+                down.downsample = Downsample(block_in, resamp_with_conv)
+                curr_res = curr_res // 2
+            self.down.append(down)
+
+        self.mid = _Mid(block_in, dropout, attn_type)
+        self.norm_out = Normalize(block_in)
+        self.conv_out = nn.Conv2d(
+            block_in, 2 * z_channels if double_z else z_channels, kernel_size=3, stride=1, padding=1
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C_in, H, W] -> moments or z [B, (2) z_channels, H/f, W/f]."""
+        h = self.conv_in(x)
+        for i_level, down in enumerate(self.down):
+            for i_block in range(self.num_res_blocks):
+                h = down.block[i_block](h)
+                if len(down.attn) > 0:
+                    h = down.attn[i_block](h)
+            if i_level != self.num_resolutions - 1:
+                h = down.downsample(h)
+        h = self.mid(h)
+        return self.conv_out(nonlinearity(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """D: z [B, z_channels, h, w] -> image [B, out_ch, h*f, w*f]; optional tanh output (tanh_out)."""
+
+    def __init__(
+        self,
+        *,
+        ch: int,
+        out_ch: int,
+        ch_mult: Sequence[int] = (1, 2, 4, 8),
+        num_res_blocks: int,
+        attn_resolutions: Sequence[int],
+        dropout: float = 0.0,
+        resamp_with_conv: bool = True,
+        in_channels: int,
+        resolution: int,
+        z_channels: int,
+        give_pre_end: bool = False,
+        tanh_out: bool = False,
+        use_linear_attn: bool = False,
+        attn_type: str = "vanilla",
+        **ignore_kwargs,
+    ) -> None:
+        super().__init__()
+        attn_type = _attn_type(attn_type, use_linear_attn)
+        self.ch = ch
+        self.num_resolutions = len(ch_mult)
+        self.num_res_blocks = num_res_blocks
+        self.resolution = resolution
+        self.in_channels = in_channels
+        self.give_pre_end = give_pre_end
+        self.tanh_out = tanh_out
+
+        block_in = ch * ch_mult[self.num_resolutions - 1]
+        curr_res = resolution // 2 ** (self.num_resolutions - 1)
+        self.z_shape = (1, z_channels, curr_res, curr_res)
+        self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
+        self.mid = _Mid(block_in, dropout, attn_type)
+
+        self.up = nn.ModuleList()
+        for i_level in reversed(range(self.num_resolutions)):
+            block = nn.ModuleList()
+            attn = nn.ModuleList()
+            block_out = ch * ch_mult[i_level]
+            for _ in range(num_res_blocks + 1):
+                block.append(
+                    ResnetBlock(in_channels=block_in, out_channels=block_out, dropout=dropout)
+                )
+                block_in = block_out
+                if curr_res in attn_resolutions:
+                    attn.append(make_attn(block_in, attn_type=attn_type))
+            up = nn.Module()
+            up.block = block
+            up.attn = attn
+            if i_level != 0:
+                up.upsample = Upsample(block_in, resamp_with_conv)
+                curr_res = curr_res * 2
+            self.up.insert(0, up)  # keep indices in resolution order, as the checkpoints do
+
+        self.norm_out = Normalize(block_in)
+        self.conv_out = nn.Conv2d(block_in, out_ch, kernel_size=3, stride=1, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """[B, z_channels, h, w] -> [B, out_ch, h*f, w*f]."""
+        self.last_z_shape = z.shape
+        h = self.mid(self.conv_in(z))
+        for i_level in reversed(range(self.num_resolutions)):
+            up = self.up[i_level]
+            for i_block in range(self.num_res_blocks + 1):
+                h = up.block[i_block](h)
+                if len(up.attn) > 0:
+                    h = up.attn[i_block](h)
+            if i_level != 0:
+                h = up.upsample(h)
+        if self.give_pre_end:
+            return h
+        h = self.conv_out(nonlinearity(self.norm_out(h)))
+        return torch.tanh(h) if self.tanh_out else h

@@ -1,0 +1,16 @@
+"""Gradient checkpointing helper (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost")."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import checkpoint as _torch_checkpoint
+
+
+def checkpoint(fn: Callable[..., Any], *args: Any, enabled: bool = True) -> Any:
+    """Run fn(*args), recomputing activations in backward when enabled and gradients are on."""
+    if enabled and torch.is_grad_enabled():
+        return _torch_checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)

@@ -1,0 +1,185 @@
+"""``FrozenOpenCLIPEmbedder``: the OpenCLIP ViT-H/14 text tower of Stable Diffusion 2.x.
+
+Holds open_clip's ``CLIP`` model with the visual tower deleted as ``self.model``, so checkpoint keys
+read ``cond_stage_model.model.*``. It is built from open_clip's shipped architecture config without
+downloading; weights come from a checkpoint, a local file, or (only when asked) open_clip's hub.
+SD 2.x uses ``layer="penultimate"``: the states after all but the last residual block, then
+``ln_final`` (Stability-AI/stablediffusion ``FrozenOpenCLIPEmbedder``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ldm.modules.encoders.base import (
+    AbstractEncoder,
+    FrozenWeightsMixin,
+    load_weights_file,
+    strip_prefixes,
+)
+from ldm.modules.encoders.tokenizer import CONTEXT_LENGTH, get_tokenizer
+from ldm.util import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# The visual tower is deleted right after construction; build a minimal one instead of ViT-H's
+# 632M parameters (the text tower and its keys do not depend on it).
+_TINY_VISION = {"image_size": 14, "patch_size": 14, "layers": 1, "width": 64, "head_width": 64}
+
+
+def build_text_only_clip(arch: str | dict[str, Any]) -> nn.Module:
+    """open_clip ``CLIP`` for ``arch`` (name or model config) with random weights, no visual tower."""
+    import open_clip
+
+    if isinstance(arch, str):
+        cfg = open_clip.get_model_config(arch)
+        if cfg is None:
+            raise ConfigError(
+                f"FrozenOpenCLIPEmbedder: unknown arch '{arch}'. open_clip knows e.g. "
+                f"{[m for m in open_clip.list_models() if m.startswith('ViT-')][:12]} ..."
+            )
+    else:
+        cfg = dict(arch)
+    cfg = copy.deepcopy(cfg)
+    text_cfg = dict(cfg.get("text_cfg", {}))
+    if text_cfg.get("hf_model_name") or cfg.get("custom_text") or "multimodal_cfg" in cfg:
+        raise ConfigError(
+            f"FrozenOpenCLIPEmbedder: arch {arch!r} has a Hugging Face / custom text tower; only "
+            "open_clip's own CLIP text transformer (as in SD 2.x) is supported."
+        )
+    cfg["vision_cfg"] = dict(_TINY_VISION)
+    cfg.pop("custom_text", None)
+    model = open_clip.CLIP(**cfg)
+    del model.visual
+    return model
+
+
+class FrozenOpenCLIPEmbedder(FrozenWeightsMixin, AbstractEncoder):
+    """OpenCLIP text encoder (Cherti et al. 2023) giving SD 2.x's context ``[B, 77, 1024]``."""
+
+    LAYERS = ("last", "penultimate")
+
+    def __init__(
+        self,
+        arch: str | dict[str, Any] = "ViT-H-14",
+        version: str = "laion2b_s32b_b79k",
+        device: str | torch.device | None = None,
+        max_length: int = CONTEXT_LENGTH,
+        freeze: bool = True,
+        layer: str = "last",
+        weights: str | None = None,
+        from_hub: bool = False,
+        allow_random_weights: bool = False,
+    ) -> None:
+        super().__init__()
+        if layer not in self.LAYERS:
+            raise ConfigError(
+                f"FrozenOpenCLIPEmbedder: layer='{layer}' is not one of {list(self.LAYERS)}."
+            )
+        self.arch, self.version = arch, version
+        self.device_hint = device  # tokens follow the parameters' device; kept for compatibility
+        self.max_length = int(max_length)
+        self.layer = layer
+        self.layer_idx = {"last": 0, "penultimate": 1}[layer]  # blocks skipped at the end
+        self.tokenizer = get_tokenizer("sd-v2", self.max_length)
+        if from_hub:
+            import open_clip
+
+            logger.info("FrozenOpenCLIPEmbedder: loading %s/%s through open_clip", arch, version)
+            model = open_clip.create_model(arch, pretrained=version, device="cpu")
+            del model.visual
+            self.model = model
+        else:
+            self.model = build_text_only_clip(arch)
+        self._setup_guard(freeze, allow_random_weights)
+        self.weights_loaded = from_hub
+        if weights is None and not from_hub and os.path.isfile(str(version)):
+            weights = str(version)  # open_clip accepts a checkpoint path as `pretrained`
+        if weights is not None:
+            self.load_weights(weights)
+        elif not from_hub:
+            logger.info(
+                "FrozenOpenCLIPEmbedder: built %s with random weights (tag '%s' is not downloaded); "
+                "load a checkpoint that contains cond_stage_model.model.*",
+                arch,
+                version,
+            )
+
+    # ------------------------------------------------------------------ weights
+    def load_weights(self, path: str) -> None:
+        """Load text-tower weights from an open_clip or SD checkpoint file (visual keys ignored)."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"FrozenOpenCLIPEmbedder: weights '{path}' is not a file. Pass an open_clip "
+                "checkpoint (.bin/.pt/.safetensors) or an SD 2.x checkpoint."
+            )
+        sd = strip_prefixes(load_weights_file(path), ("cond_stage_model.model.", "module.", "model."))
+        own = set(self.model.state_dict(keep_vars=True))
+        sd = {"model." + k: v for k, v in sd.items() if k in own}
+        self.load_state_dict(sd, strict=False)
+        if not self.weights_loaded:
+            raise ValueError(
+                f"FrozenOpenCLIPEmbedder: '{path}' lacks text-tower weights of {self.arch}: "
+                f"missing {sorted(own - {k[len('model.'):] for k in sd})[:8]} ..."
+            )
+
+    def _optional_state_keys(self) -> set[str]:
+        # used by CLIP's contrastive head only, never by the conditioning
+        return {"model.logit_scale", "model.logit_bias", "model.text_projection"}
+
+    def _describe(self) -> str:
+        return f"OpenCLIP text encoder {self.arch}/{self.version}"
+
+    def _weights_hint(self) -> str:
+        return "weights=<open_clip or SD 2.x checkpoint file>, or version=<local checkpoint file>"
+
+    # ------------------------------------------------------------------ encoding
+    def tokenize(self, text: str | Sequence[str]) -> torch.Tensor:
+        """Token ids ``[B, max_length]`` as ``open_clip.tokenize`` gives them (padded with 0)."""
+        return self.tokenizer.tokenize(text, self.max_length)
+
+    def forward(self, text: str | Sequence[str] | torch.Tensor) -> torch.Tensor:
+        """Context ``[B, 77, width]`` for prompts or token ids."""
+        self.check_weights_loaded()
+        tokens = text if isinstance(text, torch.Tensor) else self.tokenize(text)
+        return self.encode_with_transformer(tokens.to(self._module_device()))
+
+    def encode_with_transformer(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token embedding + positions, residual blocks (all or all but the last), ``ln_final``."""
+        x = self.model.token_embedding(tokens)  # [B, L, D]
+        x = x + self.model.positional_embedding[: x.shape[1]]
+        batch_first = getattr(self.model.transformer, "batch_first", False)
+        if not batch_first:
+            x = x.permute(1, 0, 2)  # [B, L, D] -> [L, B, D] for sequence-first open_clip
+        attn_mask = getattr(self.model, "attn_mask", None)
+        if attn_mask is not None:
+            attn_mask = attn_mask[: tokens.shape[1], : tokens.shape[1]]
+        x = self.text_transformer_forward(x, attn_mask=attn_mask)
+        if not batch_first:
+            x = x.permute(1, 0, 2)  # [L, B, D] -> [B, L, D]
+        return self.model.ln_final(x)
+
+    def text_transformer_forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Run the residual blocks, stopping ``layer_idx`` blocks before the end."""
+        blocks = self.model.transformer.resblocks
+        use_ckpt = getattr(self.model.transformer, "grad_checkpointing", False) and torch.is_grad_enabled()
+        for block in blocks[: len(blocks) - self.layer_idx]:
+            if use_ckpt:
+                x = checkpoint(block, x, attn_mask=attn_mask, use_reentrant=False)
+            else:
+                x = block(x, attn_mask=attn_mask)
+        return x
+
+    def get_unconditional_conditioning(self, batch_size: int, device: Any = None) -> list[str]:
+        """The null condition as input: ``batch_size`` empty prompts (encode them for the context)."""
+        return [""] * batch_size

@@ -1,0 +1,94 @@
+"""``CLIPTextEncoder``: a trainable CLIP-architecture text encoder for training LDMs from scratch.
+
+Same architecture as CLIP's text tower (Radford et al. 2021: causal pre-LN transformer over the
+CLIP BPE, 77 positions), built from hyperparameters, random init, trained with the diffusion model
+(``cond_stage_trainable: true``). Caption dropout with probability ``ucg_rate`` trains the null
+condition "" for classifier-free guidance (Ho & Salimans 2022).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ldm.modules.encoders.base import AbstractEncoder
+from ldm.modules.encoders.clip import build_clip_text_config
+from ldm.modules.encoders.tokenizer import CONTEXT_LENGTH, VOCAB_SIZE, get_tokenizer
+
+
+class CLIPTextEncoder(AbstractEncoder):
+    """Prompts -> ``[B, max_length, width]`` from a CLIP-style text transformer (key ``transformer.*``)."""
+
+    def __init__(
+        self,
+        width: int = 256,
+        layers: int = 4,
+        heads: int = 4,
+        mlp_ratio: float = 4.0,
+        vocab_size: int = VOCAB_SIZE,
+        max_length: int = CONTEXT_LENGTH,
+        act: str = "quick_gelu",
+        dropout: float = 0.0,
+        ucg_rate: float = 0.0,
+        tokenizer: str = "sd-v1",
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"CLIPTextEncoder: width={width} must be divisible by heads={heads}.")
+        if not 0.0 <= float(ucg_rate) <= 1.0:
+            raise ValueError(f"CLIPTextEncoder: ucg_rate must be in [0, 1], got {ucg_rate}.")
+        from transformers import CLIPTextModel
+
+        config = build_clip_text_config(
+            {
+                "hidden_size": width,
+                "intermediate_size": int(width * mlp_ratio),
+                "num_hidden_layers": layers,
+                "num_attention_heads": heads,
+                "vocab_size": vocab_size,
+                "max_position_embeddings": max_length,
+                "hidden_act": act,
+                "dropout": dropout,
+                "attention_dropout": dropout,
+                "projection_dim": width,
+            }
+        )
+        self.transformer = CLIPTextModel(config)
+        if gradient_checkpointing:
+            self.transformer.gradient_checkpointing_enable()
+        self.max_length = int(max_length)
+        self.ucg_rate = float(ucg_rate)
+        self.tokenizer = get_tokenizer(tokenizer, self.max_length)
+
+    def drop_captions(
+        self, text: Sequence[str], generator: torch.Generator | None = None
+    ) -> list[str]:
+        """Replace each caption by "" with probability ``ucg_rate`` (training only)."""
+        text = list(text)
+        if not self.training or self.ucg_rate <= 0.0:
+            return text
+        u = torch.rand(len(text), generator=generator)
+        return ["" if float(ui) < self.ucg_rate else t for t, ui in zip(text, u)]
+
+    def tokenize(self, text: str | Sequence[str]) -> torch.Tensor:
+        """Token ids ``[B, max_length]``."""
+        return self.tokenizer(text, max_length=self.max_length)["input_ids"]
+
+    def forward(
+        self, text: str | Sequence[str] | torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Last hidden states ``[B, max_length, width]`` (captions dropped first when training)."""
+        if isinstance(text, torch.Tensor):
+            tokens = text
+        else:
+            texts = [text] if isinstance(text, str) else text
+            tokens = self.tokenize(self.drop_captions(texts, generator))
+        tokens = tokens.to(self.transformer.embeddings.token_embedding.weight.device)
+        return self.transformer(input_ids=tokens).last_hidden_state
+
+    def get_unconditional_conditioning(self, batch_size: int, device: Any = None) -> list[str]:
+        """The null condition as input: ``batch_size`` empty prompts."""
+        return [""] * batch_size

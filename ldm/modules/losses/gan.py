@@ -1,0 +1,44 @@
+"""GAN loss pieces shared by the KL and VQ autoencoder losses (Esser et al. 2021, VQGAN Eq. 7)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["adaptive_weight", "adopt_weight", "hinge_d_loss", "vanilla_d_loss", "DISC_LOSSES"]
+
+
+def adopt_weight(weight: float, global_step: int, threshold: int = 0, value: float = 0.0) -> float:
+    """`weight` once global_step >= threshold, `value` before (the disc_start switch)."""
+    return value if global_step < threshold else weight
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Hinge discriminator loss 1/2 (E[relu(1 - D(x))] + E[relu(1 + D(G(z)))]) (Lim & Ye 2017)."""
+    return 0.5 * (torch.mean(F.relu(1.0 - logits_real)) + torch.mean(F.relu(1.0 + logits_fake)))
+
+
+def vanilla_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Non-saturating GAN discriminator loss 1/2 (E[softplus(-D(x))] + E[softplus(D(G(z)))])."""
+    return 0.5 * (torch.mean(F.softplus(-logits_real)) + torch.mean(F.softplus(logits_fake)))
+
+
+DISC_LOSSES = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}
+
+
+def adaptive_weight(
+    nll_loss: torch.Tensor,
+    g_loss: torch.Tensor,
+    last_layer: torch.Tensor,
+    disc_weight: float,
+) -> torch.Tensor:
+    """lambda = ||grad_L nll|| / (||grad_L g|| + 1e-4), clamped to [0, 1e4], times disc_weight (VQGAN Eq. 7).
+
+    L is the decoder's last layer. Returns 0 when no graph exists (evaluation under no_grad).
+    """
+    if not (torch.is_grad_enabled() and last_layer is not None and nll_loss.requires_grad):
+        return torch.zeros((), device=nll_loss.device)
+    nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
+    g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    d_weight = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
+    return torch.clamp(d_weight, 0.0, 1e4).detach() * disc_weight

@@ -1,0 +1,158 @@
+"""Attention backends agree with each other and with the closed-form softmax(q k^T / sqrt(d)) v."""
+
+import logging
+
+import pytest
+import torch
+
+import ldm.modules.attention_backends as backends
+from ldm.modules.attention import CrossAttention, SpatialTransformer, attention
+from ldm.modules.unet_attention import AttentionBlock, QKVAttention, QKVAttentionLegacy
+
+
+def _reference(q, k, v, mask=None):
+    """Eq. 1 of Vaswani et al. in float64."""
+    q, k, v = q.double(), k.double(), v.double()
+    sim = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if mask is not None:
+        sim = sim.masked_fill(~mask, float("-inf"))
+    return (sim.softmax(-1) @ v).float()
+
+
+def _qkv(b=2, h=3, n=37, m=11, d=16):
+    return torch.randn(b, h, n, d), torch.randn(b, h, m, d), torch.randn(b, h, m, d)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math", "xformers"])
+def test_backends_match_closed_form(backend):
+    q, k, v = _qkv()
+    out = attention(q, k, v, backend=backend)
+    assert (out - _reference(q, k, v)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("slice_size", [1, 5, 36, 37, 1000])
+def test_sliced_math_equals_unsliced(slice_size):
+    q, k, v = _qkv(n=37)
+    sliced = attention(q, k, v, backend="math", slice_size=slice_size)
+    assert (sliced - attention(q, k, v, backend="sdpa")).abs().max() <= 1e-5
+
+
+def test_slice_env_var_limits_score_matrix(monkeypatch):
+    """With LDM_ATTENTION_SLICE the math backend never builds the full N x M score matrix."""
+    monkeypatch.setenv("LDM_ATTENTION_SLICE", "8")
+    q, k, v = _qkv(n=64, m=64)
+    seen = []
+    real_softmax = torch.Tensor.softmax
+
+    def spy(self, *args, **kwargs):
+        seen.append(tuple(self.shape))
+        return real_softmax(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "softmax", spy)
+    out = attention(q, k, v, backend="math")
+    monkeypatch.undo()
+    assert seen and all(s[-2] == 8 for s in seen) and len(seen) == 8
+    assert (out - _reference(q, k, v)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_boolean_key_mask(backend):
+    q, k, v = _qkv(m=9)
+    mask = torch.rand(2, 1, 1, 9) > 0.3
+    mask[..., 0] = True  # every query attends to at least one key
+    out = attention(q, k, v, backend=backend, mask=mask)
+    assert (out - _reference(q, k, v, mask)).abs().max() <= 1e-5
+
+
+def test_env_var_selects_backend(monkeypatch):
+    calls = []
+    real = backends.math_attention
+    monkeypatch.setattr(
+        backends, "math_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
+    q, k, v = _qkv()
+    monkeypatch.setenv("LDM_ATTENTION_BACKEND", "math")
+    attention(q, k, v)
+    assert calls == [1]
+    attention(q, k, v, backend="sdpa")  # an explicit choice wins over the environment
+    assert calls == [1]
+    monkeypatch.setenv("LDM_ATTENTION_BACKEND", "flash9")
+    with pytest.raises(ValueError, match="flash9.*sdpa"):
+        attention(q, k, v)
+
+
+def test_bad_backend_in_config_fails_at_construction():
+    with pytest.raises(ValueError, match="'sdpaa'"):
+        SpatialTransformer(32, 2, 16, context_dim=8, attn_backend="sdpaa")
+
+
+def test_xformers_falls_back_with_one_warning(caplog, monkeypatch):
+    monkeypatch.setattr(backends, "_warned", set())
+    q, k, v = _qkv()
+    with caplog.at_level(logging.WARNING, logger=backends.__name__):
+        out1 = attention(q, k, v, backend="xformers")
+        out2 = attention(q, k, v, backend="xformers")
+    assert len([r for r in caplog.records if "xformers" in r.getMessage()]) == 1
+    assert torch.equal(out1, out2)
+    assert (out1 - _reference(q, k, v)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_softmax_is_upcast(dtype):
+    """Large logits overflow/lose precision in half; the math backend softmaxes in fp32."""
+    q, k, v = _qkv(d=64)
+    q = q * 12  # logits of order 100: exp() overflows fp16, bf16 rounding is coarse
+    ref = _reference(q.to(dtype).float(), k.to(dtype).float(), v.to(dtype).float())
+    for backend in ("math", "sdpa"):
+        out = attention(q.to(dtype), k.to(dtype), v.to(dtype), backend=backend)
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        assert (out.float() - ref).abs().max() <= 0.05, backend
+
+
+def test_cross_attention_matches_manual_heads():
+    attn = CrossAttention(query_dim=24, context_dim=10, heads=3, dim_head=8)
+    x, ctx = torch.randn(2, 7, 24), torch.randn(2, 5, 10)
+    out = attn(x, ctx)
+    q, k, v = attn.to_q(x), attn.to_k(ctx), attn.to_v(ctx)
+    heads = []
+    for i in range(3):
+        s = slice(8 * i, 8 * i + 8)
+        heads.append(_reference(q[None, ..., s], k[None, ..., s], v[None, ..., s])[0])
+    expected = attn.to_out(torch.cat(heads, dim=-1))
+    assert (out - expected).abs().max() <= 1e-5
+
+
+def test_qkv_layouts_are_permutations_of_each_other():
+    """Legacy layout [H, (q,k,v), C] and new layout [(q,k,v), H, C] give the same attention."""
+    b, h, c, t = 2, 4, 8, 10
+    qkv_new = torch.randn(b, 3 * h * c, t)
+    qkv_legacy = qkv_new.reshape(b, 3, h, c, t).transpose(1, 2).reshape(b, 3 * h * c, t)
+    new, legacy = QKVAttention(h)(qkv_new), QKVAttentionLegacy(h)(qkv_legacy)
+    assert (new - legacy).abs().max() <= 1e-6
+    q, k, v = qkv_new.reshape(b, 3, h, c, t).transpose(-1, -2).unbind(1)
+    expected = _reference(q, k, v).transpose(-1, -2).reshape(b, h * c, t)
+    assert (new - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("use_linear", [False, True])
+def test_spatial_transformer_backends_agree(use_linear):
+    kw = dict(in_channels=64, n_heads=4, d_head=16, depth=2, context_dim=12, use_linear=use_linear)
+    models = {name: SpatialTransformer(**kw, attn_backend=name) for name in ("sdpa", "math")}
+    models["math"].load_state_dict(models["sdpa"].state_dict())
+    for p in models["sdpa"].proj_out.parameters():
+        torch.nn.init.normal_(p)  # zero init would make the block an identity
+    models["math"].load_state_dict(models["sdpa"].state_dict())
+    x, ctx = torch.randn(2, 64, 6, 5), torch.randn(2, 7, 12)
+    out = {name: m(x, ctx) for name, m in models.items()}
+    assert (out["sdpa"] - x).abs().max() > 1e-2
+    assert (out["sdpa"] - out["math"]).abs().max() <= 1e-5
+
+
+def test_attention_block_backends_agree():
+    blocks = [AttentionBlock(64, num_head_channels=16, attn_backend=b) for b in ("sdpa", "math")]
+    torch.nn.init.normal_(blocks[0].proj_out.weight, std=0.1)
+    blocks[1].load_state_dict(blocks[0].state_dict())
+    x = torch.randn(2, 64, 4, 4)
+    a, b = (blk(x) for blk in blocks)
+    assert (a - x).abs().max() > 1e-2
+    assert (a - b).abs().max() <= 1e-5

@@ -1,0 +1,105 @@
+"""Tiny deterministic LightningModule and data sets for the training command-line tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import Dataset, IterableDataset
+
+
+class ToyDataset(Dataset):
+    """Linear regression pairs y = x . w, with a caption per item (CompVis-style dict items)."""
+
+    def __init__(self, n: int = 32, dim: int = 4, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, dim, generator=gen)
+        w = torch.linspace(-1.0, 1.0, dim)
+        self.y = self.x @ w
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"x": self.x[i], "y": self.y[i], "index": i, "caption": f"item {i}"}
+
+
+class ToyIterable(IterableDataset):
+    """Streams the items of :class:`ToyDataset` in order."""
+
+    def __init__(self, n: int = 8) -> None:
+        self.data = ToyDataset(n)
+
+    def __iter__(self):
+        return (self.data[i] for i in range(len(self.data)))
+
+
+class ToyModel(pl.LightningModule):
+    """MLP regressor; its training noise uses the global RNG, its LR follows a LambdaLR warm-up."""
+
+    def __init__(self, in_dim: int = 4, hidden: int = 8, noise: float = 0.05, monitor: str | None = None):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        self.noise = noise
+        self.learning_rate = 1e-3
+        if monitor:
+            self.monitor = monitor
+        self.seen: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(-1)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        self.seen.extend(int(i) for i in batch["index"])
+        x = batch["x"] + self.noise * torch.randn_like(batch["x"])
+        loss = nn.functional.mse_loss(self(x), batch["y"])
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.log("val/loss", nn.functional.mse_loss(self(batch["x"]), batch["y"]))
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.log("test/loss", nn.functional.mse_loss(self(batch["x"]), batch["y"]))
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.Adam(self.parameters(), lr=self.learning_rate)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 4))
+        return [opt], [{"scheduler": sched, "interval": "step"}]
+
+    @torch.no_grad()
+    def log_images(self, batch: dict[str, Any], split: str = "train", **kwargs: Any) -> dict[str, Any]:
+        """Inputs as 3x4x4 images in [-1, 1], plus random 'samples' (drawn from the global RNG)."""
+        x = batch["x"]
+        img = torch.tanh(x).repeat_interleave(4, dim=1).view(-1, 1, 4, 4).repeat(1, 3, 1, 1)
+        return {"inputs": img, "samples": torch.rand_like(img) * 2 - 1}
+
+
+class WeightDump(pl.Callback):
+    """Writes each rank's final weights to ``<folder>/rank<r>.pt`` (DDP test)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import os
+
+        os.makedirs(self.folder, exist_ok=True)
+        state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+        torch.save(state, f"{self.folder}/rank{trainer.global_rank}.pt")
+
+
+class KillAtStep(pl.Callback):
+    """SIGKILLs its own process once ``global_step`` reaches ``step`` (resume test)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step >= self.step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
