@@ -225,13 +225,22 @@ def load_config(
 
 def run(opt: argparse.Namespace, overrides: list[str]) -> RunResult:
     """Merge configs, build model/data/Trainer, fit (and test), and log a summary."""
+    paths = resolve_paths(opt)
+    owns_now = RUN_NOW_ENV not in os.environ
+    os.environ[RUN_NOW_ENV] = paths.now  # ranks started by Lightning's launcher reuse the name
+    try:
+        return _run(opt, overrides, paths)
+    finally:
+        if owns_now:
+            os.environ.pop(RUN_NOW_ENV, None)
+
+
+def _run(opt: argparse.Namespace, overrides: list[str], paths: RunPaths) -> RunResult:
     from pytorch_lightning.utilities.model_helpers import is_overridden
 
     from ldm.data.datamodule import DataModuleFromConfig
     from ldm.trainer_setup import translate_trainer_config
 
-    paths = resolve_paths(opt)
-    os.environ[RUN_NOW_ENV] = paths.now  # ranks started by Lightning's launcher reuse the name
     config, sources = load_config(opt, paths, overrides)
     lightning_config = config.pop("lightning", OmegaConf.create())
     trainer_kwargs, legacy_ckpt = translate_trainer_config(

@@ -240,6 +240,8 @@ def default_callback_configs(ckptdir: Path, monitor: str | None) -> dict[str, An
         "filename": "{epoch:06}-{step:09}",
         "verbose": True,
         "save_last": True,
+        # a resumed (or moved) run overwrites last.ckpt instead of writing last-v1.ckpt
+        "enable_version_counter": False,
     }
     if monitor:
         ckpt_params.update(monitor=monitor, save_top_k=3)

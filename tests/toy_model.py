@@ -89,6 +89,7 @@ class WeightDump(pl.Callback):
         os.makedirs(self.folder, exist_ok=True)
         state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
         torch.save(state, f"{self.folder}/rank{trainer.global_rank}.pt")
+        torch.save(list(getattr(pl_module, "seen", [])), f"{self.folder}/seen{trainer.global_rank}.pt")
 
 
 class KillAtStep(pl.Callback):
@@ -103,3 +104,53 @@ class KillAtStep(pl.Callback):
             import signal
 
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SignalAtStep(pl.Callback):
+    """Sends ``signame`` to its own process when ``global_step`` reaches ``step``."""
+
+    def __init__(self, step: int, signame: str = "SIGUSR1") -> None:
+        self.step, self.signame = step, signame
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), getattr(signal, self.signame))
+
+
+class FailAtStep(pl.Callback):
+    """Raises ``RuntimeError`` when ``global_step`` reaches ``step`` (exception-saves test)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step >= self.step:
+            raise RuntimeError(f"planned failure at step {trainer.global_step}")
+
+
+class RankImageLogger(pl.Callback):
+    """Wraps ldm.callbacks.ImageLogger and records which ranks wrote images (DDP test)."""
+
+    def __init__(self, folder: str, **kwargs: Any) -> None:
+        from ldm.callbacks import ImageLogger
+
+        self.folder = folder
+        self.inner = ImageLogger(**kwargs)
+        parent = self
+
+        def log_local(*a: Any, **k: Any) -> None:
+            import os
+
+            os.makedirs(parent.folder, exist_ok=True)
+            open(f"{parent.folder}/images_rank{parent.rank}", "a").close()
+            ImageLogger.log_local(parent.inner, *a, **k)
+
+        self.inner.log_local = log_local
+        self.rank = 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.rank = trainer.global_rank
+        self.inner.on_train_batch_end(trainer, *args)

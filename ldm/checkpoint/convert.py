@@ -80,14 +80,20 @@ def split_for_diffusers(
         for k, v in sd.items()
         if k.startswith(VAE_PREFIX) and not k.startswith(VAE_PREFIX + "loss.")
     }
-    comps: dict[str, dict[str, torch.Tensor]] = {"unet": unet_to_diffusers(unet), "vae": vae_to_diffusers(vae)}
+    comps: dict[str, dict[str, torch.Tensor]] = {
+        "unet": unet_to_diffusers(unet),
+        "vae": vae_to_diffusers(vae),
+    }
     meta: dict[str, str] = {}
     used = {UNET_PREFIX + k for k in unet} | {VAE_PREFIX + k for k in vae}
     kind = text_kind(config, sd)
     extras: dict[str, torch.Tensor] = {}
     if kind == "clip":
         if _layer_mode(config) != "last":
-            logger.warning("Text encoder uses layer=%s; diffusers' text_encoder gives the last layer.", _layer_mode(config))
+            logger.warning(
+                "Text encoder uses layer=%s; diffusers' text_encoder gives the last layer.",
+                _layer_mode(config),
+            )
         text_sd = {k: v for k, v in sd.items() if k.startswith(CLIP_PREFIX)}
         comps["text_encoder"], extra, nested = clip_to_hf(text_sd)
         extras.update(extra)
@@ -108,7 +114,9 @@ def split_for_diffusers(
     return comps, extras, meta
 
 
-def _save_component(folder: Path, name: str, sd: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+def _save_component(
+    folder: Path, name: str, sd: dict[str, torch.Tensor], config: dict[str, Any]
+) -> None:
     from safetensors.torch import save_file
 
     sub = folder / name
@@ -135,24 +143,34 @@ def to_diffusers(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     unet_params = params["unet_config"]["params"]
-    f = 2 ** (len(params["first_stage_config"]["params"]["ddconfig"]["ch_mult"]) - 1)
     latent = params.get("image_size", unet_params.get("image_size", 64))
     _save_component(out, "unet", comps["unet"], dcfg.unet_config(unet_params, latent))
     scale = float(sd["scale_factor"]) if "scale_factor" in sd else params.get("scale_factor", 1.0)
-    _save_component(out, "vae", comps["vae"], dcfg.vae_config(params["first_stage_config"]["params"], scale))
+    _save_component(
+        out, "vae", comps["vae"], dcfg.vae_config(params["first_stage_config"]["params"], scale)
+    )
     if "text_encoder" in comps:
         kind = meta["text_kind"]
-        _save_component(out, "text_encoder", comps["text_encoder"], dcfg.text_config(comps["text_encoder"], kind, _heads(cfg)))
+        _save_component(
+            out,
+            "text_encoder",
+            comps["text_encoder"],
+            dcfg.text_config(comps["text_encoder"], kind, _heads(cfg)),
+        )
         dcfg.write_tokenizer(out / "tokenizer", kind)
     (out / "scheduler").mkdir(exist_ok=True)
-    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(dcfg.scheduler_config(params), indent=2))
+    (out / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(dcfg.scheduler_config(params), indent=2)
+    )
     inpainting = unet_params["in_channels"] == 9
     (out / "model_index.json").write_text(json.dumps(dcfg.model_index(inpainting), indent=2))
     (out / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
     from safetensors.torch import save_file
 
     save_file(to_saveable(extras), str(out / EXTRAS_FILE), metadata={"format": "pt", **meta})
-    logger.info("Wrote diffusers folder %s (%d extra keys kept in %s)", out, len(extras), EXTRAS_FILE)
+    logger.info(
+        "Wrote diffusers folder %s (%d extra keys kept in %s)", out, len(extras), EXTRAS_FILE
+    )
     return out
 
 
@@ -175,7 +193,9 @@ def resolve_config(
     if prediction is not None:
         from ldm.checkpoint.detect import guess_parameterization
 
-        cfg["model"].setdefault("params", {})["parameterization"] = guess_parameterization(None, prediction)[0]
+        cfg["model"].setdefault("params", {})["parameterization"] = guess_parameterization(
+            None, prediction
+        )[0]
     param = cfg["model"].get("params", {}).get("parameterization", "eps")
     return Detection("given", cfg, param, reason)
 
@@ -198,7 +218,9 @@ def from_diffusers(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     """(SD-layout state dict, our config) from a diffusers Stable Diffusion folder."""
     folder = Path(folder)
     if not is_diffusers_folder(folder):
-        raise FileNotFoundError(f"{folder} is not a diffusers folder (model_index.json + unet/ expected).")
+        raise FileNotFoundError(
+            f"{folder} is not a diffusers folder (model_index.json + unet/ expected)."
+        )
     unet = _read_component(folder, "unet")
     vae = _read_component(folder, "vae")
     if unet is None or vae is None:
@@ -233,7 +255,9 @@ def from_diffusers(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
         sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         sched_params = dcfg.params_from_scheduler(sched)
         config = detect_sd(sd, folder, sched_params["parameterization"]).config
-        config["model"]["params"].update({k: v for k, v in sched_params.items() if k != "parameterization" or v != "eps"})
+        config["model"]["params"].update(
+            {k: v for k, v in sched_params.items() if k != "parameterization" or v != "eps"}
+        )
     return sd, config
 
 

@@ -65,7 +65,9 @@ def as_full_config(cfg: dict[str, Any]) -> dict[str, Any]:
         return cfg
     if "target" in cfg:
         return {"model": cfg}
-    raise DetectionError(f"Config has neither a `model` section nor a `target`: keys {sorted(cfg)}.")
+    raise DetectionError(
+        f"Config has neither a `model` section nor a `target`: keys {sorted(cfg)}."
+    )
 
 
 def _from_hyper_parameters(hp: Any) -> dict[str, Any] | None:
@@ -95,7 +97,9 @@ def _from_hyper_parameters(hp: Any) -> dict[str, Any] | None:
     return None
 
 
-def guess_parameterization(path: str | Path | None, prediction: str | None = None) -> tuple[str, str]:
+def guess_parameterization(
+    path: str | Path | None, prediction: str | None = None
+) -> tuple[str, str]:
     """(parameterization, reason): explicit argument, else the file name, else eps."""
     if prediction is not None:
         value = {"epsilon": "eps", "v_prediction": "v"}.get(prediction, prediction)
@@ -114,7 +118,9 @@ def _shape(sd: dict[str, torch.Tensor], key: str) -> tuple[int, ...] | None:
 
 
 def detect_sd(
-    state_dict: dict[str, torch.Tensor], path: str | Path | None = None, prediction: str | None = None
+    state_dict: dict[str, torch.Tensor],
+    path: str | Path | None = None,
+    prediction: str | None = None,
 ) -> Detection:
     """Detect SD v1 / v2 / inpainting from the U-Net keys of a state dict."""
     in_shape = _shape(state_dict, UNET_IN)
@@ -126,10 +132,14 @@ def detect_sd(
         )
     time_shape = _shape(state_dict, UNET_TIME)
     ctx_dims = {
-        int(v.shape[1]) for k, v in state_dict.items() if k.endswith("attn2.to_k.weight") and v.ndim == 2
+        int(v.shape[1])
+        for k, v in state_dict.items()
+        if k.endswith("attn2.to_k.weight") and v.ndim == 2
     }
     proj_ndim = {
-        v.ndim for k, v in state_dict.items() if k.startswith("model.diffusion_model.") and k.endswith("proj_in.weight")
+        v.ndim
+        for k, v in state_dict.items()
+        if k.startswith("model.diffusion_model.") and k.endswith("proj_in.weight")
     }
     if time_shape != (1280, 320) or len(ctx_dims) != 1 or len(in_shape) != 4:
         raise DetectionError(
@@ -163,21 +173,25 @@ def detect_sd(
     return Detection(name if param == "eps" else f"{name}-{param}", cfg, param, reason)
 
 
-def detect(
-    ckpt: LoadedCheckpoint, prediction: str | None = None
-) -> Detection:
+def detect(ckpt: LoadedCheckpoint, prediction: str | None = None) -> Detection:
     """Embedded config (ours) > Lightning hyper_parameters > SD key detection."""
     embedded = ckpt.embedded_config
     if embedded is not None:
         cfg = as_full_config(embedded)
         if prediction is not None:
-            cfg["model"].setdefault("params", {})["parameterization"] = guess_parameterization(None, prediction)[0]
+            cfg["model"].setdefault("params", {})["parameterization"] = guess_parameterization(
+                None, prediction
+            )[0]
         param = cfg["model"].get("params", {}).get("parameterization", "eps")
-        return Detection("embedded", cfg, param, f"config embedded in the file under `{CONFIG_KEY}`")
+        return Detection(
+            "embedded", cfg, param, f"config embedded in the file under `{CONFIG_KEY}`"
+        )
     hp = ckpt.extras.get("hyper_parameters")
     if hp is not None:
         cfg = _from_hyper_parameters(hp)
         if cfg is not None:
             param = cfg["model"].get("params", {}).get("parameterization", "eps")
-            return Detection("hyper_parameters", cfg, param, "config rebuilt from Lightning hyper_parameters")
+            return Detection(
+                "hyper_parameters", cfg, param, "config rebuilt from Lightning hyper_parameters"
+            )
     return detect_sd(ckpt.state_dict, ckpt.path, prediction)

@@ -25,7 +25,9 @@ def unet_config(unet: dict[str, Any], sample_size: int) -> dict[str, Any]:
     """UNet2DConditionModel config from CompVis UNetModel params."""
     mc, mult = unet["model_channels"], list(unet["channel_mult"])
     if unet.get("context_dim") is None:
-        raise ConversionError("U-Net has no context_dim: diffusers' UNet2DConditionModel needs cross-attention.")
+        raise ConversionError(
+            "U-Net has no context_dim: diffusers' UNet2DConditionModel needs cross-attention."
+        )
     attn_res = set(unet.get("attention_resolutions", []))
     att = [2**level in attn_res for level in range(len(mult))]
     heads, head_ch = unet.get("num_heads", -1), unet.get("num_head_channels", -1)
@@ -66,7 +68,9 @@ def vae_config(first_stage: dict[str, Any], scale_factor: float) -> dict[str, An
     """diffusers AutoencoderKL config from CompVis AutoencoderKL params."""
     dd = first_stage["ddconfig"]
     if dd.get("attn_resolutions"):
-        raise ConversionError("diffusers' AutoencoderKL has no attention outside the mid block (attn_resolutions).")
+        raise ConversionError(
+            "diffusers' AutoencoderKL has no attention outside the mid block (attn_resolutions)."
+        )
     if first_stage.get("embed_dim", dd["z_channels"]) != dd["z_channels"]:
         raise ConversionError("diffusers' AutoencoderKL needs embed_dim == z_channels.")
     n = len(dd["ch_mult"])
@@ -87,11 +91,17 @@ def vae_config(first_stage: dict[str, Any], scale_factor: float) -> dict[str, An
     }
 
 
-def text_config(hf_sd: dict[str, torch.Tensor], kind: str, heads: int | None = None) -> dict[str, Any]:
+def text_config(
+    hf_sd: dict[str, torch.Tensor], kind: str, heads: int | None = None
+) -> dict[str, Any]:
     """CLIPTextConfig from a hub-layout text state dict; kind 'clip' (SD v1) or 'openclip' (SD v2)."""
     tok = hf_sd["text_model.embeddings.token_embedding.weight"]
     pos = hf_sd["text_model.embeddings.position_embedding.weight"]
-    layers = 1 + max(int(m.group(1)) for k in hf_sd if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", k)))
+    layers = 1 + max(
+        int(m.group(1))
+        for k in hf_sd
+        if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", k))
+    )
     hidden = int(tok.shape[1])
     cfg = {
         "architectures": ["CLIPTextModel"],
@@ -119,7 +129,9 @@ def scheduler_config(model_params: dict[str, Any]) -> dict[str, Any]:
     schedule = model_params.get("beta_schedule", "linear")
     names = {"linear": "scaled_linear", "sqrt_linear": "linear", "cosine": "squaredcos_cap_v2"}
     if schedule not in names:
-        raise ConversionError(f"beta_schedule {schedule!r} has no diffusers equivalent ({sorted(names)}).")
+        raise ConversionError(
+            f"beta_schedule {schedule!r} has no diffusers equivalent ({sorted(names)})."
+        )
     param = model_params.get("parameterization", "eps")
     pred = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[param]
     return {
@@ -140,7 +152,9 @@ def scheduler_config(model_params: dict[str, Any]) -> dict[str, Any]:
 def params_from_scheduler(cfg: dict[str, Any]) -> dict[str, Any]:
     """LatentDiffusion schedule params from a diffusers scheduler config (inverse of the above)."""
     names = {"scaled_linear": "linear", "linear": "sqrt_linear", "squaredcos_cap_v2": "cosine"}
-    pred = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}[cfg.get("prediction_type", "epsilon")]
+    pred = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}[
+        cfg.get("prediction_type", "epsilon")
+    ]
     return {
         "timesteps": cfg.get("num_train_timesteps", 1000),
         "linear_start": cfg.get("beta_start", 1e-4),
@@ -162,16 +176,28 @@ def write_tokenizer(folder: Path, kind: str) -> None:
         "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
     )
     pad = "<|endoftext|>" if kind == "clip" else "!"  # SD v2 pads with id 0 ("!")
-    specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": pad}
+    specials = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": pad,
+    }
     (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
-    tok_cfg = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, **specials}
+    tok_cfg = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": 77,
+        "do_lower_case": True,
+        **specials,
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
 
 
 def model_index(inpainting: bool, text_class: str = "CLIPTextModel") -> dict[str, Any]:
     """model_index.json of a StableDiffusion(Inpaint)Pipeline folder."""
     return {
-        "_class_name": "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline",
+        "_class_name": "StableDiffusionInpaintPipeline"
+        if inpainting
+        else "StableDiffusionPipeline",
         "_diffusers_version": DIFFUSERS_VERSION,
         "feature_extractor": [None, None],
         "safety_checker": [None, None],

@@ -34,7 +34,9 @@ def strip_ema(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state_dict.items() if not k.startswith(EMA_PREFIX)}
 
 
-def apply_ema(state_dict: dict[str, torch.Tensor], *, strict: bool = False) -> dict[str, torch.Tensor]:
+def apply_ema(
+    state_dict: dict[str, torch.Tensor], *, strict: bool = False
+) -> dict[str, torch.Tensor]:
     """Replace `model.*` weights by their EMA copies and drop `model_ema.*` (an EMA-only model)."""
     out = strip_ema(state_dict)
     replaced, absent = 0, []
@@ -61,9 +63,15 @@ def apply_ema(state_dict: dict[str, torch.Tensor], *, strict: bool = False) -> d
     return out
 
 
-def make_ema_entries(state_dict: dict[str, torch.Tensor], decay: float = 0.9999) -> dict[str, torch.Tensor]:
+def make_ema_entries(
+    state_dict: dict[str, torch.Tensor], decay: float = 0.9999
+) -> dict[str, torch.Tensor]:
     """The `model_ema.*` entries LitEma would hold for the `model.*` weights (for tests/conversion)."""
-    out = {ema_key(k): v.clone() for k, v in state_dict.items() if k.startswith("model.") and v.is_floating_point()}
+    out = {
+        ema_key(k): v.clone()
+        for k, v in state_dict.items()
+        if k.startswith("model.") and v.is_floating_point()
+    }
     out["model_ema.decay"] = torch.tensor(decay, dtype=torch.float32)
     out["model_ema.num_updates"] = torch.tensor(0, dtype=torch.int32)
     return out

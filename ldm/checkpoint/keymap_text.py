@@ -31,7 +31,9 @@ _OPENCLIP_LAYER = [
 ]
 
 
-def clip_to_hf(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], bool]:
+def clip_to_hf(
+    sd: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], bool]:
     """SD v1 text encoder keys (full SD names) -> (hub CLIPTextModel dict, extras, had `text_model.`)."""
     out, extras = {}, {}
     nested = any(k.startswith(CLIP_PREFIX + HF_PREFIX) for k in sd)
@@ -59,7 +61,11 @@ def hf_to_clip(sd: dict[str, torch.Tensor], nested: bool = True) -> dict[str, to
 
 def openclip_num_layers(sd: dict[str, torch.Tensor]) -> int:
     """Number of OpenCLIP text resblocks in an SD v2 state dict."""
-    idx = [int(m.group(1)) for k in sd if (m := re.match(re.escape(OPENCLIP_PREFIX) + r"transformer\.resblocks\.(\d+)\.", k))]
+    idx = [
+        int(m.group(1))
+        for k in sd
+        if (m := re.match(re.escape(OPENCLIP_PREFIX) + r"transformer\.resblocks\.(\d+)\.", k))
+    ]
     return max(idx) + 1
 
 

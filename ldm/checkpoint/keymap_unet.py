@@ -45,7 +45,9 @@ def _sub(rest: str, table: list[tuple[str, str]], reverse: bool = False) -> str 
 
 def num_res_blocks_ldm(keys: list[str]) -> int:
     """Resnets per level, from the index of the first Downsample (or the last input block)."""
-    ops = sorted(int(m.group(1)) for k in keys if (m := re.match(r"input_blocks\.(\d+)\.0\.op\.", k)))
+    ops = sorted(
+        int(m.group(1)) for k in keys if (m := re.match(r"input_blocks\.(\d+)\.0\.op\.", k))
+    )
     if ops:
         return ops[0] - 1
     idx = [int(m.group(1)) for k in keys if (m := re.match(r"input_blocks\.(\d+)\.", k))]

@@ -56,7 +56,9 @@ def _to_diffusers(key: str, levels: int) -> str:
     top = _sub(key, _TOP)
     if top is not None:
         return top
-    m = re.match(r"(encoder|decoder)\.(down|up)\.(\d+)\.(block\.(\d+)|downsample|upsample)\.(.*)", key)
+    m = re.match(
+        r"(encoder|decoder)\.(down|up)\.(\d+)\.(block\.(\d+)|downsample|upsample)\.(.*)", key
+    )
     if m:
         part, _, i, what, j, rest = m.groups()
         i = int(i)
@@ -89,7 +91,10 @@ def _to_ldm(key: str, levels: int) -> str:
     top = _sub(key, _TOP, reverse=True)
     if top is not None:
         return top
-    m = re.match(r"(encoder|decoder)\.(down_blocks|up_blocks)\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)\.(.*)", key)
+    m = re.match(
+        r"(encoder|decoder)\.(down_blocks|up_blocks)\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)\.(.*)",
+        key,
+    )
     if m:
         part, _, level, kind, j, rest = m.groups()
         level = int(level)
@@ -129,7 +134,9 @@ def vae_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def vae_to_ldm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers AutoencoderKL state dict -> CompVis AutoencoderKL (no prefix)."""
-    levels = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k)))
+    levels = 1 + max(
+        int(m.group(1)) for k in sd if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k))
+    )
     out = {}
     for k, v in sd.items():
         if k.endswith(_ATTN_LINEAR) and v.ndim == 2:

@@ -42,7 +42,9 @@ def match_clip_layout(sd: dict[str, torch.Tensor], model_keys: set[str]) -> dict
     if file_flat and not file_nested and model_nested:
         return {(_NESTED + k[len(_TEXT) :] if k.startswith(_TEXT) else k): v for k, v in sd.items()}
     if file_nested and model_flat and not model_nested:
-        return {(_TEXT + k[len(_NESTED) :] if k.startswith(_NESTED) else k): v for k, v in sd.items()}
+        return {
+            (_TEXT + k[len(_NESTED) :] if k.startswith(_NESTED) else k): v for k, v in sd.items()
+        }
     return sd
 
 

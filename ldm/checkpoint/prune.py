@@ -25,7 +25,11 @@ def to_saveable(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if v.device.type == "meta":
             raise ValueError(f"{k} is on the meta device; materialize the weights before saving.")
         ptr = v.untyped_storage().data_ptr()
-        if ptr in seen or not v.is_contiguous() or v.numel() != v.untyped_storage().nbytes() // max(v.element_size(), 1):
+        if (
+            ptr in seen
+            or not v.is_contiguous()
+            or v.numel() != v.untyped_storage().nbytes() // max(v.element_size(), 1)
+        ):
             v = v.contiguous().clone()  # own storage: no aliasing, no slack
         seen.add(v.untyped_storage().data_ptr())
         out[k] = v
@@ -81,7 +85,10 @@ def prune_checkpoint(
     elif ema == "drop":
         sd = strip_ema(sd)
     if fp16:
-        sd = {k: v.half() if v.dtype in (torch.float32, torch.float64, torch.bfloat16) else v for k, v in sd.items()}
+        sd = {
+            k: v.half() if v.dtype in (torch.float32, torch.float64, torch.bfloat16) else v
+            for k, v in sd.items()
+        }
     config = ckpt.embedded_config
     if config is None:
         from ldm.checkpoint.detect import _from_hyper_parameters

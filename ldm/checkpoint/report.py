@@ -82,9 +82,12 @@ class KeyReport:
             lines.append(f"{len(keys)} {title} key(s):")
             for prefix, n in group_by_prefix(keys).items():
                 examples = [k for k in keys if k.startswith(prefix)][:max_examples]
-                opt = " (not needed for sampling)" if title == "missing" and all(
-                    is_optional(k) for k in keys if k.startswith(prefix)
-                ) else ""
+                opt = (
+                    " (not needed for sampling)"
+                    if title == "missing"
+                    and all(is_optional(k) for k in keys if k.startswith(prefix))
+                    else ""
+                )
                 lines.append(f"  {prefix}.*: {n}{opt}  e.g. {', '.join(examples)}")
         if self.mismatched:
             lines.append(f"{len(self.mismatched)} key(s) with mismatched shapes:")

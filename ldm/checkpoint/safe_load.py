@@ -258,7 +258,11 @@ def read_checkpoint(
     """Read `.ckpt/.pt/.pth/.bin` (weights-only pickle) or `.safetensors` into a LoadedCheckpoint."""
     path = Path(path)
     if not path.is_file():
-        hint = " (it is a folder: for a diffusers folder use scripts/convert.py)" if path.is_dir() else ""
+        hint = (
+            " (it is a folder: for a diffusers folder use scripts/convert.py)"
+            if path.is_dir()
+            else ""
+        )
         raise FileNotFoundError(f"Checkpoint not found: {path}{hint}")
     suffix = path.suffix.lower()
     if suffix == SAFETENSORS_SUFFIX:

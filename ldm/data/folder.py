@@ -98,7 +98,9 @@ class ImageFolderDataset(Dataset):
         max_items: int | None = None,
     ):
         if caption_source not in CAPTION_SOURCES:
-            raise ValueError(f"caption_source must be one of {CAPTION_SOURCES}, got {caption_source!r}")
+            raise ValueError(
+                f"caption_source must be one of {CAPTION_SOURCES}, got {caption_source!r}"
+            )
         if validate not in VALIDATE_MODES:
             raise ValueError(f"validate must be one of {VALIDATE_MODES}, got {validate!r}")
         self.root = Path(root).expanduser()
@@ -141,7 +143,10 @@ class ImageFolderDataset(Dataset):
             )
         self._bad: set[int] = set()
         logger.info(
-            "image folder %s: %d images, captions from %s", self.root, len(self.paths), caption_source
+            "image folder %s: %d images, captions from %s",
+            self.root,
+            len(self.paths),
+            caption_source,
         )
 
     def _pair_captions(

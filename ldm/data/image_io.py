@@ -70,7 +70,7 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255))
     if mode.startswith("I") or mode.startswith("F"):
         # 16-bit ("I;16", "I;16B", "I;16L"), 32-bit int ("I") and float ("F") single channel.
         gray = _scale_to_uint8(np.asarray(img), mode)
-        return Image.fromarray(gray, mode="L").convert("RGB")
+        return Image.fromarray(gray).convert("RGB")
     return img.convert("RGB")  # 1, L, CMYK, YCbCr, LAB, HSV
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -20,7 +21,7 @@ from ldm.data import shapes as S
 
 ATTRIBUTES = ("colour", "shape", "size", "position")
 NONE = "none"
-LOW, HIGH = 0.25, 0.6  # band on the brightest channel (0..1) that defines the blob
+EMPTY_PEAK = 0.2  # an image whose brightest channel never exceeds this (0..1) is empty
 FLOOR = 0.05  # background level subtracted before measuring coverage
 BLURS = (0.0, 0.5, 0.8, 1.1, 1.5)  # Gaussian sigmas (pixels) tried for blurry (generated) images
 RIM = 2  # pixels around the blob that still belong to it (anti-aliasing and blur)
@@ -42,7 +43,9 @@ def to_unit_batch(images: Any) -> np.ndarray:
         if t.ndim == 3:
             t = t[None]
         if t.ndim != 4 or t.shape[1] not in (1, 3):
-            raise ValueError(f"expected a B x C x H x W tensor with C in (1, 3), got {tuple(t.shape)}")
+            raise ValueError(
+                f"expected a B x C x H x W tensor with C in (1, 3), got {tuple(t.shape)}"
+            )
         t = t.expand(-1, 3, -1, -1) if t.shape[1] == 1 else t
         is_uint8 = str(t.dtype) == "torch.uint8"
         a = t.float().permute(0, 2, 3, 1).numpy().astype(np.float64)  # B x H x W x C
@@ -59,20 +62,33 @@ def to_unit_batch(images: Any) -> np.ndarray:
     return np.clip((a.astype(np.float64) + 1.0) / 2.0, 0.0, 1.0)
 
 
-def _coverage(value: np.ndarray) -> np.ndarray:
-    """Brightest channel (0..1) -> estimated shape coverage (linear, background floor removed)."""
-    return np.clip((value - FLOOR) / (1.0 - FLOOR), 0.0, 1.0)
+def _peak(value: np.ndarray) -> float:
+    """Robust brightest level: mean of the 3 largest values (one hot pixel does not count)."""
+    flat = value.reshape(-1)
+    return float(np.partition(flat, flat.size - 3)[-3:].mean()) if flat.size >= 3 else float(flat.max())
+
+
+def _coverage(value: np.ndarray, peak: float) -> np.ndarray:
+    """Brightest channel (0..1) -> shape coverage: background floor removed, `peak` -> 1."""
+    return np.clip((value - FLOOR) / max(peak - FLOOR, 1e-6), 0.0, 1.0)
 
 
 def _main_blob(value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(coverage, region) of the largest bright blob; region = blob dilated over its blurred rim."""
-    band = np.clip((value - LOW) / (HIGH - LOW), 0.0, 1.0)
-    labels, n = ndimage.label(band > 0.5)
+    """(coverage, region) of the largest bright blob; region = blob dilated over its blurred rim.
+
+    Brightness is relative to the blob's own peak, so dim (or over-bright) shapes measure the same.
+    """
+    empty = np.zeros_like(value), np.zeros(value.shape, dtype=bool)
+    peak = _peak(value)
+    if peak < EMPTY_PEAK:
+        return empty
+    labels, n = ndimage.label(value > FLOOR + 0.5 * (peak - FLOOR))
     if n == 0:
-        return np.zeros_like(value), np.zeros(value.shape, dtype=bool)
-    sizes = ndimage.sum(band, labels, index=np.arange(1, n + 1))
-    region = ndimage.binary_dilation(labels == (1 + int(np.argmax(sizes))), iterations=RIM)
-    return _coverage(value) * region, region
+        return empty
+    sizes = ndimage.sum(value, labels, index=np.arange(1, n + 1))
+    blob = labels == (1 + int(np.argmax(sizes)))
+    region = ndimage.binary_dilation(blob, iterations=RIM)
+    return _coverage(value, _peak(value[blob])) * region, region
 
 
 def _render(shape: str, cx: float, cy: float, r: float, size: int) -> np.ndarray:
@@ -93,7 +109,7 @@ def _observe(sharp: np.ndarray, sigma: float, region: np.ndarray) -> np.ndarray:
     """What the judge would measure for a sharp coverage blurred by sigma (same floor, region)."""
     if sigma > 0:
         sharp = _blur_matrix(sharp.shape[0], sigma) @ sharp @ _blur_matrix(sharp.shape[1], sigma).T
-    return _coverage(sharp) * region
+    return _coverage(sharp, _peak(sharp)) * region
 
 
 def _fit(obs: np.ndarray, region: np.ndarray, cx: float, cy: float) -> tuple[str, float, float]:
@@ -133,7 +149,12 @@ def judge_image(image: np.ndarray) -> dict[str, str]:
     mean = (image * w[..., None]).sum(axis=(0, 1)) / w.sum()
     chroma = mean / max(float(mean.max()), 1e-6)
     colour = _PALETTE_NAMES[int(np.argmin(((_PALETTE - chroma) ** 2).sum(axis=1)))]
-    return {"colour": colour, "shape": shape, "size": size_name, "position": S.POSITIONS[row * 3 + col]}
+    return {
+        "colour": colour,
+        "shape": shape,
+        "size": size_name,
+        "position": S.POSITIONS[row * 3 + col],
+    }
 
 
 def judge(images: Any) -> list[dict[str, str]]:

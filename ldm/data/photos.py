@@ -29,7 +29,7 @@ VALIDATION_PHOTOS = ("chelsea", "camera")
 TRAIN_PHOTOS = tuple(p for p in PHOTOS if p not in VALIDATION_PHOTOS)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_photo(name: str) -> torch.Tensor:
     """skimage.data.<name>() as a float32 tensor [3, H, W] in [-1, 1]."""
     import skimage.data
@@ -115,5 +115,6 @@ class PhotoCropsValidation(PhotoCrops):
         kwargs.setdefault("photos", VALIDATION_PHOTOS)
         kwargs.setdefault("deterministic", True)
         kwargs.setdefault("flip", False)
+        kwargs.setdefault("scale", (1.0, 1.0))  # native-resolution crops
         kwargs.setdefault("seed", 1234)
         super().__init__(size=size, length=length, **kwargs)

@@ -76,15 +76,24 @@ def parse_caption(text: str) -> dict[str, str]:
     """Inverse of `caption`: attribute dict from a caption; ValueError if it does not match."""
     m = CAPTION_RE.match(text)
     if m is None:
-        raise ValueError(f"not a shapes caption: {text!r} (expected 'a SIZE COLOUR SHAPE in the POSITION')")
+        raise ValueError(
+            f"not a shapes caption: {text!r} (expected 'a SIZE COLOUR SHAPE in the POSITION')"
+        )
     attrs = {k: v.lower() for k, v in m.groupdict().items()}
-    for key, allowed in (("size", SIZES), ("colour", COLOURS), ("shape", SHAPES), ("position", POSITIONS)):
+    for key, allowed in (
+        ("size", SIZES),
+        ("colour", COLOURS),
+        ("shape", SHAPES),
+        ("position", POSITIONS),
+    ):
         if attrs[key] not in allowed:
             raise ValueError(f"unknown {key} {attrs[key]!r} in {text!r}; known: {list(allowed)}")
     return attrs
 
 
-def coverage(shape: str, cx: float, cy: float, r: float, size: int, supersample: int = 4) -> np.ndarray:
+def coverage(
+    shape: str, cx: float, cy: float, r: float, size: int, supersample: int = 4
+) -> np.ndarray:
     """Anti-aliased coverage in [0, 1] (size x size) of a shape anchored at its bbox centre (pixels)."""
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")

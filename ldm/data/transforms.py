@@ -30,7 +30,7 @@ def to_float_array(img: Image.Image) -> np.ndarray:
 def to_pil(array: np.ndarray) -> Image.Image:
     """H x W x 3 float in [-1, 1] -> RGB PIL image (inverse of `to_float_array`)."""
     a = np.clip((np.asarray(array, dtype=np.float32) + 1.0) * 127.5 + 0.5, 0, 255)
-    return Image.fromarray(a.astype(np.uint8), mode="RGB")
+    return Image.fromarray(a.astype(np.uint8))
 
 
 class ImageTransform:

@@ -73,7 +73,10 @@ class SigmaTraining:
         return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
 
     def sample_sigma(
-        self, n: int, device: torch.device | str | None = None, generator: torch.Generator | None = None
+        self,
+        n: int,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """sigma [n]: exp(N(P_mean, P_std^2)) or log-uniform in [sigma_min, sigma_max]."""
         gen_device = generator.device if generator is not None else device
@@ -104,7 +107,9 @@ class SigmaTraining:
     ) -> torch.Tensor:
         """Per-sample lambda(sigma) ||D(y + sigma n; sigma) - y||^2 averaged over pixels [B] (eq. 2)."""
         sigma = self.sample_sigma(y.shape[0], y.device, generator)
-        noise = torch.randn(y.shape, generator=generator, device=generator.device if generator else y.device)
+        noise = torch.randn(
+            y.shape, generator=generator, device=generator.device if generator else y.device
+        )
         x = y + _bcast(sigma, y) * noise.to(y)
         d = self.denoise(net, x, sigma)
         if loss_type == "l2":

@@ -58,9 +58,10 @@ def posterior(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0) (DDPM eq. 7)."""
     c = posterior_coefficients(alphas_cumprod, v_posterior)
-    mean = _extract(c["posterior_mean_coef1"], t, x_t) * x0 + _extract(
-        c["posterior_mean_coef2"], t, x_t
-    ) * x_t
+    mean = (
+        _extract(c["posterior_mean_coef1"], t, x_t) * x0
+        + _extract(c["posterior_mean_coef2"], t, x_t) * x_t
+    )
     return (
         mean,
         _extract(c["posterior_variance"], t, x_t),

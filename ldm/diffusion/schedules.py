@@ -48,7 +48,9 @@ def make_beta_schedule(
     f64 = torch.float64
     if given_betas is not None or schedule == "given_betas":
         if given_betas is None:
-            raise ValueError("schedule 'given_betas' needs given_betas=[...] (one beta per timestep)")
+            raise ValueError(
+                "schedule 'given_betas' needs given_betas=[...] (one beta per timestep)"
+            )
         betas = torch.as_tensor(given_betas, dtype=f64).flatten()
         if betas.numel() != n_timestep:
             raise ValueError(

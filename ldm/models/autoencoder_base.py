@@ -138,6 +138,16 @@ class FirstStageTraining(pl.LightningModule):
                 "ldm.modules.losses.LPIPSWithDiscriminator / VQLPIPSWithDiscriminator."
             )
 
+    def on_fit_start(self) -> None:
+        """Fail before the first step when the perceptual loss has no weights (never at step N)."""
+        self._check_trainable()
+        lpips = getattr(self.loss, "perceptual_loss", None)
+        if lpips is not None and not lpips.weights_loaded:
+            missing = getattr(lpips, "_missing", None)
+            if missing is not None:
+                raise missing
+            lpips.load_pretrained(lpips.vgg_weights, lpips.lpips_weights)
+
     def _boundary(self, batch_idx: int) -> bool:
         last = bool(getattr(self.trainer, "is_last_batch", False)) if self._trainer else False
         return (batch_idx + 1) % self.accumulate_grad_batches == 0 or last
@@ -174,8 +184,9 @@ class FirstStageTraining(pl.LightningModule):
             log.update(log_d)
         if boundary:
             self._step_schedulers()
-        self.log("aeloss", aeloss.detach(), prog_bar=True, logger=True, on_step=True, on_epoch=True)
-        self.log_dict(log, prog_bar=False, logger=True, on_step=True, on_epoch=False)
+        bs = x.shape[0]
+        self.log("aeloss", aeloss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
+        self.log_dict(log, prog_bar=False, logger=True, on_step=True, on_epoch=False, batch_size=bs)
         return aeloss.detach()
 
     def _step_schedulers(self) -> None:

@@ -17,6 +17,7 @@ from ldm.modules.attention import SpatialTransformer
 from ldm.modules.attention_backends import resolve_backend
 from ldm.modules.timestep import timestep_embedding
 from ldm.modules.unet_attention import AttentionBlock
+from ldm.modules.unet_encoder import EncoderUNetModel
 from ldm.modules.unet_layers import (
     Downsample,
     ResBlock,
@@ -29,7 +30,7 @@ from ldm.modules.unet_layers import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["UNetModel", "timestep_embedding"]
+__all__ = ["EncoderUNetModel", "UNetModel", "timestep_embedding"]
 
 
 def _as_list(value: Any) -> Any:

@@ -43,7 +43,9 @@ def sample(
     """
     fn = get_sampler(sampler)
     if alphas_cumprod is None:
-        raise ValueError("sample() needs alphas_cumprod=<[T] tensor of the model's training schedule>")
+        raise ValueError(
+            "sample() needs alphas_cumprod=<[T] tensor of the model's training schedule>"
+        )
     return fn(
         model_fn,
         x_T,

@@ -14,7 +14,12 @@ from ldm.samplers.vp_driver import VPChain, VPModel, make_chain, register_vp_sol
 
 
 def ddim_step(
-    x0: torch.Tensor, eps: torch.Tensor, a: float, a_prev: float, eta: float, noise: torch.Tensor | None
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    a: float,
+    a_prev: float,
+    eta: float,
+    noise: torch.Tensor | None,
 ) -> torch.Tensor:
     """x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z (DDIM eq. 12, sigma from eq. 16)."""
     sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))

@@ -56,7 +56,9 @@ class _DPMSolver:
     def sigma(t: float) -> float:
         return math.exp(-t)
 
-    def eps(self, cache: dict[str, torch.Tensor], key: str, x: torch.Tensor, t: float) -> torch.Tensor:
+    def eps(
+        self, cache: dict[str, torch.Tensor], key: str, x: torch.Tensor, t: float
+    ) -> torch.Tensor:
         if key not in cache:
             s = self.sigma(t)
             cache[key] = (x - self.denoise(x, s)) / s
@@ -85,8 +87,10 @@ class _DPMSolver:
         u1 = x - self.sigma(s1) * math.expm1(r1 * h) * eps
         eps_r1 = self.eps(cache, "eps_r1", u1, s1)
         phi = math.expm1(r2 * h) / (r2 * h) - 1
-        u2 = x - self.sigma(s2) * math.expm1(r2 * h) * eps - self.sigma(s2) * (r2 / r1) * phi * (
-            eps_r1 - eps
+        u2 = (
+            x
+            - self.sigma(s2) * math.expm1(r2 * h) * eps
+            - self.sigma(s2) * (r2 / r1) * phi * (eps_r1 - eps)
         )
         eps_r2 = self.eps(cache, "eps_r2", u2, s2)
         sn = self.sigma(t_next)

@@ -23,9 +23,7 @@ def cat_cond(a: Any, b: Any) -> Any:
         return torch.cat([a, b])
     if isinstance(a, dict):
         if set(a) != set(b):
-            raise ValueError(
-                f"cond and uncond need the same keys, got {sorted(a)} and {sorted(b)}"
-            )
+            raise ValueError(f"cond and uncond need the same keys, got {sorted(a)} and {sorted(b)}")
         return {k: cat_cond(a[k], b[k]) for k in a}
     if isinstance(a, (list, tuple)):
         if len(a) != len(b):
@@ -43,7 +41,8 @@ def rescale_guidance(
     dims = list(range(1, guided.ndim))
     std_cond = cond_out.std(dim=dims, keepdim=True)
     std_guided = guided.std(dim=dims, keepdim=True)
-    rescaled = guided * (std_cond / std_guided)
+    ratio = torch.where(std_guided > 0, std_cond / std_guided, torch.ones_like(std_guided))
+    rescaled = guided * ratio  # a constant guided output (std 0) is left as it is
     return guidance_rescale * rescaled + (1 - guidance_rescale) * guided
 
 

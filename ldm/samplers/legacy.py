@@ -78,8 +78,11 @@ def sample_model(
 
     device = _device_of(model)
     if x_T is None:
-        x_T = torch.randn((batch_size, *shape), generator=generator,
-                          device=generator.device if generator is not None else device)
+        x_T = torch.randn(
+            (batch_size, *shape),
+            generator=generator,
+            device=generator.device if generator is not None else device,
+        )
     x_T = x_T.to(device)
     uncond = unconditional_conditioning
     if unconditional_guidance_scale != 1.0 and uncond is None:
@@ -87,8 +90,9 @@ def sample_model(
             "unconditional_guidance_scale != 1 needs unconditional_conditioning (e.g. "
             "model.get_unconditional_conditioning(batch_size))."
         )
-    model_fn = cfg_model_fn(model.apply_model, cond, uncond, unconditional_guidance_scale,
-                            guidance_rescale)
+    model_fn = cfg_model_fn(
+        model.apply_model, cond, uncond, unconditional_guidance_scale, guidance_rescale
+    )
     if score_corrector is not None:
         model_fn = _corrected(model, model_fn, cond, score_corrector, corrector_kwargs or {})
     inter, collect = _intermediate_collector(log_every_t, steps, callback)
@@ -152,7 +156,9 @@ def _corrected(model: Any, model_fn: Callable, cond: Any, corrector: Any, kwargs
     return fn
 
 
-def uniform_ddim_timesteps(num_ddim_steps: int, num_ddpm_steps: int, discretize: str = "uniform") -> np.ndarray:
+def uniform_ddim_timesteps(
+    num_ddim_steps: int, num_ddpm_steps: int, discretize: str = "uniform"
+) -> np.ndarray:
     """CompVis make_ddim_timesteps: range(0, T, T // S) + 1 ('uniform') or quadratic ('quad'), ascending."""
     if discretize == "uniform":
         c = num_ddpm_steps // num_ddim_steps
@@ -171,7 +177,9 @@ class DDIMSampler:
 
     sampler_name = "ddim"
 
-    def __init__(self, model: Any, schedule: str = "linear", device: Any = None, **kwargs: Any) -> None:
+    def __init__(
+        self, model: Any, schedule: str = "linear", device: Any = None, **kwargs: Any
+    ) -> None:
         self.model = model
         self.ddpm_num_timesteps = model.num_timesteps
         self.schedule = schedule
@@ -192,8 +200,9 @@ class DDIMSampler:
         verbose: bool = True,
     ) -> None:
         """DDIM timesteps and their alpha_bar, alpha_bar_prev, sigma (DDIM eq. 16) as attributes."""
-        self.ddim_timesteps = uniform_ddim_timesteps(ddim_num_steps, self.ddpm_num_timesteps,
-                                                     ddim_discretize)
+        self.ddim_timesteps = uniform_ddim_timesteps(
+            ddim_num_steps, self.ddpm_num_timesteps, ddim_discretize
+        )
         ac = self.model.alphas_cumprod_f64
         self.register_buffer("betas", self.model.betas)
         self.register_buffer("alphas_cumprod", self.model.alphas_cumprod)
@@ -209,8 +218,12 @@ class DDIMSampler:
         self.ddim_sqrt_one_minus_alphas = (1.0 - alphas).sqrt().float()
         self.ddim_eta = float(ddim_eta)
         if verbose:
-            logger.info("DDIM: %d steps, eta %g, timesteps %s", len(self.ddim_timesteps), ddim_eta,
-                        self.ddim_timesteps.tolist())
+            logger.info(
+                "DDIM: %d steps, eta %g, timesteps %s",
+                len(self.ddim_timesteps),
+                ddim_eta,
+                self.ddim_timesteps.tolist(),
+            )
 
     def _options(self, eta: float) -> dict[str, Any]:
         return {"eta": eta, "timesteps": [int(t) for t in self.ddim_timesteps[::-1]]}
@@ -301,7 +314,9 @@ class DDIMSampler:
             ac = self.model.alphas_cumprod_f64
         else:
             if not hasattr(self, "ddim_alphas"):
-                raise RuntimeError("call make_schedule(ddim_num_steps=...) before stochastic_encode.")
+                raise RuntimeError(
+                    "call make_schedule(ddim_num_steps=...) before stochastic_encode."
+                )
             ac = self.ddim_alphas.double()
         noise = torch.randn_like(x0) if noise is None else noise
         a = ac[torch.as_tensor(t).long().cpu()].to(x0).view(-1, *([1] * (x0.ndim - 1)))
@@ -438,4 +453,3 @@ def _check_batch(conditioning: Any, batch_size: int) -> None:
         n = conditioning.shape[0]
     if n != batch_size:
         logger.warning("Got %d conditionings but batch-size is %d", n, batch_size)
-

@@ -239,8 +239,18 @@ def _make_sde_sampler(kind: str, pc: bool) -> Callable[..., torch.Tensor]:
         **unused: Any,
     ) -> torch.Tensor:
         _reject(unused, f"{kind}_{'pc' if pc else 'sde'}")
-        den, sigmas, ctx = _setup(model_fn, alphas_cumprod, parameterization, steps, ladder,
-                                  karras, exponential, generator, callback, disable)
+        den, sigmas, ctx = _setup(
+            model_fn,
+            alphas_cumprod,
+            parameterization,
+            steps,
+            ladder,
+            karras,
+            exponential,
+            generator,
+            callback,
+            disable,
+        )
         sde = SDE(kind)
         x = sde.from_ve(x_T * math.sqrt(1 + float(sigmas[0]) ** 2), float(sigmas[0]))
         return reverse_sde(den, x, sigmas, sde, ctx, corrector_steps if pc else 0, snr)
@@ -270,9 +280,18 @@ def probability_flow_sampler(
 ) -> torch.Tensor:
     """Probability-flow ODE (Song et al. 2021, eq. 13) of the VP or VE view, Heun by default."""
     _reject(unused, "probability_flow")
-    den, sigmas, ctx = _setup(model_fn, alphas_cumprod, parameterization, steps,
-                              "time" if sde == "vp" else "geometric", karras, exponential,
-                              generator, callback, disable)
+    den, sigmas, ctx = _setup(
+        model_fn,
+        alphas_cumprod,
+        parameterization,
+        steps,
+        "time" if sde == "vp" else "geometric",
+        karras,
+        exponential,
+        generator,
+        callback,
+        disable,
+    )
     view = SDE(sde)
     x = view.from_ve(x_T * math.sqrt(1 + float(sigmas[0]) ** 2), float(sigmas[0]))
     return probability_flow(den, x, sigmas, view, ctx, heun=heun)
@@ -290,16 +309,33 @@ def annealed_langevin_sampler(
     disable: bool | None = None,
     n_steps_each: int = 100,
     step_lr: float = 2e-5,
-    karras: bool = False,
-    exponential: bool = False,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    denoise_last: bool = True,
     **unused: Any,
 ) -> torch.Tensor:
-    """NCSN annealed Langevin dynamics over `steps` geometric noise levels (Song & Ermon 2019)."""
+    """NCSN annealed Langevin dynamics over `steps` geometric noise levels in [sigma_min, sigma_max]
+    (default: the schedule's range) (Song & Ermon 2019, Alg. 1)."""
     _reject(unused, "annealed_langevin")
-    den, sigmas, ctx = _setup(model_fn, alphas_cumprod, parameterization, steps, "geometric",
-                              karras, exponential, generator, callback, disable)
-    x = x_T * math.sqrt(1 + float(sigmas[0]) ** 2)
-    return annealed_langevin(den, x, sigmas, ctx, n_steps_each, step_lr)
+    from ldm.samplers.sigmas import exponential_sigmas
+
+    den, sigmas, ctx = _setup(
+        model_fn,
+        alphas_cumprod,
+        parameterization,
+        steps,
+        "geometric",
+        False,
+        True,
+        generator,
+        callback,
+        disable,
+    )
+    lo = float(sigmas[-1]) if sigma_min is None else float(sigma_min)
+    hi = float(sigmas[0]) if sigma_max is None else float(sigma_max)
+    sigmas = exponential_sigmas(steps, lo, hi)
+    x = x_T * math.sqrt(1 + hi**2)
+    return annealed_langevin(den, x, sigmas, ctx, n_steps_each, step_lr, denoise_last)
 
 
 def _reject(unused: dict[str, Any], name: str) -> None:

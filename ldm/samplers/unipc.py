@@ -15,7 +15,9 @@ from ldm.samplers.denoiser import Denoiser
 from ldm.samplers.sigma_driver import register_sigma_solver
 
 
-def _coefficients(hh: float, order: int, rks: list[float], variant: str) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+def _coefficients(
+    hh: float, order: int, rks: list[float], variant: str
+) -> tuple[float, float, torch.Tensor, torch.Tensor]:
     """(h*phi_1, B(h), R [order, order], b [order]) of UniPC's linear system (paper eq. 9 / Alg. 3)."""
     h_phi_1 = math.expm1(hh)
     h_phi_k = h_phi_1 / hh - 1

@@ -15,7 +15,13 @@ from typing import Any
 import torch
 
 from ldm.samplers.context import SamplerContext
-from ldm.samplers.denoiser import KnownRegion, ModelFn, call_model, check_parameterization, vp_eps_x0
+from ldm.samplers.denoiser import (
+    KnownRegion,
+    ModelFn,
+    call_model,
+    check_parameterization,
+    vp_eps_x0,
+)
 from ldm.samplers.options import check_x0, img2img_start, split_solver_options
 from ldm.samplers.registry import register_sampler
 from ldm.samplers.sigmas import spaced_timesteps
@@ -45,7 +51,10 @@ class VPChain:
 
 
 def vp_timesteps(
-    steps: int, num_timesteps: int, timestep_spacing: str = "leading", steps_offset: int | None = None
+    steps: int,
+    num_timesteps: int,
+    timestep_spacing: str = "leading",
+    steps_offset: int | None = None,
 ) -> list[int]:
     """Descending integer timesteps; ``steps_offset=None`` means 1 for "leading" (CompVis/SD) when it fits."""
     if steps_offset is None:

@@ -57,3 +57,63 @@ def randomize(sd: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Ten
     """Deterministic random values (so that permuted keys would be caught)."""
     g = torch.Generator().manual_seed(seed)
     return {k: torch.randn(v.shape, generator=g) for k, v in sd.items()}
+
+
+def tiny_ldm_config(text_model_level: bool = True) -> dict:
+    """A tiny SD-v1-shaped LatentDiffusion config (CLIP text encoder built from a small config)."""
+    return {
+        "model": {
+            "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+            "params": {
+                "linear_start": 0.00085,
+                "linear_end": 0.012,
+                "timesteps": 1000,
+                "first_stage_key": "jpg",
+                "cond_stage_key": "txt",
+                "image_size": 8,
+                "channels": 4,
+                "cond_stage_trainable": False,
+                "conditioning_key": "crossattn",
+                "scale_factor": 0.18215,
+                "use_ema": False,
+                "unet_config": {"target": "ldm.modules.unet.UNetModel", "params": TINY_UNET},
+                "first_stage_config": {
+                    "target": "ldm.models.autoencoder.AutoencoderKL",
+                    "params": {
+                        "embed_dim": 4,
+                        "ddconfig": TINY_DDCONFIG,
+                        "lossconfig": {"target": "torch.nn.Identity"},
+                    },
+                },
+                "cond_stage_config": {
+                    "target": "ldm.modules.encoders.clip.FrozenCLIPEmbedder",
+                    "params": {
+                        "config": {
+                            "vocab_size": 49408,
+                            "hidden_size": 32,
+                            "intermediate_size": 64,
+                            "num_hidden_layers": 2,
+                            "num_attention_heads": 4,
+                            "max_position_embeddings": 77,
+                        }
+                    },
+                },
+            },
+        }
+    }
+
+
+def build_tiny(config: dict, seed: int = 0) -> torch.nn.Module:
+    """Instantiate a config with random (non-zero) weights."""
+    from ldm.util import instantiate_from_config
+
+    torch.manual_seed(seed)
+    model = instantiate_from_config(config["model"]).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    if hasattr(
+        model.cond_stage_model, "mark_weights_loaded"
+    ):  # the source model: its weights are final
+        model.cond_stage_model.mark_weights_loaded()
+    return model

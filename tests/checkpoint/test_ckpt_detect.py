@@ -20,7 +20,9 @@ from ldm.checkpoint.safe_load import read_checkpoint
 def _inpainting(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     sd = dict(sd)
     w = sd["model.diffusion_model.input_blocks.0.0.weight"]
-    sd["model.diffusion_model.input_blocks.0.0.weight"] = torch.empty(w.shape[0], 9, *w.shape[2:], device="meta")
+    sd["model.diffusion_model.input_blocks.0.0.weight"] = torch.empty(
+        w.shape[0], 9, *w.shape[2:], device="meta"
+    )
     return sd
 
 
@@ -34,7 +36,9 @@ def _inpainting(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         ("v2", "768-v-ema.ckpt", "eps", "sd-v2", "eps"),
     ],
 )
-def test_detect_sd_versions(version: str, name: str, prediction: str | None, expect: str, param: str, caplog) -> None:
+def test_detect_sd_versions(
+    version: str, name: str, prediction: str | None, expect: str, param: str, caplog
+) -> None:
     sd = sd_key_state_dict(version)
     with caplog.at_level(logging.INFO, logger="ldm.checkpoint.detect"):
         det = detect_sd(sd, Path(name), prediction)
@@ -53,24 +57,40 @@ def test_detect_inpainting(version: str) -> None:
     assert det.name == f"sd-{version}-inpainting"
     params = det.config["model"]["params"]
     assert params["unet_config"]["params"]["in_channels"] == 9
-    assert params["conditioning_key"] == "hybrid" and det.config["model"]["target"].endswith("LatentInpaintDiffusion")
+    assert params["conditioning_key"] == "hybrid" and det.config["model"]["target"].endswith(
+        "LatentInpaintDiffusion"
+    )
 
 
 def test_detect_refuses_unknown_architecture() -> None:
     with pytest.raises(DetectionError, match="--config"):
-        detect_sd({"model.diffusion_model.input_blocks.0.0.weight": torch.empty(32, 4, 3, 3), "model.diffusion_model.time_embed.0.weight": torch.empty(128, 32)})
+        detect_sd(
+            {
+                "model.diffusion_model.input_blocks.0.0.weight": torch.empty(32, 4, 3, 3),
+                "model.diffusion_model.time_embed.0.weight": torch.empty(128, 32),
+            }
+        )
     with pytest.raises(DetectionError, match="not a Stable Diffusion"):
         detect_sd({"encoder.conv_in.weight": torch.empty(1)})
 
 
 def test_embedded_config_and_hyper_parameters(tmp_path: Path) -> None:
-    cfg = {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": {"timesteps": 7, "parameterization": "v"}}}
+    cfg = {
+        "model": {
+            "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+            "params": {"timesteps": 7, "parameterization": "v"},
+        }
+    }
     save_state_dict({"w": torch.ones(1)}, tmp_path / "ours.safetensors", config=cfg)
     save_state_dict({"w": torch.ones(1)}, tmp_path / "ours.ckpt", config=cfg)
     for name in ("ours.safetensors", "ours.ckpt"):
         det = detect(read_checkpoint(tmp_path / name))
         assert det.name == "embedded" and det.config == cfg and det.parameterization == "v"
-    hp = {"unet_config": {"target": "U", "params": {"in_channels": 4}}, "first_stage_config": {"target": "A"}, "timesteps": 5}
+    hp = {
+        "unet_config": {"target": "U", "params": {"in_channels": 4}},
+        "first_stage_config": {"target": "A"},
+        "timesteps": 5,
+    }
     torch.save({"state_dict": {"w": torch.ones(1)}, "hyper_parameters": hp}, tmp_path / "pl.ckpt")
     det = detect(read_checkpoint(tmp_path / "pl.ckpt"))
     assert det.name == "hyper_parameters"
@@ -79,8 +99,15 @@ def test_embedded_config_and_hyper_parameters(tmp_path: Path) -> None:
 
 
 def test_ema_names_and_extraction() -> None:
-    assert ema_key("model.diffusion_model.input_blocks.0.0.weight") == "model_ema.diffusion_modelinput_blocks00weight"
-    sd = {"model.diffusion_model.a.weight": torch.zeros(2), "model.diffusion_model.b.0.bias": torch.zeros(3), "first_stage_model.x": torch.ones(1)}
+    assert (
+        ema_key("model.diffusion_model.input_blocks.0.0.weight")
+        == "model_ema.diffusion_modelinput_blocks00weight"
+    )
+    sd = {
+        "model.diffusion_model.a.weight": torch.zeros(2),
+        "model.diffusion_model.b.0.bias": torch.zeros(3),
+        "first_stage_model.x": torch.ones(1),
+    }
     ema = make_ema_entries(sd)
     ema = {k: (v + 1 if v.ndim else v) for k, v in ema.items()}
     full = {**sd, **ema}
@@ -93,16 +120,30 @@ def test_ema_names_and_extraction() -> None:
 
 
 def test_prune_drops_optimizer_applies_ema_and_halves(tmp_path: Path) -> None:
-    sd = {"model.diffusion_model.w": torch.randn(4, 4), "betas": torch.rand(10, dtype=torch.float64), "step": torch.tensor(3)}
+    sd = {
+        "model.diffusion_model.w": torch.randn(4, 4),
+        "betas": torch.rand(10, dtype=torch.float64),
+        "step": torch.tensor(3),
+    }
     ema = make_ema_entries(sd)
     ema["model_ema.diffusion_modelw"] = torch.randn(4, 4)
     cfg = {"model": {"target": "T", "params": {}}}
-    torch.save({"state_dict": {**sd, **ema}, "optimizer_states": [{"state": {0: {"exp_avg": torch.randn(4, 4)}}}], "global_step": 9, "ldm_config": cfg}, tmp_path / "train.ckpt")
+    torch.save(
+        {
+            "state_dict": {**sd, **ema},
+            "optimizer_states": [{"state": {0: {"exp_avg": torch.randn(4, 4)}}}],
+            "global_step": 9,
+            "ldm_config": cfg,
+        },
+        tmp_path / "train.ckpt",
+    )
     out = prune_checkpoint(tmp_path / "train.ckpt", tmp_path / "pruned.safetensors", fp16=True)
     ck = read_checkpoint(out)
     assert set(ck.state_dict) == set(sd)
     assert ck.state_dict["model.diffusion_model.w"].dtype == torch.float16
-    assert torch.equal(ck.state_dict["model.diffusion_model.w"], ema["model_ema.diffusion_modelw"].half())
+    assert torch.equal(
+        ck.state_dict["model.diffusion_model.w"], ema["model_ema.diffusion_modelw"].half()
+    )
     assert ck.state_dict["step"].dtype == torch.int64
     assert ck.embedded_config == cfg and ck.metadata["global_step"] == "9"
 
@@ -126,7 +167,10 @@ def test_report_groups_and_fails_only_for_sampling_keys() -> None:
     with pytest.raises(CheckpointMismatchError, match=r"model\.diffusion_model\.\*: 1") as err:
         load_checked(_Tiny(), bad)
     assert "cond_stage_model.x" in str(err.value) and "unexpected" in str(err.value)
-    wrong = {"model.diffusion_model.weight": torch.zeros(5, 2), "model.diffusion_model.bias": torch.zeros(3)}
+    wrong = {
+        "model.diffusion_model.weight": torch.zeros(5, 2),
+        "model.diffusion_model.bias": torch.zeros(3),
+    }
     assert compare(_Tiny(), wrong).mismatched == [("model.diffusion_model.weight", (3, 2), (5, 2))]
     with pytest.raises(CheckpointMismatchError, match="mismatched"):
         load_checked(_Tiny(), wrong)

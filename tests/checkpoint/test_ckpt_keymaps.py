@@ -55,21 +55,40 @@ def test_openclip_map_matches_diffusers_and_round_trips() -> None:
         "cond_stage_model.model.ln_final.weight": torch.randn(d, generator=g),
         "cond_stage_model.model.ln_final.bias": torch.randn(d, generator=g),
     }
-    ref_layer = [line.split("\t") for line in (DATA / "sd-v2-text-encoder.tsv").read_text().splitlines()]
+    ref_layer = [
+        line.split("\t") for line in (DATA / "sd-v2-text-encoder.tsv").read_text().splitlines()
+    ]
     names = [k.split("resblocks.0.")[1] for k, _ in ref_layer if "resblocks.0." in k]
-    shapes = {"in_proj_weight": (3 * d, d), "in_proj_bias": (3 * d,), "c_fc.weight": (4 * d, d), "c_fc.bias": (4 * d,), "c_proj.weight": (d, 4 * d)}
+    shapes = {
+        "in_proj_weight": (3 * d, d),
+        "in_proj_bias": (3 * d,),
+        "c_fc.weight": (4 * d, d),
+        "c_fc.bias": (4 * d,),
+        "c_proj.weight": (d, 4 * d),
+    }
     for i in range(n):
         for name in names:
             shape = next((s for suf, s in shapes.items() if name.endswith(suf)), None)
             shape = shape or ((d, d) if name.endswith("weight") and "out_proj" in name else (d,))
-            sd[f"cond_stage_model.model.transformer.resblocks.{i}.{name}"] = torch.randn(shape, generator=g)
-    cfg = transformers.CLIPTextConfig(hidden_size=d, intermediate_size=4 * d, num_hidden_layers=n, num_attention_heads=4, vocab_size=100)
+            sd[f"cond_stage_model.model.transformer.resblocks.{i}.{name}"] = torch.randn(
+                shape, generator=g
+            )
+    cfg = transformers.CLIPTextConfig(
+        hidden_size=d,
+        intermediate_size=4 * d,
+        num_hidden_layers=n,
+        num_attention_heads=4,
+        vocab_size=100,
+    )
     ref = su.convert_open_clip_checkpoint(transformers.CLIPTextModel(cfg), sd)
     ours, extras = openclip_to_hf(sd)
     assert set(ours) == set(ref)
     for k in ref:
         torch.testing.assert_close(ours[k], ref[k], rtol=0, atol=0)
-    assert set(extras) == {"cond_stage_model.model.text_projection", "cond_stage_model.model.logit_scale"}
+    assert set(extras) == {
+        "cond_stage_model.model.text_projection",
+        "cond_stage_model.model.logit_scale",
+    }
     back = hf_to_openclip(ours)
     back.update(extras)
     assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)

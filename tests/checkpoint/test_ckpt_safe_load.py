@@ -25,17 +25,44 @@ class _PlantMarker:
 
 
 def _lightning_like(tmp_path: Path) -> dict:
-    cfg = OmegaConf.create({"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": {"timesteps": 10, "lst": [1, 2.5, "a"]}}})
+    cfg = OmegaConf.create(
+        {
+            "model": {
+                "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+                "params": {"timesteps": 10, "lst": [1, 2.5, "a"]},
+            }
+        }
+    )
     return {
         "epoch": 3,
         "global_step": 1234,
         "pytorch-lightning_version": "1.4.2",
-        "state_dict": {"model.diffusion_model.w": torch.randn(3, 2), "betas": torch.linspace(0, 1, 5, dtype=torch.float64)},
-        "callbacks": {"ModelCheckpoint{'monitor': 'val/loss'}": {"best_model_score": torch.tensor(0.5), "best_model_path": str(tmp_path / "x.ckpt")}},
-        "optimizer_states": [{"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 1e-4, "params": [0]}]}],
+        "state_dict": {
+            "model.diffusion_model.w": torch.randn(3, 2),
+            "betas": torch.linspace(0, 1, 5, dtype=torch.float64),
+        },
+        "callbacks": {
+            "ModelCheckpoint{'monitor': 'val/loss'}": {
+                "best_model_score": torch.tensor(0.5),
+                "best_model_path": str(tmp_path / "x.ckpt"),
+            }
+        },
+        "optimizer_states": [
+            {
+                "state": {0: {"exp_avg": torch.zeros(3)}},
+                "param_groups": [{"lr": 1e-4, "params": [0]}],
+            }
+        ],
         "lr_schedulers": [{"base_lrs": [1e-4], "last_epoch": 5, "_last_lr": [1e-4]}],
         "hparams_name": "kwargs",
-        "hyper_parameters": {"config": cfg, "lst": OmegaConf.create([1, 2]), "np_f": np.float64(0.5), "np_i": np.int64(7), "arr": np.arange(3), "path": Path("/tmp/run")},
+        "hyper_parameters": {
+            "config": cfg,
+            "lst": OmegaConf.create([1, 2]),
+            "np_f": np.float64(0.5),
+            "np_i": np.int64(7),
+            "arr": np.arange(3),
+            "path": Path("/tmp/run"),
+        },
     }
 
 
@@ -44,29 +71,49 @@ def test_lightning_checkpoint_with_extras_loads(tmp_path: Path) -> None:
     torch.save(obj, tmp_path / "last.ckpt")
     ck = read_checkpoint(tmp_path / "last.ckpt")
     assert set(ck.state_dict) == set(obj["state_dict"])
-    assert torch.equal(ck.state_dict["model.diffusion_model.w"], obj["state_dict"]["model.diffusion_model.w"])
+    assert torch.equal(
+        ck.state_dict["model.diffusion_model.w"], obj["state_dict"]["model.diffusion_model.w"]
+    )
     assert ck.state_dict["betas"].dtype == torch.float64
     assert ck.extras["global_step"] == 1234
     hp = ck.extras["hyper_parameters"]
-    assert hp["config"].model.params.lst == [1, 2.5, "a"] and hp["np_i"] == 7 and hp["path"] == Path("/tmp/run")
+    assert (
+        hp["config"].model.params.lst == [1, 2.5, "a"]
+        and hp["np_i"] == 7
+        and hp["path"] == Path("/tmp/run")
+    )
 
 
 def test_lightning1_callback_class_keys_load_without_importing_lightning(tmp_path: Path) -> None:
     """PL 1.x keyed callback states by the callback class itself (SD v1 release files)."""
     import pytorch_lightning.callbacks.model_checkpoint as mc
 
-    torch.save({"state_dict": {"a": torch.ones(2)}, "callbacks": {mc.ModelCheckpoint: {"best_model_score": None}}}, tmp_path / "pl1.ckpt")
+    torch.save(
+        {
+            "state_dict": {"a": torch.ones(2)},
+            "callbacks": {mc.ModelCheckpoint: {"best_model_score": None}},
+        },
+        tmp_path / "pl1.ckpt",
+    )
     ck = read_checkpoint(tmp_path / "pl1.ckpt")
     (key,) = ck.extras["callbacks"]
-    assert key.__name__ == "ModelCheckpoint" and key is not mc.ModelCheckpoint  # an inert placeholder
+    assert (
+        key.__name__ == "ModelCheckpoint" and key is not mc.ModelCheckpoint
+    )  # an inert placeholder
 
 
 @pytest.mark.parametrize("legacy", [False, True])
 def test_code_running_pickle_is_refused_and_code_does_not_run(tmp_path: Path, legacy: bool) -> None:
     marker = tmp_path / "PWNED"
     path = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": _PlantMarker(marker)}, path, _use_new_zipfile_serialization=not legacy)
-    with pytest.raises(UnsafeCheckpointError, match=r"Path\.touch|pathlib.*touch|global .*unsafe=True|unsafe=True") as err:
+    torch.save(
+        {"state_dict": {"w": torch.zeros(1)}, "payload": _PlantMarker(marker)},
+        path,
+        _use_new_zipfile_serialization=not legacy,
+    )
+    with pytest.raises(
+        UnsafeCheckpointError, match=r"Path\.touch|pathlib.*touch|global .*unsafe=True|unsafe=True"
+    ) as err:
         load_state_dict(path)
     assert "unsafe=True" in str(err.value)
     assert not marker.exists()
@@ -91,7 +138,9 @@ def test_safetensors_bare_and_errors(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
     sd = {"a.b": torch.randn(2, 3), "c": torch.arange(4)}
-    save_file(sd, str(tmp_path / "m.safetensors"), metadata={"ldm_config": '{"model": {"target": "x"}}'})
+    save_file(
+        sd, str(tmp_path / "m.safetensors"), metadata={"ldm_config": '{"model": {"target": "x"}}'}
+    )
     ck = read_checkpoint(tmp_path / "m.safetensors")
     assert all(torch.equal(ck.state_dict[k], sd[k]) for k in sd)
     assert ck.embedded_config == {"model": {"target": "x"}}

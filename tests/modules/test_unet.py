@@ -179,13 +179,19 @@ def test_scale_shift_resblock_updown_unet():
 
 def test_num_attention_blocks_and_disabled_self_attention():
     params = dict(TINY, attention_resolutions=[1, 2], num_res_blocks=2)
-    model = UNetModel(**params, num_attention_blocks=[1, 2], disable_self_attentions=[True, False])
+    model = UNetModel(
+        **params,
+        num_attention_blocks=[1, 2],
+        disable_self_attentions=[True, False],
+        disable_middle_self_attn=True,
+    )
     keys = model.state_dict()
     assert "input_blocks.1.1.proj_in.weight" in keys
     assert "input_blocks.2.1.proj_in.weight" not in keys  # only 1 attention block at level 0
     # self-attention disabled at level 0: attn1 attends to the 16-dim context
     assert keys["input_blocks.1.1.transformer_blocks.0.attn1.to_k.weight"].shape == (32, 16)
     assert keys["input_blocks.4.1.transformer_blocks.0.attn1.to_k.weight"].shape == (64, 64)
+    assert keys["middle_block.1.transformer_blocks.0.attn1.to_k.weight"].shape == (64, 16)
     x, t, ctx = _inputs()
     assert model(x, t, context=ctx).shape == x.shape
 

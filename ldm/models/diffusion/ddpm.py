@@ -181,16 +181,17 @@ class DDPM(pl.LightningModule):
         cosine_s: float = 8e-3,
     ) -> None:
         """Build betas (float64) and register the CompVis schedule buffers (DDPM eq. 4, 6, 7)."""
-        betas = make_beta_schedule(
-            beta_schedule,
-            timesteps,
-            linear_start=linear_start,
-            linear_end=linear_end,
-            cosine_s=cosine_s,
-            given_betas=_plain(given_betas),
-        )
-        if self.zero_terminal_snr:
-            betas = rescale_zero_terminal_snr(betas)
+        with torch.device("cpu"):  # schedule math on CPU even inside `with torch.device("meta")`
+            betas = make_beta_schedule(
+                beta_schedule,
+                timesteps,
+                linear_start=linear_start,
+                linear_end=linear_end,
+                cosine_s=cosine_s,
+                given_betas=_plain(given_betas),
+            )
+            if self.zero_terminal_snr:
+                betas = rescale_zero_terminal_snr(betas)
         self.num_timesteps = int(betas.shape[0])
         self.linear_start, self.linear_end = linear_start, linear_end
         register_schedule_buffers(self, betas, self.v_posterior)

@@ -32,7 +32,11 @@ SCHEDULE_BUFFERS = (
 
 def schedule_tensors(betas: torch.Tensor, v_posterior: float = 0.0) -> dict[str, torch.Tensor]:
     """All SCHEDULE_BUFFERS in float64 from betas [T] (DDPM eq. 4, 6, 7)."""
-    betas = torch.as_tensor(betas, dtype=torch.float64, device="cpu")
+    with torch.device("cpu"):
+        return _schedule_tensors(torch.as_tensor(betas, dtype=torch.float64), v_posterior)
+
+
+def _schedule_tensors(betas: torch.Tensor, v_posterior: float) -> dict[str, torch.Tensor]:
     alphas = 1.0 - betas
     ac = alphas_cumprod_from_betas(betas)
     ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])

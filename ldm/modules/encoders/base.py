@@ -117,7 +117,11 @@ class FrozenWeightsMixin(nn.Module):
 
     def check_weights_loaded(self) -> None:
         """Raise if this frozen encoder would run on weights that were never loaded."""
-        if not self.frozen or self.weights_loaded or random_weights_allowed(self.allow_random_weights):
+        if (
+            not self.frozen
+            or self.weights_loaded
+            or random_weights_allowed(self.allow_random_weights)
+        ):
             return
         raise RuntimeError(
             f"{type(self).__name__} ({self._describe()}) refuses to encode: its weights were never "
@@ -150,7 +154,9 @@ def load_weights_file(path: str) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
-        raise ValueError(f"'{path}': expected a state dict (mapping of names to tensors), found {type(obj).__name__}.")
+        raise ValueError(
+            f"'{path}': expected a state dict (mapping of names to tensors), found {type(obj).__name__}."
+        )
     return obj
 
 

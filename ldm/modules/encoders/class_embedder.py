@@ -45,7 +45,9 @@ class ClassEmbedder(nn.Module):
         if labels.ndim == 2 and labels.shape[1] == 1:
             labels = labels[:, 0]
         if labels.ndim != 1:
-            raise ValueError(f"ClassEmbedder: expected labels of shape [B], got {tuple(labels.shape)}.")
+            raise ValueError(
+                f"ClassEmbedder: expected labels of shape [B], got {tuple(labels.shape)}."
+            )
         if (labels < 0).any() or (labels >= self.n_classes).any():
             raise ValueError(
                 f"ClassEmbedder: labels must lie in [0, {self.n_classes - 1}], found "
@@ -53,7 +55,9 @@ class ClassEmbedder(nn.Module):
             )
         if self.training and self.ucg_rate > 0.0 and not disable_dropout:
             u = torch.rand(labels.shape, generator=generator, device="cpu").to(labels.device)
-            labels = torch.where(u < self.ucg_rate, torch.full_like(labels, self.null_class), labels)
+            labels = torch.where(
+                u < self.ucg_rate, torch.full_like(labels, self.null_class), labels
+            )
         return self.embedding(labels[:, None])  # [B, 1] -> [B, 1, D]
 
     def encode(self, batch: dict[str, Any] | torch.Tensor, **kwargs: Any) -> torch.Tensor:

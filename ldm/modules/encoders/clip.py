@@ -166,6 +166,14 @@ class FrozenCLIPEmbedder(FrozenWeightsMixin, AbstractEncoder):
                 continue
             if base + rest != key:
                 state_dict[base + rest] = state_dict.pop(key)
+        # a persistent position_ids buffer (some transformers 4.x) that the file lacks
+        for name in own:
+            if name.endswith("embeddings.position_ids") and base + name not in state_dict:
+                state_dict[base + name] = self.transformer.get_buffer(name)
+
+    def _optional_state_keys(self) -> set[str]:
+        own = self.transformer.state_dict(keep_vars=True)
+        return {"transformer." + k for k in own if k.endswith("position_ids")}
 
     def _describe(self) -> str:
         return f"CLIP text encoder '{self.version}'"
@@ -177,7 +185,11 @@ class FrozenCLIPEmbedder(FrozenWeightsMixin, AbstractEncoder):
     def tokenize(self, text: str | Sequence[str]) -> torch.Tensor:
         """Token ids ``[B, max_length]`` as SD v1's Hugging Face tokenizer gives them."""
         batch = self.tokenizer(
-            text, truncation=True, max_length=self.max_length, padding="max_length", return_tensors="pt"
+            text,
+            truncation=True,
+            max_length=self.max_length,
+            padding="max_length",
+            return_tensors="pt",
         )
         return batch["input_ids"]
 

@@ -121,14 +121,16 @@ class FrozenOpenCLIPEmbedder(FrozenWeightsMixin, AbstractEncoder):
                 f"FrozenOpenCLIPEmbedder: weights '{path}' is not a file. Pass an open_clip "
                 "checkpoint (.bin/.pt/.safetensors) or an SD 2.x checkpoint."
             )
-        sd = strip_prefixes(load_weights_file(path), ("cond_stage_model.model.", "module.", "model."))
+        sd = strip_prefixes(
+            load_weights_file(path), ("cond_stage_model.model.", "module.", "model.")
+        )
         own = set(self.model.state_dict(keep_vars=True))
         sd = {"model." + k: v for k, v in sd.items() if k in own}
         self.load_state_dict(sd, strict=False)
         if not self.weights_loaded:
             raise ValueError(
                 f"FrozenOpenCLIPEmbedder: '{path}' lacks text-tower weights of {self.arch}: "
-                f"missing {sorted(own - {k[len('model.'):] for k in sd})[:8]} ..."
+                f"missing {sorted(own - {k[len('model.') :] for k in sd})[:8]} ..."
             )
 
     def _optional_state_keys(self) -> set[str]:
@@ -172,7 +174,9 @@ class FrozenOpenCLIPEmbedder(FrozenWeightsMixin, AbstractEncoder):
     ) -> torch.Tensor:
         """Run the residual blocks, stopping ``layer_idx`` blocks before the end."""
         blocks = self.model.transformer.resblocks
-        use_ckpt = getattr(self.model.transformer, "grad_checkpointing", False) and torch.is_grad_enabled()
+        use_ckpt = (
+            getattr(self.model.transformer, "grad_checkpointing", False) and torch.is_grad_enabled()
+        )
         for block in blocks[: len(blocks) - self.layer_idx]:
             if use_ckpt:
                 x = checkpoint(block, x, attn_mask=attn_mask, use_reentrant=False)

@@ -39,7 +39,13 @@ MODES: dict[str, dict[str, Any]] = {
     "sd-v1": {"clean": "hf", "pad_id": EOS_ID, "specials": ("<|startoftext|>", "<|endoftext|>")},
     "sd-v2": {"clean": "open_clip", "pad_id": 0, "specials": ("<start_of_text>", "<end_of_text>")},
 }
-_MODE_ALIASES = {"hf": "sd-v1", "v1": "sd-v1", "open_clip": "sd-v2", "openclip": "sd-v2", "v2": "sd-v2"}
+_MODE_ALIASES = {
+    "hf": "sd-v1",
+    "v1": "sd-v1",
+    "open_clip": "sd-v2",
+    "openclip": "sd-v2",
+    "v2": "sd-v2",
+}
 
 # CLIP's pre-tokenizer: contractions, letter runs, single digits, runs of other non-space symbols.
 _WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -137,6 +143,13 @@ class CLIPTokenizer:
         self._special_split = regex.compile("(" + specials + ")")
         self._cache: dict[str, list[int]] = {}
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # pickle the settings, not the 49k-entry tables (modules holding a tokenizer stay small)
+        return (CLIPTokenizer, (self.mode, self.model_max_length, self.pad_token_id))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CLIPTokenizer:
+        return self  # immutable apart from its BPE cache; share it between copies of a module
+
     @property
     def vocab_size(self) -> int:
         """Number of ids (49408)."""
@@ -221,7 +234,9 @@ class CLIPTokenizer:
             ids[-1] = EOS_ID
         return ids
 
-    def tokenize(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
+    def tokenize(
+        self, texts: str | Sequence[str], context_length: int | None = None
+    ) -> torch.Tensor:
         """Ids of each text, truncated and padded to ``context_length``: LongTensor [B, L]."""
         return self(texts, max_length=context_length)["input_ids"]
 

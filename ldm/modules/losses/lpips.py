@@ -162,7 +162,9 @@ class LPIPS(nn.Module):
     """d(x, x0) = sum_l mean_hw || w_l * (f_l(x) - f_l(x0)) ||^2 over unit-normalized VGG features.
 
     Inputs are [B, 3, H, W] in [-1, 1]; output [B, 1, 1, 1]. Frozen (requires_grad False).
-    `load_weights=False` builds the network untrained (for loading a checkpoint that holds it).
+    Weights come from local files when they exist (loaded at construction, except on the meta
+    device) or from a checkpoint that holds `perceptual_loss.*`; building never fails offline,
+    but running without weights raises :class:`LPIPSWeightsMissing` naming the file to provide.
     """
 
     def __init__(
@@ -177,8 +179,15 @@ class LPIPS(nn.Module):
         self.net = VGG16Features()
         for i, c in enumerate(CHANNELS):
             setattr(self, f"lin{i}", NetLinLayer(c, use_dropout=use_dropout))
-        if load_weights:
-            self.load_pretrained(vgg_weights, lpips_weights)
+        self.vgg_weights, self.lpips_weights = vgg_weights, lpips_weights
+        self.weights_loaded = False
+        self._missing: LPIPSWeightsMissing | None = None
+        if load_weights and not self.lin0.model[-1].weight.is_meta:
+            try:
+                self.load_pretrained(vgg_weights, lpips_weights)
+            except LPIPSWeightsMissing as err:
+                self._missing = err
+                logger.warning("LPIPS built without weights; it cannot run until they are loaded. %s", err)
         self.requires_grad_(False)
         self.eval()
 
@@ -196,10 +205,21 @@ class LPIPS(nn.Module):
             if key not in heads:
                 raise ValueError(f"{heads_path}: no '{key}'; expected the lpips v0.1 VGG heads file.")
             getattr(self, f"lin{i}").model[-1].weight.data.copy_(heads[key])
+        self.weights_loaded = True
         logger.info("LPIPS loaded VGG16 from %s and heads from %s", vgg_path, heads_path)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if f"{prefix}lin0.model.1.weight" in state_dict and f"{prefix}net.slice1.0.weight" in state_dict:
+            self.weights_loaded = True  # a checkpoint (e.g. CompVis first_stage_model.loss.*) holds them
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] x2 in [-1, 1] -> distance [B, 1, 1, 1]."""
+        if not self.weights_loaded:
+            if self._missing is None:  # built on meta or with load_weights=False: try the files now
+                self.load_pretrained(self.vgg_weights, self.lpips_weights)
+            else:
+                raise self._missing
         f0 = self.net(self.scaling_layer(input))
         f1 = self.net(self.scaling_layer(target))
         val = 0.0

@@ -9,7 +9,12 @@ from torch import nn
 from ldm.modules.encoders.clip import FrozenCLIPEmbedder, build_clip_text_config
 from ldm.util import ConfigError, instantiate_from_config
 
-TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4}
+TINY = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+}
 PROMPTS = ["a photo of a cat", "", "Don't panic!  émoji 🐱 " * 12]
 
 
@@ -32,7 +37,10 @@ def test_sd_v1_keys_and_shapes(tsv_keys):
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     ref = tsv_keys("sd-v1-text-encoder.tsv", "cond_stage_model.")
     extra = set(ours) - set(ref)
-    assert extra <= {"transformer.text_model.embeddings.position_ids", "transformer.embeddings.position_ids"}
+    assert extra <= {
+        "transformer.text_model.embeddings.position_ids",
+        "transformer.embeddings.position_ids",
+    }
     assert {k: ours[k] for k in ref if k in ours} == ref and set(ref) <= set(ours)
     assert sum(p.numel() for p in model.parameters()) == 123_060_480
 
@@ -44,11 +52,15 @@ def test_v1_inference_config_section_builds_offline(tsv_keys):
     assert isinstance(model, FrozenCLIPEmbedder) and not model.weights_loaded
 
 
-@pytest.mark.parametrize(("layer", "layer_idx"), [("last", None), ("pooled", None), ("hidden", -2), ("hidden", 1)])
+@pytest.mark.parametrize(
+    ("layer", "layer_idx"), [("last", None), ("pooled", None), ("hidden", -2), ("hidden", 1)]
+)
 def test_output_equals_clip_text_model(hf_tokenizer, layer, layer_idx):
     embedder = _tiny(layer=layer, layer_idx=layer_idx, allow_random_weights=True)
     ref = _reference_model(embedder)
-    ids = hf_tokenizer(PROMPTS, truncation=True, max_length=77, padding="max_length", return_tensors="pt")
+    ids = hf_tokenizer(
+        PROMPTS, truncation=True, max_length=77, padding="max_length", return_tensors="pt"
+    )
     with torch.no_grad():
         out = ref(input_ids=ids["input_ids"], output_hidden_states=True)
         z = embedder(PROMPTS)
@@ -125,7 +137,10 @@ def test_local_weights_file_and_directory(tmp_path, hf_tokenizer):
     from safetensors.torch import save_file
 
     source = _tiny(allow_random_weights=True)
-    sd = {"cond_stage_model.transformer." + k: v.contiguous() for k, v in source.transformer.state_dict().items()}
+    sd = {
+        "cond_stage_model.transformer." + k: v.contiguous()
+        for k, v in source.transformer.state_dict().items()
+    }
     save_file(sd, str(tmp_path / "te.safetensors"))
     from_file = _tiny(weights=str(tmp_path / "te.safetensors"))
     assert from_file.weights_loaded

@@ -103,7 +103,9 @@ def test_guard_and_loading_through_parent(monkeypatch, tmp_path):
     from_file = _tiny(layer="penultimate", version=str(tmp_path / "open_clip.pt"))
     assert from_file.weights_loaded
     with torch.no_grad():
-        torch.testing.assert_close(embedder(PROMPTS), source.encode_with_transformer(source.tokenize(PROMPTS)))
+        torch.testing.assert_close(
+            embedder(PROMPTS), source.encode_with_transformer(source.tokenize(PROMPTS))
+        )
         torch.testing.assert_close(from_file(PROMPTS), embedder(PROMPTS))
 
 

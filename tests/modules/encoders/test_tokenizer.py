@@ -63,12 +63,23 @@ def test_random_strings_match_both_references(hf_tokenizer):
     """Seeded fuzz over letters, digits, symbols, whitespace, accents, emoji and CJK."""
     import open_clip
 
-    pool = list("aAzZ09 '\"!?.,;:-_()[]<>|/\\&#@$%*+=~`\t\n") + ["'s", "'LL", "&amp;", "<|endoftext|>"]
-    pool += [chr(c) for c in (0xE9, 0x301, 0x130, 0x3A3, 0xDF, 0xFB01, 0xFF21, 0x3000, 0xA0, 0x200B)]
-    pool += [chr(c) for c in (0x1C, 0x85, 0x1F600, 0x1F3FD, 0x200D, 0x65E5, 0x440, 0x2019, 0xBD, 0x0)]
+    pool = list("aAzZ09 '\"!?.,;:-_()[]<>|/\\&#@$%*+=~`\t\n") + [
+        "'s",
+        "'LL",
+        "&amp;",
+        "<|endoftext|>",
+    ]
+    pool += [
+        chr(c) for c in (0xE9, 0x301, 0x130, 0x3A3, 0xDF, 0xFB01, 0xFF21, 0x3000, 0xA0, 0x200B)
+    ]
+    pool += [
+        chr(c) for c in (0x1C, 0x85, 0x1F600, 0x1F3FD, 0x200D, 0x65E5, 0x440, 0x2019, 0xBD, 0x0)
+    ]
     rng = random.Random(0)
     texts = ["".join(rng.choice(pool) for _ in range(rng.randint(0, 60))) for _ in range(300)]
-    assert CLIPTokenizer("sd-v1")(texts)["input_ids"].tolist() == _hf_ids(hf_tokenizer, texts).tolist()
+    assert (
+        CLIPTokenizer("sd-v1")(texts)["input_ids"].tolist() == _hf_ids(hf_tokenizer, texts).tolist()
+    )
     assert CLIPTokenizer("sd-v2").tokenize(texts).tolist() == open_clip.tokenize(texts).tolist()
 
 

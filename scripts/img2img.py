@@ -1,0 +1,8 @@
+"""img2img from a checkpoint with the CompVis flags; see `python scripts/img2img.py --help`."""
+
+import sys
+
+from ldm.sampling.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main("img2img"))

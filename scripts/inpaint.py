@@ -1,0 +1,8 @@
+"""inpaint from a checkpoint with the CompVis flags; see `python scripts/inpaint.py --help`."""
+
+import sys
+
+from ldm.sampling.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main("inpaint"))

@@ -1,0 +1,8 @@
+"""txt2img from a checkpoint with the CompVis flags; see `python scripts/txt2img.py --help`."""
+
+import sys
+
+from ldm.sampling.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main("txt2img"))

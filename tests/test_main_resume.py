@@ -1,0 +1,75 @@
+"""Resume after SIGKILL: same step count, same weights as an uninterrupted run of the same seed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # toy_model
+
+from ldm.launch import parse_args, run  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = ROOT / "tests" / "configs" / "cli" / "toy.yaml"
+# 12 steps = 1.5 epochs of 8 batches; checkpoints every 2 steps; the killed run dies after step 7,
+# so it resumes mid-epoch from step 6 and must continue with the same batches and noise draws
+COMMON = ["--base", str(CFG), "-t", "--no-test", "--trainer.max_steps", "12"]
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
+    full = run(*parse_args([*COMMON, "-l", str(tmp_path / "full")]))
+    assert full.global_step == 12
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    killer = [
+        "lightning.callbacks.killer.target=toy_model.KillAtStep",
+        "lightning.callbacks.killer.params.step=7",
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), *COMMON, "-l", str(tmp_path / "killed"), *killer],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    (logdir,) = (tmp_path / "killed").iterdir()
+    assert torch.load(logdir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+    step6 = _weights(logdir / "checkpoints" / "last.ckpt")
+
+    resumed = run(*parse_args(["-r", str(logdir), "-t", "--no-test", "lightning.callbacks.killer=null"]))
+    assert resumed.logdir == logdir  # continues in the same run directory
+    assert resumed.global_step == 12
+    assert len(list((logdir / "configs").glob("*-project.yaml"))) == 2  # one per launch
+    a, b = _weights(full.last_ckpt), _weights(logdir / "checkpoints" / "last.ckpt")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    # and the resumed run trained past the checkpoint: weights moved between step 6 and 12
+    assert max((step6[k] - b[k]).abs().max().item() for k in b) > 1e-4
+
+
+def test_resume_from_checkpoint_file_and_errors(tmp_path: Path) -> None:
+    first = run(*parse_args([*COMMON[:-1], "4", "-l", str(tmp_path)]))
+    ckpt = first.logdir / "checkpoints" / "last.ckpt"
+    again = run(*parse_args(["-r", str(ckpt), "-t", "--no-test", "--trainer.max_steps", "6"]))
+    assert again.logdir == first.logdir and again.global_step == 6
+    import pytest
+
+    from ldm.util import ConfigError
+
+    with pytest.raises(ConfigError, match="no such file or directory"):
+        run(*parse_args(["-r", str(tmp_path / "nope"), "-t"]))
+    empty = tmp_path / "empty_run"
+    (empty / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="last.ckpt does not exist"):
+        run(*parse_args(["-r", str(empty), "-t"]))
