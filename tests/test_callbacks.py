@@ -20,7 +20,15 @@ from ldm.checkpointing import AtomicCheckpointIO
 def _setup_cb(tmp_path: Path) -> SetupCallback:
     log = tmp_path / "run"
     cfg = OmegaConf.create({"model": {"lr": "${data.x}"}, "data": {"x": 3}})
-    return SetupCallback(False, "NOW", str(log), str(log / "checkpoints"), str(log / "configs"), cfg, OmegaConf.create({"trainer": {"max_steps": 2}}))
+    return SetupCallback(
+        False,
+        "NOW",
+        str(log),
+        str(log / "checkpoints"),
+        str(log / "configs"),
+        cfg,
+        OmegaConf.create({"trainer": {"max_steps": 2}}),
+    )
 
 
 def test_setup_callback_writes_resolved_configs_on_rank0_only(tmp_path: Path) -> None:
@@ -65,7 +73,14 @@ def test_image_logger_writes_grids_and_captions(tmp_path: Path) -> None:
     il = ImageLogger(batch_frequency=2, max_images=4, save_dir=str(tmp_path))
     module = _Module()
     module.train()
-    trainer = SimpleNamespace(is_global_zero=True, global_step=2, current_epoch=0, loggers=[], default_root_dir="x", sanity_checking=False)
+    trainer = SimpleNamespace(
+        is_global_zero=True,
+        global_step=2,
+        current_epoch=0,
+        loggers=[],
+        default_root_dir="x",
+        sanity_checking=False,
+    )
     batch = {"txt": ["red", "green", "blue", "cyan", "white", "black"]}
     state = torch.get_rng_state()
     il.on_train_batch_end(trainer, module, None, batch, 5)
@@ -74,13 +89,29 @@ def test_image_logger_writes_grids_and_captions(tmp_path: Path) -> None:
     folder = tmp_path / "images" / "train"
     grid = np.asarray(Image.open(folder / "samples_gs-000002_e-000000_b-000005.png"))
     assert grid.shape == (2 + 2 * 2, 4 * 2 + 5 * 2, 3)  # 4 images of 2x2, nrow=4, padding 2
-    # clamped to [-1, 1] then mapped to [0, 255]: the first pixel is -2 -> -1 -> 0
-    assert grid[2, 2, 0] == 0 and grid.max() == 255
-    assert (folder / "captions_gs-000002_e-000000_b-000005.txt").read_text().split() == ["red", "green", "blue", "cyan"]
-    assert (folder / "conditioning_gs-000002_e-000000_b-000005.txt").read_text().split() == ["a", "b", "c", "d"]
+    # clamped to [-1, 1] then mapped to [0, 255]: the first pixel is -2 -> -1 -> 0; the largest
+    # value among the first 4 images is linspace index 47: -2 + 4 * 47 / 71
+    assert grid[2, 2, 0] == 0
+    assert grid.max() == round(((-2 + 4 * 47 / 71) + 1) / 2 * 255)
+    assert (folder / "captions_gs-000002_e-000000_b-000005.txt").read_text().split() == [
+        "red",
+        "green",
+        "blue",
+        "cyan",
+    ]
+    assert (folder / "conditioning_gs-000002_e-000000_b-000005.txt").read_text().split() == [
+        "a",
+        "b",
+        "c",
+        "d",
+    ]
     # not a logging step, and other ranks never log
-    il.on_train_batch_end(SimpleNamespace(**{**vars(trainer), "global_step": 3}), module, None, batch, 6)
-    il.on_train_batch_end(SimpleNamespace(**{**vars(trainer), "is_global_zero": False}), module, None, batch, 7)
+    il.on_train_batch_end(
+        SimpleNamespace(**{**vars(trainer), "global_step": 3}), module, None, batch, 6
+    )
+    il.on_train_batch_end(
+        SimpleNamespace(**{**vars(trainer), "is_global_zero": False}), module, None, batch, 7
+    )
     assert len(module.calls) == 1
 
 
@@ -91,7 +122,9 @@ def test_cuda_callback_is_harmless_on_cpu() -> None:
     cb.on_train_epoch_end(trainer, module)
 
 
-def test_atomic_checkpoint_survives_a_crash_while_saving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_atomic_checkpoint_survives_a_crash_while_saving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     io = AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"
     io.save_checkpoint({"global_step": 1, "w": torch.ones(3)}, path)

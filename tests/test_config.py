@@ -33,7 +33,9 @@ def test_override_forms_are_equivalent() -> None:
 
 
 def test_trainer_shorthands_map_to_lightning_trainer() -> None:
-    _, ov = _split(["--trainer.devices", "2", "trainer.max_steps=5", "--gpus", "0,", "--max_steps=7"])
+    _, ov = _split(
+        ["--trainer.devices", "2", "trainer.max_steps=5", "--gpus", "0,", "--max_steps=7"]
+    )
     assert ov == [
         "lightning.trainer.devices=2",
         "lightning.trainer.max_steps=5",
@@ -43,12 +45,22 @@ def test_trainer_shorthands_map_to_lightning_trainer() -> None:
 
 
 def test_flag_without_value_is_true_and_negative_numbers_are_values() -> None:
-    _, ov = _split(["--model.params.flag", "--data.params.x", "-1.5", "--lightning.trainer.y", "-t"])
+    _, ov = _split(
+        ["--model.params.flag", "--data.params.x", "-1.5", "--lightning.trainer.y", "-t"]
+    )
     assert ov == ["model.params.flag=true", "data.params.x=-1.5", "lightning.trainer.y=true"]
 
 
 def test_acceptance_command_line_parses() -> None:
-    argv = ["--base", "A.yaml", "B.yaml", "-t", "model.base_learning_rate=1e-4", "--trainer.max_steps", "20"]
+    argv = [
+        "--base",
+        "A.yaml",
+        "B.yaml",
+        "-t",
+        "model.base_learning_rate=1e-4",
+        "--trainer.max_steps",
+        "20",
+    ]
     opt, overrides = parse_args(argv)
     assert opt.base == ["A.yaml", "B.yaml"] and opt.train is True
     assert overrides == ["model.base_learning_rate=1e-4", "lightning.trainer.max_steps=20"]
@@ -70,7 +82,8 @@ def test_unknown_flag_suggests_the_right_one(capsys: pytest.CaptureFixture[str])
 
 def test_merge_left_to_right_then_overrides() -> None:
     cfg, sources = merge_configs(
-        [CFG / "toy.yaml", CFG / "override.yaml"], ["model.params.in_dim=4", "data.params.batch_size=2"]
+        [CFG / "toy.yaml", CFG / "override.yaml"],
+        ["model.params.in_dim=4", "data.params.batch_size=2"],
     )
     assert cfg.model.base_learning_rate == pytest.approx(2e-3)  # override.yaml wins over toy.yaml
     assert cfg.model.params.hidden == 16
@@ -82,7 +95,9 @@ def test_merge_left_to_right_then_overrides() -> None:
 
 
 def test_misspelt_override_key_gets_a_suggestion() -> None:
-    with pytest.raises(ConfigError, match=r"unknown key 'model.params.hiden'.*did you mean 'hidden'"):
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'model.params.hiden'.*did you mean 'hidden'"
+    ):
         merge_configs([CFG / "toy.yaml"], ["model.params.hiden=3"])
     # a genuinely new key (no near miss) is accepted
     cfg, _ = merge_configs([CFG / "toy.yaml"], ["model.params.noise=0.1"])
@@ -102,7 +117,9 @@ def test_wrong_value_type_is_readable() -> None:
 def test_misspelt_section_in_a_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("modle:\n  target: x.Y\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: unknown top-level section 'modle' \(did you mean 'model'"):
+    with pytest.raises(
+        ConfigError, match=r"bad.yaml: unknown top-level section 'modle' \(did you mean 'model'"
+    ):
         merge_configs([bad])
 
 
@@ -120,15 +137,25 @@ def test_instantiation_error_gets_the_file() -> None:
     sources = ConfigSources()
     sources.record(OmegaConf.create({"model": {"params": {"hiden": 3}}}), "configs/a.yaml")
     err = explain(ConfigError("model.params.hiden: ToyModel has no parameter 'hiden'"), sources)
-    assert str(err).startswith("model.params.hiden (set in configs/a.yaml): ToyModel has no parameter")
+    assert str(err).startswith(
+        "model.params.hiden (set in configs/a.yaml): ToyModel has no parameter"
+    )
 
 
 def test_trainer_legacy_translation() -> None:
     out, resume = translate_trainer_config(
-        {"gpus": 0, "precision": 16, "accelerator": "ddp", "max_steps": 5, "resume_from_checkpoint": "x.ckpt"}
+        {
+            "gpus": 0,
+            "precision": 16,
+            "accelerator": "ddp",
+            "max_steps": 5,
+            "resume_from_checkpoint": "x.ckpt",
+        }
     )
     assert out["strategy"] == "ddp" and out["precision"] == "16-mixed" and out["max_steps"] == 5
-    assert out["devices"] == "auto" and "accelerator" not in out  # legacy accelerator=ddp moved to strategy
+    assert (
+        out["devices"] == "auto" and "accelerator" not in out
+    )  # legacy accelerator=ddp moved to strategy
     assert resume == "x.ckpt"
     out, _ = translate_trainer_config({"gpus": "0,", "weights_summary": "top", "precision": "bf16"})
     assert out["precision"] == "bf16-mixed" and "weights_summary" not in out
@@ -139,16 +166,22 @@ def test_trainer_legacy_translation() -> None:
 
 
 def test_trainer_bad_key_and_bad_values() -> None:
-    with pytest.raises(ConfigError, match=r"lightning.trainer.max_step: .*did you mean 'max_steps'"):
+    with pytest.raises(
+        ConfigError, match=r"lightning.trainer.max_step: .*did you mean 'max_steps'"
+    ):
         translate_trainer_config({"max_step": 3})
-    with pytest.raises(ConfigError, match=r"lightning.trainer.max_steps.*expected an integer, found 'ten'"):
+    with pytest.raises(
+        ConfigError, match=r"lightning.trainer.max_steps.*expected an integer, found 'ten'"
+    ):
         translate_trainer_config({"max_steps": "ten"})
     with pytest.raises(ConfigError, match="unknown precision '8-mixed'"):
         translate_trainer_config({"precision": "8-mixed"})
 
 
 def test_learning_rate_rule() -> None:
-    lr, msg = scale_learning_rate(1e-4, batch_size=4, accumulate=2, devices=3, num_nodes=2, scale=True)
+    lr, msg = scale_learning_rate(
+        1e-4, batch_size=4, accumulate=2, devices=3, num_nodes=2, scale=True
+    )
     assert lr == pytest.approx(2 * 3 * 2 * 4 * 1e-4)
     assert "2 (accumulate_grad_batches) * 3 (devices) * 2 (num_nodes) * 4 (batch_size)" in msg
     lr, msg = scale_learning_rate(1e-4, 4, 2, 3, 2, scale=False)

@@ -74,7 +74,9 @@ def test_merged_configs_and_lr_rule(tmp_path: Path) -> None:
         )
     )
     assert result.global_step == 20
-    assert result.learning_rate == pytest.approx(1 * 1 * 1 * 4 * 1e-4)  # acc * devices * nodes * bs * base
+    assert result.learning_rate == pytest.approx(
+        1 * 1 * 1 * 4 * 1e-4
+    )  # acc * devices * nodes * bs * base
     now = result.logdir.name.split("_")[0]
     project = OmegaConf.load(result.logdir / "configs" / f"{now}-project.yaml")
     assert project.model.params.hidden == 16  # from override.yaml
@@ -88,7 +90,9 @@ def test_merged_configs_and_lr_rule(tmp_path: Path) -> None:
 def test_scale_lr_false_and_accumulation(tmp_path: Path) -> None:
     r = _run(tmp_path, "--scale_lr", "false", "--trainer.max_steps", "2", "-n", "a")
     assert r.learning_rate == pytest.approx(1e-3)
-    r = _run(tmp_path, "--trainer.accumulate_grad_batches", "2", "--trainer.max_steps", "2", "-n", "b")
+    r = _run(
+        tmp_path, "--trainer.accumulate_grad_batches", "2", "--trainer.max_steps", "2", "-n", "b"
+    )
     assert r.learning_rate == pytest.approx(2 * 4 * 1e-3)
 
 
@@ -144,7 +148,9 @@ def test_exception_during_fit_saves_last_ckpt(tmp_path: Path) -> None:
     assert state["global_step"] == 3  # saved by the exception handler, not by a periodic save
 
 
-@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGUSR1"), reason="no SIGUSR1 on this platform")
+@pytest.mark.skipif(
+    not hasattr(__import__("signal"), "SIGUSR1"), reason="no SIGUSR1 on this platform"
+)
 def test_sigusr1_saves_and_stops(tmp_path: Path) -> None:
     r = _run(
         tmp_path,

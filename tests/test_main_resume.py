@@ -46,7 +46,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     assert torch.load(logdir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
     step6 = _weights(logdir / "checkpoints" / "last.ckpt")
 
-    resumed = run(*parse_args(["-r", str(logdir), "-t", "--no-test", "lightning.callbacks.killer=null"]))
+    resumed = run(
+        *parse_args(["-r", str(logdir), "-t", "--no-test", "lightning.callbacks.killer=null"])
+    )
     assert resumed.logdir == logdir  # continues in the same run directory
     assert resumed.global_step == 12
     assert len(list((logdir / "configs").glob("*-project.yaml"))) == 2  # one per launch

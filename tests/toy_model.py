@@ -39,7 +39,9 @@ class ToyIterable(IterableDataset):
 class ToyModel(pl.LightningModule):
     """MLP regressor; its training noise uses the global RNG, its LR follows a LambdaLR warm-up."""
 
-    def __init__(self, in_dim: int = 4, hidden: int = 8, noise: float = 0.05, monitor: str | None = None):
+    def __init__(
+        self, in_dim: int = 4, hidden: int = 8, noise: float = 0.05, monitor: str | None = None
+    ):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.Tanh(), nn.Linear(hidden, 1))
         self.noise = noise
@@ -70,7 +72,9 @@ class ToyModel(pl.LightningModule):
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
     @torch.no_grad()
-    def log_images(self, batch: dict[str, Any], split: str = "train", **kwargs: Any) -> dict[str, Any]:
+    def log_images(
+        self, batch: dict[str, Any], split: str = "train", **kwargs: Any
+    ) -> dict[str, Any]:
         """Inputs as 3x4x4 images in [-1, 1], plus random 'samples' (drawn from the global RNG)."""
         x = batch["x"]
         img = torch.tanh(x).repeat_interleave(4, dim=1).view(-1, 1, 4, 4).repeat(1, 3, 1, 1)
@@ -89,7 +93,9 @@ class WeightDump(pl.Callback):
         os.makedirs(self.folder, exist_ok=True)
         state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
         torch.save(state, f"{self.folder}/rank{trainer.global_rank}.pt")
-        torch.save(list(getattr(pl_module, "seen", [])), f"{self.folder}/seen{trainer.global_rank}.pt")
+        torch.save(
+            list(getattr(pl_module, "seen", [])), f"{self.folder}/seen{trainer.global_rank}.pt"
+        )
 
 
 class KillAtStep(pl.Callback):

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ldm.checkpoint import diffusers_config as dcfg
-from ldm.checkpoint.detect import Detection, as_full_config, detect, detect_sd
+from ldm.checkpoint.detect import Detection, DetectionError, as_full_config, detect, detect_sd
 from ldm.checkpoint.ema import apply_ema, has_ema
 from ldm.checkpoint.keymap_text import (
     CLIP_PREFIX,
@@ -253,12 +253,33 @@ def from_diffusers(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
         config = json.loads(cfg_path.read_text())
     else:
         sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-        sched_params = dcfg.params_from_scheduler(sched)
-        config = detect_sd(sd, folder, sched_params["parameterization"]).config
-        config["model"]["params"].update(
-            {k: v for k, v in sched_params.items() if k != "parameterization" or v != "eps"}
-        )
+        param = dcfg.params_from_scheduler(sched)["parameterization"]
+        try:  # SD-sized: the built-in (official) config
+            config = detect_sd(sd, folder, param).config
+        except DetectionError:
+            config = dcfg.ldm_config_from_diffusers(folder)
+        if meta.get("text_kind") is None and any(k.startswith(OPENCLIP_PREFIX) for k in sd):
+            _fill_unused_openclip_layer(sd, config)
     return sd, config
+
+
+def _fill_unused_openclip_layer(sd: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    """diffusers' SD 2 text encoders drop OpenCLIP's last layer (unused with layer='penultimate').
+
+    Our FrozenOpenCLIPEmbedder keeps it, so it is filled with zeros; it never affects the output.
+    """
+    if _layer_mode(config) != "penultimate":
+        return
+    n = openclip_num_layers(sd)
+    arch_layers = 24 if n == 23 else None  # ViT-H-14 text tower of SD 2.x
+    if arch_layers is None:
+        return
+    src = f"{OPENCLIP_PREFIX}transformer.resblocks.{n - 1}."
+    for k in [k for k in sd if k.startswith(src)]:
+        sd[f"{OPENCLIP_PREFIX}transformer.resblocks.{n}." + k[len(src) :]] = torch.zeros_like(sd[k])
+    logger.info(
+        "Filled the unused last OpenCLIP layer %d with zeros (diffusers folders omit it).", n
+    )
 
 
 def diffusers_to_checkpoint(folder: str | os.PathLike, dst: str | os.PathLike) -> Path:

@@ -173,8 +173,17 @@ def detect_sd(
     return Detection(name if param == "eps" else f"{name}-{param}", cfg, param, reason)
 
 
+def find_run_config(path: str | Path) -> Path | None:
+    """`<run>/configs/*-project.yaml` for `<run>/checkpoints/<file>` (the CompVis/our run layout)."""
+    path = Path(path)
+    if path.parent.name != "checkpoints":
+        return None
+    found = sorted((path.parent.parent / "configs").glob("*-project.yaml"))
+    return found[-1] if found else None
+
+
 def detect(ckpt: LoadedCheckpoint, prediction: str | None = None) -> Detection:
-    """Embedded config (ours) > Lightning hyper_parameters > SD key detection."""
+    """Embedded config (ours) > Lightning hyper_parameters > the run's saved config > SD keys."""
     embedded = ckpt.embedded_config
     if embedded is not None:
         cfg = as_full_config(embedded)
@@ -194,4 +203,15 @@ def detect(ckpt: LoadedCheckpoint, prediction: str | None = None) -> Detection:
             return Detection(
                 "hyper_parameters", cfg, param, "config rebuilt from Lightning hyper_parameters"
             )
+    run_cfg = find_run_config(ckpt.path)
+    if run_cfg is not None:
+        from omegaconf import OmegaConf
+
+        cfg = as_full_config(OmegaConf.to_container(OmegaConf.load(run_cfg), resolve=True))  # type: ignore[arg-type]
+        if prediction is not None:
+            cfg["model"].setdefault("params", {})["parameterization"] = guess_parameterization(
+                None, prediction
+            )[0]
+        param = cfg["model"].get("params", {}).get("parameterization", "eps")
+        return Detection("run-config", cfg, param, f"the run's saved config {run_cfg}")
     return detect_sd(ckpt.state_dict, ckpt.path, prediction)

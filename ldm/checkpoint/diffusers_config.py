@@ -208,3 +208,105 @@ def model_index(inpainting: bool, text_class: str = "CLIPTextModel") -> dict[str
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def ldm_config_from_diffusers(folder: str | Path) -> dict[str, Any]:
+    """Our LatentDiffusion config from a diffusers folder's component configs (inverse of the above)."""
+    folder = Path(folder)
+    unet = _read_json(folder / "unet" / "config.json")
+    vae = _read_json(folder / "vae" / "config.json")
+    text = _read_json(folder / "text_encoder" / "config.json")
+    sched = _read_json(folder / "scheduler" / "scheduler_config.json")
+    if not unet or not vae:
+        raise ConversionError(f"{folder}: unet/config.json and vae/config.json are required.")
+    bo = list(unet["block_out_channels"])
+    mc = bo[0]
+    heads = unet.get("attention_head_dim", 8)
+    unet_params: dict[str, Any] = {
+        "image_size": unet.get("sample_size", 64),
+        "in_channels": unet.get("in_channels", 4),
+        "out_channels": unet.get("out_channels", 4),
+        "model_channels": mc,
+        "attention_resolutions": [
+            2**i for i, t in enumerate(unet["down_block_types"]) if t.startswith("CrossAttn")
+        ],
+        "num_res_blocks": unet.get("layers_per_block", 2),
+        "channel_mult": [c // mc for c in bo],
+        "use_spatial_transformer": True,
+        "transformer_depth": unet.get("transformer_layers_per_block", 1),
+        "context_dim": unet.get("cross_attention_dim", 768),
+        "use_linear_in_transformer": bool(unet.get("use_linear_projection", False)),
+        "legacy": False,
+    }
+    if isinstance(heads, list):
+        per_head = {c // h for c, h in zip(bo, heads)}
+        if len(per_head) != 1:
+            raise ConversionError(
+                f"attention_head_dim {heads} gives unequal head widths {per_head}."
+            )
+        unet_params["num_head_channels"] = per_head.pop()
+    else:
+        unet_params["num_heads"] = heads
+    vbo = list(vae["block_out_channels"])
+    ddconfig = {
+        "double_z": True,
+        "z_channels": vae.get("latent_channels", 4),
+        "resolution": vae.get("sample_size", 256),
+        "in_channels": vae.get("in_channels", 3),
+        "out_ch": vae.get("out_channels", 3),
+        "ch": vbo[0],
+        "ch_mult": [c // vbo[0] for c in vbo],
+        "num_res_blocks": vae.get("layers_per_block", 2),
+        "attn_resolutions": [],
+        "dropout": 0.0,
+    }
+    if text.get("hidden_act", "quick_gelu") == "quick_gelu":
+        fields = (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "max_position_embeddings",
+            "hidden_act",
+            "layer_norm_eps",
+        )
+        cond = {
+            "target": "ldm.modules.encoders.clip.FrozenCLIPEmbedder",
+            "params": {"config": {k: text[k] for k in fields if k in text}},
+        }
+    else:
+        cond = {
+            "target": "ldm.modules.encoders.open_clip.FrozenOpenCLIPEmbedder",
+            "params": {"freeze": True, "layer": "penultimate"},
+        }
+    inpaint = unet_params["in_channels"] == 9
+    params = {
+        **params_from_scheduler(sched),
+        "first_stage_key": "jpg",
+        "cond_stage_key": "txt",
+        "image_size": unet_params["image_size"],
+        "channels": vae.get("latent_channels", 4),
+        "cond_stage_trainable": False,
+        "conditioning_key": "hybrid" if inpaint else "crossattn",
+        "scale_factor": vae.get("scaling_factor", 0.18215),
+        "use_ema": False,
+        "unet_config": {"target": "ldm.modules.unet.UNetModel", "params": unet_params},
+        "first_stage_config": {
+            "target": "ldm.models.autoencoder.AutoencoderKL",
+            "params": {
+                "embed_dim": ddconfig["z_channels"],
+                "ddconfig": ddconfig,
+                "lossconfig": {"target": "torch.nn.Identity"},
+            },
+        },
+        "cond_stage_config": cond,
+    }
+    if params["parameterization"] == "eps":
+        params.pop("parameterization")
+    cls = "LatentInpaintDiffusion" if inpaint else "LatentDiffusion"
+    return {"model": {"target": f"ldm.models.diffusion.ddpm.{cls}", "params": params}}

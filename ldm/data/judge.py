@@ -22,7 +22,7 @@ from ldm.data import shapes as S
 ATTRIBUTES = ("colour", "shape", "size", "position")
 NONE = "none"
 EMPTY_PEAK = 0.2  # an image whose brightest channel never exceeds this (0..1) is empty
-FLOOR = 0.05  # background level subtracted before measuring coverage
+FLOOR = 0.08  # background level (relative to the shape's peak) subtracted from coverage
 BLURS = (0.0, 0.5, 0.8, 1.1, 1.5)  # Gaussian sigmas (pixels) tried for blurry (generated) images
 RIM = 2  # pixels around the blob that still belong to it (anti-aliasing and blur)
 MIN_AREA_FRACTION = 3.0 / 1024  # below ~3 px at 32x32 the image counts as empty
@@ -65,12 +65,16 @@ def to_unit_batch(images: Any) -> np.ndarray:
 def _peak(value: np.ndarray) -> float:
     """Robust brightest level: mean of the 3 largest values (one hot pixel does not count)."""
     flat = value.reshape(-1)
-    return float(np.partition(flat, flat.size - 3)[-3:].mean()) if flat.size >= 3 else float(flat.max())
+    return (
+        float(np.partition(flat, flat.size - 3)[-3:].mean())
+        if flat.size >= 3
+        else float(flat.max())
+    )
 
 
 def _coverage(value: np.ndarray, peak: float) -> np.ndarray:
-    """Brightest channel (0..1) -> shape coverage: background floor removed, `peak` -> 1."""
-    return np.clip((value - FLOOR) / max(peak - FLOOR, 1e-6), 0.0, 1.0)
+    """Brightest channel (0..1) -> shape coverage: `peak` -> 1, a floor (relative) -> 0."""
+    return np.clip((value / max(peak, 1e-6) - FLOOR) / (1.0 - FLOOR), 0.0, 1.0)
 
 
 def _main_blob(value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -82,7 +86,7 @@ def _main_blob(value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     peak = _peak(value)
     if peak < EMPTY_PEAK:
         return empty
-    labels, n = ndimage.label(value > FLOOR + 0.5 * (peak - FLOOR))
+    labels, n = ndimage.label(value > 0.5 * peak)
     if n == 0:
         return empty
     sizes = ndimage.sum(value, labels, index=np.arange(1, n + 1))

@@ -64,12 +64,14 @@ class _DPMSolver:
             cache[key] = (x - self.denoise(x, s)) / s
         return cache[key]
 
-    def step_1(self, x, t, t_next, cache):  # noqa: ANN001, ANN201
+    def step_1(self, x: torch.Tensor, t: float, t_next: float, cache: dict) -> torch.Tensor:
         """DPM-Solver-1 (DDIM): x - sigma_next (e^h - 1) eps."""
         h = t_next - t
         return x - self.sigma(t_next) * math.expm1(h) * self.eps(cache, "eps", x, t)
 
-    def step_2(self, x, t, t_next, cache, r1=0.5):  # noqa: ANN001, ANN201
+    def step_2(
+        self, x: torch.Tensor, t: float, t_next: float, cache: dict, r1: float = 0.5
+    ) -> torch.Tensor:
         """DPM-Solver-2 (Alg. 1)."""
         h = t_next - t
         eps = self.eps(cache, "eps", x, t)
@@ -79,7 +81,15 @@ class _DPMSolver:
         sn = self.sigma(t_next)
         return x - sn * math.expm1(h) * eps - sn / (2 * r1) * math.expm1(h) * (eps_r1 - eps)
 
-    def step_3(self, x, t, t_next, cache, r1=1 / 3, r2=2 / 3):  # noqa: ANN001, ANN201
+    def step_3(
+        self,
+        x: torch.Tensor,
+        t: float,
+        t_next: float,
+        cache: dict,
+        r1: float = 1 / 3,
+        r2: float = 2 / 3,
+    ) -> torch.Tensor:
         """DPM-Solver-3 (Alg. 2)."""
         h = t_next - t
         eps = self.eps(cache, "eps", x, t)

@@ -48,7 +48,7 @@ def spaced_timesteps(
         raise ValueError(
             f"unknown timestep_spacing {spacing!r}; expected one of {list(TIMESTEP_SPACINGS)}"
         )
-    ts = np.ascontiguousarray(ts, dtype=np.float64)
+    ts = np.array(ts, dtype=np.float64)  # a copy: positive strides for torch.from_numpy
     if ts.max() > T - 1 or ts.min() < 0:
         raise ValueError(
             f"timesteps {ts.tolist()} leave [0, {T - 1}] (spacing={spacing!r}, steps={N}, "

@@ -157,6 +157,22 @@ def load_image(path: str, size: tuple[int, int] | None, mode: str = "RGB") -> to
     return (arr * 2 - 1 if mode == "RGB" else arr)[None]
 
 
+def inpaint_concat(
+    model: Any, init: torch.Tensor, mask: torch.Tensor, small: torch.Tensor
+) -> torch.Tensor:
+    """c_concat [1, 1 + C, h, w] of an inpainting model: mask on the latent grid, E(masked image)."""
+    masked = init * (mask < 0.5)  # keep where mask == 0
+    if hasattr(model, "concat_conditioning"):
+        keys = getattr(model, "concat_keys", ("mask", "masked_image"))
+        mkey = getattr(model, "masked_image_key", "masked_image")
+        batch = {
+            k: (masked if k == mkey else mask).permute(0, 2, 3, 1) for k in keys
+        }  # [1, H, W, C]
+        return model.concat_conditioning(batch, small.shape)
+    z = model.get_first_stage_encoding(model.encode_first_stage(masked))
+    return torch.cat([small[:1], z], dim=1)  # [1, 1 + C, h, w]
+
+
 def _autocast(args: argparse.Namespace, device: torch.device) -> Any:
     if args.precision == "autocast" and device.type == "cuda":
         return torch.autocast(device.type, dtype=torch.float16)
@@ -195,6 +211,7 @@ def run(mode: str, argv: list[str] | None = None) -> list[Path]:
         raise CommandError(f"--config {args.config}: no such file.")
     name = sampler_name(args)
     device = pick_device(args.device)
+    torch.manual_seed(args.seed)  # posterior samples of init images use the global generator
     from ldm.checkpoint import load_model
     from ldm.checkpoint.loader import file_hash
     from ldm.samplers import cfg_model_fn, sample
@@ -276,15 +293,8 @@ def run(mode: str, argv: list[str] | None = None) -> list[Path]:
                     unet_in = getattr(
                         getattr(model.model, "diffusion_model", None), "in_channels", c_lat
                     )
-                    if (
-                        unet_in == c_lat + 1 + c_lat
-                    ):  # inpainting U-Net: concat mask + masked image latent
-                        masked = model.get_first_stage_encoding(
-                            model.encode_first_stage(init * (mask < 0.5))
-                        )
-                        concat = torch.cat(
-                            [small, masked.expand(b, -1, -1, -1)], dim=1
-                        )  # [B, 1 + C, h, w]
+                    if unet_in == 2 * c_lat + 1:  # inpainting U-Net: mask + masked image latent
+                        concat = inpaint_concat(model, init, mask, small).expand(b, -1, -1, -1)
                         cond = {"c_concat": [concat], "c_crossattn": [cond]}
                         if uncond is not None:
                             uncond = {"c_concat": [concat], "c_crossattn": [uncond]}

@@ -117,3 +117,16 @@ def build_tiny(config: dict, seed: int = 0) -> torch.nn.Module:
     ):  # the source model: its weights are final
         model.cond_stage_model.mark_weights_loaded()
     return model
+
+
+def tiny_inpaint_config() -> dict:
+    """tiny_ldm_config as an inpainting model: 9 U-Net input channels, hybrid conditioning."""
+    cfg = tiny_ldm_config()
+    params = cfg["model"]["params"]
+    cfg["model"]["target"] = "ldm.models.diffusion.ddpm.LatentInpaintDiffusion"
+    params["conditioning_key"] = "hybrid"
+    params["unet_config"] = {
+        **params["unet_config"],
+        "params": {**params["unet_config"]["params"], "in_channels": 9},
+    }
+    return cfg

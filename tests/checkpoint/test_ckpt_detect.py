@@ -174,3 +174,21 @@ def test_report_groups_and_fails_only_for_sampling_keys() -> None:
     assert compare(_Tiny(), wrong).mismatched == [("model.diffusion_model.weight", (3, 2), (5, 2))]
     with pytest.raises(CheckpointMismatchError, match="mismatched"):
         load_checked(_Tiny(), wrong)
+
+
+def test_run_layout_config_is_found(tmp_path: Path) -> None:
+    """logs/<run>/checkpoints/last.ckpt without an embedded config uses logs/<run>/configs/*-project.yaml."""
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "configs").mkdir()
+    (tmp_path / "run" / "configs" / "2026-01-01T00-00-00-project.yaml").write_text(
+        "model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n  params:\n    timesteps: 9\n"
+    )
+    torch.save(
+        {"state_dict": {"w": torch.ones(1)}, "global_step": 1},
+        tmp_path / "run" / "checkpoints" / "last.ckpt",
+    )
+    det = detect(read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt"))
+    assert det.name == "run-config" and det.config["model"]["params"]["timesteps"] == 9
+    torch.save({"state_dict": {"w": torch.ones(1)}}, tmp_path / "elsewhere.ckpt")
+    with pytest.raises(DetectionError):
+        detect(read_checkpoint(tmp_path / "elsewhere.ckpt"))

@@ -4,6 +4,7 @@ adaptive weight, and construction from the CompVis target paths."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -38,8 +39,14 @@ def _fake_vgg_file(path: Path) -> Path:
     return path
 
 
-def test_lpips_matches_lpips_package(tmp_path) -> None:
+def test_lpips_matches_lpips_package(tmp_path, monkeypatch) -> None:
     lpips_pkg = pytest.importorskip("lpips")
+    import lpips.pretrained_networks as pn
+    from torchvision.models.vgg import cfgs, make_layers
+
+    # the reference builds torchvision's whole vgg16 (with a 102M-parameter classifier it never
+    # uses) for `.features`; hand it the same `features` trunk alone to keep the test fast
+    monkeypatch.setattr(pn.tv, "vgg16", lambda **kw: SimpleNamespace(features=make_layers(cfgs["D"])))
     ref = lpips_pkg.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False).eval()
     # export the reference's (random) VGG trunk in torchvision's layout, then load ours from files
     vgg = {}
@@ -101,8 +108,8 @@ def test_perceptual_weight_zero_needs_no_files(no_lpips_files) -> None:
 def _kl_inputs(requires_grad: bool = True):
     torch.manual_seed(0)
     last = torch.nn.Conv2d(8, 3, 3, padding=1)
-    h = torch.randn(2, 8, 16, 16)
-    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    h = torch.randn(2, 8, 32, 32)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
     xrec = last(h)
     post = DiagonalGaussianDistribution(torch.randn(2, 8, 4, 4))
     return x, xrec, post, last.weight

@@ -71,18 +71,71 @@ def test_register_sampler_extends_the_entry_point():
 def test_generator_reproducibility(name):
     x = torch.randn(2, 3, 4)
     opts = {"eta": 1.0} if name == "ddim" else {}
-    run = lambda seed: sample(
-        toy,
-        x,
-        sampler=name,
-        steps=6,
-        alphas_cumprod=AC,
-        disable=True,  # noqa: E731
-        generator=torch.Generator().manual_seed(seed),
-        **opts,
-    )
+
+    def run(seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return sample(toy, x, sampler=name, steps=6, alphas_cumprod=AC, generator=g, **opts)
+
     torch.testing.assert_close(run(0), run(0), rtol=0, atol=0)
     assert (run(0) - run(1)).abs().max() > 1e-3
+
+
+MINE = [
+    "ddpm",
+    "ddim",
+    "plms",
+    "dpmpp_2m",
+    "dpmpp_2m_sde",
+    "dpmpp_3m_sde",
+    "dpmpp_2s_a",
+    "dpmpp_sde",
+    "euler",
+    "euler_a",
+    "heun",
+    "dpm_2",
+    "dpm_2_a",
+    "lms",
+    "unipc",
+    "dpm_adaptive",
+]
+
+
+@pytest.mark.parametrize("name", MINE)
+def test_every_sampler_handles_few_steps_dtypes_img2img_and_masks(name):
+    for steps in (1, 2):
+        for dtype in (torch.float32, torch.float64):
+            x = torch.randn(1, 2, 3, 3, dtype=dtype)
+            y = sample(toy, x, sampler=name, steps=steps, alphas_cumprod=AC, disable=True)
+            assert y.dtype == dtype and y.shape == x.shape and torch.isfinite(y).all()
+    x0 = torch.zeros(1, 2, 3, 3)
+    y = sample(
+        toy,
+        x0 + 1,
+        sampler=name,
+        steps=3,
+        alphas_cumprod=AC,
+        x0=x0,
+        strength=0.5,
+        mask=torch.ones(1, 1, 3, 3),
+    )
+    torch.testing.assert_close(y, x0, rtol=0, atol=0)
+
+
+def test_ddim_accepts_explicit_per_step_noise():
+    x = torch.randn(2, 3)
+    g = torch.Generator().manual_seed(2)
+    drawn = [torch.randn(2, 3, generator=g) for _ in range(5)]
+    a = sample(toy, x, sampler="ddim", steps=5, alphas_cumprod=AC, eta=1.0, noise=drawn)
+    b = sample(
+        toy,
+        x,
+        sampler="ddim",
+        steps=5,
+        alphas_cumprod=AC,
+        eta=1.0,
+        generator=torch.Generator().manual_seed(2),
+    )
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_callback_and_progress_bar(capsys):

@@ -38,7 +38,7 @@ def ideal_model(ac: torch.Tensor, parameterization: str = "eps"):
         if parameterization == "eps":
             return eps.float()
         x0 = (xd - b * eps) / a
-        return (a * eps - b * x0).float()
+        return (x0 if parameterization == "x0" else a * eps - b * x0).float()
 
     return model_fn
 
@@ -147,6 +147,25 @@ def test_deterministic_samplers_converge_to_exact_transport(ac, name):
     assert fine < (3e-2 if order == 1 else 2e-3), f"{name}: error {fine:.2e} at 200 steps"
 
 
+@pytest.mark.parametrize("name", ["ddim", "dpmpp_2m", "heun", "ddpm"])
+def test_parameterizations_agree_for_the_same_ideal_model(ac, name):
+    x = noise(400, seed=6)
+    outs = [
+        sample(
+            ideal_model(ac, p),
+            x,
+            sampler=name,
+            steps=15,
+            alphas_cumprod=ac,
+            parameterization=p,
+            generator=torch.Generator().manual_seed(0),
+        )
+        for p in ("eps", "v", "x0")
+    ]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(outs[2], outs[0], rtol=1e-4, atol=1e-4)
+
+
 def test_v_parameterization_transport(ac):
     assert transport_error(ac, "dpmpp_2m", 200, "v") < 2e-3
     assert transport_error(ac, "ddim", 200, "v") < 3e-2
@@ -177,3 +196,49 @@ def test_ddim_inversion_matches_exact_inverse_and_round_trips(ac):
         set_alpha_to_one=True,
     )
     assert (back - x0).abs().max().item() < 0.015
+
+
+@pytest.mark.parametrize(
+    "name, twin", [("dpmpp_2m_sde", "dpmpp_2m"), ("dpm_2_a", "dpm_2"), ("euler_a", "euler")]
+)
+def test_eta_zero_reduces_to_the_deterministic_solver(ac, name, twin):
+    x = noise(400, seed=5)
+    m = ideal_model(ac)
+    a = sample(m, x, sampler=name, steps=12, alphas_cumprod=ac, eta=0.0, karras=True)
+    b = sample(m, x, sampler=twin, steps=12, alphas_cumprod=ac, karras=True)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2s_a", "dpmpp_sde", "dpmpp_3m_sde"])
+def test_stochastic_family_at_eta_zero_is_a_high_order_ode_solver(ac, name):
+    x_T = noise(800, seed=3)
+    sched = DiscreteSchedule(ac)
+    exact = exact_sigma_transport(x_T * sched.sigma_max, sched.sigma_max, sched.sigma_min)
+    errs = []
+    for steps in (50, 200):
+        out = sample(
+            ideal_model(ac), x_T, sampler=name, steps=steps, alphas_cumprod=ac, karras=True, eta=0.0
+        )
+        errs.append((out - exact).abs().max().item())
+    assert errs[0] / errs[1] > 0.75 * 16 and errs[1] < 2e-3, errs
+
+
+def test_dpm_adaptive_tolerance_trades_evaluations_for_accuracy(ac):
+    x_T = noise(800, seed=3)
+    sched = DiscreteSchedule(ac)
+    exact = exact_sigma_transport(x_T * sched.sigma_max, sched.sigma_max, sched.sigma_min)
+    results = []
+    for rtol in (0.05, 1e-4):
+        calls = []
+        base = ideal_model(ac)
+
+        def counted(x, t, base=base, calls=calls):
+            calls.append(1)
+            return base(x, t)
+
+        out = sample(
+            counted, x_T, sampler="dpm_adaptive", steps=10, alphas_cumprod=ac, rtol=rtol, atol=1e-5
+        )
+        results.append(((out - exact).abs().max().item(), len(calls)))
+    (err_loose, nfe_loose), (err_tight, nfe_tight) = results
+    assert nfe_tight > nfe_loose and err_tight < err_loose / 10 and err_tight < 1e-3, results

@@ -121,3 +121,71 @@ def test_tiled_decode_matches_full_decode_away_from_seams() -> None:
     z = torch.randn(1, 4, 40, 24)
     with torch.no_grad():
         torch.testing.assert_close(decode_tiled(dec, z, tile=16, overlap=4), dec(z))
+
+
+def _images(tmp_path: Path) -> tuple[Path, Path]:
+    g = np.random.default_rng(0)
+    Image.fromarray((g.random((16, 16, 3)) * 255).astype(np.uint8)).save(tmp_path / "init.png")
+    m = np.zeros((16, 16), np.uint8)
+    m[:, 8:] = 255  # repaint the right half
+    Image.fromarray(m).save(tmp_path / "mask.png")
+    return tmp_path / "init.png", tmp_path / "mask.png"
+
+
+def test_inpaint_feeds_mask_and_masked_image_to_a_9_channel_unet(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from ckpt_helpers import tiny_inpaint_config
+
+    import ldm.checkpoint as ckpt_pkg
+
+    cfg = tiny_inpaint_config()
+    path = save_state_dict(
+        build_tiny(cfg).state_dict(), tmp_path / "inpaint.safetensors", config=cfg
+    )
+    init, mask = _images(tmp_path)
+    seen = []
+    real_load = ckpt_pkg.load_model
+
+    def spy_load(*a, **k):
+        model = real_load(*a, **k)
+        apply = model.apply_model
+        model.apply_model = lambda x, t, c: seen.append(c) or apply(x, t, c)
+        return model
+
+    monkeypatch.setattr(ckpt_pkg, "load_model", spy_load)
+    flags = [
+        "--ckpt",
+        str(path),
+        "--init-img",
+        str(init),
+        "--mask",
+        str(mask),
+        "--steps",
+        "2",
+        "--n_samples",
+        "1",
+        "--n_iter",
+        "1",
+        "--device",
+        "cpu",
+        "--scale",
+        "1",
+        "--skip_grid",
+        "--outdir",
+        str(tmp_path / "out"),
+    ]
+    (out,) = run("inpaint", flags)
+    assert read_params(out)["mode"] == "inpaint"
+    concat = seen[0]["c_concat"][0]  # [B, 1 + 4, 8, 8]
+    assert concat.shape == (1, 5, 8, 8)
+    assert torch.equal(concat[0, 0, :, :4], torch.zeros(8, 4)) and torch.equal(
+        concat[0, 0, :, 4:], torch.ones(8, 4)
+    )
+    # the masked-image latent does not see the repainted half: changing it there changes nothing
+    pixels = np.asarray(Image.open(init)).copy()
+    pixels[:, 8:] = 0
+    Image.fromarray(pixels).save(tmp_path / "init2.png")
+    seen.clear()
+    run("inpaint", [*flags[:2], "--init-img", str(tmp_path / "init2.png"), *flags[4:]])
+    torch.testing.assert_close(seen[0]["c_concat"][0], concat)

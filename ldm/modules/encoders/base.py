@@ -49,56 +49,96 @@ class IdentityEncoder(AbstractEncoder):
 
 
 def _guard_pre_hook(
-    module: FrozenWeightsMixin,
+    inner: nn.Module,
     state_dict: dict[str, Any],
     prefix: str,
     *args: Any,
 ) -> None:
-    """Remap legacy keys, then mark the encoder loaded when the state dict holds all its keys."""
-    module._remap_state_dict(state_dict, prefix)
-    required = module._required_state_keys()
+    """Remap legacy keys, then mark the weights loaded when the state dict holds all of them.
+
+    Registered on the encoder's inner model (``transformer`` / ``model``), so it fires whether the
+    weights arrive through the encoder, a parent (``LatentDiffusion``) or the inner model itself.
+    Everything it needs is stored on the inner module, which keeps it picklable and deep-copyable.
+    """
+    guard = inner._ldm_guard
+    if guard.get("remap") is not None:
+        guard["remap"](inner, state_dict, prefix)
+    required = [k for k in inner.state_dict(keep_vars=True) if k not in guard["optional"]]
     present = [k for k in required if prefix + k in state_dict]
     if required and len(present) == len(required):
-        module.weights_loaded = True
+        guard["loaded"] = True
     elif present:
         logger.warning(
             "%s: the loaded state dict holds %d of its %d weights under '%s'; the encoder stays "
             "marked as not loaded.",
-            type(module).__name__,
+            guard["owner"],
             len(present),
             len(required),
             prefix,
         )
 
 
+def _constant_buffer(name: str, like: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """Value of a known non-persistent constant buffer (absent from checkpoints)."""
+    if name.endswith("position_ids"):  # transformers CLIP: [[0, 1, ..., L-1]]
+        return torch.arange(like.shape[-1], device=device).expand(like.shape).clone()
+    if name.endswith("attn_mask"):  # open_clip causal mask: -inf above the diagonal
+        return torch.full(like.shape, float("-inf"), dtype=like.dtype, device=device).triu_(1)
+    return None
+
+
+def _materialize_post_hook(inner: nn.Module, incompatible_keys: Any) -> None:
+    """After ``load_state_dict(..., assign=True)`` into a meta-built model, rebuild constant buffers."""
+    devices = [p.device for p in inner.parameters() if not p.is_meta]
+    if not devices or any(p.is_meta for p in inner.parameters()):
+        return
+    for name, buf in list(inner.named_buffers()):
+        if buf is None or not buf.is_meta:
+            continue
+        value = _constant_buffer(name, buf, devices[0])
+        if value is None:
+            logger.warning(
+                "%s: buffer '%s' is still on the meta device", type(inner).__name__, name
+            )
+            continue
+        owner_path, _, leaf = name.rpartition(".")
+        inner.get_submodule(owner_path)._buffers[leaf] = value
+
+
 class FrozenWeightsMixin(nn.Module):
     """Tracks whether real weights were loaded; frozen modules stay in eval mode without grads."""
 
-    weights_loaded: bool = False
-
-    def _setup_guard(self, freeze: bool, allow_random_weights: bool) -> None:
+    def _setup_guard(
+        self,
+        inner: nn.Module,
+        freeze: bool,
+        allow_random_weights: bool,
+        optional_keys: set[str] | None = None,
+        remap: Any = None,
+    ) -> None:
+        """Install the guard on ``inner``; ``remap(inner, state_dict, prefix)`` renames old keys."""
         self.frozen = bool(freeze)
         self.allow_random_weights = bool(allow_random_weights)
-        self.weights_loaded = False
-        self._required_keys_cache: tuple[str, ...] | None = None
-        self.register_load_state_dict_pre_hook(_guard_pre_hook)
+        inner._ldm_guard = {
+            "loaded": False,
+            "optional": frozenset(optional_keys or ()),
+            "remap": remap,
+            "owner": type(self).__name__,
+        }
+        self._guarded_name = next(n for n, m in self.named_children() if m is inner)
+        inner.register_load_state_dict_pre_hook(_guard_pre_hook)
+        inner.register_load_state_dict_post_hook(_materialize_post_hook)
         if self.frozen:
             self.freeze()
 
-    # subclasses override these two
-    def _remap_state_dict(self, state_dict: dict[str, Any], prefix: str) -> None:
-        """Rename keys of older checkpoint layouts in place (``prefix`` = this module's prefix)."""
+    @property
+    def weights_loaded(self) -> bool:
+        """Whether real weights were loaded (a state dict with all keys, a local file or the hub)."""
+        return bool(getattr(self, self._guarded_name)._ldm_guard["loaded"])
 
-    def _optional_state_keys(self) -> set[str]:
-        """State keys that do not influence ``encode`` and need not be present to count as loaded."""
-        return set()
-
-    def _required_state_keys(self) -> tuple[str, ...]:
-        if self._required_keys_cache is None:
-            optional = self._optional_state_keys()
-            keys = [k for k in self.state_dict(keep_vars=True) if k not in optional]
-            self._required_keys_cache = tuple(keys)
-        return self._required_keys_cache
+    @weights_loaded.setter
+    def weights_loaded(self, value: bool) -> None:
+        getattr(self, self._guarded_name)._ldm_guard["loaded"] = bool(value)
 
     def freeze(self) -> None:
         """Eval mode and ``requires_grad=False`` for every parameter (CompVis ``freeze``)."""

@@ -61,6 +61,30 @@ def build_clip_text_config(overrides: dict[str, Any]) -> Any:
     return CLIPTextConfig(**{**CLIP_TEXT_DEFAULTS, **overrides})
 
 
+def remap_clip_text_keys(model: Any, state_dict: dict[str, Any], prefix: str) -> None:
+    """Rename, in place, ``CLIPTextModel`` keys with or without ``text_model.`` (transformers 4 vs 5).
+
+    ``prefix`` is the model's prefix in ``state_dict``; old files also carry ``position_ids``.
+    """
+    own = set(model.state_dict(keep_vars=True))
+    level = any(k.startswith("text_model.") for k in own)
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix) :]
+        if level and not rest.startswith("text_model."):
+            rest = "text_model." + rest
+        elif not level and rest.startswith("text_model."):
+            rest = rest[len("text_model.") :]
+        if rest.endswith("embeddings.position_ids") and rest not in own:
+            del state_dict[key]  # a constant buffer that older transformers saved
+            continue
+        if prefix + rest != key:
+            state_dict[prefix + rest] = state_dict.pop(key)
+    # a persistent position_ids buffer (some transformers 4.x) that the file lacks
+    for name in own:
+        if name.endswith("embeddings.position_ids") and prefix + name not in state_dict:
+            state_dict[prefix + name] = model.get_buffer(name)
+
+
 class FrozenCLIPEmbedder(FrozenWeightsMixin, AbstractEncoder):
     """CLIP text encoder (Radford et al. 2021) giving SD's cross-attention context ``[B, 77, D]``.
 
@@ -106,7 +130,15 @@ class FrozenCLIPEmbedder(FrozenWeightsMixin, AbstractEncoder):
             loaded = True
         elif from_hub:
             logger.info("FrozenCLIPEmbedder: loading '%s' through the Hugging Face hub", version)
-            self.transformer = CLIPTextModel.from_pretrained(version)
+            try:
+                self.transformer = CLIPTextModel.from_pretrained(version)
+            except (OSError, ValueError) as err:
+                raise FileNotFoundError(
+                    f"FrozenCLIPEmbedder: from_hub=True but '{version}' could not be loaded from "
+                    f"the Hugging Face hub or its cache ({type(err).__name__}: {err}). Pass a "
+                    "local directory as version=..., or leave from_hub off to build the built-in "
+                    "architecture and load the weights from a Stable Diffusion checkpoint."
+                ) from err
             loaded = True
         elif version in KNOWN_CLIP_TEXT_CONFIGS:
             cfg = build_clip_text_config(KNOWN_CLIP_TEXT_CONFIGS[version])
@@ -125,10 +157,14 @@ class FrozenCLIPEmbedder(FrozenWeightsMixin, AbstractEncoder):
                     f"FrozenCLIPEmbedder: layer='hidden' needs layer_idx in [-{n_layers + 1}, "
                     f"{n_layers}] (index into the {n_layers + 1} hidden states), got {layer_idx!r}."
                 )
-        self._text_model_level = any(
-            k.startswith("text_model.") for k in self.transformer.state_dict(keep_vars=True)
+        own = self.transformer.state_dict(keep_vars=True)
+        self._setup_guard(
+            self.transformer,
+            freeze,
+            allow_random_weights,
+            optional_keys={k for k in own if k.endswith("position_ids")},
+            remap=remap_clip_text_keys,
         )
-        self._setup_guard(freeze, allow_random_weights)
         self.weights_loaded = loaded
         if weights is not None:
             self.load_weights(weights)
@@ -150,30 +186,6 @@ class FrozenCLIPEmbedder(FrozenWeightsMixin, AbstractEncoder):
                 "Hugging Face CLIP directory or a .safetensors/.pt state dict of CLIPTextModel."
             )
         self.load_state_dict({"transformer." + k: v for k, v in sd.items()}, strict=True)
-
-    def _remap_state_dict(self, state_dict: dict[str, Any], prefix: str) -> None:
-        """Accept checkpoints with or without the ``text_model.`` level (transformers 4 vs 5)."""
-        base = prefix + "transformer."
-        own = set(self.transformer.state_dict(keep_vars=True))
-        for key in [k for k in state_dict if k.startswith(base)]:
-            rest = key[len(base) :]
-            if self._text_model_level and not rest.startswith("text_model."):
-                rest = "text_model." + rest
-            elif not self._text_model_level and rest.startswith("text_model."):
-                rest = rest[len("text_model.") :]
-            if rest.endswith("embeddings.position_ids") and rest not in own:
-                del state_dict[key]  # a constant buffer that older transformers saved
-                continue
-            if base + rest != key:
-                state_dict[base + rest] = state_dict.pop(key)
-        # a persistent position_ids buffer (some transformers 4.x) that the file lacks
-        for name in own:
-            if name.endswith("embeddings.position_ids") and base + name not in state_dict:
-                state_dict[base + name] = self.transformer.get_buffer(name)
-
-    def _optional_state_keys(self) -> set[str]:
-        own = self.transformer.state_dict(keep_vars=True)
-        return {"transformer." + k for k in own if k.endswith("position_ids")}
 
     def _describe(self) -> str:
         return f"CLIP text encoder '{self.version}'"

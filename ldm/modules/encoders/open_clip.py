@@ -94,12 +94,22 @@ class FrozenOpenCLIPEmbedder(FrozenWeightsMixin, AbstractEncoder):
             import open_clip
 
             logger.info("FrozenOpenCLIPEmbedder: loading %s/%s through open_clip", arch, version)
-            model = open_clip.create_model(arch, pretrained=version, device="cpu")
+            try:
+                model = open_clip.create_model(arch, pretrained=version, device="cpu")
+            except (OSError, RuntimeError, ValueError) as err:
+                raise FileNotFoundError(
+                    f"FrozenOpenCLIPEmbedder: from_hub=True but {arch}/{version} could not be "
+                    f"loaded ({type(err).__name__}: {err}). Pass a local checkpoint file as "
+                    "version=... or weights=..., or leave from_hub off and load the weights from "
+                    "a Stable Diffusion 2.x checkpoint."
+                ) from err
             del model.visual
             self.model = model
         else:
             self.model = build_text_only_clip(arch)
-        self._setup_guard(freeze, allow_random_weights)
+        # logit_scale / text_projection serve CLIP's contrastive head, never the conditioning
+        optional = {"logit_scale", "logit_bias", "text_projection"}
+        self._setup_guard(self.model, freeze, allow_random_weights, optional_keys=optional)
         self.weights_loaded = from_hub
         if weights is None and not from_hub and os.path.isfile(str(version)):
             weights = str(version)  # open_clip accepts a checkpoint path as `pretrained`
@@ -132,10 +142,6 @@ class FrozenOpenCLIPEmbedder(FrozenWeightsMixin, AbstractEncoder):
                 f"FrozenOpenCLIPEmbedder: '{path}' lacks text-tower weights of {self.arch}: "
                 f"missing {sorted(own - {k[len('model.') :] for k in sd})[:8]} ..."
             )
-
-    def _optional_state_keys(self) -> set[str]:
-        # used by CLIP's contrastive head only, never by the conditioning
-        return {"model.logit_scale", "model.logit_bias", "model.text_projection"}
 
     def _describe(self) -> str:
         return f"OpenCLIP text encoder {self.arch}/{self.version}"

@@ -171,3 +171,38 @@ def test_config_mistakes_are_readable():
         _tiny(layer="hidden")
     with pytest.raises(ConfigError, match="layer='penultimate'"):
         _tiny(layer="penultimate")
+
+
+def test_guard_survives_copy_and_inner_loading(monkeypatch, tmp_path):
+    import copy
+
+    monkeypatch.delenv("LDM_ALLOW_RANDOM_WEIGHTS", raising=False)
+    embedder = _tiny()
+    clone = copy.deepcopy(embedder)
+    clone.transformer.load_state_dict(_tiny().transformer.state_dict())  # inner model directly
+    assert clone.weights_loaded and not embedder.weights_loaded
+    torch.save(clone, tmp_path / "m.pt")
+    restored = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert restored.weights_loaded
+    torch.testing.assert_close(restored(["a cat"]), clone(["a cat"]))
+    fresh = copy.deepcopy(embedder)
+    fresh.load_state_dict(clone.state_dict())  # the hook of a copy updates that copy only
+    assert fresh.weights_loaded and not embedder.weights_loaded
+
+
+def test_unavailable_weights_say_what_to_pass(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="Pass a local directory as version="):
+        FrozenCLIPEmbedder(version="no-such-org/no-such-clip", from_hub=True)
+    with pytest.raises(FileNotFoundError, match="neither a directory nor a file"):
+        _tiny(weights=str(tmp_path / "missing.safetensors"))
+
+
+def test_meta_build_then_assign_load_encodes():
+    source = _tiny(allow_random_weights=True)
+    with torch.device("meta"):
+        fast = _tiny()
+    fast.load_state_dict(source.state_dict(), assign=True)
+    assert fast.weights_loaded
+    with torch.no_grad():
+        torch.testing.assert_close(fast(PROMPTS), source(PROMPTS))

@@ -120,3 +120,14 @@ def test_gradient_checkpointing_same_gradients():
     for n, p in embedder.named_parameters():
         if n in ref:
             torch.testing.assert_close(p.grad, ref[n], rtol=1e-5, atol=1e-7)
+
+
+def test_meta_build_then_assign_load_encodes():
+    """Fast loading path: build on meta, load_state_dict(assign=True); constant buffers rebuilt."""
+    source = _tiny(layer="penultimate", allow_random_weights=True)
+    with torch.device("meta"):
+        fast = _tiny(layer="penultimate")
+    fast.load_state_dict(source.state_dict(), assign=True)
+    assert fast.weights_loaded and not fast.model.attn_mask.is_meta
+    with torch.no_grad():
+        torch.testing.assert_close(fast(PROMPTS), source(PROMPTS))
