@@ -160,3 +160,18 @@ class RankImageLogger(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         self.rank = trainer.global_rank
         self.inner.on_train_batch_end(trainer, *args)
+
+
+class ToyImages(Dataset):
+    """Smooth random H x W x 3 images in [-1, 1] with captions (CompVis items for a tiny LDM)."""
+
+    def __init__(self, n: int = 16, size: int = 8, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        low = torch.rand(n, 3, 2, 2, generator=gen) * 2 - 1
+        self.images = nn.functional.interpolate(low, size=(size, size), mode="bilinear").permute(0, 2, 3, 1)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"image": self.images[i], "caption": f"image {i}"}

@@ -41,9 +41,18 @@ class CheckpointMismatchError(RuntimeError):
     """The checkpoint lacks weights that sampling needs (or has them with the wrong shapes)."""
 
 
+TOP_LEVEL = "<top-level>"
+
+
+def prefix_of(key: str, depth: int = 2) -> str:
+    """First `depth` dotted components (`model.diffusion_model`), or <top-level> for short keys."""
+    parts = key.split(".")
+    return ".".join(parts[:depth]) if len(parts) > depth else TOP_LEVEL
+
+
 def group_by_prefix(keys: list[str], depth: int = 2) -> dict[str, int]:
     """Count keys per dotted prefix of `depth` components (e.g. `model.diffusion_model`)."""
-    counts: Counter[str] = Counter(".".join(k.split(".")[:depth]) for k in keys)
+    counts: Counter[str] = Counter(prefix_of(k, depth) for k in keys)
     return dict(sorted(counts.items()))
 
 
@@ -81,14 +90,11 @@ class KeyReport:
                 continue
             lines.append(f"{len(keys)} {title} key(s):")
             for prefix, n in group_by_prefix(keys).items():
-                examples = [k for k in keys if k.startswith(prefix)][:max_examples]
-                opt = (
-                    " (not needed for sampling)"
-                    if title == "missing"
-                    and all(is_optional(k) for k in keys if k.startswith(prefix))
-                    else ""
-                )
-                lines.append(f"  {prefix}.*: {n}{opt}  e.g. {', '.join(examples)}")
+                group = [k for k in keys if prefix_of(k) == prefix]
+                optional = title == "missing" and all(is_optional(k) for k in group)
+                note = " (not needed for sampling)" if optional else ""
+                label = prefix if prefix == TOP_LEVEL else prefix + ".*"
+                lines.append(f"  {label}: {n}{note}  e.g. {', '.join(group[:max_examples])}")
         if self.mismatched:
             lines.append(f"{len(self.mismatched)} key(s) with mismatched shapes:")
             for k, want, got in self.mismatched[: max_examples * 4]:

@@ -12,6 +12,7 @@ import csv
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -189,24 +190,26 @@ class ImageFolderDataset(Dataset):
             )
         return [p for p, _ in kept], [c for _, c in kept]
 
+    def _check(self, path: Path, full: bool) -> str | None:
+        if not full:
+            return verify_image(path)
+        try:
+            load_rgb(path, self.background)
+        except BadImageError as exc:
+            return str(exc)
+        return None
+
     def _prevalidate(self, full: bool) -> None:
-        good = []
-        for i, p in enumerate(self.paths):
-            if full:
-                try:
-                    load_rgb(p, self.background)
-                    reason = None
-                except BadImageError as exc:
-                    reason = str(exc)
-            else:
-                reason = verify_image(p)
-            if reason is None:
-                good.append(i)
-            else:
+        """Drop files that fail PIL verify (or a full decode); count and report them once."""
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            reasons = list(pool.map(lambda p: self._check(p, full), self.paths, chunksize=64))
+        for p, reason in zip(self.paths, reasons):
+            if reason is not None:
                 self.skipped.add(str(p), reason)
         self.skipped.report()
-        self.paths = [self.paths[i] for i in good]
-        self.captions = [self.captions[i] for i in good]
+        keep = [i for i, reason in enumerate(reasons) if reason is None]
+        self.paths = [self.paths[i] for i in keep]
+        self.captions = [self.captions[i] for i in keep]
 
     @property
     def deterministic(self) -> bool:

@@ -1,10 +1,12 @@
 """Judge: read colour, shape, size and position back from a captioned-shapes image.
 
-Classical analysis by synthesis: soft foreground mask (brightest channel, thresholded), largest
-connected blob, centroid and area; the shape is the template (circle/square/triangle of the same
-area at the same centroid) with the least squared error to the mask; size from the fitted
-radius; position from the anchor's nearest grid line; colour from the mask-weighted mean colour,
-normalised by its brightest channel, nearest palette entry. An image with no blob gives "none".
+Classical analysis by synthesis. Foreground = largest connected blob of the brightest channel
+(above half its peak), dilated over its rim; coverage = brightness relative to the blob's peak.
+From centroid and area, each shape template (circle/square/triangle, same area and centroid,
+blurred by a few candidate sigmas to match blurry generated images) is rendered; the least
+squared error picks the shape and the fitted radius gives the size. Position: the nearest grid
+line to the shape's anchor; colour: the coverage-weighted mean colour, normalised by its
+brightest channel, nearest palette entry. An image without a blob gives "none" everywhere.
 """
 
 from __future__ import annotations
@@ -136,6 +138,8 @@ def _fit(obs: np.ndarray, region: np.ndarray, cx: float, cy: float) -> tuple[str
 def judge_image(image: np.ndarray) -> dict[str, str]:
     """Attributes of one H x W x 3 image in [0, 1]; "none" for every attribute if it is empty."""
     size = image.shape[0]
+    if image.shape[1] != size:
+        raise ValueError(f"the judge needs square images, got {image.shape[0]}x{image.shape[1]}")
     obs, region = _main_blob(image.max(axis=-1))
     area = float(obs.sum())
     if area < MIN_AREA_FRACTION * size * image.shape[1]:

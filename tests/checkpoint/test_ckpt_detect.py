@@ -192,3 +192,24 @@ def test_run_layout_config_is_found(tmp_path: Path) -> None:
     torch.save({"state_dict": {"w": torch.ones(1)}}, tmp_path / "elsewhere.ckpt")
     with pytest.raises(DetectionError):
         detect(read_checkpoint(tmp_path / "elsewhere.ckpt"))
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_builtin_configs_build_exactly_the_sd_key_set(version: str, monkeypatch) -> None:
+    """The detected config builds a model (on meta) whose keys/shapes are the release files'."""
+    from ldm.checkpoint.loader import build_model, match_clip_layout
+
+    monkeypatch.setenv("LDM_ALLOW_RANDOM_WEIGHTS", "1")
+    sd = sd_key_state_dict(version)
+    det = detect_sd(sd)
+    with torch.device("meta"):
+        model = build_model(det.config)
+    report = compare(model, match_clip_layout(sd, set(model.state_dict())))
+    assert report.ok and not report.unexpected and not report.mismatched
+    assert all(
+        k.split(".")[0] in ("betas", "alphas_cumprod")
+        or "cumprod" in k
+        or k.startswith("posterior")
+        for k in report.missing
+    )
+    assert "<top-level>: 12 (not needed for sampling)" in report.format()
