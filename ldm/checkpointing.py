@@ -2,7 +2,7 @@
 
 - :class:`AtomicCheckpointIO` writes to a temporary file and ``os.replace``s it, so a crash while
   saving never leaves a corrupt ``last.ckpt``.
-- :class:`InterruptCheckpoint` saves ``last.ckpt`` when fit raises (SIGTERM arrives as Lightning's
+- :class:`InterruptCheckpoint` saves ``last.ckpt`` at the end of training, when fit raises (SIGTERM arrives as Lightning's
   ``SIGTERMException``; Ctrl-C as ``KeyboardInterrupt``), and on SIGUSR1 (where the platform has
   it, outside SLURM auto-requeue which Lightning handles) saves and stops cleanly at the batch end.
 - :class:`RNGStateCheckpoint` stores torch/numpy/python RNG states so a resumed run draws the same
@@ -85,6 +85,7 @@ class InterruptCheckpoint(Callback):
         self._requested = False
         self._previous: dict[int, Any] = {}
         self._start_step: int | None = None
+        self._saved_step: int | None = None
         self.saved_on: str | None = None
 
     @property
@@ -116,17 +117,48 @@ class InterruptCheckpoint(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start_step = trainer.global_step
 
+    def _saved_at(self, trainer: pl.Trainer) -> bool:
+        """Whether ``last.ckpt`` already holds this step (ours, or a ModelCheckpoint's)."""
+        from pytorch_lightning.callbacks import ModelCheckpoint
+
+        step = trainer.global_step
+        if self._saved_step == step:
+            return True
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath:
+                same_dir = Path(cb.dirpath).resolve() == self.ckptdir.resolve()
+                n = cb._every_n_train_steps
+                if same_dir and (cb._last_global_step_saved == step or (n and step % n == 0)):
+                    return True
+        return False
+
+    def _save(self, trainer: pl.Trainer, all_ranks: bool, why: str) -> bool:
+        if save_now(trainer, self.last_path, all_ranks=all_ranks):
+            self._saved_step = trainer.global_step
+            logger.info("%s: saved %s at step %d", why, self.last_path, trainer.global_step)
+            return True
+        return False
+
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         requested = self._requested
         if trainer.world_size > 1:
             requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
-        if not requested:
+        if requested:
+            self._requested = False
+            self._save(trainer, all_ranks=True, why="signal")
+            self.saved_on = "signal"
+            trainer.should_stop = True
+        elif 0 < trainer.max_steps <= trainer.global_step and not self._saved_at(trainer):
+            # the final step: saved here, mid-epoch, so that a resume with a larger max_steps
+            # continues with the next batch (after on_train_end Lightning marks the epoch done)
+            self._save(trainer, all_ranks=True, why="max_steps reached")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A finished run's ``last.ckpt`` holds its final weights (step-based saves may lag)."""
+        step = trainer.global_step
+        if self._start_step is None or step <= self._start_step or self._saved_at(trainer):
             return
-        self._requested = False
-        save_now(trainer, self.last_path, all_ranks=True)
-        self.saved_on = "signal"
-        logger.info("saved %s at step %d; stopping", self.last_path, trainer.global_step)
-        trainer.should_stop = True
+        self._save(trainer, all_ranks=True, why="training ended")
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
@@ -137,14 +169,10 @@ class InterruptCheckpoint(Callback):
 
         every_rank = isinstance(exception, SIGTERMException)  # Lightning broadcast it to all
         try:
-            if save_now(trainer, self.last_path, all_ranks=every_rank):
+            if self._save(
+                trainer, all_ranks=every_rank, why=f"{type(exception).__name__} during fit"
+            ):
                 self.saved_on = type(exception).__name__
-                logger.info(
-                    "%s during fit: saved %s at step %d",
-                    type(exception).__name__,
-                    self.last_path,
-                    trainer.global_step,
-                )
         except Exception:  # never hide the original exception
             logger.exception("could not save %s after %r", self.last_path, exception)
 

@@ -29,7 +29,9 @@ class LitEma(nn.Module):
     ExponentialMovingAverage warm-up), n = number of updates so far.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999, use_num_upates: bool = True) -> None:
+    def __init__(
+        self, model: nn.Module, decay: float = 0.9999, use_num_upates: bool = True
+    ) -> None:
         super().__init__()
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"LitEma: decay must be in [0, 1], got {decay}.")

@@ -125,7 +125,9 @@ class LambdaWarmUpCosineScheduler2:
         cycle = self.find_in_interval(n)
         n = n - self.cum_cycles[cycle]
         if self.verbosity_interval > 0 and n % self.verbosity_interval == 0:
-            logger.info("current step: %d, recent lr-multiplier: %g, cycle %d", n, self.last_f, cycle)
+            logger.info(
+                "current step: %d, recent lr-multiplier: %g, cycle %d", n, self.last_f, cycle
+            )
         if n < self.lr_warm_up_steps[cycle]:
             f = self._warm_up(cycle, n)
         else:

@@ -39,7 +39,9 @@ def test_ema_update_follows_the_warmup_recursion():
     frozen.weight.requires_grad_(False)
     model.extra = frozen  # non-trainable params get no shadow
     ema = LitEma(model, decay=0.9)
-    assert "extraweight" not in dict(ema.named_buffers()) and "extrabias" in dict(ema.named_buffers())
+    assert "extraweight" not in dict(ema.named_buffers()) and "extrabias" in dict(
+        ema.named_buffers()
+    )
     shadow = model.weight.detach().clone()
     for n in range(1, 6):
         with torch.no_grad():

@@ -13,8 +13,9 @@ from ldm.lr_scheduler import (
 
 
 def test_warmup_cosine_absolute_lr():
-    s = LambdaWarmUpCosineScheduler(warm_up_steps=10, lr_min=0.1, lr_max=1.0, lr_start=0.0,
-                                    max_decay_steps=110)
+    s = LambdaWarmUpCosineScheduler(
+        warm_up_steps=10, lr_min=0.1, lr_max=1.0, lr_start=0.0, max_decay_steps=110
+    )
     assert s(0) == 0.0
     assert s(5) == pytest.approx(0.5)
     assert s(10) == pytest.approx(1.0)
@@ -25,7 +26,10 @@ def test_warmup_cosine_absolute_lr():
 
 def test_cycles_of_cosine_scheduler2():
     s = LambdaWarmUpCosineScheduler2(
-        warm_up_steps=[2, 4], f_min=[0.1, 0.0], f_max=[1.0, 0.5], f_start=[0.0, 0.2],
+        warm_up_steps=[2, 4],
+        f_min=[0.1, 0.0],
+        f_max=[1.0, 0.5],
+        f_start=[0.0, 0.2],
         cycle_lengths=[10, 20],
     )
     assert s(1) == pytest.approx(0.5)
@@ -37,22 +41,29 @@ def test_cycles_of_cosine_scheduler2():
 
 def test_sd_linear_warmup_config():
     """SD v1/v2 configs: f from 1e-6 to 1 over 10k steps, then constant 1 (f_min = f_max)."""
-    s = LambdaLinearScheduler(warm_up_steps=[10000], cycle_lengths=[10000000000000], f_start=[1e-6],
-                              f_max=[1.0], f_min=[1.0])
+    s = LambdaLinearScheduler(
+        warm_up_steps=[10000],
+        cycle_lengths=[10000000000000],
+        f_start=[1e-6],
+        f_max=[1.0],
+        f_min=[1.0],
+    )
     assert s(0) == pytest.approx(1e-6)
     assert s(5000) == pytest.approx(1e-6 + (1 - 1e-6) / 2)
     assert s(10000) == pytest.approx(1.0)
     assert s(10**6) == pytest.approx(1.0)
-    decaying = LambdaLinearScheduler(warm_up_steps=[0], cycle_lengths=[100], f_start=[1.0],
-                                     f_max=[1.0], f_min=[0.0])
+    decaying = LambdaLinearScheduler(
+        warm_up_steps=[0], cycle_lengths=[100], f_start=[1.0], f_max=[1.0], f_min=[0.0]
+    )
     assert decaying(25) == pytest.approx(0.75)
 
 
 def test_lambda_lr_steps_per_step():
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.AdamW([p], lr=2.0)
-    s = LambdaLinearScheduler(warm_up_steps=[4], cycle_lengths=[100], f_start=[0.0], f_max=[1.0],
-                              f_min=[1.0])
+    s = LambdaLinearScheduler(
+        warm_up_steps=[4], cycle_lengths=[100], f_start=[0.0], f_max=[1.0], f_min=[1.0]
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=s.schedule)
     lrs = []
     for _ in range(6):
@@ -64,5 +75,6 @@ def test_lambda_lr_steps_per_step():
 
 def test_mismatched_cycle_lists_are_rejected():
     with pytest.raises(ValueError, match="one entry per cycle"):
-        LambdaLinearScheduler(warm_up_steps=[1, 2], cycle_lengths=[10], f_start=[0.0], f_max=[1.0],
-                              f_min=[1.0])
+        LambdaLinearScheduler(
+            warm_up_steps=[1, 2], cycle_lengths=[10], f_start=[0.0], f_max=[1.0], f_min=[1.0]
+        )

@@ -60,11 +60,21 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     assert max((step6[k] - b[k]).abs().max().item() for k in b) > 1e-4
 
 
-def test_resume_from_checkpoint_file_and_errors(tmp_path: Path) -> None:
-    first = run(*parse_args([*COMMON[:-1], "4", "-l", str(tmp_path)]))
+def test_extend_a_finished_run_from_its_checkpoint_file(tmp_path: Path) -> None:
+    """A run that stopped at max_steps=3 (mid-epoch, off the save period) continued to 11 steps
+    equals an 11-step run: last.ckpt is written at the final step, before the epoch is closed."""
+    full = run(*parse_args([*COMMON[:-1], "11", "-l", str(tmp_path / "full")]))
+    first = run(*parse_args([*COMMON[:-1], "3", "-l", str(tmp_path / "short")]))
     ckpt = first.logdir / "checkpoints" / "last.ckpt"
-    again = run(*parse_args(["-r", str(ckpt), "-t", "--no-test", "--trainer.max_steps", "6"]))
-    assert again.logdir == first.logdir and again.global_step == 6
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 3
+    again = run(*parse_args(["-r", str(ckpt), "-t", "--no-test", "--trainer.max_steps", "11"]))
+    assert again.logdir == first.logdir and again.global_step == 11
+    a, b = _weights(full.last_ckpt), _weights(again.last_ckpt)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_resume_errors(tmp_path: Path) -> None:
     import pytest
 
     from ldm.util import ConfigError

@@ -37,6 +37,17 @@ _ATTN = [
     ("proj_out.", "to_out.0."),
 ]
 _ATTN_LINEAR = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")
+# diffusers < 0.14 named the mid-block attention projections differently
+_OLD_ATTN = {"query.": "to_q.", "key.": "to_k.", "value.": "to_v.", "proj_attn.": "to_out.0."}
+
+
+def _modern_attention_name(key: str) -> str:
+    head, sep, tail = key.partition("mid_block.attentions.0.")
+    if sep:
+        for old, new in _OLD_ATTN.items():
+            if tail.startswith(old):
+                return head + sep + new + tail[len(old) :]
+    return key
 
 
 def _sub(rest: str, table: list[tuple[str, str]], reverse: bool = False) -> str | None:
@@ -139,6 +150,7 @@ def vae_to_ldm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     )
     out = {}
     for k, v in sd.items():
+        k = _modern_attention_name(k)
         if k.endswith(_ATTN_LINEAR) and v.ndim == 2:
             v = v[:, :, None, None]  # linear [C, C] -> 1x1 conv [C, C, 1, 1]
         out[_to_ldm(k, levels)] = v

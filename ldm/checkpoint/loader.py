@@ -71,10 +71,17 @@ def file_hash(path: str | os.PathLike, n: int = 10) -> str:
 
 def build_model(config: dict[str, Any]) -> nn.Module:
     """Instantiate the `model` section of a config for inference (no EMA copy, no ckpt_path)."""
-    from ldm.util import instantiate_from_config
+    import inspect
+
+    from ldm.util import get_obj_from_str, instantiate_from_config
 
     model_cfg = _strip_ckpt_paths(copy.deepcopy(config["model"]))
-    model_cfg.setdefault("params", {})["use_ema"] = False
+    cls = get_obj_from_str(model_cfg["target"])
+    accepts = inspect.signature(cls.__init__).parameters
+    from ldm.models.diffusion.ddpm import DDPM
+
+    if "use_ema" in accepts or (isinstance(cls, type) and issubclass(cls, DDPM)):
+        model_cfg.setdefault("params", {})["use_ema"] = False  # EMA weights are applied by the loader
     return instantiate_from_config(model_cfg)
 
 

@@ -129,7 +129,11 @@ class EncodingCache:
     def encode(
         self, indices: Any, inputs: Any, encode_fn: EncodeFn, device: torch.device | None = None
     ) -> torch.Tensor:
-        """encode_fn(inputs) stacked over the batch, calling encode_fn only on uncached rows."""
+        """encode_fn(inputs) stacked over the batch [B, ...], calling encode_fn only on uncached rows.
+
+        Runs under no_grad (frozen encoders only). The result is on `device`, else on the
+        encoder's output device, else on the CPU (everything cached and no device given).
+        """
         keys = _as_int_list(indices)
         values: list[torch.Tensor | None] = [self.get(k) for k in keys]
         missing = [j for j, v in enumerate(values) if v is None]
@@ -145,9 +149,10 @@ class EncodingCache:
                     f"input ({len(missing)}), got {getattr(fresh, 'shape', type(fresh).__name__)}"
                 )
             out_device = out_device or fresh.device
-            for j, row in zip(missing, fresh):
-                self.put(keys[j], row)
-                values[j] = row.detach()
+            fresh_cpu = fresh.detach().to("cpu")  # one transfer for the batch
+            for j, row, row_cpu in zip(missing, fresh.detach(), fresh_cpu):
+                self.put(keys[j], row_cpu.clone())  # own storage, not a view of the batch
+                values[j] = row
         return torch.stack([v.to(out_device or "cpu") for v in values])  # [B, ...]
 
 

@@ -98,6 +98,17 @@ class ResumableSampler(Sampler[int]):
         return self.num_samples
 
 
+class ResumableDataLoader(DataLoader):
+    """A DataLoader Lightning treats as resumable: the position lives in the trainer's loop state,
+    and :class:`ResumableSampler` skips the consumed prefix (see ``DataModuleFromConfig``)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        return None
+
+
 class DataModuleFromConfig(pl.LightningDataModule):
     """CompVis ``DataModuleFromConfig``: datasets from target/params for each split."""
 
@@ -210,7 +221,7 @@ class DataModuleFromConfig(pl.LightningDataModule):
                 epoch=epoch,
                 skip=consumed * self.batch_size,
             )
-        return DataLoader(
+        return (ResumableDataLoader if sampler is not None else DataLoader)(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,

@@ -131,6 +131,7 @@ class ImageFolderDataset(Dataset):
         self.paths, self.captions = self._pair_captions(paths, metadata, caption_source)
         if validate != "none":
             self._prevalidate(full=validate == "full")
+        self.skipped.report()  # one warning: count and first names (missing or unreadable files)
         if max_items is not None:
             self.paths, self.captions = self.paths[:max_items], self.captions[:max_items]
         if not self.paths:
@@ -206,7 +207,6 @@ class ImageFolderDataset(Dataset):
         for p, reason in zip(self.paths, reasons):
             if reason is not None:
                 self.skipped.add(str(p), reason)
-        self.skipped.report()
         keep = [i for i, reason in enumerate(reasons) if reason is None]
         self.paths = [self.paths[i] for i in keep]
         self.captions = [self.captions[i] for i in keep]

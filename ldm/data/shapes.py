@@ -219,8 +219,23 @@ class CaptionedShapes(Dataset):
 
 
 def evaluation_prompts(n_per_split: int = 8, seed: int = 1234) -> dict[str, list[str]]:
-    """Fixed prompt lists for sampling: {"seen": captions of training pairs, "heldout": held-out}."""
-    return {
-        "seen": [caption(sample_attributes(seed, "validation", i)) for i in range(n_per_split)],
-        "heldout": [caption(sample_attributes(seed, "heldout", i)) for i in range(n_per_split)],
-    }
+    """Fixed prompts for sample grids: {"seen": training pairs, "heldout": held-out pairs}.
+
+    Pairs are cycled in a seeded order, so n_per_split >= 4 covers every held-out pair; size and
+    position are drawn from the same seeded generator.
+    """
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[str]] = {}
+    for name, pairs in (("seen", training_pairs()), ("heldout", heldout_pairs())):
+        order = rng.permutation(len(pairs))
+        out[name] = []
+        for k in range(n_per_split):
+            colour, shape = pairs[order[k % len(pairs)]]
+            attrs = {
+                "size": SIZES[rng.integers(len(SIZES))],
+                "colour": colour,
+                "shape": shape,
+                "position": POSITIONS[rng.integers(len(POSITIONS))],
+            }
+            out[name].append(caption(attrs))
+    return out

@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "gif")
 JSON_CAPTION_KEYS = ("caption", "text", "txt", "prompt")
 SPLITS = ("auto", "shard", "sample")
+MAX_CONSECUTIVE_FAILURES = 1000  # a stream that yields only failures is broken, not unlucky
 
 
 def expand_shards(urls: str | os.PathLike | Iterable[str]) -> list[str]:
@@ -52,12 +53,23 @@ def expand_shards(urls: str | os.PathLike | Iterable[str]) -> list[str]:
     return out
 
 
-def distributed_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """(rank, world_size): explicit values, else torch.distributed, else RANK/WORLD_SIZE env, else (0, 1)."""
-    if rank is not None and world_size is not None:
-        return int(rank), int(world_size)
+def _process_group() -> tuple[int, int] | None:
+    """(rank, world_size) of an initialised torch.distributed process group, else None."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return None
+
+
+def distributed_info(
+    rank: int | None = None, world_size: int | None = None, captured: tuple[int, int] | None = None
+) -> tuple[int, int]:
+    """(rank, world_size): explicit, else torch.distributed (live, or `captured` in the main
+    process), else RANK/WORLD_SIZE env, else (0, 1)."""
+    if rank is not None and world_size is not None:
+        return int(rank), int(world_size)
+    live = _process_group() or captured
+    if live is not None:
+        return live
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     return 0, 1
@@ -78,7 +90,16 @@ def caption_from_sample(
 
 
 class WebDatasetShards(IterableDataset):
-    """Stream CompVis items from WebDataset tar shards, split over workers and ranks."""
+    """Stream CompVis items from WebDataset tar shards, split over workers and ranks.
+
+    With `samples_per_epoch` the object is a `SizedWebDatasetShards` (has `len`), otherwise it
+    has no length, as data loaders expect of a stream.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> WebDatasetShards:
+        if cls is WebDatasetShards and kwargs.get("samples_per_epoch") is not None:
+            cls = SizedWebDatasetShards
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -128,12 +149,19 @@ class WebDatasetShards(IterableDataset):
         self.resampled, self.samples_per_epoch = resampled, samples_per_epoch
         self.split, self.seed, self.epoch, self._passes = split, int(seed), 0, 0
         self.rank, self.world_size = rank, world_size
+        self._group = _process_group()  # DataLoader workers may not see the process group
         self.default_caption = default_caption
         self.json_caption_keys = tuple(json_caption_keys)
         self.background = tuple(background)
         self.skipped = SkipLog(
             f"WebDataset {self.shards[0]}{' ...' if len(self.shards) > 1 else ''}"
         )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for spawned DataLoader workers: carry the main process's rank and world size."""
+        state = self.__dict__.copy()
+        state["_group"] = _process_group() or self._group
+        return state
 
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch: shard order and shuffling change with it (same on every rank/worker).
@@ -143,14 +171,9 @@ class WebDatasetShards(IterableDataset):
         """
         self.epoch, self._passes = int(epoch), 0
 
-    def __len__(self) -> int:
-        if self.samples_per_epoch is None:
-            raise TypeError("length unknown: pass samples_per_epoch to WebDatasetShards")
-        return int(self.samples_per_epoch)
-
     def _reader(self) -> tuple[int, int, int]:
         """(reader id, number of readers, workers per rank) over all ranks and workers."""
-        rank, world = distributed_info(self.rank, self.world_size)
+        rank, world = distributed_info(self.rank, self.world_size, self._group)
         info = get_worker_info()
         wid, nworkers = (info.id, info.num_workers) if info is not None else (0, 1)
         return rank * nworkers + wid, world * nworkers, nworkers
@@ -164,9 +187,18 @@ class WebDatasetShards(IterableDataset):
     def _raw_samples(self, epoch: int, reader: int, readers: int) -> Iterator[dict[str, Any]]:
         if self.resampled:
             rng = random.Random(f"{self.seed}-{epoch}-{reader}")
-            while True:
+            empty = 0
+            while True:  # infinite: shards drawn with replacement
                 src = [{"url": rng.choice(self.shards)}]
-                yield from wds.tarfile_samples(src, handler=self._handler)
+                got = False
+                for sample in wds.tarfile_samples(src, handler=self._handler):
+                    got = True
+                    yield sample
+                empty = 0 if got else empty + 1
+                if empty >= MAX_CONSECUTIVE_FAILURES:
+                    raise RuntimeError(
+                        f"{empty} shards in a row gave no samples ({self.skipped.summary()})"
+                    )
         shards = list(self.shards)
         if self.shuffle_shards:
             random.Random(f"{self.seed}-{epoch}").shuffle(shards)  # same order on all readers
@@ -201,6 +233,21 @@ class WebDatasetShards(IterableDataset):
             item[self.caption_key] = caption
         return item
 
+    def _shuffled(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict]:
+        """Shuffle raw (still encoded) samples through a buffer of `shuffle_buffer` entries."""
+        if self.shuffle_buffer <= 1:
+            yield from samples
+            return
+        buffer: list[dict[str, Any]] = []
+        for sample in samples:
+            buffer.append(sample)
+            if len(buffer) >= self.shuffle_buffer:
+                j = rng.randrange(len(buffer))
+                buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                yield buffer.pop()
+        rng.shuffle(buffer)
+        yield from buffer
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch = self.epoch + self._passes
         self._passes += 1
@@ -211,29 +258,29 @@ class WebDatasetShards(IterableDataset):
             limit = self.samples_per_epoch // nworkers + (wid < self.samples_per_epoch % nworkers)
         info = get_worker_info()
         rng = random.Random(f"{self.seed}-{epoch}-{reader}-{info.seed if info else 0}")
-        buffer: list[dict[str, Any]] = []
-        count = 0
-        for sample in self._raw_samples(epoch, reader, readers):
+        count = failed = 0
+        for sample in self._shuffled(self._raw_samples(epoch, reader, readers), rng):
+            if limit is not None and count >= limit:
+                return
             item = self._decode(sample)
             if item is None:
+                failed += 1
+                if failed >= MAX_CONSECUTIVE_FAILURES:
+                    raise RuntimeError(
+                        f"{failed} consecutive WebDataset samples failed to decode "
+                        f"({self.skipped.summary()}); check the shards"
+                    )
                 continue
-            if self.shuffle_buffer > 1:
-                buffer.append(item)
-                if len(buffer) < self.shuffle_buffer:
-                    continue
-                j = rng.randrange(len(buffer))
-                buffer[j], buffer[-1] = buffer[-1], buffer[j]
-                item = buffer.pop()
-            if limit is not None and count >= limit:
-                return
+            failed = 0
             count += 1
             yield item
-        rng.shuffle(buffer)
-        for item in buffer:
-            if limit is not None and count >= limit:
-                return
-            count += 1
-            yield item
+
+
+class SizedWebDatasetShards(WebDatasetShards):
+    """A WebDataset stream of known length: `samples_per_epoch` items per rank and epoch."""
+
+    def __len__(self) -> int:
+        return int(self.samples_per_epoch)
 
 
 def write_shards(

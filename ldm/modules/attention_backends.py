@@ -117,7 +117,7 @@ def attention(
     name = resolve_backend(backend)
     if name == "xformers":
         xops = _xformers_ops()
-        if xops is None or q.device.type != "cuda":
+        if xops is None or not q.is_cuda:
             why = "xformers is not installed" if xops is None else f"tensors are on {q.device.type}"
             _warn_once(
                 f"xformers-{why}",

@@ -92,3 +92,15 @@ def test_openclip_map_matches_diffusers_and_round_trips() -> None:
     back = hf_to_openclip(ours)
     back.update(extras)
     assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+def test_old_diffusers_vae_attention_names_are_read() -> None:
+    ours = vae_to_diffusers(_strip(sd_key_state_dict("v1"), "first_stage_model."))
+    renames = {"to_q.": "query.", "to_k.": "key.", "to_v.": "value.", "to_out.0.": "proj_attn."}
+    old = {}
+    for k, v in ours.items():
+        for new, legacy in renames.items():
+            k = k.replace(f"attentions.0.{new}", f"attentions.0.{legacy}")
+        old[k] = v
+    assert any(".query." in k for k in old)
+    assert vae_to_ldm(old).keys() == vae_to_ldm(ours).keys()

@@ -89,3 +89,29 @@ def test_missing_sampling_weights_fail_with_grouped_report(source, tmp_path: Pat
     path = save_state_dict(sd, tmp_path / "broken.safetensors", config=cfg)
     with pytest.raises(CheckpointMismatchError, match=r"first_stage_model\.decoder\.\*"):
         load_model(path)
+
+
+def test_autoencoder_checkpoint_loads_by_its_embedded_config(tmp_path: Path) -> None:
+    from ckpt_helpers import TINY_DDCONFIG
+
+    from ldm.util import instantiate_from_config
+
+    cfg = {
+        "model": {
+            "target": "ldm.models.autoencoder.AutoencoderKL",
+            "params": {
+                "embed_dim": 4,
+                "ddconfig": TINY_DDCONFIG,
+                "lossconfig": {"target": "torch.nn.Identity"},
+            },
+        }
+    }
+    torch.manual_seed(1)
+    ae = instantiate_from_config(cfg["model"]).eval()
+    path = save_state_dict(
+        ae.state_dict(), tmp_path / "ae.ckpt", config=cfg, extras={"global_step": 5}
+    )
+    loaded = load_model(path)
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded.decode(z), ae.decode(z))

@@ -3,6 +3,7 @@
 import io
 import json
 import logging
+import random
 
 import numpy as np
 import pytest
@@ -106,6 +107,7 @@ def test_resize_center_crop_and_flip(tmp_path):
     assert item[0, 0, 0] == 1.0 and item[0, -1, 2] == 1.0
     flipped = ImageFolderDataset(tmp_path, size=5, interpolation="nearest", flip=1.0)[0]["image"]
     np.testing.assert_array_equal(flipped, item[:, ::-1])
+    random.seed(0)
     crops = {
         ImageFolderDataset(tmp_path, size=5, crop="random", interpolation="nearest")[0]["image"][
             0, 0, 0
@@ -196,3 +198,20 @@ def test_missing_and_empty_folder_errors(tmp_path):
     with pytest.raises(ValueError, match="no metadata.jsonl"):
         _solid(tmp_path / "ok.png", (1, 2, 3))
         ImageFolderDataset(tmp_path, caption_source="metadata")
+
+
+def test_metadata_rows_for_missing_files_are_counted(tmp_path, caplog):
+    _solid(tmp_path / "a.png", (255, 0, 0))
+    _solid(tmp_path / "unlisted.png", (0, 0, 255))
+    rows = [{"file_name": "a.png", "text": "red"}, {"file_name": "gone.png", "text": "lost"}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with caplog.at_level(logging.WARNING):
+        ds = ImageFolderDataset(tmp_path, size=4)
+    assert len(ds) == 1 and ds[0]["caption"] == "red" and ds.skipped.count == 1
+    text = caplog.text
+    assert (
+        "gone.png (listed in metadata but not found)" in text and "1 images are not listed" in text
+    )
+    (tmp_path / "metadata.jsonl").write_text('{"name": "a.png", "text": "x"}\n')
+    with pytest.raises(ValueError, match="no 'file_name' column"):
+        ImageFolderDataset(tmp_path)

@@ -31,6 +31,10 @@ def test_heldout_pairs_only_in_heldout_split():
         S.HELDOUT_PAIRS
     )
     prompts = S.evaluation_prompts(6)
+    assert prompts == S.evaluation_prompts(6) and len(prompts["seen"]) == 6
+    assert {
+        tuple(parse_caption(p)[k] for k in ("colour", "shape")) for p in prompts["heldout"]
+    } == set(S.HELDOUT_PAIRS)
     assert all(
         (parse_caption(p)["colour"], parse_caption(p)["shape"]) in S.HELDOUT_PAIRS
         for p in prompts["heldout"]

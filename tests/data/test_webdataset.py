@@ -150,3 +150,49 @@ def test_missing_shards_are_a_clear_error(tmp_path):
         WebDatasetShards(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="do not exist"):
         WebDatasetShards(str(tmp_path / "x-{0..3}.tar"))
+
+
+def test_length_only_with_samples_per_epoch(shards):
+    from collections.abc import Sized
+
+    out, _ = shards
+    assert not isinstance(WebDatasetShards(str(out)), Sized)
+    sized = WebDatasetShards(str(out), size=8, samples_per_epoch=5, shuffle_shards=False)
+    assert isinstance(sized, Sized) and isinstance(sized, WebDatasetShards) and len(sized) == 5
+    assert len(_ids(sized)) == 5
+
+
+def _ddp_worker(rank, world, init_file, shard_dir, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        ds = WebDatasetShards(shard_dir, size=8, seed=9)  # rank/world from torch.distributed
+        for ctx in ("spawn", "fork"):  # DataLoader workers started both ways
+            loader = DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context=ctx)
+            (out_dir / f"rank{rank}-{ctx}.json").write_text(json.dumps(_ids(loader)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_real_process_group_two_ranks_no_overlap(shards, tmp_path):
+    import torch.multiprocessing as mp
+
+    out, _ = shards
+    mp.spawn(_ddp_worker, args=(2, tmp_path / "init", str(out), tmp_path), nprocs=2, join=True)
+    for ctx in ("spawn", "fork"):
+        ids = [json.loads((tmp_path / f"rank{r}-{ctx}.json").read_text()) for r in range(2)]
+        assert len(ids[0]) == len(ids[1]) == N // 2 and sorted(ids[0] + ids[1]) == list(range(N))
+
+
+def test_stream_of_only_bad_samples_fails_clearly(tmp_path, monkeypatch):
+    import ldm.data.webdataset as W
+
+    monkeypatch.setattr(W, "MAX_CONSECUTIVE_FAILURES", 5)
+    write_shards(({"__key__": f"{i}", "png": b"bad", "txt": "x"} for i in range(8)), tmp_path)
+    with pytest.raises(RuntimeError, match="5 consecutive"):
+        list(WebDatasetShards(str(tmp_path), size=4))
+    (tmp_path / "empty.tar").write_bytes(b"")
+    with pytest.raises(RuntimeError, match="gave no samples"):
+        next(iter(WebDatasetShards(str(tmp_path / "empty.tar"), resampled=True)))

@@ -46,12 +46,16 @@ def test_official_config_builds_with_sd_keys(built, name):
     model = built[name]
     assert type(model) is cls
     assert model.parameterization == parameterization
-    assert model.model.conditioning_key == ("hybrid" if cls is LatentInpaintDiffusion else "crossattn")
+    assert model.model.conditioning_key == (
+        "hybrid" if cls is LatentInpaintDiffusion else "crossattn"
+    )
     assert model.scale_factor == pytest.approx(0.18215)
     assert not model.use_ema
     sd = model.state_dict()
     ref = _reference(tsv)
-    ours = {k: tuple(v.shape) for k, v in sd.items() if k.startswith(("model.", "first_stage_model."))}
+    ours = {
+        k: tuple(v.shape) for k, v in sd.items() if k.startswith(("model.", "first_stage_model."))
+    }
     if cls is LatentInpaintDiffusion:  # the only difference of the inpainting U-Net
         ref["model.diffusion_model.input_blocks.0.0.weight"] = (320, in_ch, 3, 3)
     missing = sorted(set(ref) - set(ours))
@@ -60,13 +64,17 @@ def test_official_config_builds_with_sd_keys(built, name):
     wrong = [k for k in ref if ref[k] != ours[k]]
     assert not wrong, wrong[:5]
     # schedule buffers as in SD files: 12 of shape [1000]; no scale_factor / logvar entries
-    others = sorted(k for k in sd if not k.startswith(("model.", "first_stage_model.", "cond_stage_model.")))
+    others = sorted(
+        k for k in sd if not k.startswith(("model.", "first_stage_model.", "cond_stage_model."))
+    )
     assert others == sorted(SCHEDULE_BUFFERS)
     assert all(sd[k].shape == (1000,) for k in SCHEDULE_BUFFERS)
     # frozen first / cond stage; only the U-Net trains
     assert all(not p.requires_grad for p in model.first_stage_model.parameters())
     assert all(not p.requires_grad for p in model.cond_stage_model.parameters())
-    assert {id(p) for p in model.trainable_parameters()} == {id(p) for p in model.model.parameters()}
+    assert {id(p) for p in model.trainable_parameters()} == {
+        id(p) for p in model.model.parameters()
+    }
 
 
 def test_sd_schedule_buffers_match_compvis_formulas(built):

@@ -156,3 +156,17 @@ def test_attention_block_backends_agree():
     a, b = (blk(x) for blk in blocks)
     assert (a - x).abs().max() > 1e-2
     assert (a - b).abs().max() <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_xformers_on_cuda_matches_sdpa(dtype):
+    if backends._xformers_ops() is None:
+        pytest.skip("xformers is not installed")
+    device = torch.accelerator.current_accelerator()
+    q, k, v = (t.to(device, dtype) for t in _qkv(d=64))
+    ref = _reference(q.float(), k.float(), v.float())
+    for backend in ("xformers", "sdpa", "math"):
+        out = attention(q, k, v, backend=backend).float()
+        assert (out - ref).abs().max() <= (1e-5 if dtype == torch.float32 else 5e-3), backend

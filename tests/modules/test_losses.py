@@ -39,6 +39,7 @@ def _fake_vgg_file(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # `import lpips` alone takes ~10 s (it imports scipy, skimage, ...)
 def test_lpips_matches_lpips_package(tmp_path, monkeypatch) -> None:
     lpips_pkg = pytest.importorskip("lpips")
     import lpips.pretrained_networks as pn

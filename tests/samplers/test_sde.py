@@ -20,7 +20,7 @@ from ldm.samplers.sigmas import build_sigmas
 MU, S = 0.5, 0.3
 AC = torch.cumprod(1 - make_beta_schedule("linear", 1000, 0.00085, 0.012), 0)
 SCHED = DiscreteSchedule(AC)
-SHAPE = (500, 4, 4, 4)  # Langevin step sizes use per-sample norms over 64 elements
+SHAPE = (32, 1, 32, 32)  # Langevin step sizes use per-sample norms: 1024 elements each
 
 
 def ideal_model(parameterization: str = "eps"):
@@ -108,14 +108,15 @@ def test_annealed_langevin_dynamics_reaches_the_noised_marginal():
     """NCSN: at the last level sigma_L the chain samples N(mu, s^2 + sigma_L^2)."""
     g = torch.Generator().manual_seed(5)
     sigma_l = 0.1
+    x_T = _noise(5)[:8]  # fixed step sizes (no per-sample norms): 8192 values suffice
     x = sample(
         ideal_model(),
-        _noise(5),
+        x_T,
         sampler="annealed_langevin",
-        steps=20,
+        steps=10,
         alphas_cumprod=AC,
         generator=g,
-        n_steps_each=200,
+        n_steps_each=150,
         step_lr=2e-3,
         sigma_min=sigma_l,
         denoise_last=False,
@@ -133,20 +134,9 @@ def test_functions_work_on_a_plain_ve_denoiser():
     sigmas = torch.logspace(math.log10(50.0), math.log10(0.01), 300, dtype=torch.float64)
     x_T = _noise(6) * 50.0
     x = probability_flow(denoiser, x_T, sigmas, SDE("ve"))
-    assert x.std().item() == pytest.approx(
-        S
-        * math.sqrt(S**2 + 0.01**2)
-        / math.sqrt(S**2 + 2500)
-        * x_T.std().item()
-        / 50.0
-        * 50.0
-        / math.sqrt(S**2 + 0.01**2)
-        * S**2
-        / (S**2 + 0.01**2)
-        * math.sqrt(S**2 + 0.01**2)
-        / S**2,
-        rel=0.03,
-    )
+    x_end = MU + (x_T - MU) * math.sqrt(S**2 + 0.01**2) / math.sqrt(S**2 + 50.0**2)
+    exact = MU + S**2 / (S**2 + 0.01**2) * (x_end - MU)
+    assert (x - exact).abs().max().item() < 1e-3
     from ldm.samplers.context import SamplerContext
 
     y = reverse_sde(

@@ -189,3 +189,34 @@ def test_inpaint_feeds_mask_and_masked_image_to_a_9_channel_unet(
     seen.clear()
     run("inpaint", [*flags[:2], "--init-img", str(tmp_path / "init2.png"), *flags[4:]])
     torch.testing.assert_close(seen[0]["c_concat"][0], concat)
+
+
+def test_from_file_batches_prompts(tmp_path: Path) -> None:
+    from ldm.sampling.cli import CommandError, build_parser, prompts
+
+    (tmp_path / "p.txt").write_text("one\n\ntwo\nthree\n")
+    args = build_parser("txt2img").parse_args(
+        ["--ckpt", "x", "--from-file", str(tmp_path / "p.txt"), "--n_samples", "2"]
+    )
+    assert prompts(args) == [["one", "two"], ["three"]]
+    args = build_parser("txt2img").parse_args(
+        ["--ckpt", "x", "--prompt", "cat", "--n_samples", "3", "--ddim_steps", "9"]
+    )
+    assert prompts(args) == [["cat"] * 3] and args.steps == 9
+    args.from_file = str(tmp_path / "missing.txt")
+    with pytest.raises(CommandError, match="missing.txt"):
+        prompts(args)
+
+
+def test_convert_command_round_trip(ckpt: Path, tmp_path: Path) -> None:
+    from ldm.checkpoint import read_checkpoint
+    from ldm.checkpoint.cli import main as convert_main
+
+    assert convert_main([str(ckpt), str(tmp_path / "pipe")]) == 0
+    assert (tmp_path / "pipe" / "model_index.json").is_file()
+    assert convert_main([str(tmp_path / "pipe"), str(tmp_path / "back.safetensors")]) == 0
+    a, b = read_checkpoint(ckpt), read_checkpoint(tmp_path / "back.safetensors")
+    assert a.state_dict.keys() == b.state_dict.keys()
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+    assert b.embedded_config == a.embedded_config
+    assert convert_main([str(tmp_path / "nothing.ckpt"), str(tmp_path / "x")]) == 2

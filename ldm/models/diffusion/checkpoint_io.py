@@ -18,7 +18,9 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 
-def drop_ignored(sd: dict[str, torch.Tensor], ignore_keys: Iterable[str]) -> dict[str, torch.Tensor]:
+def drop_ignored(
+    sd: dict[str, torch.Tensor], ignore_keys: Iterable[str]
+) -> dict[str, torch.Tensor]:
     """Remove every key starting with one of the `ignore_keys` prefixes."""
     prefixes = tuple(ignore_keys or ())
     if not prefixes:
@@ -80,8 +82,12 @@ def widen_input_channels(
                 f"finetune key '{key}': checkpoint shape {tuple(sd[key].shape)} cannot be widened "
                 f"to {tuple(target.shape)} keeping {keep_dims} input channels."
             )
-        logger.info("Widening %s from %s to %s (new channels zero).", key, tuple(sd[key].shape),
-                    tuple(target.shape))
+        logger.info(
+            "Widening %s from %s to %s (new channels zero).",
+            key,
+            tuple(sd[key].shape),
+            tuple(target.shape),
+        )
         new = torch.zeros(target.shape, dtype=sd[key].dtype)
         new[:, :keep_dims] = sd[key]
         out[key] = new
@@ -123,7 +129,10 @@ def load_into(
     result = target.load_state_dict(sd, strict=False)
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     logger.info(
-        "Restored from %s with %d missing and %d unexpected keys", path, len(missing), len(unexpected)
+        "Restored from %s with %d missing and %d unexpected keys",
+        path,
+        len(missing),
+        len(unexpected),
     )
     report_keys(missing, unexpected)
     return missing, unexpected

@@ -30,7 +30,13 @@ from ldm.util import ConfigError, count_params, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DDPM", "DiffusionWrapper", "LatentDiffusion", "LatentInpaintDiffusion", "disabled_train"]
+__all__ = [  # noqa: F822 - the latent models are lazy module attributes (see __getattr__)
+    "DDPM",
+    "DiffusionWrapper",
+    "LatentDiffusion",
+    "LatentInpaintDiffusion",
+    "disabled_train",
+]
 
 
 def disabled_train(self: nn.Module, mode: bool = True) -> nn.Module:
@@ -101,7 +107,9 @@ class DDPM(pl.LightningModule):
                 f"{list(losses.PARAMETERIZATIONS)} (eps: noise, x0: data, v: Salimans & Ho 2022)."
             )
         if loss_type not in losses.LOSS_TYPES:
-            raise ConfigError(f"loss_type={loss_type!r}: expected one of {list(losses.LOSS_TYPES)}.")
+            raise ConfigError(
+                f"loss_type={loss_type!r}: expected one of {list(losses.LOSS_TYPES)}."
+            )
         if use_positional_encodings:
             raise ConfigError(
                 "use_positional_encodings=True (CompVis layout models) is not supported: its "
@@ -196,11 +204,26 @@ class DDPM(pl.LightningModule):
         self.linear_start, self.linear_end = linear_start, linear_end
         register_schedule_buffers(self, betas, self.v_posterior)
         # float64 copy on CPU for ldm.diffusion math (not a buffer: MPS has no float64)
-        self.alphas_cumprod_f64 = torch.cumprod(1.0 - betas.to(torch.float64), dim=0)
+        self._ac64 = torch.cumprod(1.0 - betas.to(torch.float64), dim=0)
+        self._ac64_key: tuple[int, int] | None = None
         weights = losses.lvlb_weights(
-            betas, self.alphas_cumprod_f64, self.posterior_variance, self.parameterization
+            betas, self._ac64, self.posterior_variance, self.parameterization
         )
         self.register_buffer("lvlb_weights", weights, persistent=False)
+
+    @property
+    def alphas_cumprod_f64(self) -> torch.Tensor:
+        """alpha_bar [T] in float64 on CPU, following the `alphas_cumprod` buffer (e.g. after a
+        checkpoint with another schedule was loaded into it)."""
+        buf = self.alphas_cumprod
+        key = (buf.data_ptr(), buf._version)
+        if key != self._ac64_key:
+            if buf.device.type != "meta":
+                stored = buf.detach().to("cpu", torch.float64)
+                if not torch.equal(stored.float(), self._ac64.float()):
+                    self._ac64 = stored
+            self._ac64_key = key
+        return self._ac64
 
     def _restore(self, ckpt_path: str | None, ignore_keys: Sequence[str], only_model: bool) -> None:
         if ckpt_path is not None:
@@ -366,8 +389,14 @@ class DDPM(pl.LightningModule):
         apply_ucg_training(batch, self.ucg_training)
         loss, loss_dict = self.shared_step(batch)
         self.log_dict(loss_dict, prog_bar=True, logger=True, on_step=True, on_epoch=True)
-        self.log("global_step", float(self.global_step), prog_bar=True, logger=True, on_step=True,
-                 on_epoch=False)
+        self.log(
+            "global_step",
+            float(self.global_step),
+            prog_bar=True,
+            logger=True,
+            on_step=True,
+            on_epoch=False,
+        )
         if self.use_scheduler:
             lr = self.optimizers().param_groups[0]["lr"]
             self.log("lr_abs", lr, prog_bar=True, logger=True, on_step=True, on_epoch=False)
@@ -377,16 +406,25 @@ class DDPM(pl.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         """val/* with training weights and val/*_ema with EMA weights, on the same t and noise."""
         seed = int(batch_idx) + 1000 * int(getattr(self, "current_epoch", 0) or 0)
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(seed)
+        with self._seeded(seed):
             _, loss_dict_no_ema = self.shared_step(batch)
-        with self.ema_scope():
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                torch.manual_seed(seed)
-                _, loss_dict_ema = self.shared_step(batch)
+        with self.ema_scope(), self._seeded(seed):
+            _, loss_dict_ema = self.shared_step(batch)
         loss_dict_ema = {key + "_ema": value for key, value in loss_dict_ema.items()}
         self.log_dict(loss_dict_no_ema, prog_bar=False, logger=True, on_step=False, on_epoch=True)
         self.log_dict(loss_dict_ema, prog_bar=False, logger=True, on_step=False, on_epoch=True)
+
+    @contextmanager
+    def _seeded(self, seed: int) -> Iterator[None]:
+        """Fixed t and noise inside, global RNG state untouched outside (accelerator too)."""
+        kind = self.device.type
+        if kind in ("cpu", "meta"):
+            fork = torch.random.fork_rng(devices=[])
+        else:
+            fork = torch.random.fork_rng(devices=[self.device], device_type=kind)
+        with fork:
+            torch.manual_seed(seed)
+            yield
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters the optimizer updates: the denoiser and, when learned, logvar."""
@@ -479,9 +517,13 @@ class DDPM(pl.LightningModule):
         log["inputs"] = x
         log["diffusion_row"] = grid_from_rows(self.diffusion_row(x, n_row))
         if sample:
-            options = {"sampler": "ddim", "steps": ddim_steps, "eta": ddim_eta} if ddim_steps else {}
+            options = (
+                {"sampler": "ddim", "steps": ddim_steps, "eta": ddim_eta} if ddim_steps else {}
+            )
             with self.ema_scope("Plotting"):
-                samples, denoise_row = self.sample(batch_size=N, return_intermediates=True, **options)
+                samples, denoise_row = self.sample(
+                    batch_size=N, return_intermediates=True, **options
+                )
             log["samples"] = samples
             log["denoise_row"] = grid_from_rows([d[:n_row] for d in denoise_row])
         if return_keys:

@@ -79,7 +79,11 @@ class LatentInpaintDiffusion(LatentDiffusion):
             cc = torch.as_tensor(batch[key])
             if cc.ndim == 3:
                 cc = cc[..., None]
-            cc = rearrange(cc, "b h w c -> b c h w").to(memory_format=torch.contiguous_format).float()
+            cc = (
+                rearrange(cc, "b h w c -> b c h w")
+                .to(memory_format=torch.contiguous_format)
+                .float()
+            )
             if bs is not None:
                 cc = cc[:bs]
             cc = cc.to(self.device)
@@ -124,7 +128,9 @@ class LatentInpaintDiffusion(LatentDiffusion):
         return out
 
     @torch.no_grad()
-    def log_images(self, batch: Mapping[str, Any], N: int = 8, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
+    def log_images(
+        self, batch: Mapping[str, Any], N: int = 8, **kwargs: Any
+    ) -> dict[str, torch.Tensor]:  # type: ignore[override]
         """LatentDiffusion's images plus the mask and the masked image; no blend-inpainting row."""
         kwargs["inpaint"] = False
         log = super().log_images(batch, N=N, **kwargs)

@@ -121,7 +121,9 @@ class LatentDiffusion(DDPM):
 
     def instantiate_first_stage(self, config: Any) -> None:
         """Build the autoencoder, frozen and kept in eval mode."""
-        if _is_sentinel(config, FIRST_STAGE_SENTINEL) or _is_sentinel(config, UNCONDITIONAL_SENTINEL):
+        if _is_sentinel(config, FIRST_STAGE_SENTINEL) or _is_sentinel(
+            config, UNCONDITIONAL_SENTINEL
+        ):
             raise ConfigError(
                 f"first_stage_config cannot be the sentinel '{config}'; give the autoencoder's "
                 "{target, params} (ldm.models.autoencoder.IdentityFirstStage for pixel space)."
@@ -219,7 +221,9 @@ class LatentDiffusion(DDPM):
     def get_learned_conditioning(self, c: Any) -> Any:
         """tau_theta(y): `cond_stage_forward` method, else `.encode` (mode of a posterior), else call."""
         if self.cond_stage_model is None:
-            raise RuntimeError("This model is unconditional (cond_stage_config: __is_unconditional__).")
+            raise RuntimeError(
+                "This model is unconditional (cond_stage_config: __is_unconditional__)."
+            )
         if self.cond_stage_forward is not None:
             return getattr(self.cond_stage_model, self.cond_stage_forward)(c)
         encode = getattr(self.cond_stage_model, "encode", None)
@@ -243,9 +247,14 @@ class LatentDiffusion(DDPM):
         return 0
 
     def _maybe_drop_condition(self, xc: Any) -> Any:
-        """Conditioner-level CFG dropout (`ucg_rate`) on raw inputs, during training only."""
-        rate = float(getattr(self.cond_stage_model, "ucg_rate", 0.0) or 0.0)
-        if not self.training or rate <= 0 or getattr(self.cond_stage_model, "applies_ucg", False):
+        """Conditioner-level CFG dropout (`ucg_rate`) on raw inputs, during training only.
+
+        A conditioner in training mode (cond_stage_trainable) drops its own inputs; a frozen one
+        stays in eval mode, so the module applies its `ucg_rate` here instead.
+        """
+        model = self.cond_stage_model
+        rate = float(getattr(model, "ucg_rate", 0.0) or 0.0)
+        if not self.training or rate <= 0 or model is None or model.training:
             return xc
         if isinstance(xc, Mapping):  # CompVis ClassEmbedder takes the batch: drop its entry
             key = getattr(self.cond_stage_model, "key", "class")
@@ -405,7 +414,9 @@ class LatentDiffusion(DDPM):
             **kwargs,
         )
 
-    def _conditioning_images(self, batch: Mapping[str, Any], x: torch.Tensor, c: Any, xc: Any, n: int) -> Any:
+    def _conditioning_images(
+        self, batch: Mapping[str, Any], x: torch.Tensor, c: Any, xc: Any, n: int
+    ) -> Any:
         from ldm.models.diffusion.image_logging import class_labels_as_text, log_txt_as_img
 
         wh = (x.shape[3], x.shape[2])
@@ -414,7 +425,9 @@ class LatentDiffusion(DDPM):
         if self.cond_stage_key in CLASS_KEYS:
             if "human_label" in batch:
                 return log_txt_as_img(wh, list(batch["human_label"])[:n]).to(x)
-            return log_txt_as_img(wh, class_labels_as_text(torch.as_tensor(batch[self.cond_stage_key])[:n])).to(x)
+            return log_txt_as_img(
+                wh, class_labels_as_text(torch.as_tensor(batch[self.cond_stage_key])[:n])
+            ).to(x)
         if isinstance(xc, torch.Tensor) and xc.ndim == 4 and xc.shape[1] in (1, 3):
             return xc[:n]
         return None
@@ -493,7 +506,9 @@ class LatentDiffusion(DDPM):
             mask = torch.ones(N, 1, h, w, device=self.device)
             mask[:, :, h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 0.0  # 1 = keep, 0 = generate
             with ema("Plotting inpaint"):
-                samples_inp, _ = self.sample_log(cond=c, batch_size=N, x0=z[:N], mask=mask, **sample_args)
+                samples_inp, _ = self.sample_log(
+                    cond=c, batch_size=N, x0=z[:N], mask=mask, **sample_args
+                )
             log["samples_inpainting"] = self.decode_first_stage(samples_inp)
             log["mask"] = mask.expand(-1, 3, -1, -1) * 2 - 1
         if return_keys:

@@ -16,7 +16,9 @@ PARAMETERIZATIONS = ("eps", "x0", "v")
 LOSS_TYPES = ("l2", "l1")
 
 
-def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "l2") -> torch.Tensor:
+def elementwise_loss(
+    pred: torch.Tensor, target: torch.Tensor, loss_type: str = "l2"
+) -> torch.Tensor:
     """|pred - target| (l1) or (pred - target)^2 (l2), not reduced."""
     if loss_type == "l2":
         return torch.nn.functional.mse_loss(pred, target, reduction="none")

@@ -15,7 +15,9 @@ from ldm.modules.timestep import timestep_embedding
 class _Block(nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.net = nn.Sequential(
+            nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width)
+        )
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         return h + self.net(h + emb)
@@ -43,11 +45,15 @@ class ToyDenoiser(nn.Module):
         self.num_classes = num_classes
         n_in = in_channels * image_size * image_size
         self.inp = nn.Linear(n_in, width)
-        self.time_embed = nn.Sequential(nn.Linear(time_dim, width), nn.SiLU(), nn.Linear(width, width))
+        self.time_embed = nn.Sequential(
+            nn.Linear(time_dim, width), nn.SiLU(), nn.Linear(width, width)
+        )
         self.context_proj = nn.Linear(context_dim, width) if context_dim else None
         self.label_emb = nn.Embedding(num_classes, width) if num_classes else None
         self.blocks = nn.ModuleList(_Block(width) for _ in range(depth))
-        self.out = nn.Sequential(nn.SiLU(), nn.Linear(width, self.out_channels * image_size * image_size))
+        self.out = nn.Sequential(
+            nn.SiLU(), nn.Linear(width, self.out_channels * image_size * image_size)
+        )
 
     def forward(
         self,
