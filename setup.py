@@ -21,6 +21,7 @@ setup(
         "tqdm>=4.60",
         "scikit-image>=0.22",
         "webdataset>=0.2.86",
+        "scipy>=1.10",
     ],
     extras_require={
         "test": [

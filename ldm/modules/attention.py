@@ -238,4 +238,4 @@ class SpatialTransformer(nn.Module):
         x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2)  # [B, HW, C] -> [B, C, H, W]
         if not self.use_linear:
             x = self.proj_out(x.contiguous())
-        return x_in + x  # x_in first: the sum takes x_in's contiguous NCHW layout, no extra copy
+        return x_in + x  # x_in first: the sum keeps its contiguous NCHW layout

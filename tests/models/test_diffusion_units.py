@@ -193,10 +193,10 @@ def test_ucg_training_drops_captions_with_probability_p():
 class Captions(nn.Module):
     """Text conditioner for tests: [B, 1, 4] embedding of len(caption); records its inputs."""
 
-    def __init__(self, ucg_rate=0.0):
+    def __init__(self, ucg_rate=0.0, dim=4):
         super().__init__()
         self.ucg_rate = ucg_rate
-        self.proj = nn.Linear(1, 4)
+        self.proj = nn.Linear(1, dim)
         self.seen = []
 
     def forward(self, text):
@@ -308,8 +308,8 @@ def _inpaint_params(in_channels, **extra):
     unet = {"target": UNET["target"], "params": dict(UNET["params"], in_channels=in_channels)}
     return dict(
         first_stage_config={"target": "ldm.models.autoencoder.IdentityFirstStage"},
-        cond_stage_config={"target": "torch.nn.Identity"},
-        cond_stage_key="ctx",
+        cond_stage_config={"target": f"{__name__}.Captions", "params": {"dim": 8}},
+        cond_stage_key="txt",
         first_stage_key="jpg",
         image_size=8,
         channels=4,
@@ -354,7 +354,7 @@ def test_inpainting_model_starts_from_a_4_channel_checkpoint(tmp_path):
         "jpg": torch.randn(2, 8, 8, 4),
         "masked_image": torch.randn(2, 8, 8, 4),
         "mask": torch.ones(2, 8, 8, 1),
-        "ctx": torch.randn(2, 3, 8),
+        "txt": ["a", "bb"],
     }
     z, c = inp.get_input(batch, "jpg")
     assert c["c_concat"][0].shape == (2, 5, 8, 8)
