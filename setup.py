@@ -32,5 +32,12 @@ setup(
         ],
         "xformers": ["xformers"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={
+        "console_scripts": [
+            "ldm-txt2img=ldm.sampling.cli:txt2img_main",
+            "ldm-img2img=ldm.sampling.cli:img2img_main",
+            "ldm-inpaint=ldm.sampling.cli:inpaint_main",
+            "ldm-convert=ldm.checkpoint.cli:main",
+        ]
+    },
 )

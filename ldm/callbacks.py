@@ -59,8 +59,6 @@ class SetupCallback(Callback):
         self.config, self.lightning_config = config, lightning_config
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        import sys
-        print("SETUPDBG", self.now, stage, trainer.is_global_zero, file=sys.stderr)
         if not trainer.is_global_zero:
             return
         for d in (self.logdir, self.ckptdir, self.cfgdir, self.logdir / "images"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import logging
 import os
 import pdb
@@ -171,6 +172,14 @@ def resolve_paths(opt: argparse.Namespace) -> RunPaths:
                     f"{', '.join(found) or 'none'}). Pass one of them: -r {target}/checkpoints/NAME."
                 )
         configs = sorted(str(p) for p in (logdir / "configs").glob("*.yaml"))
+        base = now
+        for i in itertools.count(1):  # two launches within one second keep both config files
+            if (
+                RUN_NOW_ENV in os.environ
+                or not (logdir / "configs" / f"{now}-project.yaml").exists()
+            ):
+                break
+            now = f"{base}-{i}"
         return RunPaths(now, logdir.name, logdir, ckpt, configs)
     if opt.name:
         name = "_" + opt.name
@@ -178,8 +187,15 @@ def resolve_paths(opt: argparse.Namespace) -> RunPaths:
         name = "_" + Path(opt.base[0]).stem
     else:
         name = ""
-    nowname = now + name + opt.postfix
     parent = Path(opt.logdir) / opt.project if opt.project else Path(opt.logdir)
+    nowname = now + name + opt.postfix
+    if RUN_NOW_ENV not in os.environ:  # not a rank of a launched run: never reuse a directory
+        base = now
+        for i in itertools.count(1):
+            if not (parent / nowname).exists():
+                break
+            now = f"{base}-{i}"
+            nowname = now + name + opt.postfix
     return RunPaths(now, nowname, parent / nowname)
 
 

@@ -178,3 +178,20 @@ def test_sigterm_saves_and_exits(tmp_path: Path) -> None:
         )
     (logdir,) = tmp_path.iterdir()
     assert torch.load(logdir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+def test_test_split_runs_after_fit_unless_no_test(tmp_path: Path) -> None:
+    test_split = ["data.params.test.target=toy_model.ToyDataset", "data.params.test.params.n=8"]
+    r = _run(tmp_path, "--trainer.max_steps", "2", "-n", "with_test", *test_split)
+    assert "test/loss" in r.metrics
+    r = _run(tmp_path, "--trainer.max_steps", "2", "-n", "no_test", "--no-test", *test_split)
+    assert "test/loss" not in r.metrics
+
+
+def test_debug_run_moves_to_debug_runs(tmp_path: Path) -> None:
+    r = _run(tmp_path, "-d", "--trainer.max_steps", "1")
+    assert (
+        r.logdir.parent == tmp_path / "debug_runs"
+        and (r.logdir / "checkpoints" / "last.ckpt").exists()
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["debug_runs"]

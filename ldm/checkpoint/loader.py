@@ -81,7 +81,8 @@ def build_model(config: dict[str, Any]) -> nn.Module:
     from ldm.models.diffusion.ddpm import DDPM
 
     if "use_ema" in accepts or (isinstance(cls, type) and issubclass(cls, DDPM)):
-        model_cfg.setdefault("params", {})["use_ema"] = False  # EMA weights are applied by the loader
+        # EMA weights are applied by the loader, not kept as a second copy
+        model_cfg.setdefault("params", {})["use_ema"] = False
     return instantiate_from_config(model_cfg)
 
 

@@ -117,7 +117,7 @@ def test_trainer_fit_logs_ema_validation_and_steps_the_scheduler(tmp_path, one_t
         num_sanity_val_steps=0,
         default_root_dir=tmp_path,
     )
-    loader = DataLoader(_Toy(64), batch_size=16)
+    loader = DataLoader(_Toy(48), batch_size=16)  # 3 batches: one epoch, then validation
     trainer.fit(model, loader, loader)
     metrics = trainer.callback_metrics
     assert {"val/loss_simple", "val/loss_simple_ema", "train/loss_simple_epoch"} <= set(metrics)
