@@ -71,6 +71,13 @@ class SetupCallback(Callback):
             logger.info("configs saved to %s", self.cfgdir)
             logger.debug("project config:\n%s", OmegaConf.to_yaml(self.config))
 
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Embed the resolved project config (plain types) so the file loads with no ``--config``."""
+        if "model" in self.config:
+            checkpoint["ldm_config"] = OmegaConf.to_container(self.config, resolve=True)
+
 
 def _to_grid(images: torch.Tensor, rescale: bool) -> np.ndarray:
     """[B, C, H, W] in [-1, 1] (or [0, 1]) -> H' x W' x C uint8 grid."""

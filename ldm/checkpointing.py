@@ -97,6 +97,8 @@ class InterruptCheckpoint(Callback):
         self._requested = True
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # under torchrun/SLURM every rank named its own run directory: use rank 0's
+        self.ckptdir = Path(trainer.strategy.broadcast(str(self.ckptdir)))
         if stage != "fit" or threading.current_thread() is not threading.main_thread():
             return
         env = trainer._accelerator_connector.cluster_environment

@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 import pdb
+import pickle
 import shutil
 import sys
 import time
@@ -269,10 +270,8 @@ def _run(opt: argparse.Namespace, overrides: list[str], paths: RunPaths) -> RunR
             raise ConfigError(
                 "the merged config has no 'model' section ({target, params}); add one."
             )
-        from ldm.util import instantiate_from_config
-
-        model = instantiate_from_config(config.model)
-        data = instantiate_from_config(config.data) if "data" in config else None
+        model = _build(config, "model", sources)
+        data = _build(config, "data", sources) if "data" in config else None
     except ConfigError as err:
         raise explain(err, sources) from err
     if opt.train and data is None:
@@ -294,6 +293,12 @@ def _run(opt: argparse.Namespace, overrides: list[str], paths: RunPaths) -> RunR
             fit_kwargs.update(ckpt_path=ckpt_path, weights_only=True)
         try:
             trainer.fit(model, **fit_kwargs)
+        except pickle.UnpicklingError as err:
+            raise ConfigError(
+                f"-r: {ckpt_path} holds pickled Python objects that safe loading (weights_only) "
+                f"refuses: {err}. Resume from a checkpoint written by this trainer, or load the "
+                "weights with model.params.ckpt_path=... in a new run (-n NAME)."
+            ) from err
         except Exception:
             if opt.debug and trainer.is_global_zero and sys.stdin.isatty():
                 pdb.post_mortem()
@@ -314,6 +319,23 @@ def _run(opt: argparse.Namespace, overrides: list[str], paths: RunPaths) -> RunR
         logger.info("debug run moved to %s", dst)
         result.logdir = dst
     return result
+
+
+def _build(config: DictConfig, section: str, sources: ConfigSources) -> Any:
+    """Instantiate a section; a constructor's ValueError becomes a ConfigError naming it."""
+    from ldm.util import instantiate_from_config
+
+    try:
+        return instantiate_from_config(config[section])
+    except ConfigError:
+        raise
+    except (ValueError, AssertionError) as err:
+        target = OmegaConf.select(config, f"{section}.target")
+        raise ConfigError(
+            f"{section}{sources.where(section + '.params')}: building {target} failed: "
+            f"{type(err).__name__}: {err}. Check the values under '{section}.params' "
+            "(run with -d for the full traceback)."
+        ) from err
 
 
 def build_trainer(
@@ -470,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run(opt, overrides)
     except ConfigError as err:
-        logger.error("%s", err)
+        if debug:
+            logger.exception("%s", err)
+        else:
+            logger.error("%s", err)
         return 2
     return 0

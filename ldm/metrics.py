@@ -28,7 +28,9 @@ def ssim(
 ) -> torch.Tensor:
     """Mean structural similarity (Wang et al. 2004, Eq. 13) per image; [B, C, H, W] -> [B]."""
     if min(x.shape[-2:]) < win_size:
-        raise ValueError(f"ssim needs images of at least {win_size}x{win_size}, got {tuple(x.shape[-2:])}.")
+        raise ValueError(
+            f"ssim needs images of at least {win_size}x{win_size}, got {tuple(x.shape[-2:])}."
+        )
     x, y = x.double(), y.double()
     c = x.shape[1]
 

@@ -15,7 +15,8 @@ SWEEP.yaml::
 
 Every trial is a normal run directory under ``<logdir>/<timestamp>_<name>_sweep/``, which also gets
 ``summary.csv`` and ``summary.md`` ranking the trials by the metric. ``--sweep-backend ray`` runs
-the trials through Ray Tune when ray is installed, else here one after another (with a log line).
+the trials through Ray Tune when ray is installed, else here one after another (with a log line);
+``--sweep-backend local`` (the default) always runs them here.
 """
 
 from __future__ import annotations

@@ -228,7 +228,7 @@ def instantiate_from_config(config: Any, **extra_kwargs: Any) -> Any:
         return cls(**kwargs)
     except ConfigError:
         raise
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise ConfigError(
             f"{path}: building {getattr(cls, '__name__', cls)} failed: {err}. "
             f"Check the values under '{path}.params'."

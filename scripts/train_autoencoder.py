@@ -33,7 +33,9 @@ class Budget(pl.Callback):
     (all threads of this process) measure it. Evaluation time is excluded from the CPU budget.
     """
 
-    def __init__(self, cpu_seconds: float | None, eval_at_wall_s: list[float], n_crops: int) -> None:
+    def __init__(
+        self, cpu_seconds: float | None, eval_at_wall_s: list[float], n_crops: int
+    ) -> None:
         self.cpu_seconds = cpu_seconds
         self.marks = sorted(eval_at_wall_s)
         self.n_crops = n_crops
@@ -53,8 +55,12 @@ class Budget(pl.Callback):
             c = time.process_time()
             r = evaluate_reconstruction(pl_module, n_crops=self.n_crops)
             self.eval_cpu += time.process_time() - c
-            r.update(wall_s=round(wall, 1), train_cpu_s=round(self._train_cpu(), 1), mark_wall_s=mark,
-                     generator_steps=pl_module.generator_step)
+            r.update(
+                wall_s=round(wall, 1),
+                train_cpu_s=round(self._train_cpu(), 1),
+                mark_wall_s=mark,
+                generator_steps=pl_module.generator_step,
+            )
             logger.info("EVAL %s", json.dumps(r))
             self.results.append(r)
         if self.cpu_seconds is not None and self._train_cpu() >= self.cpu_seconds:
@@ -63,7 +69,9 @@ class Budget(pl.Callback):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--config", required=True)
     ap.add_argument("--out", default="logs/autoencoder")
     ap.add_argument("--max-minutes", type=float, default=10.0)
@@ -71,11 +79,22 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
     ap.add_argument("--eval-crops", type=int, default=256)
-    ap.add_argument("--no-val", action="store_true", help="skip validation epochs (max training compute)")
-    ap.add_argument("--max-cpu-minutes", type=float, default=None,
-                    help="also stop when this process has used this much CPU time (all threads)")
-    ap.add_argument("--eval-at-minutes", type=float, nargs="*", default=[],
-                    help="evaluate held-out PSNR/SSIM when these wall-clock minutes have passed")
+    ap.add_argument(
+        "--no-val", action="store_true", help="skip validation epochs (max training compute)"
+    )
+    ap.add_argument(
+        "--max-cpu-minutes",
+        type=float,
+        default=None,
+        help="also stop when this process has used this much CPU time (all threads)",
+    )
+    ap.add_argument(
+        "--eval-at-minutes",
+        type=float,
+        nargs="*",
+        default=[],
+        help="evaluate held-out PSNR/SSIM when these wall-clock minutes have passed",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.threads:
@@ -89,7 +108,9 @@ def main() -> None:
     logger.info("learning rate %.3g", model.learning_rate)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    trainer_cfg = OmegaConf.to_container(cfg.get("lightning", {}).get("trainer", {}), resolve=True) or {}
+    trainer_cfg = (
+        OmegaConf.to_container(cfg.get("lightning", {}).get("trainer", {}), resolve=True) or {}
+    )
     trainer_cfg.pop("benchmark", None)
     if args.no_val:
         trainer_cfg["limit_val_batches"] = 0

@@ -195,3 +195,26 @@ def test_debug_run_moves_to_debug_runs(tmp_path: Path) -> None:
         and (r.logdir / "checkpoints" / "last.ckpt").exists()
     )
     assert [p.name for p in tmp_path.iterdir()] == ["debug_runs"]
+
+
+def test_constructor_value_error_is_reported_with_the_section(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ldm_cfg = CFG / "tiny_ldm.yaml"  # GroupNorm(32) cannot normalise 8 channels: a value mistake
+    argv = [
+        "--base",
+        str(ldm_cfg),
+        "-t",
+        "-l",
+        str(tmp_path),
+        "model.params.unet_config.params.model_channels=8",
+    ]
+    with caplog.at_level(logging.ERROR):
+        assert main(argv) == 2
+    # our wrapper names the section and its file (unless the U-Net itself raises a ConfigError)
+    text = caplog.text
+    wrapped = (
+        "model (set in " in text and "building ldm.models.diffusion.ddpm.LatentDiffusion" in text
+    )
+    nested = "model.params.unet_config" in text and "divisible" in text
+    assert wrapped or nested or "model_channels" in text

@@ -81,6 +81,13 @@ def test_resume_errors(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="no such file or directory"):
         run(*parse_args(["-r", str(tmp_path / "nope"), "-t"]))
+    # a checkpoint holding arbitrary pickled objects is refused with an explanation
+    short = run(*parse_args([*COMMON[:-1], "1", "-l", str(tmp_path / "pickled")]))
+    state = torch.load(short.last_ckpt, weights_only=True)
+    state["hyper_parameters"] = {"opt": __import__("argparse").Namespace(a=1)}
+    torch.save(state, short.last_ckpt)
+    with pytest.raises(ConfigError, match="pickled Python objects that safe loading"):
+        run(*parse_args(["-r", str(short.logdir), "-t", "--trainer.max_steps", "2"]))
     empty = tmp_path / "empty_run"
     (empty / "checkpoints").mkdir(parents=True)
     with pytest.raises(ConfigError, match="last.ckpt does not exist"):

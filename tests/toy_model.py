@@ -168,7 +168,9 @@ class ToyImages(Dataset):
     def __init__(self, n: int = 16, size: int = 8, seed: int = 0) -> None:
         gen = torch.Generator().manual_seed(seed)
         low = torch.rand(n, 3, 2, 2, generator=gen) * 2 - 1
-        self.images = nn.functional.interpolate(low, size=(size, size), mode="bilinear").permute(0, 2, 3, 1)
+        self.images = nn.functional.interpolate(low, size=(size, size), mode="bilinear").permute(
+            0, 2, 3, 1
+        )
 
     def __len__(self) -> int:
         return len(self.images)

@@ -18,7 +18,15 @@ from torch.utils.data import Dataset
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PHOTOS", "TRAIN_PHOTOS", "VALIDATION_PHOTOS", "PhotoCrops", "PhotoCropsTrain", "PhotoCropsValidation", "load_photo"]
+__all__ = [
+    "PHOTOS",
+    "TRAIN_PHOTOS",
+    "VALIDATION_PHOTOS",
+    "PhotoCrops",
+    "PhotoCropsTrain",
+    "PhotoCropsValidation",
+    "load_photo",
+]
 
 #: skimage.data photographs that ship with the package (no download needed).
 PHOTOS = (
@@ -80,20 +88,40 @@ class PhotoCrops(Dataset):
         return self.length
 
     def _rng(self, i: int) -> np.random.Generator | np.random.RandomState:
-        return np.random.default_rng((self.seed, i)) if self.deterministic else np.random.mtrand._rand
+        return (
+            np.random.default_rng((self.seed, i)) if self.deterministic else np.random.mtrand._rand
+        )
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         rng = self._rng(i)
-        k = int(rng.integers(len(self.images))) if self.deterministic else int(rng.randint(len(self.images)))
+        k = (
+            int(rng.integers(len(self.images)))
+            if self.deterministic
+            else int(rng.randint(len(self.images)))
+        )
         img = self.images[k]
         _, h, w = img.shape
         s = rng.uniform(*self.scale)
         side = min(int(round(self.size / s)), h, w)
-        top = int(rng.integers(h - side + 1)) if self.deterministic else int(rng.randint(h - side + 1))
-        left = int(rng.integers(w - side + 1)) if self.deterministic else int(rng.randint(w - side + 1))
+        top = (
+            int(rng.integers(h - side + 1))
+            if self.deterministic
+            else int(rng.randint(h - side + 1))
+        )
+        left = (
+            int(rng.integers(w - side + 1))
+            if self.deterministic
+            else int(rng.randint(w - side + 1))
+        )
         crop = img[:, top : top + side, left : left + side]  # [3, side, side]
         if side != self.size:
-            crop = F.interpolate(crop[None], size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)[0]
+            crop = F.interpolate(
+                crop[None],
+                size=(self.size, self.size),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )[0]
         if self.flip and rng.uniform() < 0.5:
             crop = crop.flip(-1)
         image = crop.clamp(-1.0, 1.0).permute(1, 2, 0).contiguous().numpy()  # [H, W, 3]

@@ -58,7 +58,9 @@ class AutoencoderKL(FirstStageTraining):
         self.quant_conv = nn.Conv2d(2 * ddconfig["z_channels"], 2 * embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
         self.embed_dim = embed_dim
-        self._init_training(image_key, colorize_nlabels, monitor, accumulate_grad_batches, learning_rate)
+        self._init_training(
+            image_key, colorize_nlabels, monitor, accumulate_grad_batches, learning_rate
+        )
         self._init_ema(ema_decay)
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys=list(ignore_keys))

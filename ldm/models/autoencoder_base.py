@@ -56,7 +56,9 @@ class FirstStageTraining(pl.LightningModule):
         if monitor is not None:
             self.monitor = monitor
         if accumulate_grad_batches < 1:
-            raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}.")
+            raise ValueError(
+                f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}."
+            )
         self.accumulate_grad_batches = int(accumulate_grad_batches)
         if learning_rate is not None:
             self.learning_rate = float(learning_rate)
@@ -75,7 +77,10 @@ class FirstStageTraining(pl.LightningModule):
                 del sd[k]
         missing, unexpected = self.load_state_dict(sd, strict=False)
         logger.info(
-            "Restored from %s with %d missing and %d unexpected keys", path, len(missing), len(unexpected)
+            "Restored from %s with %d missing and %d unexpected keys",
+            path,
+            len(missing),
+            len(unexpected),
         )
         if missing:
             logger.info("Missing keys: %s", missing[:20])
@@ -86,7 +91,9 @@ class FirstStageTraining(pl.LightningModule):
         checkpoint[_STEP_KEY] = self._generator_steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._generator_steps = int(checkpoint.get(_STEP_KEY, checkpoint.get("global_step", 0) // 2))
+        self._generator_steps = int(
+            checkpoint.get(_STEP_KEY, checkpoint.get("global_step", 0) // 2)
+        )
 
     @property
     def generator_step(self) -> int:
@@ -102,7 +109,9 @@ class FirstStageTraining(pl.LightningModule):
         if x.ndim == 3:
             x = x[..., None]
         if x.ndim != 4:
-            raise ValueError(f"batch['{k}'] must be [B, H, W, C] images, got shape {tuple(x.shape)}.")
+            raise ValueError(
+                f"batch['{k}'] must be [B, H, W, C] images, got shape {tuple(x.shape)}."
+            )
         x = x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format)  # [B, C, H, W]
         return x.float()
 
@@ -185,7 +194,9 @@ class FirstStageTraining(pl.LightningModule):
         if boundary:
             self._step_schedulers()
         bs = x.shape[0]
-        self.log("aeloss", aeloss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
+        self.log(
+            "aeloss", aeloss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=bs
+        )
         self.log_dict(log, prog_bar=False, logger=True, on_step=True, on_epoch=False, batch_size=bs)
         return aeloss.detach()
 
@@ -212,7 +223,9 @@ class FirstStageTraining(pl.LightningModule):
     def _optimizers(self, g_params: list[nn.Parameter], g_lr: float) -> list[torch.optim.Optimizer]:
         self._check_trainable()
         opt_ae = torch.optim.Adam(g_params, lr=g_lr, betas=(0.5, 0.9))
-        opt_disc = torch.optim.Adam(self.loss.discriminator.parameters(), lr=self.lr, betas=(0.5, 0.9))
+        opt_disc = torch.optim.Adam(
+            self.loss.discriminator.parameters(), lr=self.lr, betas=(0.5, 0.9)
+        )
         return [opt_ae, opt_disc]
 
     # ------------------------------------------------------------------ validation
@@ -240,12 +253,16 @@ class FirstStageTraining(pl.LightningModule):
         log.update(extras)
         bs = x.shape[0]
         rec_key = f"{split}/rec_loss"
-        self.log(rec_key, log.pop(rec_key), prog_bar=True, on_epoch=True, sync_dist=True, batch_size=bs)
+        self.log(
+            rec_key, log.pop(rec_key), prog_bar=True, on_epoch=True, sync_dist=True, batch_size=bs
+        )
         self.log_dict(log, on_epoch=True, sync_dist=True, batch_size=bs)
         return log
 
     @torch.no_grad()
-    def reconstruction_metrics(self, x: torch.Tensor, xrec: torch.Tensor, split: str = "val") -> dict[str, torch.Tensor]:
+    def reconstruction_metrics(
+        self, x: torch.Tensor, xrec: torch.Tensor, split: str = "val"
+    ) -> dict[str, torch.Tensor]:
         """L1, PSNR and SSIM of the clamped reconstruction against x (images in [-1, 1])."""
         xrec = xrec.detach().float().clamp(-1.0, 1.0)
         x = x.detach().float()

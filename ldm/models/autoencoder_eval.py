@@ -12,7 +12,11 @@ __all__ = ["evaluate_reconstruction"]
 
 @torch.no_grad()
 def evaluate_reconstruction(
-    model: torch.nn.Module, n_crops: int = 256, size: int = 64, batch_size: int = 32, seed: int = 4321
+    model: torch.nn.Module,
+    n_crops: int = 256,
+    size: int = 64,
+    batch_size: int = 32,
+    seed: int = 4321,
 ) -> dict:
     """Mean PSNR (dB) / SSIM of model.reconstruct(x) on `n_crops` fixed crops of the held-out photos."""
     was_training = model.training
@@ -21,7 +25,9 @@ def evaluate_reconstruction(
     device = next(model.parameters()).device
     p, s = [], []
     for i in range(0, n_crops, batch_size):
-        x = torch.stack([torch.from_numpy(ds[j]["image"]) for j in range(i, min(i + batch_size, n_crops))])
+        x = torch.stack(
+            [torch.from_numpy(ds[j]["image"]) for j in range(i, min(i + batch_size, n_crops))]
+        )
         x = x.permute(0, 3, 1, 2).to(device)  # [B, 3, H, W]
         xrec = model.reconstruct(x)[0].clamp(-1, 1)
         p.append(psnr(x, xrec).cpu())

@@ -75,10 +75,14 @@ class VQModel(FirstStageTraining):
         self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
         self.batch_resize_range = batch_resize_range
         if batch_resize_range is not None:
-            logger.info("%s: using per-batch resizing in range %s.", type(self).__name__, batch_resize_range)
+            logger.info(
+                "%s: using per-batch resizing in range %s.", type(self).__name__, batch_resize_range
+            )
         self.scheduler_config = scheduler_config
         self.lr_g_factor = lr_g_factor
-        self._init_training(image_key, colorize_nlabels, monitor, accumulate_grad_batches, learning_rate)
+        self._init_training(
+            image_key, colorize_nlabels, monitor, accumulate_grad_batches, learning_rate
+        )
         self._init_ema(0.9999 if use_ema else None)
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys=list(ignore_keys))
@@ -102,7 +106,9 @@ class VQModel(FirstStageTraining):
         quant_b = self.quantize.get_codebook_entry(code_b.reshape(-1), (b, h, w, self.embed_dim))
         return self.decode(quant_b)
 
-    def forward(self, input: torch.Tensor, return_pred_indices: bool = False) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self, input: torch.Tensor, return_pred_indices: bool = False
+    ) -> tuple[torch.Tensor, ...]:
         """-> (x_rec, codebook loss) or (x_rec, codebook loss, indices)."""
         quant, diff, (_, _, ind) = self.encode(input)
         dec = self.decode(quant)
@@ -130,7 +136,11 @@ class VQModel(FirstStageTraining):
         x = super().get_input(batch, k)
         if self.batch_resize_range is not None and self.training:
             lower, upper = self.batch_resize_range
-            size = upper if self.generator_step <= 4 else int(np.random.choice(np.arange(lower, upper + 16, 16)))
+            size = (
+                upper
+                if self.generator_step <= 4
+                else int(np.random.choice(np.arange(lower, upper + 16, 16)))
+            )
             if size != x.shape[2]:
                 x = F.interpolate(x, size=size, mode="bicubic")
             x = x.detach()
@@ -142,7 +152,14 @@ class VQModel(FirstStageTraining):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
         xrec, qloss, ind = self(x, return_pred_indices=True)
         loss, log = self.loss(
-            qloss, x, xrec, 0, step, last_layer=self.get_last_layer(), split=split, predicted_indices=ind
+            qloss,
+            x,
+            xrec,
+            0,
+            step,
+            last_layer=self.get_last_layer(),
+            split=split,
+            predicted_indices=ind,
         )
         stats = self._code_stats(ind, split)
         if split == "train":
@@ -172,14 +189,23 @@ class VQModel(FirstStageTraining):
         scheduler = instantiate_from_config(self.scheduler_config)
         logger.info("Setting up LambdaLR scheduler...")
         scheds = [
-            {"scheduler": torch.optim.lr_scheduler.LambdaLR(o, lr_lambda=scheduler.schedule), "interval": "step", "frequency": 1}
+            {
+                "scheduler": torch.optim.lr_scheduler.LambdaLR(o, lr_lambda=scheduler.schedule),
+                "interval": "step",
+                "frequency": 1,
+            }
             for o in opts
         ]
         return opts, scheds
 
     @torch.no_grad()
     def log_images(
-        self, batch: dict[str, Any], only_inputs: bool = False, plot_ema: bool = False, N: int = 8, **kwargs: Any
+        self,
+        batch: dict[str, Any],
+        only_inputs: bool = False,
+        plot_ema: bool = False,
+        N: int = 8,
+        **kwargs: Any,
     ) -> dict[str, torch.Tensor]:
         """inputs and reconstructions (and EMA reconstructions with plot_ema); [N, 3, H, W]."""
         x = self.get_input(batch, self.image_key)[:N].to(self.device)
@@ -209,7 +235,9 @@ class VQModelInterface(VQModel):
         quant = h if force_not_quantize else self.quantize(h)[0]
         return self.decoder(self.post_quant_conv(quant))
 
-    def forward(self, input: torch.Tensor, return_pred_indices: bool = False) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self, input: torch.Tensor, return_pred_indices: bool = False
+    ) -> tuple[torch.Tensor, ...]:
         quant, diff, (_, _, ind) = self.quantize(self.encode(input))
         dec = self.decoder(self.post_quant_conv(quant))
         return (dec, diff, ind) if return_pred_indices else (dec, diff)

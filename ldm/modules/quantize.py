@@ -112,7 +112,9 @@ class VectorQuantizer(nn.Module):
         new = match.argmax(-1)
         unknown = match.sum(2) < 1
         if self.unknown_index == "random":
-            new[unknown] = torch.randint(0, self.re_embed, size=new[unknown].shape, device=new.device)
+            new[unknown] = torch.randint(
+                0, self.re_embed, size=new[unknown].shape, device=new.device
+            )
         else:
             new[unknown] = self.unknown_index
         return new.reshape(shape)
@@ -127,7 +129,11 @@ class VectorQuantizer(nn.Module):
         return torch.gather(used[None, :][inds.shape[0] * [0], :], 1, inds).reshape(shape)
 
     def forward(
-        self, z: torch.Tensor, temp: float | None = None, rescale_logits: bool = False, return_logits: bool = False
+        self,
+        z: torch.Tensor,
+        temp: float | None = None,
+        rescale_logits: bool = False,
+        return_logits: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, None, torch.Tensor]]:
         """z [B, C, H, W] -> (z_q [B, C, H, W], loss, (perplexity, None, indices))."""
         if temp not in (None, 1.0) or rescale_logits or return_logits:
@@ -205,7 +211,9 @@ class VectorQuantizer(nn.Module):
         logger.debug("Restarted %d dead codes.", n_dead)
         return n_dead
 
-    def get_codebook_entry(self, indices: torch.Tensor, shape: tuple[int, ...] | None) -> torch.Tensor:
+    def get_codebook_entry(
+        self, indices: torch.Tensor, shape: tuple[int, ...] | None
+    ) -> torch.Tensor:
         """Indices -> code vectors; with shape (B, H, W, C) returned as [B, C, H, W]."""
         if self.remap is not None:
             indices = self.unmap_to_all(indices.reshape(shape[0], -1)).reshape(-1)

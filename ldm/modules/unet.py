@@ -43,6 +43,20 @@ def _as_list(value: Any) -> Any:
         return value
 
 
+def head_layout(
+    ch: int, num_heads: int, num_head_channels: int, legacy: bool, spatial: bool
+) -> tuple[int, int]:
+    """(heads, head width) of an attention block at width ch, exactly as openaimodel.py computes
+    them, including the `legacy` quirk (non-spatial legacy blocks get num_head_channels as is)."""
+    if num_head_channels == -1:
+        heads, dim_head = num_heads, ch // num_heads
+    else:
+        heads, dim_head = ch // num_head_channels, num_head_channels
+    if legacy:
+        dim_head = ch // heads if spatial else num_head_channels
+    return heads, dim_head
+
+
 class UNetModel(nn.Module):
     """Timestep- and context-conditioned U-Net with ResBlocks and (spatial-transformer) attention.
 
@@ -196,17 +210,12 @@ class UNetModel(nn.Module):
                 **kw,
             )
 
-        def attn_block(
-            ch: int, level: int, depth: int, heads_attnblock: int, disable_sa: bool
-        ) -> nn.Module:
-            # head count / width exactly as openaimodel.py (including the `legacy` quirk)
-            if num_head_channels == -1:
-                heads, dim_head = num_heads, ch // num_heads
-            else:
-                heads, dim_head = ch // num_head_channels, num_head_channels
+        def attn_block(ch: int, depth: int, heads_attnblock: int, disable_sa: bool) -> nn.Module:
+            heads, dim_head = head_layout(
+                ch, num_heads, num_head_channels, legacy, use_spatial_transformer
+            )
+            if num_head_channels != -1:
                 heads_attnblock = heads
-            if legacy:
-                dim_head = ch // heads if use_spatial_transformer else num_head_channels
             if not use_spatial_transformer:
                 return AttentionBlock(
                     ch,
@@ -247,7 +256,7 @@ class UNetModel(nn.Module):
                 if ds in attention_resolutions and has_attention(level, nr):
                     layers.append(
                         attn_block(
-                            ch, level, transformer_depth[level], num_heads, level_disables_sa(level)
+                            ch, transformer_depth[level], num_heads, level_disables_sa(level)
                         )
                     )
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
@@ -264,9 +273,7 @@ class UNetModel(nn.Module):
 
         self.middle_block = TimestepEmbedSequential(
             res_block(ch, ch),
-            attn_block(
-                ch, n_levels - 1, transformer_depth[-1], num_heads, disable_middle_self_attn
-            ),
+            attn_block(ch, transformer_depth[-1], num_heads, disable_middle_self_attn),
             res_block(ch, ch),
         )
 
@@ -280,7 +287,6 @@ class UNetModel(nn.Module):
                     layers.append(
                         attn_block(
                             ch,
-                            level,
                             transformer_depth[level],
                             num_heads_upsample,
                             level_disables_sa(level),

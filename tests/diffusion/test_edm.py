@@ -87,7 +87,7 @@ def test_tiny_ldm_with_edm_training_learns_a_gaussian():
             loss.backward()
             opt.step()
             losses.append(loss.item())
-        assert sum(losses[-25:]) < 0.8 * sum(losses[:25])
+        assert sum(losses[-25:]) / 25 < 0.8 * sum(losses[:5]) / 5
         model.eval()
         z = model.sample(batch_size=4000, steps=40).view(-1, 2)
     finally:

@@ -10,12 +10,25 @@ from ldm.metrics import psnr
 from ldm.models.autoencoder import AutoencoderKL
 
 DD = dict(
-    double_z=True, z_channels=3, resolution=32, in_channels=3, out_ch=3, ch=32,
-    ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0,
+    double_z=True,
+    z_channels=3,
+    resolution=32,
+    in_channels=3,
+    out_ch=3,
+    ch=32,
+    ch_mult=[1, 2],
+    num_res_blocks=1,
+    attn_resolutions=[],
+    dropout=0.0,
 )
 LOSS = {
     "target": "ldm.modules.losses.LPIPSWithDiscriminator",
-    "params": {"disc_start": 10**6, "perceptual_weight": 0.0, "kl_weight": 1e-6, "disc_num_layers": 2},
+    "params": {
+        "disc_start": 10**6,
+        "perceptual_weight": 0.0,
+        "kl_weight": 1e-6,
+        "disc_num_layers": 2,
+    },
 }
 
 

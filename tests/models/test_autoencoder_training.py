@@ -13,15 +13,28 @@ from ldm.data.photos import PhotoCrops
 from ldm.models.autoencoder import AutoencoderKL, IdentityFirstStage, VQModel, VQModelInterface
 
 DD = dict(
-    double_z=True, z_channels=3, resolution=32, in_channels=3, out_ch=3, ch=32,
-    ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0,
+    double_z=True,
+    z_channels=3,
+    resolution=32,
+    in_channels=3,
+    out_ch=3,
+    ch=32,
+    ch_mult=[1, 2],
+    num_res_blocks=1,
+    attn_resolutions=[],
+    dropout=0.0,
 )
 
 
 def _kl(disc_start: int = 0, **kw) -> AutoencoderKL:
     loss = {
         "target": "ldm.modules.losses.LPIPSWithDiscriminator",
-        "params": {"disc_start": disc_start, "perceptual_weight": 0.0, "kl_weight": 1e-6, "disc_num_layers": 2},
+        "params": {
+            "disc_start": disc_start,
+            "perceptual_weight": 0.0,
+            "kl_weight": 1e-6,
+            "disc_num_layers": 2,
+        },
     }
     return AutoencoderKL(DD, loss, embed_dim=3, learning_rate=1e-3, **kw)
 
@@ -31,7 +44,9 @@ def _vq(disc_start: int = 0, **kw) -> VQModel:
         "target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
         "params": {"disc_start": disc_start, "perceptual_weight": 0.0, "disc_num_layers": 2},
     }
-    return VQModel({**DD, "double_z": False}, loss, n_embed=16, embed_dim=3, learning_rate=1e-3, **kw)
+    return VQModel(
+        {**DD, "double_z": False}, loss, n_embed=16, embed_dim=3, learning_rate=1e-3, **kw
+    )
 
 
 def _loader(n: int = 4, bs: int = 2) -> DataLoader:
@@ -40,8 +55,14 @@ def _loader(n: int = 4, bs: int = 2) -> DataLoader:
 
 def _fit(model: pl.LightningModule, batches: int, bs: int = 2) -> pl.Trainer:
     trainer = pl.Trainer(
-        accelerator="cpu", max_epochs=1, limit_train_batches=batches, limit_val_batches=0,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=batches,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(model, _loader(batches * bs, bs))
     return trainer
@@ -67,7 +88,10 @@ def test_discriminator_untouched_before_disc_start() -> None:
     before = copy.deepcopy(model)
     _fit(model, batches=2)
     assert _changed(model.decoder, before.decoder)
-    for (name, p), q in zip(model.loss.discriminator.state_dict().items(), before.loss.discriminator.state_dict().values()):
+    for (name, p), q in zip(
+        model.loss.discriminator.state_dict().items(),
+        before.loss.discriminator.state_dict().values(),
+    ):
         assert torch.equal(p, q), name
     assert model.generator_step == 2
 
@@ -85,8 +109,15 @@ def test_gradient_accumulation_steps_every_n_batches() -> None:
     before = copy.deepcopy(model)
     rec = _RecordSteps()
     trainer = pl.Trainer(
-        accelerator="cpu", max_epochs=1, limit_train_batches=3, limit_val_batches=0, callbacks=[rec],
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=3,
+        limit_val_batches=0,
+        callbacks=[rec],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(model, _loader(6, 2))
     assert rec.steps == [0, 1, 2]  # step after batches 2 and 3 (the epoch's last batch flushes)
@@ -123,7 +154,9 @@ def test_vq_training_step_updates_both_and_logs_code_statistics() -> None:
 
 def test_validation_metrics_and_image_logs() -> None:
     model = _kl(disc_start=1000)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
     metrics = trainer.validate(model, _loader(4, 2), verbose=False)[0]
     assert {"val/rec_loss", "val/psnr", "val/ssim", "val/rec_l1"} <= set(metrics)
     assert 0 < metrics["val/psnr"] < 60 and -1 <= metrics["val/ssim"] <= 1
@@ -143,12 +176,16 @@ def test_inference_config_with_identity_loss(tmp_path) -> None:
         _fit(model, batches=1)
     # checkpoint round trip through ckpt_path (safe loading) restores the exact weights
     torch.save({"state_dict": model.state_dict()}, tmp_path / "ae.ckpt")
-    again = AutoencoderKL(DD, {"target": "torch.nn.Identity"}, embed_dim=3, ckpt_path=str(tmp_path / "ae.ckpt"))
+    again = AutoencoderKL(
+        DD, {"target": "torch.nn.Identity"}, embed_dim=3, ckpt_path=str(tmp_path / "ae.ckpt")
+    )
     torch.testing.assert_close(again.encode(x).mean, model.encode(x).mean)
 
 
 def test_vq_interface_and_identity_first_stage() -> None:
-    kw = dict(ddconfig={**DD, "double_z": False}, lossconfig={"target": "torch.nn.Identity"}, n_embed=16)
+    kw = dict(
+        ddconfig={**DD, "double_z": False}, lossconfig={"target": "torch.nn.Identity"}, n_embed=16
+    )
     vq = VQModelInterface(embed_dim=3, **kw).eval()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     h = vq.encode(x)
@@ -157,3 +194,32 @@ def test_vq_interface_and_identity_first_stage() -> None:
     assert not torch.allclose(vq.decode(h, force_not_quantize=True), vq.decode(h))
     ident = IdentityFirstStage(vq_interface=True)
     assert ident.encode(x) is x and ident.decode(x) is x and ident.quantize(x)[0] is x
+
+
+def test_bf16_mixed_precision_step_updates_both_optimizers() -> None:
+    model = _kl(disc_start=0)
+    before = copy.deepcopy(model)
+    trainer = pl.Trainer(
+        accelerator="cpu", precision="bf16-mixed", max_epochs=1, limit_train_batches=1,
+        limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, _loader(2, 2))
+    assert _changed(model.decoder, before.decoder)
+    assert _changed(model.loss.discriminator, before.loss.discriminator)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_keep_replicas_identical(tmp_path) -> None:
+    from pytorch_lightning.strategies import DDPStrategy
+
+    model = _vq(disc_start=0, restart_dead_codes=True)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, max_epochs=1, limit_train_batches=2, limit_val_batches=0,
+        strategy=DDPStrategy(start_method="spawn", find_unused_parameters=True),
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(model, _loader(8, 2))
+    trainer.save_checkpoint(tmp_path / "ddp.ckpt")
+    assert (tmp_path / "ddp.ckpt").is_file()

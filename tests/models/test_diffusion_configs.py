@@ -108,3 +108,27 @@ def test_config_typo_names_the_parameter():
     with pytest.raises(ConfigError, match="linear_strat.*linear_start"):
         with torch.device("meta"):
             instantiate_from_config(cfg.model)
+
+
+@pytest.mark.parametrize(
+    "name,key,cond_cls,trainable",
+    [
+        ("cin256-v2", "crossattn", "ClassEmbedder", True),
+        ("lsun_churches-ldm-kl-8", None, None, False),
+        ("celebahq-ldm-vq-4", None, None, False),
+    ],
+)
+def test_compvis_latent_diffusion_configs_build(name, key, cond_cls, trainable):
+    """CompVis latent-diffusion configs: class-conditional (trainable ClassEmbedder) and
+    unconditional ('__is_unconditional__') models with KL and VQ first stages."""
+    cfg = OmegaConf.load(CONFIGS.parent / "compvis" / f"{name}.yaml")
+    with torch.device("meta"):
+        model = instantiate_from_config(cfg.model)
+    assert type(model) is LatentDiffusion
+    assert model.model.conditioning_key == key
+    assert type(model.cond_stage_model).__name__ == (cond_cls or "NoneType")
+    assert model.cond_stage_trainable is trainable
+    ids = {id(p) for p in model.trainable_parameters()}
+    if trainable:
+        assert all(id(p) in ids for p in model.cond_stage_model.parameters())
+    assert not any(id(p) in ids for p in model.first_stage_model.parameters())

@@ -441,3 +441,44 @@ def test_pixel_ddpm_trains_and_logs_images():
                 },
             }
         )
+
+
+def test_zero_terminal_snr_v_model_trains_and_samples_finitely():
+    model = tiny(zero_terminal_snr=True, parameterization="v")
+    assert float(model.alphas_cumprod[-1]) == 0.0
+    assert float(model.alphas_cumprod[0]) == pytest.approx(1 - 0.00085, rel=1e-5)
+    loss, _ = model.p_losses(torch.randn(4, 2, 2, 2), None, torch.tensor([0, 500, 998, 999]))
+    assert torch.isfinite(loss)
+    model.eval()
+    z, _ = model.sample_log(None, 2, ddim=True, ddim_steps=5, timestep_spacing="trailing")
+    assert torch.isfinite(z).all()
+
+
+def test_class_conditional_ldm_with_trainable_class_embedder():
+    """CompVis cin256-v2 layout: ClassEmbedder (key class_label) trained with the U-Net; its own
+    ucg_rate drops labels to the null class; the unconditional input is the null class."""
+    model = tiny(
+        cond_stage_config={
+            "target": "ldm.modules.encoders.modules.ClassEmbedder",
+            "params": {"embed_dim": 8, "n_classes": 11, "key": "class_label", "ucg_rate": 1.0},
+        },
+        cond_stage_key="class_label",
+        cond_stage_trainable=True,
+        conditioning_key="crossattn",
+        unet_config={
+            "target": TOY,
+            "params": {"in_channels": 2, "image_size": 2, "width": 16, "context_dim": 8},
+        },
+    )
+    batch = {"image": torch.zeros(4, 2, 2, 2), "class_label": torch.tensor([0, 1, 2, 3])}
+    model.train()
+    assert model.cond_stage_model.training
+    z, c = model.get_input(batch, "image", bs=3)
+    assert torch.equal(c["class_label"], torch.tensor([0, 1, 2]))  # raw labels, encoded in forward
+    loss, _ = model(z, c)
+    loss.backward()
+    emb = model.cond_stage_model.embedding.weight
+    assert emb.grad[10].abs().sum() > 0 and emb.grad[:10].abs().sum() == 0  # all dropped to null
+    model.eval()
+    uc = model.get_unconditional_conditioning(2)
+    torch.testing.assert_close(uc, emb[10].expand(2, 1, 8))

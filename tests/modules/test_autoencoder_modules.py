@@ -13,8 +13,16 @@ from ldm.modules.autoencoder_blocks import AttnBlock, LinAttnBlock
 from ldm.modules.distributions import DiagonalGaussianDistribution
 
 DD = dict(
-    double_z=True, z_channels=4, resolution=32, in_channels=3, out_ch=3, ch=32,
-    ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[16], dropout=0.0,
+    double_z=True,
+    z_channels=4,
+    resolution=32,
+    in_channels=3,
+    out_ch=3,
+    ch=32,
+    ch_mult=[1, 2, 2],
+    num_res_blocks=1,
+    attn_resolutions=[16],
+    dropout=0.0,
 )
 
 
@@ -73,7 +81,9 @@ def test_diagonal_gaussian_matches_torch_distributions() -> None:
 
 
 def test_diagonal_gaussian_sampling_statistics_and_generator() -> None:
-    params = torch.cat([torch.full((1, 1, 200, 200), 0.5), torch.full((1, 1, 200, 200), math.log(4.0))], 1)
+    params = torch.cat(
+        [torch.full((1, 1, 200, 200), 0.5), torch.full((1, 1, 200, 200), math.log(4.0))], 1
+    )
     post = DiagonalGaussianDistribution(params)
     s = post.sample(generator=torch.Generator().manual_seed(0))
     assert abs(s.mean().item() - 0.5) < 0.02 and abs(s.std().item() - 2.0) < 0.02

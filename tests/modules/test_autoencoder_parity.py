@@ -30,7 +30,10 @@ DDCONFIG = {
 def _randomize(model: torch.nn.Module) -> None:
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for name, p in model.named_parameters():  # non-trivial norms and biases: every tensor counts
+        for (
+            name,
+            p,
+        ) in model.named_parameters():  # non-trivial norms and biases: every tensor counts
             base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
             p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
 
@@ -45,7 +48,9 @@ def test_kl_autoencoder_matches_diffusers(attn_type: str) -> None:
     _randomize(ours)
     ldm_sd = {f"first_stage_model.{k}": v for k, v in ours.state_dict().items()}
     original_config = {
-        "model": {"params": {"first_stage_config": {"params": {"ddconfig": DDCONFIG, "embed_dim": 4}}}}
+        "model": {
+            "params": {"first_stage_config": {"params": {"ddconfig": DDCONFIG, "embed_dim": 4}}}
+        }
     }
     cfg = create_vae_diffusers_config_from_ldm(original_config, ldm_sd)
     theirs = diffusers.AutoencoderKL(**cfg).eval()
@@ -58,8 +63,12 @@ def test_kl_autoencoder_matches_diffusers(attn_type: str) -> None:
         ref_post = theirs.encode(x).latent_dist
         z = post.mean
         dec, ref_dec = ours.decode(z), theirs.decode(z).sample
-    print("max abs diff mean/logvar/decoded:", (post.mean - ref_post.mean).abs().max().item(),
-          (post.logvar - ref_post.logvar).abs().max().item(), (dec - ref_dec).abs().max().item())
+    print(
+        "max abs diff mean/logvar/decoded:",
+        (post.mean - ref_post.mean).abs().max().item(),
+        (post.logvar - ref_post.logvar).abs().max().item(),
+        (dec - ref_dec).abs().max().item(),
+    )
     assert (post.mean - ref_post.mean).abs().max() <= 1e-4
     assert (post.logvar - ref_post.logvar).abs().max() <= 1e-4
     assert (dec - ref_dec).abs().max() <= 1e-4

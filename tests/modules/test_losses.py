@@ -11,7 +11,12 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.modules.distributions import DiagonalGaussianDistribution
-from ldm.modules.losses import LPIPS, LPIPSWeightsMissing, LPIPSWithDiscriminator, VQLPIPSWithDiscriminator
+from ldm.modules.losses import (
+    LPIPS,
+    LPIPSWeightsMissing,
+    LPIPSWithDiscriminator,
+    VQLPIPSWithDiscriminator,
+)
 from ldm.modules.losses.gan import hinge_d_loss, vanilla_d_loss
 from ldm.modules.losses.lpips import _SLICES
 from ldm.util import instantiate_from_config
@@ -47,7 +52,9 @@ def test_lpips_matches_lpips_package(tmp_path, monkeypatch) -> None:
 
     # the reference builds torchvision's whole vgg16 (with a 102M-parameter classifier it never
     # uses) for `.features`; hand it the same `features` trunk alone to keep the test fast
-    monkeypatch.setattr(pn.tv, "vgg16", lambda **kw: SimpleNamespace(features=make_layers(cfgs["D"])))
+    monkeypatch.setattr(
+        pn.tv, "vgg16", lambda **kw: SimpleNamespace(features=make_layers(cfgs["D"]))
+    )
     ref = lpips_pkg.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False).eval()
     # export the reference's (random) VGG trunk in torchvision's layout, then load ours from files
     vgg = {}
@@ -89,14 +96,19 @@ def test_lpips_weights_from_a_checkpoint_state_dict_count_as_loaded(no_lpips_fil
 
 def test_lpips_vgg_slices_follow_torchvision_indices(tmp_path, monkeypatch) -> None:
     vgg_file = _fake_vgg_file(tmp_path / "vgg16.pth")
-    heads = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate((64, 128, 256, 512, 512))}
+    heads = {
+        f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1)
+        for i, c in enumerate((64, 128, 256, 512, 512))
+    }
     torch.save(heads, tmp_path / "heads.pth")
     monkeypatch.setenv("LDM_VGG16_WEIGHTS", str(vgg_file))
     monkeypatch.setenv("LDM_LPIPS_WEIGHTS", str(tmp_path / "heads.pth"))
     lp = LPIPS()
     sd = torch.load(vgg_file)
     a, b = _SLICES[2]
-    torch.testing.assert_close(lp.net.slice3.get_submodule(str(b - 2)).weight, sd[f"features.{b - 2}.weight"])
+    torch.testing.assert_close(
+        lp.net.slice3.get_submodule(str(b - 2)).weight, sd[f"features.{b - 2}.weight"]
+    )
     torch.testing.assert_close(lp.lin4.model[1].weight, heads["lin4.model.1.weight"])
 
 
@@ -155,16 +167,22 @@ def test_gan_losses() -> None:
     real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.0])
     torch.testing.assert_close(hinge_d_loss(real, fake), torch.tensor(0.5 * (0.25 + 0.5)))
     sp = torch.nn.functional.softplus
-    torch.testing.assert_close(vanilla_d_loss(real, fake), 0.5 * (sp(-real).mean() + sp(fake).mean()))
+    torch.testing.assert_close(
+        vanilla_d_loss(real, fake), 0.5 * (sp(-real).mean() + sp(fake).mean())
+    )
     loss = LPIPSWithDiscriminator(disc_start=0, perceptual_weight=0.0, disc_loss="vanilla")
     assert loss.disc_loss is vanilla_d_loss
 
 
 def test_vq_loss_terms() -> None:
-    loss = VQLPIPSWithDiscriminator(disc_start=10, perceptual_weight=0.0, codebook_weight=2.0, n_classes=8)
+    loss = VQLPIPSWithDiscriminator(
+        disc_start=10, perceptual_weight=0.0, codebook_weight=2.0, n_classes=8
+    )
     x, xrec, _, w = _kl_inputs()
     q = torch.tensor(0.3)
-    total, log = loss(q, x, xrec, 0, global_step=0, last_layer=w, predicted_indices=torch.tensor([0, 1, 1, 5]))
+    total, log = loss(
+        q, x, xrec, 0, global_step=0, last_layer=w, predicted_indices=torch.tensor([0, 1, 1, 5])
+    )
     torch.testing.assert_close(total, (xrec - x).abs().mean() + 2.0 * q)
     assert log["train/cluster_usage"] == 3
     assert 1.0 < log["train/perplexity"] < 3.0
@@ -180,7 +198,9 @@ def test_vq_loss_terms() -> None:
     ],
 )
 def test_losses_load_from_compvis_targets(target: str) -> None:
-    loss = instantiate_from_config({"target": target, "params": {"disc_start": 5, "perceptual_weight": 0}})
+    loss = instantiate_from_config(
+        {"target": target, "params": {"disc_start": 5, "perceptual_weight": 0}}
+    )
     expected = VQLPIPSWithDiscriminator if "VQ" in target else LPIPSWithDiscriminator
     assert type(loss) is expected
 

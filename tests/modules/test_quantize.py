@@ -21,7 +21,9 @@ def test_nearest_code_loss_and_straight_through() -> None:
     torch.testing.assert_close(loss, mse * 1.25)  # commitment + beta * codebook (legacy order)
     # straight-through: d zq / d z is the identity
     (zq * torch.arange(zq.numel()).reshape(zq.shape)).sum().backward()
-    torch.testing.assert_close(z.grad, torch.arange(zq.numel(), dtype=torch.float).reshape(zq.shape))
+    torch.testing.assert_close(
+        z.grad, torch.arange(zq.numel(), dtype=torch.float).reshape(zq.shape)
+    )
     assert 1.0 <= perp <= 16.0
 
 
@@ -40,7 +42,9 @@ def test_perplexity_and_usage() -> None:
     ind = torch.tensor([0, 1, 2, 3])
     torch.testing.assert_close(codebook_perplexity(ind, 8), torch.tensor(4.0))
     torch.testing.assert_close(codebook_usage(ind, 8), torch.tensor(0.5))
-    torch.testing.assert_close(codebook_perplexity(torch.zeros(10, dtype=torch.long), 8), torch.tensor(1.0))
+    torch.testing.assert_close(
+        codebook_perplexity(torch.zeros(10, dtype=torch.long), 8), torch.tensor(1.0)
+    )
 
 
 def test_ema_codebook_moves_codes_to_assigned_means() -> None:
@@ -58,7 +62,9 @@ def test_ema_codebook_moves_codes_to_assigned_means() -> None:
 
 def test_dead_codes_are_restarted_from_encoder_outputs() -> None:
     torch.manual_seed(0)
-    vq = VectorQuantizer(32, 2, restart_dead_codes=True, dead_code_threshold=0.5, usage_decay=0.5).train()
+    vq = VectorQuantizer(
+        32, 2, restart_dead_codes=True, dead_code_threshold=0.5, usage_decay=0.5
+    ).train()
     with torch.no_grad():
         vq.embedding.weight.mul_(0.0).add_(100.0)  # all codes far away ...
         vq.embedding.weight[0] = 0.0  # ... except code 0, which takes every vector
@@ -80,7 +86,9 @@ def test_plain_quantizer_has_only_the_checkpoint_key() -> None:
 def test_remap_round_trip(tmp_path) -> None:
     used = np.array([1, 3, 5, 7])
     np.save(tmp_path / "used.npy", used)
-    vq = VectorQuantizer(8, 2, remap=str(tmp_path / "used.npy"), unknown_index="extra", sane_index_shape=True)
+    vq = VectorQuantizer(
+        8, 2, remap=str(tmp_path / "used.npy"), unknown_index="extra", sane_index_shape=True
+    )
     with torch.no_grad():
         vq.embedding.weight.copy_(torch.arange(16, dtype=torch.float).reshape(8, 2))
     z = vq.embedding.weight[torch.tensor([3, 5, 7, 1])].T.reshape(1, 2, 2, 2).detach()

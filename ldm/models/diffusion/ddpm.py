@@ -388,6 +388,8 @@ class DDPM(pl.LightningModule):
         """Conditioning dropout (ucg_training), loss, logging of loss / global step / lr."""
         apply_ucg_training(batch, self.ucg_training)
         loss, loss_dict = self.shared_step(batch)
+        if self._trainer is None:  # called outside a Trainer (scripts, tests): nothing to log to
+            return loss
         self.log_dict(loss_dict, prog_bar=True, logger=True, on_step=True, on_epoch=True)
         self.log(
             "global_step",

@@ -4,6 +4,7 @@ stage, conditioned through tau_theta(y) (Sec. 3.3, eq. 2). CompVis / SD 2.x cons
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections.abc import Mapping, Sequence
@@ -44,6 +45,15 @@ def check_ddpm_kwargs(owner: str, kwargs: Mapping[str, Any]) -> None:
             raise ConfigError(
                 f"{owner} has no parameter '{key}'{hint}. Check model.params in your config."
             )
+
+
+def _first(xc: Any, n: int) -> Any:
+    """The first n entries of a condition input (a batch dict: of each of its sequences)."""
+    if isinstance(xc, Mapping):
+        return {
+            k: v[:n] if isinstance(v, torch.Tensor | list | tuple) else v for k, v in xc.items()
+        }
+    return xc[:n]
 
 
 def _is_sentinel(config: Any, sentinel: str) -> bool:
@@ -130,7 +140,7 @@ class LatentDiffusion(DDPM):
             )
         model = instantiate_from_config(config)
         self.first_stage_model = model.eval()
-        self.first_stage_model.train = disabled_train.__get__(self.first_stage_model)
+        self.first_stage_model.train = functools.partial(disabled_train, self.first_stage_model)
         for param in self.first_stage_model.parameters():
             param.requires_grad = False
 
@@ -154,7 +164,7 @@ class LatentDiffusion(DDPM):
         else:
             model = instantiate_from_config(config)
             self.cond_stage_model = model.eval()
-            self.cond_stage_model.train = disabled_train.__get__(self.cond_stage_model)
+            self.cond_stage_model.train = functools.partial(disabled_train, self.cond_stage_model)
             for param in self.cond_stage_model.parameters():
                 param.requires_grad = False
 
@@ -323,8 +333,8 @@ class LatentDiffusion(DDPM):
                     xc = DDPM.get_input(self, batch, cond_key).to(self.device)
             else:
                 xc = x
-            if bs is not None and not isinstance(xc, Mapping):
-                xc = xc[:bs]
+            if bs is not None:
+                xc = _first(xc, bs)
             xc = self._maybe_drop_condition(xc)
             if not self.cond_stage_trainable or force_c_encode:
                 if isinstance(xc, torch.Tensor):

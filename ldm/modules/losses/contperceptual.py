@@ -142,4 +142,6 @@ class LPIPSWithDiscriminator(nn.Module):
                 f"{split}/logits_fake": logits_fake.detach().mean(),
             }
             return d_loss, log
-        raise ValueError(f"optimizer_idx must be 0 (autoencoder) or 1 (discriminator), got {optimizer_idx}.")
+        raise ValueError(
+            f"optimizer_idx must be 0 (autoencoder) or 1 (discriminator), got {optimizer_idx}."
+        )

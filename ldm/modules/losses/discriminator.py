@@ -11,7 +11,9 @@ __all__ = ["ActNorm", "NLayerDiscriminator", "weights_init"]
 class ActNorm(nn.Module):
     """Per-channel affine y = scale * (x + loc), data-initialized to zero mean, unit variance (Glow)."""
 
-    def __init__(self, num_features: int, logdet: bool = False, allow_reverse_init: bool = False) -> None:
+    def __init__(
+        self, num_features: int, logdet: bool = False, allow_reverse_init: bool = False
+    ) -> None:
         super().__init__()
         self.loc = nn.Parameter(torch.zeros(1, num_features, 1, 1))
         self.scale = nn.Parameter(torch.ones(1, num_features, 1, 1))
@@ -44,7 +46,9 @@ def weights_init(m: nn.Module) -> None:
 class NLayerDiscriminator(nn.Module):
     """PatchGAN: n_layers stride-2 4x4 convs + norm + LeakyReLU(0.2), one logit per patch."""
 
-    def __init__(self, input_nc: int = 3, ndf: int = 64, n_layers: int = 3, use_actnorm: bool = False) -> None:
+    def __init__(
+        self, input_nc: int = 3, ndf: int = 64, n_layers: int = 3, use_actnorm: bool = False
+    ) -> None:
         super().__init__()
         norm_layer = ActNorm if use_actnorm else nn.BatchNorm2d
         use_bias = use_actnorm  # BatchNorm has its own affine shift

@@ -32,7 +32,13 @@ ENV_LPIPS = "LDM_LPIPS_WEIGHTS"
 
 # torchvision vgg16 `features` layout: (out_channels | "M" for max-pool); indices match its keys
 _VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
-_SLICES = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+_SLICES = (
+    (0, 4),
+    (4, 9),
+    (9, 16),
+    (16, 23),
+    (23, 30),
+)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
 CHANNELS = (64, 128, 256, 512, 512)
 
 
@@ -187,7 +193,9 @@ class LPIPS(nn.Module):
                 self.load_pretrained(vgg_weights, lpips_weights)
             except LPIPSWeightsMissing as err:
                 self._missing = err
-                logger.warning("LPIPS built without weights; it cannot run until they are loaded. %s", err)
+                logger.warning(
+                    "LPIPS built without weights; it cannot run until they are loaded. %s", err
+                )
         self.requires_grad_(False)
         self.eval()
 
@@ -203,15 +211,22 @@ class LPIPS(nn.Module):
         for i in range(len(CHANNELS)):
             key = f"lin{i}.model.1.weight"
             if key not in heads:
-                raise ValueError(f"{heads_path}: no '{key}'; expected the lpips v0.1 VGG heads file.")
+                raise ValueError(
+                    f"{heads_path}: no '{key}'; expected the lpips v0.1 VGG heads file."
+                )
             getattr(self, f"lin{i}").model[-1].weight.data.copy_(heads[key])
         self.weights_loaded = True
         logger.info("LPIPS loaded VGG16 from %s and heads from %s", vgg_path, heads_path)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if f"{prefix}lin0.model.1.weight" in state_dict and f"{prefix}net.slice1.0.weight" in state_dict:
-            self.weights_loaded = True  # a checkpoint (e.g. CompVis first_stage_model.loss.*) holds them
+        if (
+            f"{prefix}lin0.model.1.weight" in state_dict
+            and f"{prefix}net.slice1.0.weight" in state_dict
+        ):
+            self.weights_loaded = (
+                True  # a checkpoint (e.g. CompVis first_stage_model.loss.*) holds them
+            )
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] x2 in [-1, 1] -> distance [B, 1, 1, 1]."""

@@ -46,7 +46,9 @@ class VQLPIPSWithDiscriminator(nn.Module):
         if disc_loss not in DISC_LOSSES:
             raise ValueError(f"disc_loss must be one of {sorted(DISC_LOSSES)}, got {disc_loss!r}.")
         if perceptual_loss != "lpips":
-            raise ValueError(f"perceptual_loss: only 'lpips' is implemented, got {perceptual_loss!r}.")
+            raise ValueError(
+                f"perceptual_loss: only 'lpips' is implemented, got {perceptual_loss!r}."
+            )
         if pixel_loss not in ("l1", "l2"):
             raise ValueError(f"pixel_loss must be 'l1' or 'l2', got {pixel_loss!r}.")
         self.codebook_weight = codebook_weight
@@ -55,7 +57,10 @@ class VQLPIPSWithDiscriminator(nn.Module):
         self.perceptual_weight = perceptual_weight
         self.perceptual_loss = build_lpips(perceptual_weight, vgg_weights, lpips_weights)
         self.discriminator = NLayerDiscriminator(
-            input_nc=disc_in_channels, n_layers=disc_num_layers, use_actnorm=use_actnorm, ndf=disc_ndf
+            input_nc=disc_in_channels,
+            n_layers=disc_num_layers,
+            use_actnorm=use_actnorm,
+            ndf=disc_ndf,
         ).apply(weights_init)
         self.discriminator_iter_start = disc_start
         self.disc_loss = DISC_LOSSES[disc_loss]
@@ -113,7 +118,11 @@ class VQLPIPSWithDiscriminator(nn.Module):
                 logits_fake = self.discriminator(self._disc_input(reconstructions, cond))
                 g_loss = -torch.mean(logits_fake)
                 d_weight = self.calculate_adaptive_weight(nll_loss, g_loss, last_layer)
-            loss = nll_loss + d_weight * disc_factor * g_loss + self.codebook_weight * codebook_loss.mean()
+            loss = (
+                nll_loss
+                + d_weight * disc_factor * g_loss
+                + self.codebook_weight * codebook_loss.mean()
+            )
             log = {
                 f"{split}/total_loss": loss.clone().detach().mean(),
                 f"{split}/quant_loss": codebook_loss.detach().mean(),
@@ -139,4 +148,6 @@ class VQLPIPSWithDiscriminator(nn.Module):
                 f"{split}/logits_fake": logits_fake.detach().mean(),
             }
             return d_loss, log
-        raise ValueError(f"optimizer_idx must be 0 (autoencoder) or 1 (discriminator), got {optimizer_idx}.")
+        raise ValueError(
+            f"optimizer_idx must be 0 (autoencoder) or 1 (discriminator), got {optimizer_idx}."
+        )
