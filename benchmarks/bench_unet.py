@@ -1,4 +1,4 @@
-"""Benchmark: our UNetModel vs diffusers' UNet2DConditionModel at the SD v1 size on CPU.
+"""Benchmark: our UNetModel vs diffusers' UNet2DConditionModel at the SD v1 (or v2) size on CPU.
 
 Same weights (ours converted with diffusers' own single-file converters), same input, same thread
 count, one process. Times forward (no grad) and forward+backward, and reports the per-phase peak
@@ -40,6 +40,23 @@ SD_V1_UNET = dict(  # configs v1-inference.yaml unet_config.params
     context_dim=768,
     legacy=False,
 )
+
+SD_V2_UNET = dict(  # configs v2-inference(-v).yaml unet_config.params (use_fp16 off: fp32 CPU run)
+    image_size=32,
+    in_channels=4,
+    out_channels=4,
+    model_channels=320,
+    attention_resolutions=[4, 2, 1],
+    num_res_blocks=2,
+    channel_mult=[1, 2, 4, 4],
+    num_head_channels=64,
+    use_spatial_transformer=True,
+    use_linear_in_transformer=True,
+    transformer_depth=1,
+    context_dim=1024,
+    legacy=False,
+)
+CONFIGS = {"v1": SD_V1_UNET, "v2": SD_V2_UNET}
 
 
 def _rss_bytes() -> int:
@@ -111,7 +128,7 @@ def _bench(cases: dict[str, Callable[[], None]], repeats: int, warmup: int) -> d
     return result
 
 
-def _to_diffusers(unet: UNetModel):
+def _to_diffusers(unet: UNetModel, params: dict):
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (
         convert_ldm_unet_checkpoint,
@@ -121,7 +138,7 @@ def _to_diffusers(unet: UNetModel):
     original = {
         "model": {
             "params": {
-                "unet_config": {"params": SD_V1_UNET},
+                "unet_config": {"params": params},
                 "first_stage_config": {"params": {"ddconfig": {"ch_mult": [1, 2, 4, 4]}}},
             }
         }
@@ -145,6 +162,7 @@ def _reexec_with_fixed_mmap_threshold() -> None:
 def main() -> None:
     _reexec_with_fixed_mmap_threshold()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="v1", help="SD U-Net size")
     parser.add_argument("--latent", type=int, default=64, help="latent side (64 = SD v1 512px)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -155,9 +173,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    params = CONFIGS[args.config]
 
     with torch.device("meta"):
-        ours = UNetModel(**SD_V1_UNET, attn_backend=args.backend)
+        ours = UNetModel(**params, attn_backend=args.backend)
     ours = ours.to_empty(device="cpu")
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -165,9 +184,10 @@ def main() -> None:
             p.normal_(0.0, 0.02, generator=gen)
     x = torch.randn(args.batch, 4, args.latent, args.latent)
     t = torch.full((args.batch,), 501.0)
-    ctx = torch.randn(args.batch, 77, 768)
+    ctx = torch.randn(args.batch, 77, params["context_dim"])
     logger.info(
-        "SD v1 U-Net, %.1f M params, batch %d, latent %dx%d, fp32, %d threads, torch %s",
+        "SD %s U-Net, %.1f M params, batch %d, latent %dx%d, fp32, %d threads, torch %s",
+        args.config,
         sum(p.numel() for p in ours.parameters()) / 1e6,
         args.batch,
         args.latent,
@@ -176,7 +196,9 @@ def main() -> None:
         torch.__version__,
     )
 
-    ref = _to_diffusers(ours)  # assign=True: diffusers shares our weight storage (no 2nd copy)
+    ref = _to_diffusers(
+        ours, params
+    )  # assign=True: diffusers shares our weight storage (no 2nd copy)
     with torch.no_grad():
         diff = (ours(x, t, context=ctx) - ref(x, t, encoder_hidden_states=ctx).sample).abs().max()
     logger.info("max |ours - diffusers| = %.3g", diff.item())

@@ -8,6 +8,15 @@ import torch
 from ldm.diffusion.edm import SigmaTraining
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is fastest and immune to a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_edm_preconditioning_has_unit_loss_for_the_ideal_zero_network():
     """For y ~ N(0, sigma_data^2) the ideal denoiser is c_skip x, i.e. F = 0, and EDM's weighting
     makes the expected loss exactly 1 at every sigma (the unit-variance design of Sec. 5)."""

@@ -200,8 +200,14 @@ def test_bf16_mixed_precision_step_updates_both_optimizers() -> None:
     model = _kl(disc_start=0)
     before = copy.deepcopy(model)
     trainer = pl.Trainer(
-        accelerator="cpu", precision="bf16-mixed", max_epochs=1, limit_train_batches=1,
-        limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        accelerator="cpu",
+        precision="bf16-mixed",
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
         enable_model_summary=False,
     )
     trainer.fit(model, _loader(2, 2))
@@ -210,15 +216,34 @@ def test_bf16_mixed_precision_step_updates_both_optimizers() -> None:
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+class _CheckReplicas(pl.Callback):
+    """After training, every rank must hold the same weights and codebook (DDP + dead-code restart)."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        flat = torch.cat([t.detach().float().flatten() for t in pl_module.state_dict().values()])
+        gathered = pl_module.all_gather(flat)  # [world, N]
+        assert gathered.shape[0] == 2
+        torch.testing.assert_close(gathered[0], gathered[1])
+        assert pl_module.generator_step == 2
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_keep_replicas_identical(tmp_path) -> None:
     from pytorch_lightning.strategies import DDPStrategy
 
     model = _vq(disc_start=0, restart_dead_codes=True)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, max_epochs=1, limit_train_batches=2, limit_val_batches=0,
+        accelerator="cpu",
+        devices=2,
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=0,
         strategy=DDPStrategy(start_method="spawn", find_unused_parameters=True),
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[_CheckReplicas()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(model, _loader(8, 2))
     trainer.save_checkpoint(tmp_path / "ddp.ckpt")

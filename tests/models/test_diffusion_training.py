@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, Dataset
 from ldm.util import instantiate_from_config
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_thread():
     n = torch.get_num_threads()
     torch.set_num_threads(1)

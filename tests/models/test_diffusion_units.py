@@ -12,6 +12,16 @@ from ldm.models.diffusion import losses
 from ldm.models.diffusion.conditioning import DiffusionWrapper, apply_ucg_training
 from ldm.util import ConfigError, instantiate_from_config
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is fastest and immune to a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 TOY = "ldm.models.diffusion.toy_denoiser.ToyDenoiser"
 
 
@@ -257,6 +267,8 @@ def test_scale_by_std_sets_the_buffer_from_the_first_batch():
 
 def test_checkpoint_round_trip_and_ignore_keys(tmp_path):
     src = tiny(use_ema=True)
+    with torch.no_grad():  # trained weights differ from a fresh init and from the stored EMA
+        src.model.diffusion_model.inp.weight.add_(1.0)
     path = tmp_path / "m.ckpt"
     torch.save({"state_dict": src.state_dict(), "global_step": 5}, path)
     dst = tiny(use_ema=True, ckpt_path=str(path), linear_start=0.001)
@@ -264,6 +276,11 @@ def test_checkpoint_round_trip_and_ignore_keys(tmp_path):
         torch.testing.assert_close(dst.state_dict()[k], v)
     # the schedule of the checkpoint wins, also for the float64 copy used by the math
     torch.testing.assert_close(dst.alphas_cumprod_f64.float(), src.alphas_cumprod)
+    # a file without EMA weights (e.g. SD v1 pruned): the EMA starts from the loaded weights
+    noema = tiny(use_ema=True, ckpt_path=str(path), ignore_keys=["model_ema."])
+    torch.testing.assert_close(
+        noema.model_ema.diffusion_modelinpweight, src.model.diffusion_model.inp.weight
+    )
     part = tiny(
         use_ema=True, ckpt_path=str(path), ignore_keys=["model_ema."], reset_num_ema_updates=True
     )
@@ -482,3 +499,23 @@ def test_class_conditional_ldm_with_trainable_class_embedder():
     model.eval()
     uc = model.get_unconditional_conditioning(2)
     torch.testing.assert_close(uc, emb[10].expand(2, 1, 8))
+
+
+def test_compvis_conversion_helpers_round_trip():
+    model = tiny(v_posterior=0.1)
+    x0, eps = torch.randn(3, 2, 2, 2), torch.randn(3, 2, 2, 2)
+    t = torch.tensor([5, 300, 990])
+    x_t = model.q_sample(x0, t, eps)
+    torch.testing.assert_close(
+        model.predict_start_from_noise(x_t, t, eps), x0, atol=2e-4, rtol=1e-4
+    )
+    v = model.get_v(x0, eps, t)
+    torch.testing.assert_close(
+        model.predict_start_from_z_and_v(x_t, t, v), x0, atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(model.predict_eps_from_z_and_v(x_t, t, v), eps, atol=1e-5, rtol=1e-5)
+    mean, var, logvar = model.q_posterior(x0, x_t, t)
+    c1 = model.posterior_mean_coef1[t].view(-1, 1, 1, 1)
+    c2 = model.posterior_mean_coef2[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(mean, c1 * x0 + c2 * x_t, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(var.flatten(), model.posterior_variance[t], rtol=1e-5, atol=1e-8)

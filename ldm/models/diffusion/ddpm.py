@@ -20,7 +20,14 @@ from einops import rearrange
 from torch import nn
 
 from ldm.diffusion import make_beta_schedule, q_sample, rescale_zero_terminal_snr, snr
-from ldm.diffusion.gaussian import to_eps_x0, v_from_eps_x0
+from ldm.diffusion.gaussian import (
+    eps_from_v,
+    posterior,
+    predict_x0_from_eps,
+    to_eps_x0,
+    v_from_eps_x0,
+    x0_from_v,
+)
 from ldm.ema import LitEma
 from ldm.models.diffusion import losses
 from ldm.models.diffusion.checkpoint_io import load_into
@@ -227,7 +234,16 @@ class DDPM(pl.LightningModule):
 
     def _restore(self, ckpt_path: str | None, ignore_keys: Sequence[str], only_model: bool) -> None:
         if ckpt_path is not None:
-            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=only_model)
+            missing, _ = self.init_from_ckpt(
+                ckpt_path, ignore_keys=ignore_keys, only_model=only_model
+            )
+            no_ema_in_file = any(k.startswith("model_ema.") for k in missing) and not only_model
+            if self.use_ema and no_ema_in_file and not self._reset_ema:
+                logger.warning(
+                    "%s has no (complete) EMA weights: starting the EMA from the loaded weights.",
+                    ckpt_path,
+                )
+                self.model_ema = LitEma(self.model, decay=float(self.model_ema.decay))
             if self._reset_ema:
                 if not self.use_ema:
                     raise ConfigError("reset_ema=True needs use_ema=True.")
@@ -278,6 +294,30 @@ class DDPM(pl.LightningModule):
     def get_v(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0 (Salimans & Ho 2022)."""
         return v_from_eps_x0(noise, x, t, self.alphas_cumprod_f64)
+
+    def predict_start_from_noise(
+        self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+    ) -> torch.Tensor:
+        """x_0 from (x_t, eps) (DDPM eq. 15; CompVis name)."""
+        return predict_x0_from_eps(x_t, t, noise, self.alphas_cumprod_f64)
+
+    def predict_start_from_z_and_v(
+        self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """x_0 = sqrt(a) x_t - sqrt(1 - a) v (Salimans & Ho 2022; CompVis name)."""
+        return x0_from_v(x_t, t, v, self.alphas_cumprod_f64)
+
+    def predict_eps_from_z_and_v(
+        self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """eps = sqrt(a) v + sqrt(1 - a) x_t (Salimans & Ho 2022; CompVis name)."""
+        return eps_from_v(x_t, t, v, self.alphas_cumprod_f64)
+
+    def q_posterior(
+        self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean, variance, clipped log-variance of q(x_{t-1} | x_t, x_0) (DDPM eq. 7)."""
+        return posterior(x_start, x_t, t, self.alphas_cumprod_f64, self.v_posterior)
 
     def predict_eps_x0(
         self, model_out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor

@@ -1,0 +1,105 @@
+"""The default run (`python main.py --base configs/txt2img.yaml -t`), shortened through overrides.
+
+A few training steps on tiny batches, then the final judged evaluation: the run directory gets
+the captioned grid, the captions and `final_scores.json` with per-attribute scores for the seen
+and held-out prompt sets. Also checks the shipped first stage and the evaluation helpers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ldm.evaluation import ATTRIBUTES, captioned_grid, format_table
+from ldm.launch import parse_args, run
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "txt2img.yaml"
+WEIGHTS = ROOT / "checkpoints" / "shapes-kl-f4.safetensors"
+
+SHORT = [
+    "--trainer.max_steps",
+    "3",
+    "data.params.batch_size=4",
+    "lightning.callbacks.image_logger.params.batch_frequency=2",
+    "lightning.callbacks.image_logger.params.log_images_kwargs.ddim_steps=2",
+    "lightning.callbacks.shapes_evaluation.params.n_per_split=2",
+    "lightning.callbacks.shapes_evaluation.params.steps=3",
+]
+
+
+def test_shortened_default_run_writes_grid_and_scores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(ROOT)  # the config names the shipped weights relative to the repository
+    result = run(
+        *parse_args(["--base", str(CONFIG), "-t", "--no-test", "-l", str(tmp_path), *SHORT])
+    )
+    assert result.global_step == 3
+    logdir = result.logdir
+    record = json.loads((logdir / "final_scores.json").read_text())
+    assert record["global_step"] == 3
+    assert record["sampling"]["sampler"] == "dpmpp_2m" and record["sampling"]["guidance_scale"] > 1
+    assert set(record["scores"]) == {"seen", "heldout"}
+    for scores in record["scores"].values():
+        assert set(ATTRIBUTES) <= set(scores) and scores["n"] == 2
+        assert all(0.0 <= scores[a] <= 1.0 for a in ATTRIBUTES)
+    # held-out prompts use only the held-out colour-shape pairs, seen prompts never do
+    from ldm.data.shapes import HELDOUT_PAIRS, parse_caption
+
+    pairs = {
+        k: {(a["colour"], a["shape"]) for a in map(parse_caption, v)}
+        for k, v in record["prompts"].items()
+    }
+    assert pairs["heldout"] <= set(HELDOUT_PAIRS) and not pairs["seen"] & set(HELDOUT_PAIRS)
+    grid = logdir / "images" / "final" / "samples_gs-000003.png"
+    assert grid.is_file() and Path(record["grid"]) == grid
+    captions = (logdir / "images" / "final" / "captions_gs-000003.txt").read_text().splitlines()
+    assert captions == record["prompts"]["seen"] + record["prompts"]["heldout"]
+    # sample grids with captions were logged while training
+    train = logdir / "images" / "train"
+    assert list(train.glob("samples_cfg_scale_*_gs-000002_*.png"))
+    assert list(train.glob("captions_gs-000002_*.txt"))
+    # the frozen first stage came from the shipped weights, not a random init
+    sd = torch.load(result.last_ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    from safetensors.torch import load_file
+
+    shipped = load_file(WEIGHTS)
+    key = "decoder.conv_out.weight"
+    torch.testing.assert_close(sd["first_stage_model." + key], shipped[key].float())
+
+
+def test_shipped_first_stage_reconstructs_shapes_the_judge_reads() -> None:
+    """The shipped autoencoder keeps every attribute: the judge reads its reconstructions."""
+    from ldm.data.judge import score
+    from ldm.data.shapes import CaptionedShapes
+    from ldm.util import instantiate_from_config
+
+    cfg = OmegaConf.load(CONFIG).model.params.first_stage_config
+    cfg.params.ckpt_path = str(WEIGHTS)
+    ae = instantiate_from_config(cfg).eval()
+    ds = CaptionedShapes(split="heldout", length=48, seed=7)
+    x = torch.stack([torch.from_numpy(ds[i]["image"]) for i in range(len(ds))]).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        z = ae.encode(x).mode()
+        assert z.shape == (48, 4, 8, 8)
+        rec = ae.decode(z).clamp(-1, 1)
+    s = score(rec, [ds.caption(i) for i in range(len(ds))])
+    assert s["caption"] >= 0.9, s
+    mse = (rec - x).pow(2).mean()
+    assert 10 * torch.log10(4.0 / mse) > 25.0  # PSNR in dB for data range 2
+
+
+def test_captioned_grid_and_table() -> None:
+    images = torch.zeros(3, 3, 8, 8)
+    images[1, 0] = 1.0  # a red image
+    grid = captioned_grid(images, ["a", "b", "c"], columns=2, scale=2)
+    assert grid.size == (2 * (16 + 4), 2 * (16 + 36 + 4))
+    assert grid.getpixel((20 + 5, 5)) == (255, 0, 0)  # second cell is red
+    assert grid.getpixel((5, 5)) == (128, 128, 128)  # zero -> mid grey
+    table = format_table({"seen": {**{a: 0.5 for a in ATTRIBUTES}, "n": 4}})
+    assert "seen" in table and "50.0%" in table and table.splitlines()[1].endswith("4")
