@@ -202,7 +202,7 @@ def check_override(base: DictConfig, key: str, value: Any, sources: ConfigSource
                     f"Set '{walked}=...' itself, or fix the key path."
                 )
             return
-        if part not in node:
+        if part not in node.keys():  # `in node` is False for a missing value (???)
             existing = [str(k) for k in node.keys()]
             hint = suggest(part, existing)
             if hint:
@@ -215,6 +215,8 @@ def check_override(base: DictConfig, key: str, value: Any, sources: ConfigSource
             return
         node = _child(node, part)
         walked = path
+    if node == "???":
+        return  # a required value (MISSING) being supplied: any type
     if key.startswith("lightning.trainer."):
         return  # Trainer arguments are checked by ldm.trainer_setup against the Trainer signature
     if not _compatible(node, value):
@@ -264,6 +266,14 @@ def merge_configs(
                 f"command line: '{tok}' cannot replace the value{sources.where(key)}: {err}"
             ) from err
         sources.record(single, CLI_SOURCE)
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ConfigError(
+            "; ".join(f"{k}: a required value (???){sources.where(k)} was not given" for k in missing)
+            + ". Pass it on the command line, e.g. "
+            + " ".join(f"{k}=..." for k in missing)
+            + "."
+        )
     return merged, sources
 
 

@@ -186,3 +186,16 @@ def test_learning_rate_rule() -> None:
     assert "2 (accumulate_grad_batches) * 3 (devices) * 2 (num_nodes) * 4 (batch_size)" in msg
     lr, msg = scale_learning_rate(1e-4, 4, 2, 3, 2, scale=False)
     assert lr == pytest.approx(1e-4) and "--scale_lr false" in msg
+
+
+def test_required_value_missing_and_supplied(tmp_path):
+    """A `???` value is a readable error until the command line supplies it (any type)."""
+    from ldm.config import merge_configs
+    from ldm.util import ConfigError
+
+    cfg = tmp_path / "ft.yaml"
+    cfg.write_text("model:\n  params:\n    ckpt_path: ???\n")
+    with pytest.raises(ConfigError, match=r"model.params.ckpt_path: a required value .*ft.yaml"):
+        merge_configs([cfg])
+    merged, _ = merge_configs([cfg], ["model.params.ckpt_path=/x/sd.ckpt"])
+    assert merged.model.params.ckpt_path == "/x/sd.ckpt"

@@ -95,11 +95,13 @@ def test_shipped_first_stage_reconstructs_shapes_the_judge_reads() -> None:
 
 
 def test_captioned_grid_and_table() -> None:
-    images = torch.zeros(3, 3, 8, 8)
+    images = -torch.ones(3, 3, 8, 8)  # black in [-1, 1]
     images[1, 0] = 1.0  # a red image
+    images[2] = 0.0  # mid grey
     grid = captioned_grid(images, ["a", "b", "c"], columns=2, scale=2)
     assert grid.size == (2 * (16 + 4), 2 * (16 + 36 + 4))
     assert grid.getpixel((20 + 5, 5)) == (255, 0, 0)  # second cell is red
-    assert grid.getpixel((5, 5)) == (128, 128, 128)  # zero -> mid grey
+    assert grid.getpixel((5, 5)) == (0, 0, 0)
+    assert grid.getpixel((5, 16 + 36 + 4 + 5)) == (128, 128, 128)  # third cell, second row
     table = format_table({"seen": {**{a: 0.5 for a in ATTRIBUTES}, "n": 4}})
     assert "seen" in table and "50.0%" in table and table.splitlines()[1].endswith("4")
