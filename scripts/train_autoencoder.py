@@ -48,6 +48,19 @@ class Budget(pl.Callback):
     def _train_cpu(self) -> float:
         return time.process_time() - self.c0 - self.eval_cpu
 
+    def _evaluate(self, pl_module: pl.LightningModule, wall: float, **mark: float) -> None:
+        c = time.process_time()
+        r = evaluate_reconstruction(pl_module, n_crops=self.n_crops)
+        self.eval_cpu += time.process_time() - c
+        r.update(
+            wall_s=round(wall, 1),
+            train_cpu_s=round(self._train_cpu(), 1),
+            generator_steps=pl_module.generator_step,
+            **mark,
+        )
+        logger.info("EVAL %s", json.dumps(r))
+        self.results.append(r)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         wall = time.time() - self.t0
         while self.marks and wall >= self.marks[0]:
@@ -118,6 +131,7 @@ def main() -> None:
         None if args.max_cpu_minutes is None else 60 * args.max_cpu_minutes,
         [60 * m for m in args.eval_at_minutes],
         args.eval_crops,
+        [60 * m for m in args.eval_at_cpu_minutes],
     )
     trainer = pl.Trainer(
         callbacks=[budget],

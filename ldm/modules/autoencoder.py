@@ -1,7 +1,10 @@
 """Convolutional Encoder E and Decoder D of the LDM first stage (Rombach et al. 2022, Sec. 3.1).
 
 Constructor arguments are the CompVis `ddconfig` keys; module names match
-`ldm.modules.diffusionmodules.model` so SD checkpoints load key for key.
+`ldm.modules.diffusionmodules.model` so SD checkpoints load key for key. One addition:
+`norm_num_groups` (default 32 as CompVis; diffusers has the same knob). Narrow networks need
+fewer groups: with ch=32 and 32 groups every GroupNorm is an instance norm, and the decoder's
+`norm_out` then erases each image's mean colour, which caps reconstruction quality.
 """
 
 from __future__ import annotations
@@ -30,11 +33,12 @@ def _attn_type(attn_type: str, use_linear_attn: bool) -> str:
 class _Mid(nn.Module):
     """Middle section: ResNet block, attention, ResNet block."""
 
-    def __init__(self, channels: int, dropout: float, attn_type: str) -> None:
+    def __init__(self, channels: int, dropout: float, attn_type: str, groups: int) -> None:
         super().__init__()
-        self.block_1 = ResnetBlock(in_channels=channels, out_channels=channels, dropout=dropout)
-        self.attn_1 = make_attn(channels, attn_type=attn_type)
-        self.block_2 = ResnetBlock(in_channels=channels, out_channels=channels, dropout=dropout)
+        kw = dict(in_channels=channels, out_channels=channels, dropout=dropout, norm_num_groups=groups)
+        self.block_1 = ResnetBlock(**kw)
+        self.attn_1 = make_attn(channels, attn_type=attn_type, norm_num_groups=groups)
+        self.block_2 = ResnetBlock(**kw)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(h)))
@@ -59,6 +63,7 @@ class Encoder(nn.Module):
         double_z: bool = True,
         use_linear_attn: bool = False,
         attn_type: str = "vanilla",
+        norm_num_groups: int = 32,
         **ignore_kwargs,
     ) -> None:
         super().__init__()
@@ -82,11 +87,16 @@ class Encoder(nn.Module):
             block_out = ch * ch_mult[i_level]
             for _ in range(num_res_blocks):
                 block.append(
-                    ResnetBlock(in_channels=block_in, out_channels=block_out, dropout=dropout)
+                    ResnetBlock(
+                        in_channels=block_in,
+                        out_channels=block_out,
+                        dropout=dropout,
+                        norm_num_groups=norm_num_groups,
+                    )
                 )
                 block_in = block_out
                 if curr_res in attn_resolutions:
-                    attn.append(make_attn(block_in, attn_type=attn_type))
+                    attn.append(make_attn(block_in, attn_type, norm_num_groups))
             down = nn.Module()
             down.block = block
             down.attn = attn
@@ -95,8 +105,8 @@ class Encoder(nn.Module):
                 curr_res = curr_res // 2
             self.down.append(down)
 
-        self.mid = _Mid(block_in, dropout, attn_type)
-        self.norm_out = Normalize(block_in)
+        self.mid = _Mid(block_in, dropout, attn_type, norm_num_groups)
+        self.norm_out = Normalize(block_in, norm_num_groups)
         self.conv_out = nn.Conv2d(
             block_in, 2 * z_channels if double_z else z_channels, kernel_size=3, stride=1, padding=1
         )
@@ -135,6 +145,7 @@ class Decoder(nn.Module):
         tanh_out: bool = False,
         use_linear_attn: bool = False,
         attn_type: str = "vanilla",
+        norm_num_groups: int = 32,
         **ignore_kwargs,
     ) -> None:
         super().__init__()
@@ -151,7 +162,7 @@ class Decoder(nn.Module):
         curr_res = resolution // 2 ** (self.num_resolutions - 1)
         self.z_shape = (1, z_channels, curr_res, curr_res)
         self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
-        self.mid = _Mid(block_in, dropout, attn_type)
+        self.mid = _Mid(block_in, dropout, attn_type, norm_num_groups)
 
         self.up = nn.ModuleList()
         for i_level in reversed(range(self.num_resolutions)):
@@ -160,11 +171,16 @@ class Decoder(nn.Module):
             block_out = ch * ch_mult[i_level]
             for _ in range(num_res_blocks + 1):
                 block.append(
-                    ResnetBlock(in_channels=block_in, out_channels=block_out, dropout=dropout)
+                    ResnetBlock(
+                        in_channels=block_in,
+                        out_channels=block_out,
+                        dropout=dropout,
+                        norm_num_groups=norm_num_groups,
+                    )
                 )
                 block_in = block_out
                 if curr_res in attn_resolutions:
-                    attn.append(make_attn(block_in, attn_type=attn_type))
+                    attn.append(make_attn(block_in, attn_type, norm_num_groups))
             up = nn.Module()
             up.block = block
             up.attn = attn
@@ -173,7 +189,7 @@ class Decoder(nn.Module):
                 curr_res = curr_res * 2
             self.up.insert(0, up)  # keep indices in resolution order, as the checkpoints do
 
-        self.norm_out = Normalize(block_in)
+        self.norm_out = Normalize(block_in, norm_num_groups)
         self.conv_out = nn.Conv2d(block_in, out_ch, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

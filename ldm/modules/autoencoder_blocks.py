@@ -17,6 +17,11 @@ ATTN_TYPES = ("vanilla", "vanilla-xformers", "memory-efficient-cross-attn", "lin
 
 def Normalize(in_channels: int, num_groups: int = 32) -> nn.GroupNorm:
     """GroupNorm with 32 groups and eps 1e-6, as in the CompVis autoencoder (Wu & He 2018)."""
+    if in_channels % num_groups:
+        raise ValueError(
+            f"GroupNorm: {in_channels} channels are not divisible into {num_groups} groups; "
+            "choose ch (times every ch_mult) as a multiple of norm_num_groups."
+        )
     return nn.GroupNorm(num_groups=num_groups, num_channels=in_channels, eps=1e-6, affine=True)
 
 
@@ -68,17 +73,18 @@ class ResnetBlock(nn.Module):
         conv_shortcut: bool = False,
         dropout: float = 0.0,
         temb_channels: int = 0,
+        norm_num_groups: int = 32,
     ) -> None:
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.use_conv_shortcut = conv_shortcut
-        self.norm1 = Normalize(in_channels)
+        self.norm1 = Normalize(in_channels, norm_num_groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if temb_channels > 0:
             self.temb_proj = nn.Linear(temb_channels, out_channels)
-        self.norm2 = Normalize(out_channels)
+        self.norm2 = Normalize(out_channels, norm_num_groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if in_channels != out_channels:
@@ -101,11 +107,11 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head spatial self-attention with a residual, q/k/v/proj_out as 1x1 convs (VQGAN)."""
 
-    def __init__(self, in_channels: int, backend: str | None = None) -> None:
+    def __init__(self, in_channels: int, backend: str | None = None, norm_num_groups: int = 32) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.backend = backend
-        self.norm = Normalize(in_channels)
+        self.norm = Normalize(in_channels, norm_num_groups)
         self.q = nn.Conv2d(in_channels, in_channels, kernel_size=1)
         self.k = nn.Conv2d(in_channels, in_channels, kernel_size=1)
         self.v = nn.Conv2d(in_channels, in_channels, kernel_size=1)
@@ -146,10 +152,10 @@ class LinAttnBlock(nn.Module):
         return self.to_out(out.reshape(b, c, hh, ww))
 
 
-def make_attn(in_channels: int, attn_type: str = "vanilla") -> nn.Module:
+def make_attn(in_channels: int, attn_type: str = "vanilla", norm_num_groups: int = 32) -> nn.Module:
     """Attention block by CompVis name: vanilla | vanilla-xformers (same math, sdpa) | linear | none."""
     if attn_type in ("vanilla", "vanilla-xformers", "memory-efficient-cross-attn"):
-        return AttnBlock(in_channels)
+        return AttnBlock(in_channels, norm_num_groups=norm_num_groups)
     if attn_type == "linear":
         return LinAttnBlock(in_channels)
     if attn_type == "none":

@@ -38,10 +38,13 @@ def _randomize(model: torch.nn.Module) -> None:
             p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
 
 
-@pytest.mark.parametrize("attn_type", ["vanilla", "vanilla-xformers"])
-def test_kl_autoencoder_matches_diffusers(attn_type: str) -> None:
+@pytest.mark.parametrize(
+    "attn_type,groups", [("vanilla", 32), ("vanilla-xformers", 32), ("vanilla", 8)]
+)
+def test_kl_autoencoder_matches_diffusers(attn_type: str, groups: int) -> None:
+    extra = {} if groups == 32 else {"norm_num_groups": groups}  # our extension = diffusers' knob
     ours = AutoencoderKL(
-        ddconfig={**DDCONFIG, "attn_type": attn_type},
+        ddconfig={**DDCONFIG, "attn_type": attn_type, **extra},
         lossconfig={"target": "torch.nn.Identity"},
         embed_dim=4,
     ).eval()
@@ -53,6 +56,7 @@ def test_kl_autoencoder_matches_diffusers(attn_type: str) -> None:
         }
     }
     cfg = create_vae_diffusers_config_from_ldm(original_config, ldm_sd)
+    cfg["norm_num_groups"] = groups
     theirs = diffusers.AutoencoderKL(**cfg).eval()
     converted = convert_ldm_vae_checkpoint(ldm_sd, theirs.config)
     theirs.load_state_dict(converted, strict=True)
