@@ -110,13 +110,14 @@ def _fwd_bwd(call: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> Ca
 
 
 def _bench(cases: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, dict]:
-    """Interleave the cases (ABAB...) so load changes on a shared machine hit both alike."""
+    """Alternate the order (AB BA AB ...) so load changes on a shared machine hit both alike."""
     for fn in cases.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, fn in cases.items():
+    for r in range(repeats):
+        order = list(cases.items()) if r % 2 == 0 else list(cases.items())[::-1]
+        for name, fn in order:
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
@@ -124,7 +125,8 @@ def _bench(cases: dict[str, Callable[[], None]], repeats: int, warmup: int) -> d
     for name, fn in cases.items():
         with PeakRSS() as mem:
             fn()
-        result[name] = {"s": statistics.median(times[name]), "mem": mem.peak_delta}
+        ts = times[name]
+        result[name] = {"s": statistics.median(ts), "min": min(ts), "mem": mem.peak_delta}
     return result
 
 
@@ -220,16 +222,20 @@ def main() -> None:
             args.warmup,
         )
         results[phase] = res
+        ours_r, ref_r = res["ours"], res["diffusers"]
         logger.info(
-            "%-17s ours %.3f s (+%.0f MiB)  diffusers %.3f s (+%.0f MiB)  time ratio %.3f  "
-            "memory ratio %.2f",
+            "%-17s ours %.3f s (min %.3f, +%.0f MiB)  diffusers %.3f s (min %.3f, +%.0f MiB)  "
+            "time ratio %.3f (of minima %.3f)  memory ratio %.2f",
             phase,
-            res["ours"]["s"],
-            res["ours"]["mem"] / 2**20,
-            res["diffusers"]["s"],
-            res["diffusers"]["mem"] / 2**20,
-            res["ours"]["s"] / res["diffusers"]["s"],
-            res["ours"]["mem"] / max(res["diffusers"]["mem"], 1),
+            ours_r["s"],
+            ours_r["min"],
+            ours_r["mem"] / 2**20,
+            ref_r["s"],
+            ref_r["min"],
+            ref_r["mem"] / 2**20,
+            ours_r["s"] / ref_r["s"],
+            ours_r["min"] / ref_r["min"],
+            ours_r["mem"] / max(ref_r["mem"], 1),
         )
     logger.info("(ratios are ours/diffusers: < 1 means ours is faster / uses less memory)")
     logger.info(

@@ -72,9 +72,10 @@ class ConfigError(ValueError):
     """A user mistake in a config: the message names the key path, the problem and the fix."""
 
 
-# id(sub-config object) -> key path, so nested instantiate_from_config calls made from inside
-# constructors know where in the user's config they are.
-_CONFIG_PATHS: dict[int, str] = {}
+# id(sub-config object) -> (object, key path), so nested instantiate_from_config calls made from
+# inside constructors know where in the user's config they are. Entries live only while the
+# constructor that registered them runs (ids are reused after garbage collection).
+_CONFIG_PATHS: dict[int, tuple[Any, str]] = {}
 
 
 def _is_mapping(obj: Any) -> bool:
@@ -90,9 +91,9 @@ def _is_mapping(obj: Any) -> bool:
 
 def config_path_of(config: Any, default: str = "") -> str:
     """Key path of a (sub-)config in the user's file, e.g. ``model.params.unet_config``."""
-    path = _CONFIG_PATHS.get(id(config))
-    if path is not None:
-        return path
+    entry = _CONFIG_PATHS.get(id(config))
+    if entry is not None and entry[0] is config:
+        return entry[1]
     full_key = getattr(config, "_get_full_key", None)
     if callable(full_key):
         try:
@@ -104,19 +105,21 @@ def config_path_of(config: Any, default: str = "") -> str:
     return default
 
 
-def _register_paths(obj: Any, path: str) -> None:
-    """Remember the key path of every nested mapping/list under ``obj``."""
+def _register_paths(obj: Any, path: str, added: list[int]) -> None:
+    """Remember the key path of every nested mapping/list under ``obj`` (ids appended to ``added``)."""
     if _is_mapping(obj):
-        _CONFIG_PATHS[id(obj)] = path
+        if id(obj) not in _CONFIG_PATHS:
+            _CONFIG_PATHS[id(obj)] = (obj, path)
+            added.append(id(obj))
         for key in list(obj.keys()):
             try:
                 child = obj[key]
             except Exception:  # noqa: BLE001 - interpolation errors surface later
                 continue
-            _register_paths(child, f"{path}.{key}" if path else str(key))
+            _register_paths(child, f"{path}.{key}" if path else str(key), added)
     elif isinstance(obj, list | tuple) or type(obj).__name__ == "ListConfig":
         for i, child in enumerate(obj):
-            _register_paths(child, f"{path}[{i}]")
+            _register_paths(child, f"{path}[{i}]", added)
 
 
 def resolve_target(target: str) -> str:
@@ -220,10 +223,11 @@ def instantiate_from_config(config: Any, **extra_kwargs: Any) -> Any:
             f"{path}.params: expected a mapping of constructor arguments, "
             f"found {type(params).__name__}: {params!r}."
         )
-    _register_paths(params, f"{path}.params")
     kwargs = {str(k): params[k] for k in params.keys()}
     kwargs.update(extra_kwargs)
     _check_params(cls, kwargs, path)
+    added: list[int] = []
+    _register_paths(kwargs, f"{path}.params", added)
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -233,6 +237,9 @@ def instantiate_from_config(config: Any, **extra_kwargs: Any) -> Any:
             f"{path}: building {getattr(cls, '__name__', cls)} failed: {err}. "
             f"Check the values under '{path}.params'."
         ) from err
+    finally:
+        for key in added:
+            _CONFIG_PATHS.pop(key, None)
 
 
 def count_params(model: Any, verbose: bool = False) -> int:

@@ -23,7 +23,9 @@ class Outer(torch.nn.Module):
 
 
 def test_builds_target_with_params():
-    lin = instantiate_from_config({"target": "torch.nn.Linear", "params": {"in_features": 3, "out_features": 2}})
+    lin = instantiate_from_config(
+        {"target": "torch.nn.Linear", "params": {"in_features": 3, "out_features": 2}}
+    )
     assert isinstance(lin, torch.nn.Linear)
     assert lin.weight.shape == (2, 3)
 
@@ -46,11 +48,18 @@ def test_misspelt_parameter_names_key_path_and_suggestion():
 def test_nested_config_error_knows_its_path_for_plain_dicts():
     cfg = {
         "target": f"{__name__}.Outer",
-        "params": {"inner_config": {"target": "torch.nn.Linear", "params": {"in_feature": 1, "out_features": 1}}},
+        "params": {
+            "inner_config": {
+                "target": "torch.nn.Linear",
+                "params": {"in_feature": 1, "out_features": 1},
+            }
+        },
     }
     with pytest.raises(ConfigError) as info:
         instantiate_from_config(cfg)
-    assert "<config>.params.inner_config.params.in_feature: Linear has no parameter" in str(info.value)
+    assert "<config>.params.inner_config.params.in_feature: Linear has no parameter" in str(
+        info.value
+    )
     assert "did you mean 'in_features'?" in str(info.value)
 
 
@@ -59,13 +68,17 @@ def test_nested_config_error_knows_its_path_for_omegaconf():
         {
             "model": {
                 "target": f"{__name__}.Outer",
-                "params": {"inner_config": {"target": "torch.nn.Linear", "params": {"in_features": 1}}},
+                "params": {
+                    "inner_config": {"target": "torch.nn.Linear", "params": {"in_features": 1}}
+                },
             }
         }
     )
     with pytest.raises(ConfigError) as info:
         instantiate_from_config(cfg.model)
-    assert str(info.value).startswith("model.params.inner_config.params: Linear needs parameter(s) 'out_features'")
+    assert str(info.value).startswith(
+        "model.params.inner_config.params: Linear needs parameter(s) 'out_features'"
+    )
 
 
 def test_unknown_module_and_class_are_readable():
@@ -85,8 +98,27 @@ def test_sentinels_and_non_mappings_are_errors():
 
 
 def test_alias_table_maps_legacy_paths():
-    assert resolve_target("ldm.modules.diffusionmodules.openaimodel.UNetModel") == "ldm.modules.unet.UNetModel"
+    assert (
+        resolve_target("ldm.modules.diffusionmodules.openaimodel.UNetModel")
+        == "ldm.modules.unet.UNetModel"
+    )
     assert resolve_target("torch.nn.Identity") == "torch.nn.Identity"
     assert get_obj_from_str("torch.nn.Identity") is torch.nn.Identity
     # every alias points into our own package
     assert all(v.startswith("ldm.") for v in LEGACY_TARGETS.values())
+
+
+def test_paths_do_not_leak_between_builds():
+    """A config built later never inherits the key path of an earlier, garbage-collected one."""
+    for _ in range(50):
+        instantiate_from_config(
+            {
+                "target": f"{__name__}.Outer",
+                "params": {"inner_config": {"target": "torch.nn.Identity"}},
+            }
+        )
+    cfg = OmegaConf.create(
+        {"model": {"target": "torch.nn.Linear", "params": {"in_features": 3, "out_featurs": 2}}}
+    )
+    with pytest.raises(ConfigError, match=r"^model\.params\.out_featurs: "):
+        instantiate_from_config(cfg.model)

@@ -35,7 +35,9 @@ class _Mid(nn.Module):
 
     def __init__(self, channels: int, dropout: float, attn_type: str, groups: int) -> None:
         super().__init__()
-        kw = dict(in_channels=channels, out_channels=channels, dropout=dropout, norm_num_groups=groups)
+        kw = dict(
+            in_channels=channels, out_channels=channels, dropout=dropout, norm_num_groups=groups
+        )
         self.block_1 = ResnetBlock(**kw)
         self.attn_1 = make_attn(channels, attn_type=attn_type, norm_num_groups=groups)
         self.block_2 = ResnetBlock(**kw)

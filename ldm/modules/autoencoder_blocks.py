@@ -107,7 +107,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head spatial self-attention with a residual, q/k/v/proj_out as 1x1 convs (VQGAN)."""
 
-    def __init__(self, in_channels: int, backend: str | None = None, norm_num_groups: int = 32) -> None:
+    def __init__(
+        self, in_channels: int, backend: str | None = None, norm_num_groups: int = 32
+    ) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.backend = backend
