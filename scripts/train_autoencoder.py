@@ -34,10 +34,15 @@ class Budget(pl.Callback):
     """
 
     def __init__(
-        self, cpu_seconds: float | None, eval_at_wall_s: list[float], n_crops: int
+        self,
+        cpu_seconds: float | None,
+        eval_at_wall_s: list[float],
+        n_crops: int,
+        eval_at_cpu_s: list[float] = (),
     ) -> None:
         self.cpu_seconds = cpu_seconds
         self.marks = sorted(eval_at_wall_s)
+        self.cpu_marks = sorted(eval_at_cpu_s)
         self.n_crops = n_crops
         self.results: list[dict] = []
         self.eval_cpu = 0.0
@@ -64,18 +69,9 @@ class Budget(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         wall = time.time() - self.t0
         while self.marks and wall >= self.marks[0]:
-            mark = self.marks.pop(0)
-            c = time.process_time()
-            r = evaluate_reconstruction(pl_module, n_crops=self.n_crops)
-            self.eval_cpu += time.process_time() - c
-            r.update(
-                wall_s=round(wall, 1),
-                train_cpu_s=round(self._train_cpu(), 1),
-                mark_wall_s=mark,
-                generator_steps=pl_module.generator_step,
-            )
-            logger.info("EVAL %s", json.dumps(r))
-            self.results.append(r)
+            self._evaluate(pl_module, wall, mark_wall_s=self.marks.pop(0))
+        while self.cpu_marks and self._train_cpu() >= self.cpu_marks[0]:
+            self._evaluate(pl_module, wall, mark_cpu_s=self.cpu_marks.pop(0))
         if self.cpu_seconds is not None and self._train_cpu() >= self.cpu_seconds:
             logger.info("CPU budget of %.0f s reached after %.0f s wall.", self.cpu_seconds, wall)
             trainer.should_stop = True
@@ -107,6 +103,13 @@ def main() -> None:
         nargs="*",
         default=[],
         help="evaluate held-out PSNR/SSIM when these wall-clock minutes have passed",
+    )
+    ap.add_argument(
+        "--eval-at-cpu-minutes",
+        type=float,
+        nargs="*",
+        default=[],
+        help="evaluate held-out PSNR/SSIM when training has used this much CPU time",
     )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
