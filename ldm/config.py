@@ -240,6 +240,29 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
         raise ConfigError(f"command line: cannot parse overrides {list(overrides)}: {err}") from err
 
 
+def _drop_replaced_components(base: DictConfig, new: DictConfig, path: str = "") -> None:
+    """Where a later file names a different ``target`` for a component, its ``params`` replace the
+    earlier ones instead of merging into them (the old class's parameters do not apply)."""
+    for key in new.keys():
+        child = new._get_node(key)
+        if not isinstance(child, DictConfig) or key not in base.keys():
+            continue
+        old = base._get_node(key)
+        if not isinstance(old, DictConfig):
+            continue
+        if "target" in child.keys() and "target" in old.keys() and child.target != old.target:
+            base[key] = OmegaConf.create({})
+            logger.info(
+                "%s%s: target changes from %s to %s; its params are replaced, not merged",
+                f"{path}." if path else "",
+                key,
+                old.target,
+                child.target,
+            )
+            continue
+        _drop_replaced_components(old, child, f"{path}.{key}" if path else str(key))
+
+
 def merge_configs(
     paths: Sequence[str | Path], overrides: Sequence[str] = ()
 ) -> tuple[DictConfig, ConfigSources]:
@@ -251,6 +274,7 @@ def merge_configs(
         check_sections(cfg, str(p))
         sources.record(cfg, str(p))
         try:
+            _drop_replaced_components(merged, cfg)
             merged = OmegaConf.merge(merged, cfg)
         except OmegaConfBaseException as err:
             raise ConfigError(f"{p}: cannot merge into the configs before it: {err}") from err

@@ -199,3 +199,22 @@ def test_required_value_missing_and_supplied(tmp_path):
         merge_configs([cfg])
     merged, _ = merge_configs([cfg], ["model.params.ckpt_path=/x/sd.ckpt"])
     assert merged.model.params.ckpt_path == "/x/sd.ckpt"
+
+
+def test_later_file_with_another_target_replaces_the_component(tmp_path):
+    """Swapping a data set class in a later file drops the old class's params (no merge)."""
+    from ldm.config import merge_configs
+
+    a = tmp_path / "a.yaml"
+    a.write_text(
+        "data:\n  params:\n    batch_size: 4\n    train:\n      target: pkg.Shapes\n"
+        "      params: {split: train, length: 10}\n"
+    )
+    b = tmp_path / "b.yaml"
+    b.write_text("data:\n  params:\n    train:\n      target: pkg.Folder\n      params: {root: imgs}\n")
+    c = tmp_path / "c.yaml"
+    c.write_text("data:\n  params:\n    train:\n      params: {root: other}\n")
+    merged, _ = merge_configs([a, b, c])
+    assert dict(merged.data.params.train.params) == {"root": "other"}
+    assert merged.data.params.train.target == "pkg.Folder"
+    assert merged.data.params.batch_size == 4

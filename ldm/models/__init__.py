@@ -1,0 +1,1 @@
+"""LightningModules: autoencoders (KL, VQ) and diffusion models (DDPM, LatentDiffusion, ...)."""
