@@ -32,6 +32,15 @@ LOSS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny convs: one thread avoids OpenMP spin-waiting on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _crops(n: int) -> torch.Tensor:
     ds = PhotoCrops(photos=["astronaut", "coffee"], size=32, length=n, deterministic=True, seed=7)
     return torch.stack([torch.from_numpy(ds[i]["image"]) for i in range(n)]).permute(0, 3, 1, 2)
