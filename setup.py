@@ -29,6 +29,7 @@ setup(
             "diffusers>=0.30",
             "accelerate>=0.30",
             "ruff>=0.5",
+            "lpips>=0.1.4",
         ],
         "xformers": ["xformers"],
     },

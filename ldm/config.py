@@ -182,6 +182,8 @@ def _child(node: DictConfig | ListConfig, key: str | int) -> Any:
 
 def check_override(base: DictConfig, key: str, value: Any, sources: ConfigSources) -> None:
     """Reject a misspelt key (close to an existing one) or a value of the wrong type."""
+    if key.startswith("lightning.trainer."):
+        return  # Trainer arguments are checked by ldm.trainer_setup against the Trainer signature
     parts = key.replace("[", ".[").split(".")
     node: Any = base
     walked = ""

@@ -173,8 +173,10 @@ class ShapesEvaluation(Callback):
             "prompts": self.prompts,
             "grid": str(grid_path),
         }
-        json_path = root / f"{tag}_scores.json"
+        json_path = root / f"{tag}_scores.json"  # the latest evaluation of this kind
         json_path.write_text(json.dumps(record, indent=2) + "\n")
+        with open(root / "scores_history.jsonl", "a") as f:  # every evaluation, one per line
+            f.write(json.dumps({"tag": tag, **record}) + "\n")
         self.written += [grid_path, json_path]
         self.last_scores = scores
         logger.info(

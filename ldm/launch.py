@@ -282,6 +282,7 @@ def _run(opt: argparse.Namespace, overrides: list[str], paths: RunPaths) -> RunR
         trainer_kwargs.setdefault(
             "use_distributed_sampler", False
         )  # the module splits ranks itself
+    _manual_optimization_settings(model, trainer_kwargs)
     trainer, interrupt = build_trainer(opt, paths, config, lightning_config, trainer_kwargs, model)
     lr = set_learning_rate(opt, config, model, trainer)
 
@@ -319,6 +320,31 @@ def _run(opt: argparse.Namespace, overrides: list[str], paths: RunPaths) -> RunR
         logger.info("debug run moved to %s", dst)
         result.logdir = dst
     return result
+
+
+def _manual_optimization_settings(model: Any, trainer_kwargs: dict[str, Any]) -> None:
+    """GAN first stages optimize manually: Lightning refuses ``accumulate_grad_batches`` there, so
+    the model accumulates itself; under DDP the idle discriminator needs unused-parameter search."""
+    if getattr(model, "automatic_optimization", True):
+        return
+    accumulate = int(trainer_kwargs.get("accumulate_grad_batches", 1) or 1)
+    if accumulate > 1:
+        if not hasattr(model, "accumulate_grad_batches"):
+            raise ConfigError(
+                f"lightning.trainer.accumulate_grad_batches={accumulate}: "
+                f"{type(model).__name__} uses manual optimization and does not accumulate "
+                "gradients itself; remove the setting or use a larger batch."
+            )
+        trainer_kwargs.pop("accumulate_grad_batches")
+        model.accumulate_grad_batches = accumulate
+        logger.info(
+            "manual optimization: %s accumulates gradients over %d batches itself",
+            type(model).__name__,
+            accumulate,
+        )
+    if trainer_kwargs.get("strategy") == "ddp":
+        trainer_kwargs["strategy"] = "ddp_find_unused_parameters_true"
+        logger.info("manual optimization under DDP: strategy ddp_find_unused_parameters_true")
 
 
 def _build(config: DictConfig, section: str, sources: ConfigSources) -> Any:
@@ -417,7 +443,9 @@ def set_learning_rate(
     lr, msg = scale_learning_rate(
         float(base_lr),
         int(batch_size),
-        int(trainer.accumulate_grad_batches),
+        int(getattr(model, "accumulate_grad_batches", 0) or trainer.accumulate_grad_batches)
+        if not getattr(model, "automatic_optimization", True)
+        else int(trainer.accumulate_grad_batches),
         int(trainer.num_devices),
         int(trainer.num_nodes),
         opt.scale_lr,

@@ -42,6 +42,10 @@ LEGACY_TARGETS: dict[str, str] = {
     ),
     "taming.modules.losses.LPIPS": "ldm.modules.losses.LPIPS",
     "taming.modules.losses.lpips.LPIPS": "ldm.modules.losses.LPIPS",
+    "taming.models.vqgan.VQModel": "ldm.models.autoencoder.VQModel",
+    "taming.modules.discriminator.model.NLayerDiscriminator": (
+        "ldm.modules.losses.discriminator.NLayerDiscriminator"
+    ),
     # diffusion models
     "ldm.models.diffusion.ddpm.DDPM": "ldm.models.diffusion.ddpm.DDPM",
     "ldm.models.diffusion.ddpm.LatentDiffusion": "ldm.models.diffusion.ddpm.LatentDiffusion",

@@ -218,3 +218,35 @@ def test_later_file_with_another_target_replaces_the_component(tmp_path):
     assert dict(merged.data.params.train.params) == {"root": "other"}
     assert merged.data.params.train.target == "pkg.Folder"
     assert merged.data.params.batch_size == 4
+
+
+def test_new_trainer_argument_is_not_mistaken_for_a_near_miss(tmp_path):
+    """`--trainer.accumulate_grad_batches 2` is a Trainer argument even when the config lacks it."""
+    from ldm.config import merge_configs
+
+    cfg = tmp_path / "a.yaml"
+    cfg.write_text("lightning:\n  trainer:\n    limit_val_batches: 0\n")
+    merged, _ = merge_configs([cfg], ["lightning.trainer.accumulate_grad_batches=2"])
+    assert merged.lightning.trainer.accumulate_grad_batches == 2
+
+
+def test_manual_optimization_accumulates_in_the_model():
+    """Lightning refuses accumulate_grad_batches with manual optimization: the model takes it."""
+    from types import SimpleNamespace
+
+    from ldm.launch import _manual_optimization_settings
+    from ldm.util import ConfigError
+
+    model = SimpleNamespace(automatic_optimization=False, accumulate_grad_batches=1)
+    kwargs = {"accumulate_grad_batches": 4, "strategy": "ddp"}
+    _manual_optimization_settings(model, kwargs)
+    assert model.accumulate_grad_batches == 4
+    assert kwargs == {"strategy": "ddp_find_unused_parameters_true"}
+    with pytest.raises(ConfigError, match="manual optimization"):
+        _manual_optimization_settings(
+            SimpleNamespace(automatic_optimization=False), {"accumulate_grad_batches": 2}
+        )
+    auto = SimpleNamespace(automatic_optimization=True)
+    kwargs = {"accumulate_grad_batches": 4}
+    _manual_optimization_settings(auto, kwargs)
+    assert kwargs == {"accumulate_grad_batches": 4}

@@ -43,6 +43,8 @@ def test_shortened_default_run_writes_grid_and_scores(
     logdir = result.logdir
     record = json.loads((logdir / "final_scores.json").read_text())
     assert record["global_step"] == 3
+    history = (logdir / "scores_history.jsonl").read_text().splitlines()
+    assert [json.loads(h)["tag"] for h in history] == ["final"]
     assert record["sampling"]["sampler"] == "dpmpp_2m" and record["sampling"]["guidance_scale"] > 1
     assert set(record["scores"]) == {"seen", "heldout"}
     for scores in record["scores"].values():
