@@ -98,6 +98,7 @@ class UNetModel(nn.Module):
         use_linear_in_transformer: bool = False,
         adm_in_channels: int | None = None,
         attn_backend: str | None = None,
+        position_embedding: bool = False,
     ) -> None:
         super().__init__()
         channel_mult = _as_list(channel_mult)
@@ -162,6 +163,18 @@ class UNetModel(nn.Module):
             resolve_backend(attn_backend)
 
         self.image_size = image_size
+        # ours, off by default (SD keys unchanged): a learned absolute position map added after the
+        # input conv, so cross-attention can bind words such as "top left" to places.
+        self.pos_embed: nn.Parameter | None = None
+        if position_embedding:
+            if dims != 2 or not isinstance(image_size, int):
+                raise ValueError(
+                    "UNetModel: position_embedding=True needs dims=2 and an int image_size "
+                    f"(the latent side), got dims={dims}, image_size={image_size!r}."
+                )
+            self.pos_embed = nn.Parameter(
+                0.02 * torch.randn(1, model_channels, image_size, image_size)
+            )
         self.in_channels = in_channels
         self.model_channels = model_channels
         self.out_channels = out_channels
@@ -344,6 +357,15 @@ class UNetModel(nn.Module):
             )
         return weight_dtype
 
+    def _position_embedding(self, h: torch.Tensor) -> torch.Tensor:
+        """Learned absolute position [1, C, S, S], resized (bilinear) when h is another size."""
+        pos = self.pos_embed.to(h.dtype)
+        if pos.shape[-2:] != h.shape[-2:]:
+            pos = torch.nn.functional.interpolate(
+                pos, size=h.shape[-2:], mode="bilinear", align_corners=False
+            )
+        return pos
+
     def forward(
         self,
         x: torch.Tensor,
@@ -386,8 +408,10 @@ class UNetModel(nn.Module):
             elif context is not None:
                 context = [c.to(dtype) for c in context]
         hs = []
-        for module in self.input_blocks:
+        for i, module in enumerate(self.input_blocks):
             h = module(h, emb, context)
+            if i == 0 and self.pos_embed is not None:
+                h = h + self._position_embedding(h)
             hs.append(h)
         h = self.middle_block(h, emb, context)
         for module in self.output_blocks:

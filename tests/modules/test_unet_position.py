@@ -1,0 +1,71 @@
+"""The optional learned position map: off by default (SD keys), breaks translation invariance when on."""
+
+import pytest
+import torch
+
+from ldm.modules.unet import UNetModel
+
+
+def _unet(position_embedding: bool) -> UNetModel:
+    return UNetModel(
+        image_size=8,
+        in_channels=4,
+        out_channels=4,
+        model_channels=32,
+        attention_resolutions=[1],
+        num_res_blocks=1,
+        channel_mult=[1, 2],
+        num_head_channels=16,
+        use_spatial_transformer=True,
+        context_dim=16,
+        position_embedding=position_embedding,
+    )
+
+
+def test_off_by_default_and_keys_unchanged():
+    plain = _unet(False)
+    assert plain.pos_embed is None
+    with_pos = _unet(True)
+    extra = set(with_pos.state_dict()) - set(plain.state_dict())
+    assert extra == {"pos_embed"}
+    assert with_pos.pos_embed.shape == (1, 32, 8, 8)
+
+
+def test_constant_input_gives_position_dependent_interior_only_with_embedding():
+    x = torch.ones(1, 4, 64, 64)  # the 8x8 map is resized; the centre is far from the zero padding
+    t = torch.tensor([10.0])
+    ctx = torch.randn(1, 3, 16)
+    for enabled in (False, True):
+        torch.manual_seed(0)
+        net = _unet(enabled).eval()
+        for p in net.out.parameters():  # the output conv is zero-initialized; make it visible
+            torch.nn.init.normal_(p, std=0.1)
+        with torch.no_grad():
+            out = net(x, t, context=ctx)
+        centre = out[..., 30:34, 30:34]
+        spread = (centre - centre.mean(dim=(-1, -2), keepdim=True)).abs().max().item()
+        if enabled:
+            assert spread > 1e-3
+        else:
+            assert spread < 1e-4
+
+
+def test_gradient_reaches_position_map_and_bad_settings_error():
+    net = _unet(True)
+    for p in net.out.parameters():  # zero-initialized output conv would stop all gradients
+        torch.nn.init.normal_(p, std=0.1)
+    out = net(torch.randn(2, 4, 8, 8), torch.tensor([1.0, 2.0]), context=torch.randn(2, 3, 16))
+    out.square().mean().backward()
+    assert net.pos_embed.grad is not None and net.pos_embed.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="position_embedding=True needs"):
+        UNetModel(
+            image_size=None,
+            in_channels=4,
+            out_channels=4,
+            model_channels=32,
+            attention_resolutions=[],
+            num_res_blocks=1,
+            channel_mult=[1],
+            num_heads=1,
+            position_embedding=True,
+        )
