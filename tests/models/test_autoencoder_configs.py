@@ -34,14 +34,16 @@ def test_family_configs_have_the_published_sizes(name: str) -> None:
     assert name.endswith(f"f{factor}")
 
 
-@pytest.mark.parametrize("name", ["kl-f4-small", "vq-f4-small"])
-def test_small_configs_build_and_their_data_holds_out_photos(name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "z_channels"), [("kl-f4-small", 3), ("vq-f4-small", 3), ("kl-f4-fast", 4)]
+)
+def test_small_configs_build_and_their_data_holds_out_photos(name: str, z_channels: int) -> None:
     cfg = OmegaConf.load(ROOT / "configs" / "autoencoder" / f"{name}.yaml")
     model = instantiate_from_config(cfg.model)
     assert model.loss.perceptual_loss is None  # no LPIPS weight files needed
     x = torch.zeros(1, 3, 64, 64)
     z = model.encode(x).mode() if name.startswith("kl") else model.encode(x)[0]
-    assert z.shape == (1, 3, 16, 16)  # f4, 3 latent channels
+    assert z.shape == (1, z_channels, 16, 16)  # f4
     train = instantiate_from_config(cfg.data.params.train)
     val = instantiate_from_config(cfg.data.params.validation)
     assert set(train.photos).isdisjoint(val.photos)
