@@ -14,13 +14,13 @@ from torch import nn
 
 from ldm.modules.distributions import DiagonalGaussianDistribution
 from ldm.modules.losses.discriminator import NLayerDiscriminator, weights_init
-from ldm.modules.losses.gan import DISC_LOSSES, adaptive_weight, adopt_weight
+from ldm.modules.losses.gan import DISC_LOSSES, DiscriminatorLossBase, adopt_weight
 from ldm.modules.losses.perceptual import build_lpips, reconstruction_loss
 
 __all__ = ["LPIPSWithDiscriminator"]
 
 
-class LPIPSWithDiscriminator(nn.Module):
+class LPIPSWithDiscriminator(DiscriminatorLossBase):
     """L = sum(rec / e^s + s)/B + kl_weight * KL + lambda * f_disc * L_G (VQGAN Eq. 7, LDM App. G).
 
     s is the learned scalar log-variance (`logvar`), rec the per-pixel L1 + perceptual loss,
@@ -65,25 +65,6 @@ class LPIPSWithDiscriminator(nn.Module):
         self.disc_factor = disc_factor
         self.discriminator_weight = disc_weight
         self.disc_conditional = disc_conditional
-
-    def disc_active(self, global_step: int) -> bool:
-        """Whether the adversarial terms are on at this (generator) step."""
-        return adopt_weight(self.disc_factor, global_step, self.discriminator_iter_start) > 0
-
-    def calculate_adaptive_weight(
-        self, nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Adaptive discriminator weight (VQGAN Eq. 7) times `disc_weight`."""
-        return adaptive_weight(nll_loss, g_loss, last_layer, self.discriminator_weight)
-
-    def _disc_input(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        if cond is None:
-            if self.disc_conditional:
-                raise ValueError("disc_conditional=True needs `cond` in the loss call.")
-            return x.contiguous()
-        if not self.disc_conditional:
-            raise ValueError("cond was given but disc_conditional=False.")
-        return torch.cat((x.contiguous(), cond), dim=1)
 
     def forward(
         self,

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["adaptive_weight", "adopt_weight", "hinge_d_loss", "vanilla_d_loss", "DISC_LOSSES"]
+__all__ = [
+    "DiscriminatorLossBase",
+    "adaptive_weight",
+    "adopt_weight",
+    "hinge_d_loss",
+    "vanilla_d_loss",
+    "DISC_LOSSES",
+]
 
 
 def adopt_weight(weight: float, global_step: int, threshold: int = 0, value: float = 0.0) -> float:
@@ -42,3 +50,37 @@ def adaptive_weight(
     g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
     d_weight = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
     return torch.clamp(d_weight, 0.0, 1e4).detach() * disc_weight
+
+
+class DiscriminatorLossBase(nn.Module):
+    """What the KL and VQ autoencoder losses share: the `disc_start` schedule, the adaptive
+    weight (VQGAN Eq. 7) and the (optionally conditional) discriminator input.
+
+    Subclasses set `disc_factor`, `discriminator_iter_start`, `discriminator_weight` and
+    `disc_conditional`; `strict_cond` rejects a `cond` given to an unconditional discriminator.
+    """
+
+    strict_cond = True
+    disc_factor: float
+    discriminator_iter_start: int
+    discriminator_weight: float
+    disc_conditional: bool
+
+    def disc_active(self, global_step: int) -> bool:
+        """Whether the adversarial terms are on at this (generator) step."""
+        return adopt_weight(self.disc_factor, global_step, self.discriminator_iter_start) > 0
+
+    def calculate_adaptive_weight(
+        self, nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Adaptive discriminator weight (VQGAN Eq. 7) times `disc_weight`."""
+        return adaptive_weight(nll_loss, g_loss, last_layer, self.discriminator_weight)
+
+    def _disc_input(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        if cond is None:
+            if self.disc_conditional:
+                raise ValueError("disc_conditional=True needs `cond` in the loss call.")
+            return x.contiguous()
+        if self.strict_cond and not self.disc_conditional:
+            raise ValueError("cond was given but disc_conditional=False.")
+        return torch.cat((x.contiguous(), cond), dim=1)

@@ -9,18 +9,19 @@ from __future__ import annotations
 import os
 
 import torch
-from torch import nn
 
 from ldm.modules.losses.discriminator import NLayerDiscriminator, weights_init
-from ldm.modules.losses.gan import DISC_LOSSES, adaptive_weight, adopt_weight
+from ldm.modules.losses.gan import DISC_LOSSES, DiscriminatorLossBase, adopt_weight
 from ldm.modules.losses.perceptual import build_lpips, reconstruction_loss
 from ldm.modules.quantize import codebook_perplexity
 
 __all__ = ["VQLPIPSWithDiscriminator"]
 
 
-class VQLPIPSWithDiscriminator(nn.Module):
+class VQLPIPSWithDiscriminator(DiscriminatorLossBase):
     """L = mean(rec) + codebook_weight * L_VQ + lambda * f_disc * L_G (VQGAN Eq. 4 and 7)."""
+
+    strict_cond = False  # taming's VQ loss concatenates any given cond
 
     def __init__(
         self,
@@ -68,23 +69,6 @@ class VQLPIPSWithDiscriminator(nn.Module):
         self.discriminator_weight = disc_weight
         self.disc_conditional = disc_conditional
         self.n_classes = n_classes
-
-    def disc_active(self, global_step: int) -> bool:
-        """Whether the adversarial terms are on at this (generator) step."""
-        return adopt_weight(self.disc_factor, global_step, self.discriminator_iter_start) > 0
-
-    def calculate_adaptive_weight(
-        self, nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Adaptive discriminator weight (VQGAN Eq. 7) times `disc_weight`."""
-        return adaptive_weight(nll_loss, g_loss, last_layer, self.discriminator_weight)
-
-    def _disc_input(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        if cond is None:
-            if self.disc_conditional:
-                raise ValueError("disc_conditional=True needs `cond` in the loss call.")
-            return x.contiguous()
-        return torch.cat((x.contiguous(), cond), dim=1)
 
     def forward(
         self,
