@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"  # the shared reference key lists
 
 TINY_UNET = dict(
     image_size=8,

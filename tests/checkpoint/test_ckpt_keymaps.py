@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -12,7 +14,7 @@ from ldm.checkpoint.keymap_unet import unet_to_diffusers, unet_to_ldm
 from ldm.checkpoint.keymap_vae import vae_to_diffusers, vae_to_ldm
 
 su = pytest.importorskip("diffusers.loaders.single_file_utils")
-CONFIGS = DATA.parent.parent.parent / "configs" / "stable-diffusion"
+CONFIGS = Path(__file__).parents[2] / "configs" / "stable-diffusion"
 
 
 def _strip(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
