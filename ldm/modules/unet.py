@@ -15,6 +15,7 @@ from torch import nn
 
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.attention_backends import resolve_backend
+from ldm.modules.position import initial_position_map
 from ldm.modules.timestep import timestep_embedding
 from ldm.modules.unet_attention import AttentionBlock
 from ldm.modules.unet_encoder import EncoderUNetModel
@@ -98,7 +99,7 @@ class UNetModel(nn.Module):
         use_linear_in_transformer: bool = False,
         adm_in_channels: int | None = None,
         attn_backend: str | None = None,
-        position_embedding: bool = False,
+        position_embedding: bool | str = False,
     ) -> None:
         super().__init__()
         channel_mult = _as_list(channel_mult)
@@ -164,16 +165,18 @@ class UNetModel(nn.Module):
 
         self.image_size = image_size
         # ours, off by default (SD keys unchanged): a learned absolute position map added after the
-        # input conv, so cross-attention can bind words such as "top left" to places.
+        # input conv, so cross-attention can bind words such as "top left" to places. "sincos"
+        # starts it from 2D sine-cosine features at unit RMS (MAE-style), "learned" (or true) from
+        # small random values.
         self.pos_embed: nn.Parameter | None = None
         if position_embedding:
             if dims != 2 or not isinstance(image_size, int):
                 raise ValueError(
-                    "UNetModel: position_embedding=True needs dims=2 and an int image_size "
+                    "UNetModel: position_embedding needs dims=2 and an int image_size "
                     f"(the latent side), got dims={dims}, image_size={image_size!r}."
                 )
             self.pos_embed = nn.Parameter(
-                0.02 * torch.randn(1, model_channels, image_size, image_size)
+                initial_position_map(position_embedding, model_channels, image_size)
             )
         self.in_channels = in_channels
         self.model_channels = model_channels

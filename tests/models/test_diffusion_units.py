@@ -115,6 +115,30 @@ def test_min_snr_gamma_weights():
     torch.testing.assert_close(loss, expected)
 
 
+def test_snr_weight_floor_gives_clamped_x0_weights():
+    snr = torch.tensor([0.001, 0.1, 1.0, 3.0, 50.0])
+    x0_weight = {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}
+    for param, native in x0_weight.items():
+        w = losses.min_snr_weights(snr, 5.0, param, floor=1.0)
+        torch.testing.assert_close(w * native, torch.tensor([1.0, 1.0, 1.0, 3.0, 5.0]))
+        # floor only: truncated SNR max(SNR, 1) (Salimans & Ho 2022)
+        w = losses.min_snr_weights(snr, None, param, floor=1.0)
+        torch.testing.assert_close(w * native, torch.tensor([1.0, 1.0, 1.0, 3.0, 50.0]))
+    model = tiny(parameterization="v", min_snr_gamma=5.0, snr_weight_floor=1.0)
+    model.apply_model = Recorder()
+    x0, noise = torch.randn(4, 2, 2, 2), torch.randn(4, 2, 2, 2)
+    t = torch.tensor([0, 100, 400, 999])
+    loss, _ = model.p_losses(x0, None, t, noise)
+    a = model.alphas_cumprod.double()[t]
+    snr_t = a / (1 - a)
+    v = a.sqrt()[:, None, None, None] * noise - (1 - a).sqrt()[:, None, None, None] * x0
+    w = snr_t.clamp(1.0, 5.0) / (snr_t + 1)
+    expected = (w.float() * (v.float() ** 2).mean(dim=(1, 2, 3))).mean()
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(ConfigError, match="snr_weight_floor=6.0 is above min_snr_gamma=5.0"):
+        tiny(min_snr_gamma=5.0, snr_weight_floor=6.0)
+
+
 def test_vlb_weights_eps_match_compvis_and_x0_v_are_consistent():
     model = tiny(original_elbo_weight=1.0)
     b = model.betas.double()

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
+from ldm.modules.position import sincos_position_map
 from ldm.modules.unet import UNetModel
 
 
-def _unet(position_embedding: bool) -> UNetModel:
+def _unet(position_embedding: bool | str) -> UNetModel:
     return UNetModel(
         image_size=8,
         in_channels=4,
@@ -57,7 +58,7 @@ def test_gradient_reaches_position_map_and_bad_settings_error():
     out = net(torch.randn(2, 4, 8, 8), torch.tensor([1.0, 2.0]), context=torch.randn(2, 3, 16))
     out.square().mean().backward()
     assert net.pos_embed.grad is not None and net.pos_embed.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="position_embedding=True needs"):
+    with pytest.raises(ValueError, match="position_embedding needs"):
         UNetModel(
             image_size=None,
             in_channels=4,
@@ -69,3 +70,24 @@ def test_gradient_reaches_position_map_and_bad_settings_error():
             num_heads=1,
             position_embedding=True,
         )
+
+
+def test_sincos_map_unit_rms_distinct_places_and_no_aliasing():
+    m = sincos_position_map(32, 8)[0]  # [C, 8, 8]
+    assert m.pow(2).mean().item() == pytest.approx(1.0, rel=1e-5)
+    flat = m.reshape(32, 64).T  # one feature vector per place
+    dist = torch.cdist(flat, flat) + torch.eye(64) * 1e9
+    assert dist.min().item() > 0.1  # every place has its own code
+    # lowest frequency: half a cycle across the map (sin(pi * y) symmetric about the centre)
+    torch.testing.assert_close(m[0, :, 0], m[0, :, 0].flip(0))
+    # 4 * (C // 4) channels used, the rest zero; odd sizes work
+    odd = sincos_position_map(10, 5)[0]
+    assert odd[8:].abs().max() == 0 and odd[:8].abs().max() > 0
+
+
+def test_sincos_option_starts_from_the_map_and_bad_kind_errors():
+    net = _unet("sincos")
+    torch.testing.assert_close(net.pos_embed.data, sincos_position_map(32, 8))
+    assert net.pos_embed.requires_grad
+    with pytest.raises(ValueError, match="expected false, true, or one of"):
+        _unet("fourier")

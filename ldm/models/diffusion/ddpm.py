@@ -33,6 +33,7 @@ from ldm.models.diffusion import losses
 from ldm.models.diffusion.checkpoint_io import load_into
 from ldm.models.diffusion.conditioning import DiffusionWrapper, apply_ucg_training, as_cond_dict
 from ldm.models.diffusion.schedule_buffers import register_schedule_buffers
+from ldm.optim import adamw
 from ldm.util import ConfigError, count_params, instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class DDPM(pl.LightningModule):
         reset_num_ema_updates: bool = False,
         # ours, beyond the originals
         min_snr_gamma: float | None = None,
+        snr_weight_floor: float | None = None,
         offset_noise: float = 0.0,
         input_perturbation: float = 0.0,
         zero_terminal_snr: bool = False,
@@ -148,7 +150,19 @@ class DDPM(pl.LightningModule):
         self.v_posterior = v_posterior
         self.original_elbo_weight = original_elbo_weight
         self.l_simple_weight = l_simple_weight
+        for name, bound in (
+            ("min_snr_gamma", min_snr_gamma),
+            ("snr_weight_floor", snr_weight_floor),
+        ):
+            if bound is not None and not float(bound) > 0:
+                raise ConfigError(f"{name}={bound!r}: expected a positive number or null.")
+        if None not in (min_snr_gamma, snr_weight_floor) and snr_weight_floor > min_snr_gamma:
+            raise ConfigError(
+                f"snr_weight_floor={snr_weight_floor} is above min_snr_gamma={min_snr_gamma}: the "
+                "x0-space loss weight is clamp(SNR, snr_weight_floor, min_snr_gamma)."
+            )
         self.min_snr_gamma = min_snr_gamma
+        self.snr_weight_floor = snr_weight_floor
         self.offset_noise = offset_noise
         self.input_perturbation = input_perturbation
         self.zero_terminal_snr = zero_terminal_snr
@@ -357,10 +371,10 @@ class DDPM(pl.LightningModule):
         loss_simple = loss_simple.mean(dim=reduce_dims)  # [B]
         loss_dict = {f"{prefix}/loss_simple": loss_simple.mean()}
         weighted = loss_simple
-        if self.min_snr_gamma is not None:
+        if self.min_snr_gamma is not None or self.snr_weight_floor is not None:
             snr_t = snr(t, self.alphas_cumprod_f64).to(loss_simple)
             weighted = loss_simple * losses.min_snr_weights(
-                snr_t, self.min_snr_gamma, self.parameterization
+                snr_t, self.min_snr_gamma, self.parameterization, self.snr_weight_floor
             )
         logvar_t = self.logvar[t.to(self.logvar.device)].to(loss_simple)
         loss = weighted / torch.exp(logvar_t) + logvar_t
@@ -430,7 +444,10 @@ class DDPM(pl.LightningModule):
         loss, loss_dict = self.shared_step(batch)
         if self._trainer is None:  # called outside a Trainer (scripts, tests): nothing to log to
             return loss
-        self.log_dict(loss_dict, prog_bar=True, logger=True, on_step=True, on_epoch=True)
+        bs = len(batch[self.first_stage_key])
+        self.log_dict(
+            loss_dict, prog_bar=True, logger=True, on_step=True, on_epoch=True, batch_size=bs
+        )
         self.log(
             "global_step",
             float(self.global_step),
@@ -438,10 +455,11 @@ class DDPM(pl.LightningModule):
             logger=True,
             on_step=True,
             on_epoch=False,
+            batch_size=bs,
         )
         if self.use_scheduler:
             lr = self.optimizers().param_groups[0]["lr"]
-            self.log("lr_abs", lr, prog_bar=True, logger=True, on_step=True, on_epoch=False)
+            self.log("lr_abs", lr, prog_bar=True, on_step=True, on_epoch=False, batch_size=bs)
         return loss
 
     @torch.no_grad()
@@ -453,8 +471,9 @@ class DDPM(pl.LightningModule):
         with self.ema_scope(), self._seeded(seed):
             _, loss_dict_ema = self.shared_step(batch)
         loss_dict_ema = {key + "_ema": value for key, value in loss_dict_ema.items()}
-        self.log_dict(loss_dict_no_ema, prog_bar=False, logger=True, on_step=False, on_epoch=True)
-        self.log_dict(loss_dict_ema, prog_bar=False, logger=True, on_step=False, on_epoch=True)
+        bs = len(batch[self.first_stage_key])
+        for logged in (loss_dict_no_ema, loss_dict_ema):
+            self.log_dict(logged, on_step=False, on_epoch=True, batch_size=bs)
 
     @contextmanager
     def _seeded(self, seed: int) -> Iterator[None]:
@@ -477,7 +496,7 @@ class DDPM(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         """AdamW(lr = self.learning_rate) and, with scheduler_config, a per-step LambdaLR."""
-        opt = torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate)
+        opt = adamw(self.trainable_parameters(), lr=self.learning_rate)
         if not self.use_scheduler:
             return opt
         scheduler = instantiate_from_config(self.scheduler_config)

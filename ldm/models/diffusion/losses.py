@@ -3,7 +3,8 @@
 - `elementwise_loss`: the L_simple distance (Ho et al. 2020 eq. 14), l2 or l1.
 - `lvlb_weights`: per-timestep weights turning L_simple into the variational bound term L_{t-1}
   (Ho et al. 2020 eq. 8-12) for eps, x0 and v parameterizations.
-- `min_snr_weights`: Min-SNR-gamma weighting (Hang et al. 2023, arXiv 2303.09556, eq. 7).
+- `min_snr_weights`: Min-SNR-gamma weighting (Hang et al. 2023, arXiv 2303.09556, eq. 7), with an
+  optional floor (truncated SNR, Salimans & Ho 2022).
 - `offset_noise`: noise + s * per-channel constant (Guttenberg 2023, "Diffusion with offset noise").
 - `perturb_noise`: input perturbation eps' = eps + gamma * xi (Ning et al. 2023, arXiv 2301.11706).
 """
@@ -62,18 +63,32 @@ def lvlb_weights(
     return w.to(torch.float32)
 
 
-def min_snr_weights(snr: torch.Tensor, gamma: float, parameterization: str) -> torch.Tensor:
-    """Per-sample loss weight min(SNR, gamma) / SNR (eps), / (SNR + 1) (v), or min(SNR, gamma) (x0)."""
-    clipped = snr.clamp(max=gamma)
-    if parameterization == "eps":
-        return clipped / snr.clamp(min=1e-20)
-    if parameterization == "v":
-        return clipped / (snr + 1)
-    if parameterization == "x0":
-        return clipped
-    raise ValueError(
-        f"unknown parameterization {parameterization!r}; expected one of {list(PARAMETERIZATIONS)}"
-    )
+NATIVE_X0_WEIGHT = {  # weight on ||x0 - x0_hat||^2 that plain MSE in each parameterization implies
+    "eps": lambda snr: snr,
+    "v": lambda snr: snr + 1,
+    "x0": lambda snr: torch.ones_like(snr),
+}
+
+
+def min_snr_weights(
+    snr: torch.Tensor, gamma: float | None, parameterization: str, floor: float | None = None
+) -> torch.Tensor:
+    """Per-sample loss weights that make the x0-space weight clamp(SNR, floor, gamma).
+
+    Plain MSE weighs x0 errors by SNR (eps), SNR + 1 (v) or 1 (x0). Min-SNR-gamma (Hang et al.
+    2023, eq. 7) caps that at gamma: weight min(SNR, gamma) / SNR (eps), / (SNR + 1) (v), or
+    min(SNR, gamma) (x0). `floor` lifts the low-SNR end to at least `floor` (1.0: the truncated
+    SNR weighting max(SNR, 1) of Salimans & Ho 2022, sec. 4), so the noisiest steps, where the
+    layout of an image is decided, are not starved; either bound may be None.
+    """
+    if parameterization not in NATIVE_X0_WEIGHT:
+        raise ValueError(
+            f"unknown parameterization {parameterization!r}; expected one of {list(PARAMETERIZATIONS)}"
+        )
+    if gamma is None and floor is None:
+        return torch.ones_like(snr)
+    target = snr.clamp(min=floor, max=gamma)
+    return target / NATIVE_X0_WEIGHT[parameterization](snr).clamp(min=1e-20)
 
 
 def offset_noise(
