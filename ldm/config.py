@@ -20,7 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ldm.util import ConfigError
+from ldm.util import ConfigError, accepts_parameter
 
 logger = logging.getLogger(__name__)
 
@@ -180,12 +180,21 @@ def _child(node: DictConfig | ListConfig, key: str | int) -> Any:
     return child if isinstance(child, DictConfig | ListConfig) else child._value()  # type: ignore[union-attr]
 
 
+def _is_constructor_parameter(parent: Any, walked: str, name: str) -> bool:
+    """True when ``walked`` is the ``params`` of a ``{target, params}`` node whose target takes ``name``."""
+    if not (walked == "params" or walked.endswith(".params")) or not isinstance(parent, DictConfig):
+        return False
+    target = parent.get("target") if "target" in parent.keys() else None
+    return isinstance(target, str) and accepts_parameter(target, name) is True
+
+
 def check_override(base: DictConfig, key: str, value: Any, sources: ConfigSources) -> None:
     """Reject a misspelt key (close to an existing one) or a value of the wrong type."""
     if key.startswith("lightning.trainer."):
         return  # Trainer arguments are checked by ldm.trainer_setup against the Trainer signature
     parts = key.replace("[", ".[").split(".")
     node: Any = base
+    parent: Any = None
     walked = ""
     for part in parts:
         if part.startswith("["):
@@ -207,6 +216,8 @@ def check_override(base: DictConfig, key: str, value: Any, sources: ConfigSource
         if part not in node.keys():  # `in node` is False for a missing value (???)
             existing = [str(k) for k in node.keys()]
             hint = suggest(part, existing)
+            if hint and _is_constructor_parameter(parent, walked, part):
+                hint = ""  # e.g. use_scale_shift_norm next to use_spatial_transformer
             if hint:
                 raise ConfigError(
                     f"command line: unknown key '{path}'{hint}. "
@@ -215,7 +226,7 @@ def check_override(base: DictConfig, key: str, value: Any, sources: ConfigSource
                 )
             logger.info("command line adds new key '%s'", path)
             return
-        node = _child(node, part)
+        parent, node = node, _child(node, part)
         walked = path
     if node == "???":
         return  # a required value (MISSING) being supplied: any type
@@ -295,7 +306,9 @@ def merge_configs(
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
         raise ConfigError(
-            "; ".join(f"{k}: a required value (???){sources.where(k)} was not given" for k in missing)
+            "; ".join(
+                f"{k}: a required value (???){sources.where(k)} was not given" for k in missing
+            )
             + ". Pass it on the command line, e.g. "
             + " ".join(f"{k}=..." for k in missing)
             + "."

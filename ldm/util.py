@@ -165,6 +165,26 @@ def _suggest(word: str, candidates: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def accepts_parameter(target: str, name: str) -> bool | None:
+    """Whether ``target``'s constructor takes ``name`` (following ``**kwargs`` up the MRO);
+    None when that cannot be told (import error, no signature, ``**kwargs`` to the end)."""
+    try:
+        cls = get_obj_from_str(target)
+    except Exception:  # noqa: BLE001 - an unimportable target is reported when it is built
+        return None
+    for klass in getattr(cls, "__mro__", (cls,)):
+        init = klass.__init__ if isinstance(klass, type) else klass
+        try:
+            params = inspect.signature(init).parameters
+        except (TypeError, ValueError):
+            return None
+        if name in params:
+            return True
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return False
+    return None
+
+
 def _check_params(cls: Any, params: Mapping[str, Any], path: str) -> None:
     """Validate parameter names against the constructor's signature."""
     try:

@@ -13,6 +13,7 @@ from ldm.trainer_setup import trainer_cli_args, translate_trainer_config
 from ldm.util import ConfigError
 
 CFG = Path(__file__).parent / "configs" / "cli"
+ROOT = Path(__file__).resolve().parent.parent
 OWN = [s for a in get_parser()._actions for s in a.option_strings]
 
 
@@ -102,6 +103,18 @@ def test_misspelt_override_key_gets_a_suggestion() -> None:
     # a genuinely new key (no near miss) is accepted
     cfg, _ = merge_configs([CFG / "toy.yaml"], ["model.params.noise=0.1"])
     assert cfg.model.params.noise == pytest.approx(0.1)
+
+
+def test_new_key_close_to_an_existing_one_is_accepted_when_the_target_takes_it() -> None:
+    # use_scale_shift_norm is a UNetModel parameter, although it looks like use_spatial_transformer
+    key = "model.params.unet_config.params.use_scale_shift_norm"
+    cfg, _ = merge_configs([ROOT / "configs" / "txt2img.yaml"], [f"{key}=true"])
+    assert OmegaConf.select(cfg, key) is True
+    with pytest.raises(ConfigError, match="did you mean 'use_spatial_transformer'"):
+        merge_configs(
+            [ROOT / "configs" / "txt2img.yaml"],
+            ["model.params.unet_config.params.use_spatial_transformr=true"],
+        )
 
 
 def test_wrong_value_type_is_readable() -> None:

@@ -100,6 +100,7 @@ class UNetModel(nn.Module):
         adm_in_channels: int | None = None,
         attn_backend: str | None = None,
         position_embedding: bool | str = False,
+        pooled_context: bool = False,
     ) -> None:
         super().__init__()
         channel_mult = _as_list(channel_mult)
@@ -212,6 +213,21 @@ class UNetModel(nn.Module):
                     nn.SiLU(),
                     nn.Linear(time_embed_dim, time_embed_dim),
                 )
+            )
+        # ours, off by default (SD keys unchanged): the mean of the context tokens, projected and
+        # added to the timestep embedding (Imagen, Saharia et al. 2022, sec. 2.4), so every
+        # ResBlock sees the whole prompt; with a position map this binds "top left" to places
+        # much sooner than cross-attention alone.
+        self.context_emb: nn.Sequential | None = None
+        if pooled_context:
+            width = context_dim[0] if isinstance(context_dim, list) else context_dim
+            if width is None:
+                raise ValueError("UNetModel: pooled_context=True needs context_dim.")
+            self.context_emb = nn.Sequential(
+                nn.LayerNorm(width),
+                nn.Linear(width, time_embed_dim),
+                nn.SiLU(),
+                nn.Linear(time_embed_dim, time_embed_dim),
             )
 
         def res_block(ch_in: int, ch_out: int, **kw: Any) -> ResBlock:
@@ -401,6 +417,14 @@ class UNetModel(nn.Module):
                 emb = emb + self.label_emb(y)
             else:
                 emb = emb + self.label_emb(y.to(emb.dtype))
+        if self.context_emb is not None:
+            if not isinstance(context, torch.Tensor):
+                raise ValueError(
+                    "UNetModel: pooled_context=True needs context as one [B, M, D] tensor, got "
+                    f"{type(context).__name__}."
+                )
+            pooled = context.mean(dim=1)  # [B, D]
+            emb = emb + self.context_emb(pooled.to(self.context_emb[1].weight.dtype)).to(emb.dtype)
 
         dtype = self._torso_dtype(x.device.type)
         h = x.to(dtype)

@@ -91,3 +91,38 @@ def test_sincos_option_starts_from_the_map_and_bad_kind_errors():
     assert net.pos_embed.requires_grad
     with pytest.raises(ValueError, match="expected false, true, or one of"):
         _unet("fourier")
+
+
+def test_pooled_context_reaches_every_place_and_is_off_by_default():
+    assert _unet(False).context_emb is None
+    torch.manual_seed(0)
+    net = UNetModel(
+        image_size=8,
+        in_channels=4,
+        out_channels=4,
+        model_channels=32,
+        attention_resolutions=[],  # no cross-attention: the prompt can only come in through emb
+        num_res_blocks=1,
+        channel_mult=[1, 2],
+        num_head_channels=16,
+        use_spatial_transformer=True,
+        context_dim=16,
+        pooled_context=True,
+        use_scale_shift_norm=True,
+    ).eval()
+    for p in net.parameters():  # zero-initialized output convs would hide the residual branches
+        if not p.detach().abs().amax() > 0:
+            torch.nn.init.normal_(p, std=0.1)
+    x, t = torch.randn(1, 4, 8, 8).expand(2, -1, -1, -1), torch.tensor([5.0, 5.0])
+    ctx = torch.randn(2, 3, 16)
+    with torch.no_grad():
+        out = net(x, t, context=ctx)
+        same = net(x, t, context=ctx[:1].expand(2, -1, -1))
+    assert (out[0] - out[1]).abs().amax() > 1e-3  # different prompts, different outputs
+    torch.testing.assert_close(same[0], same[1])
+    # the pooled vector is the token mean: permuting tokens changes nothing without attention
+    with torch.no_grad():
+        permuted = net(x, t, context=ctx.flip(1))
+    torch.testing.assert_close(permuted, out)
+    with pytest.raises(ValueError, match="pooled_context=True needs context as one"):
+        net(x, t, context=[ctx])
