@@ -224,7 +224,9 @@ def test_later_file_with_another_target_replaces_the_component(tmp_path):
         "      params: {split: train, length: 10}\n"
     )
     b = tmp_path / "b.yaml"
-    b.write_text("data:\n  params:\n    train:\n      target: pkg.Folder\n      params: {root: imgs}\n")
+    b.write_text(
+        "data:\n  params:\n    train:\n      target: pkg.Folder\n      params: {root: imgs}\n"
+    )
     c = tmp_path / "c.yaml"
     c.write_text("data:\n  params:\n    train:\n      params: {root: other}\n")
     merged, _ = merge_configs([a, b, c])

@@ -30,4 +30,6 @@ def test_not_fused_where_the_kernel_does_not_apply() -> None:
     assert not can_fuse(mixed)
     assert adamw([meta], lr=1e-3).defaults.get("fused") in (None, False)
     # an explicit choice is kept
-    assert adamw(torch.nn.Linear(2, 2).parameters(), lr=1e-3, fused=False).defaults["fused"] is False
+    assert (
+        adamw(torch.nn.Linear(2, 2).parameters(), lr=1e-3, fused=False).defaults["fused"] is False
+    )

@@ -216,8 +216,7 @@ class UNetModel(nn.Module):
             )
         # ours, off by default (SD keys unchanged): the mean of the context tokens, projected and
         # added to the timestep embedding (Imagen, Saharia et al. 2022, sec. 2.4), so every
-        # ResBlock sees the whole prompt; with a position map this binds "top left" to places
-        # much sooner than cross-attention alone.
+        # ResBlock sees the whole prompt, not only the attention layers.
         self.context_emb: nn.Sequential | None = None
         if pooled_context:
             width = context_dim[0] if isinstance(context_dim, list) else context_dim

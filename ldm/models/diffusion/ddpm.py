@@ -52,6 +52,19 @@ def disabled_train(self: nn.Module, mode: bool = True) -> nn.Module:
     return self
 
 
+def _positive_or_none(name: str, value: Any) -> float | None:
+    """A loss-weight bound from the config: a positive number, or None (no bound)."""
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not number > 0:
+        raise ConfigError(f"{name}={value!r}: expected a positive number or null.")
+    return number
+
+
 def _plain(value: Any) -> Any:
     """OmegaConf containers -> plain dict / list (other values unchanged)."""
     try:
@@ -150,12 +163,8 @@ class DDPM(pl.LightningModule):
         self.v_posterior = v_posterior
         self.original_elbo_weight = original_elbo_weight
         self.l_simple_weight = l_simple_weight
-        for name, bound in (
-            ("min_snr_gamma", min_snr_gamma),
-            ("snr_weight_floor", snr_weight_floor),
-        ):
-            if bound is not None and not float(bound) > 0:
-                raise ConfigError(f"{name}={bound!r}: expected a positive number or null.")
+        min_snr_gamma = _positive_or_none("min_snr_gamma", min_snr_gamma)
+        snr_weight_floor = _positive_or_none("snr_weight_floor", snr_weight_floor)
         if None not in (min_snr_gamma, snr_weight_floor) and snr_weight_floor > min_snr_gamma:
             raise ConfigError(
                 f"snr_weight_floor={snr_weight_floor} is above min_snr_gamma={min_snr_gamma}: the "
