@@ -7,14 +7,7 @@ import torch
 
 from ldm.diffusion.edm import SigmaTraining
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and immune to a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is fastest
 
 
 def test_edm_preconditioning_has_unit_loss_for_the_ideal_zero_network():

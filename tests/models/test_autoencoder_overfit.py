@@ -32,13 +32,7 @@ LOSS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convs: one thread avoids OpenMP spin-waiting on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is fastest
 
 
 def _crops(n: int) -> torch.Tensor:

@@ -12,14 +12,7 @@ from ldm.models.diffusion import losses
 from ldm.models.diffusion.conditioning import DiffusionWrapper, apply_ucg_training
 from ldm.util import ConfigError, instantiate_from_config
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and immune to a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is fastest
 
 
 TOY = "ldm.models.diffusion.toy_denoiser.ToyDenoiser"

@@ -7,14 +7,7 @@ import torch
 from ldm.samplers import cfg_model_fn, sample
 from ldm.util import instantiate_from_config
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and immune to a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is fastest
 
 
 def tiny_ldm(parameterization="eps"):

@@ -17,14 +17,7 @@ from ldm.samplers.schedule import DiscreteSchedule
 from ldm.samplers.sde import SDE, probability_flow, reverse_sde
 from ldm.samplers.sigmas import build_sigmas
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and immune to a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is fastest
 
 
 MU, S = 0.5, 0.3
