@@ -44,7 +44,6 @@ HELDOUT_PAIRS: tuple[tuple[str, str], ...] = (
     ("blue", "square"),
     ("yellow", "circle"),
 )
-ATTRIBUTES = ("colour", "shape", "size", "position")
 SPLITS = {"train": 0, "validation": 1, "heldout": 2}
 SPLIT_ALIASES = {"val": "validation", "valid": "validation", "test": "heldout"}
 
@@ -68,21 +67,9 @@ CAPTION_RE = re.compile(
 )
 
 
-def caption(attrs: dict[str, str], omit: tuple[str, ...] = ()) -> str:
-    """The caption of an attribute dict: "a {size} {colour} {shape} in the {position}".
-
-    Attributes named in `omit` are left out of the words ("a small circle in the left" without
-    colour; the shape becomes "shape", the position clause is dropped).
-    """
-    unknown = set(omit) - set(ATTRIBUTES)
-    if unknown:
-        raise ValueError(f"cannot omit {sorted(unknown)}; attributes are {list(ATTRIBUTES)}")
-    words = ["a"]
-    words += [attrs[k] for k in ("size", "colour") if k not in omit]
-    words.append("shape" if "shape" in omit else attrs["shape"])
-    if "position" not in omit:
-        words += ["in", "the", attrs["position"]]
-    return " ".join(words)
+def caption(attrs: dict[str, str]) -> str:
+    """The caption of an attribute dict: "a {size} {colour} {shape} in the {position}"."""
+    return f"a {attrs['size']} {attrs['colour']} {attrs['shape']} in the {attrs['position']}"
 
 
 def parse_caption(text: str) -> dict[str, str]:
@@ -193,7 +180,6 @@ class CaptionedShapes(Dataset):
         image_key: str = "image",
         caption_key: str = "caption",
         return_attributes: bool = False,
-        word_dropout: float = 0.0,
     ):
         split = SPLIT_ALIASES.get(split, split)
         if split not in SPLITS:
@@ -203,9 +189,6 @@ class CaptionedShapes(Dataset):
         self.split, self.length, self.size, self.seed = split, int(length), int(size), int(seed)
         self.image_key, self.caption_key = image_key, caption_key
         self.return_attributes = return_attributes
-        if not 0.0 <= float(word_dropout) < 1.0:
-            raise ValueError(f"word_dropout must be in [0, 1), got {word_dropout}")
-        self.word_dropout = float(word_dropout)
 
     def __len__(self) -> int:
         return self.length
@@ -216,17 +199,9 @@ class CaptionedShapes(Dataset):
             raise IndexError(f"index {i} out of range for {self.length} items")
         return sample_attributes(self.seed, self.split, i, self.size)
 
-    def omitted(self, i: int) -> tuple[str, ...]:
-        """Attributes whose words item i's caption leaves out (each with p = `word_dropout`)."""
-        if self.word_dropout <= 0.0:
-            return ()
-        rng = np.random.default_rng([self.seed, SPLITS[self.split], int(i), 1])
-        drop = rng.random(len(ATTRIBUTES)) < self.word_dropout
-        return tuple(a for a, d in zip(ATTRIBUTES, drop) if d)
-
     def caption(self, i: int) -> str:
-        """Caption of item i (attribute words dropped when `word_dropout` > 0)."""
-        return caption(self.attributes(i), self.omitted(i))
+        """Caption of item i."""
+        return caption(self.attributes(i))
 
     def image(self, i: int) -> np.ndarray:
         """uint8 H x W x 3 image of item i."""
@@ -237,8 +212,7 @@ class CaptionedShapes(Dataset):
             i += self.length
         attrs = self.attributes(i)
         image = render(attrs, self.size).astype(np.float32) / 127.5 - 1.0  # H x W x 3 in [-1, 1]
-        text = caption(attrs, self.omitted(i))
-        item: dict[str, Any] = {self.image_key: image, self.caption_key: text}
+        item: dict[str, Any] = {self.image_key: image, self.caption_key: caption(attrs)}
         if self.return_attributes:
             item.update({k: attrs[k] for k in ("colour", "shape", "size", "position")})
         return item

@@ -112,31 +112,3 @@ def test_anti_aliased_edges():
     img = S.render({"shape": "circle", "colour": "white", "size": "large", "position": "center"})
     values = np.unique(img[..., 0])
     assert len(values) > 5  # partial coverage on the rim, not a hard binary mask
-
-
-def test_caption_omits_words():
-    attrs = {"size": "small", "colour": "red", "shape": "circle", "position": "top left"}
-    assert caption(attrs, ("colour",)) == "a small circle in the top left"
-    assert caption(attrs, ("size", "position")) == "a red circle"
-    assert caption(attrs, ("shape",)) == "a small red shape in the top left"
-    assert caption(attrs, tuple(attrs)) == "a shape"
-    with pytest.raises(ValueError, match="cannot omit"):
-        caption(attrs, ("texture",))
-
-
-def test_word_dropout_rate_determinism_and_images():
-    plain = CaptionedShapes("train", length=2000)
-    ds = CaptionedShapes("train", length=2000, word_dropout=0.2)
-    again = CaptionedShapes("train", length=2000, word_dropout=0.2)
-    dropped = {a: 0 for a in ("colour", "shape", "size", "position")}
-    for i in range(len(ds)):
-        omitted = ds.omitted(i)
-        for a in omitted:
-            dropped[a] += 1
-        assert ds.caption(i) == again.caption(i) == caption(plain.attributes(i), omitted)
-    for a, n in dropped.items():
-        assert abs(n / len(ds) - 0.2) < 0.03, (a, n)
-    np.testing.assert_array_equal(ds[5]["image"], plain[5]["image"])  # only the words change
-    assert all(plain.omitted(i) == () for i in range(50))
-    with pytest.raises(ValueError, match="word_dropout"):
-        CaptionedShapes("train", word_dropout=1.0)

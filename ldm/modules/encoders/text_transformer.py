@@ -34,7 +34,6 @@ class CLIPTextEncoder(AbstractEncoder):
         ucg_rate: float = 0.0,
         tokenizer: str = "sd-v1",
         gradient_checkpointing: bool = False,
-        zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
         if width % heads:
@@ -58,25 +57,11 @@ class CLIPTextEncoder(AbstractEncoder):
             }
         )
         self.transformer = CLIPTextModel(config)
-        if zero_init_residual:
-            self.zero_residual_branches()
         if gradient_checkpointing:
             self.transformer.gradient_checkpointing_enable()
         self.max_length = int(max_length)
         self.ucg_rate = float(ucg_rate)
         self.tokenizer = get_tokenizer(tokenizer, self.max_length)
-
-    def zero_residual_branches(self) -> None:
-        """Zero the last projection of every attention and MLP branch (same keys and shapes).
-
-        Each pre-LN block then starts as the identity, so the encoder starts as token + position
-        embeddings and mixes words across positions only as far as training asks for it.
-        """
-        text_model = getattr(self.transformer, "text_model", self.transformer)
-        for layer in text_model.encoder.layers:
-            for linear in (layer.self_attn.out_proj, layer.mlp.fc2):
-                torch.nn.init.zeros_(linear.weight)
-                torch.nn.init.zeros_(linear.bias)
 
     def drop_captions(
         self, text: Sequence[str], generator: torch.Generator | None = None
