@@ -111,3 +111,25 @@ def test_captioned_grid_and_table() -> None:
     assert grid.getpixel((5, 16 + 36 + 4 + 5)) == (128, 128, 128)  # third cell, second row
     table = format_table({"seen": {**{a: 0.5 for a in ATTRIBUTES}, "n": 4}})
     assert "seen" in table and "50.0%" in table and table.splitlines()[1].endswith("4")
+
+
+def test_default_text_encoder_keeps_each_word_itself() -> None:
+    """The default text encoder (depth 0) gives a word the same features whatever words precede
+    it, so a colour-shape pair never seen in training reaches the U-Net as two known words; a
+    2-layer CLIP text transformer (causal) mixes the colour into the shape word."""
+    from ldm.util import instantiate_from_config
+
+    cfg = OmegaConf.load(CONFIG).model.params.cond_stage_config
+    torch.manual_seed(0)
+    enc = instantiate_from_config(cfg).eval()
+    assert enc.max_length >= 12  # the longest caption: BOS, 10 words ("top left"), EOS
+    prompts = ["a small yellow circle in the left", "a small red circle in the left"]
+    with torch.no_grad():
+        a, b = enc(prompts)
+    torch.testing.assert_close(a[4], b[4])  # "circle" (BOS a small COLOUR circle)
+    assert (a[3] - b[3]).abs().max() > 0.1  # the colour words themselves differ
+    cfg.params.layers = 2
+    deep = instantiate_from_config(cfg).eval()
+    with torch.no_grad():
+        a, b = deep(prompts)
+    assert (a[4] - b[4]).abs().max() > 1e-3
