@@ -117,12 +117,25 @@ def test_default_text_encoder_keeps_each_word_itself() -> None:
     """The default text encoder (depth 0) gives a word the same features whatever words precede
     it, so a colour-shape pair never seen in training reaches the U-Net as two known words; a
     2-layer CLIP text transformer (causal) mixes the colour into the shape word."""
+    from ldm.data.shapes import COLOURS, POSITIONS, SHAPES, SIZES, caption
     from ldm.util import instantiate_from_config
 
     cfg = OmegaConf.load(CONFIG).model.params.cond_stage_config
     torch.manual_seed(0)
     enc = instantiate_from_config(cfg).eval()
-    assert enc.max_length >= 12  # the longest caption: BOS, 10 words ("top left"), EOS
+
+    longest = max(
+        (
+            caption({"size": s, "colour": c, "shape": h, "position": p})
+            for s in SIZES
+            for c in COLOURS
+            for h in SHAPES
+            for p in POSITIONS
+        ),
+        key=lambda text: len(enc.tokenizer.encode(text)),
+    )
+    n_tokens = len(enc.tokenizer.encode(longest)) + 2  # with BOS and EOS
+    assert n_tokens <= enc.max_length, (longest, n_tokens)  # no caption is truncated
     prompts = ["a small yellow circle in the left", "a small red circle in the left"]
     with torch.no_grad():
         a, b = enc(prompts)
