@@ -17,6 +17,7 @@ import pickle
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -416,6 +417,9 @@ def build_trainer(
     if isinstance(strategy, str) and not strategy.startswith(("deepspeed", "fsdp")):
         kwargs["plugins"] = [*(kwargs.get("plugins") or []), AtomicCheckpointIO()]
     kwargs.setdefault("default_root_dir", str(paths.logdir))
+    # Frozen first and conditioning stages stay in eval mode on purpose (CompVis
+    # `disabled_train`); Lightning's start-of-fit warning about them would only alarm users.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     try:
         trainer = pl.Trainer(logger=loggers, callbacks=callbacks, **kwargs)
     except (ValueError, TypeError) as err:  # Lightning's MisconfigurationException is a ValueError

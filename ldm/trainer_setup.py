@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +21,6 @@ from ldm.config import ConfigSources, suggest
 from ldm.util import ConfigError, instantiate_from_config
 
 logger = logging.getLogger(__name__)
-
-# Frozen first and conditioning stages stay in eval mode on purpose (CompVis `disabled_train`);
-# Lightning's start-of-fit warning about modules in eval mode would only alarm users.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 TRAINER_ARGS = [
     n

@@ -7,8 +7,8 @@ from ldm.modules.position import sincos_position_map
 from ldm.modules.unet import UNetModel
 
 
-def _unet(position_embedding: bool | str) -> UNetModel:
-    return UNetModel(
+def _unet(position_embedding: bool | str, **overrides) -> UNetModel:
+    params = dict(
         image_size=8,
         in_channels=4,
         out_channels=4,
@@ -21,6 +21,7 @@ def _unet(position_embedding: bool | str) -> UNetModel:
         context_dim=16,
         position_embedding=position_embedding,
     )
+    return UNetModel(**{**params, **overrides})
 
 
 def test_off_by_default_and_keys_unchanged():
@@ -96,17 +97,9 @@ def test_sincos_option_starts_from_the_map_and_bad_kind_errors():
 def test_pooled_context_reaches_every_place_and_is_off_by_default():
     assert _unet(False).context_emb is None
     torch.manual_seed(0)
-    net = UNetModel(
-        image_size=8,
-        in_channels=4,
-        out_channels=4,
-        model_channels=32,
+    net = _unet(
+        False,
         attention_resolutions=[],  # no cross-attention: the prompt can only come in through emb
-        num_res_blocks=1,
-        channel_mult=[1, 2],
-        num_head_channels=16,
-        use_spatial_transformer=True,
-        context_dim=16,
         pooled_context=True,
         use_scale_shift_norm=True,
     ).eval()
