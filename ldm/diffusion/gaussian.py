@@ -6,7 +6,12 @@ Convention: ``t`` is a LongTensor of training-timestep indices [B] into ``alphas
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+#: Network outputs of a discrete VP model: noise, data, or velocity (Salimans & Ho 2022).
+PARAMETERIZATIONS = ("eps", "x0", "v")
 
 
 def _extract(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -125,7 +130,9 @@ def to_eps_x0(
         return eps_from_v(x_t, t, model_out, alphas_cumprod), x0_from_v(
             x_t, t, model_out, alphas_cumprod
         )
-    raise ValueError(f"parameterization must be 'eps', 'x0' or 'v', got {parameterization!r}")
+    raise ValueError(
+        f"parameterization must be one of {list(PARAMETERIZATIONS)}, got {parameterization!r}"
+    )
 
 
 def snr(t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
@@ -133,3 +140,20 @@ def snr(t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     ac = _schedule(alphas_cumprod)
     a = ac.gather(0, torch.as_tensor(t, device=ac.device).long().reshape(-1))
     return a / (1 - a)
+
+
+def eps_x0_at(
+    model_out: torch.Tensor, x_t: torch.Tensor, alpha_bar: float, parameterization: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eps, x_0) from a model output at x_t = sqrt(a) x_0 + sqrt(1 - a) eps for one scalar a
+    (DDPM eq. 15; v: Salimans & Ho 2022, appendix D)."""
+    sa, sb = math.sqrt(alpha_bar), math.sqrt(1 - alpha_bar)
+    if parameterization == "eps":
+        return model_out, (x_t - sb * model_out) / sa
+    if parameterization == "v":
+        return sa * model_out + sb * x_t, sa * x_t - sb * model_out
+    if parameterization == "x0":
+        return (x_t - sa * model_out) / sb, model_out
+    raise ValueError(
+        f"parameterization must be one of {list(PARAMETERIZATIONS)}, got {parameterization!r}"
+    )

@@ -6,22 +6,15 @@ Extra samplers register through ``ldm.samplers.registry.register_sampler`` (``SA
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from typing import Any
 
 import torch
 
-from ldm.samplers import ddim, ddpm, dpm_adaptive, dpmpp, euler, lms, plms, unipc  # noqa: F401
+from ldm.diffusion.denoiser import ModelFn
+from ldm.samplers import ddim, ddpm, dpm_adaptive, dpmpp, euler, lms, plms, sde, unipc  # noqa: F401
 from ldm.samplers.ddim import ddim_invert
-from ldm.samplers.denoiser import ModelFn
 from ldm.samplers.guidance import cfg_model_fn, rescale_guidance
 from ldm.samplers.registry import SAMPLERS, get_sampler, register_sampler
-
-# Modules owned elsewhere that add names to the registry when present (score-SDE family).
-for _name in ("ldm.samplers.sde",):
-    if importlib.util.find_spec(_name) is not None:
-        importlib.import_module(_name)
 
 
 def sample(
@@ -38,13 +31,16 @@ def sample(
     ``model_fn(x, t)`` gets x at the VP scale sqrt(a) x_0 + sqrt(1 - a) eps and float timesteps t [B]
     (fractional for sigma-based solvers: log-sigma interpolation) and returns eps, v or x0.
     Common options: generator, callback, disable (tqdm), x0 + strength (img2img), x0 + mask
-    (inpainting, mask 1 = keep x0); sigma solvers: karras, exponential, timestep_spacing, ...;
-    VP solvers (ddpm, ddim, plms): timestep_spacing, steps_offset, set_alpha_to_one, eta (ddim).
+    (inpainting, mask 1 = keep x0); the discretization, for every solver: karras, exponential,
+    timestep_spacing, steps_offset, timesteps, sigmas, final_sigma / set_alpha_to_one;
+    ``denoiser=`` replaces (alphas_cumprod, parameterization) by any ``ldm.diffusion.denoiser``
+    object (EDM / VE sigma-trained models). Solver options: eta (ddim, ancestral), order, ...
     """
     fn = get_sampler(sampler)
-    if alphas_cumprod is None:
+    if alphas_cumprod is None and options.get("denoiser") is None:
         raise ValueError(
-            "sample() needs alphas_cumprod=<[T] tensor of the model's training schedule>"
+            "sample() needs alphas_cumprod=<[T] tensor of the model's training schedule> "
+            "or denoiser=<ldm.diffusion.denoiser.Denoiser>"
         )
     return fn(
         model_fn,

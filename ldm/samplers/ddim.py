@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 
+from ldm.diffusion.denoiser import DiscreteDenoiser, ModelFn
+from ldm.diffusion.discretization import Level, make_ladder
 from ldm.samplers.context import SamplerContext
-from ldm.samplers.denoiser import ModelFn, call_model, check_parameterization, vp_eps_x0
-from ldm.samplers.vp_driver import VPChain, VPModel, make_chain, register_vp_solver, vp_timesteps
+from ldm.samplers.driver import VPChain, VPModel, register_solver
 
 
 def ddim_step(
@@ -27,7 +28,9 @@ def ddim_step(
     return x + sigma * noise if sigma > 0 and noise is not None else x
 
 
-@register_vp_solver("ddim")
+@register_solver(
+    "ddim", view="vp", timestep_spacing="leading", steps_offset=None, final_sigma="sigma_min"
+)
 def ddim(
     model: VPModel,
     x: torch.Tensor,
@@ -64,22 +67,27 @@ def ddim_invert(
 ) -> torch.Tensor:
     """Deterministic DDIM inversion x_0 -> x_T: eq. 12 (eta=0) run upwards, eps taken at the current level.
 
-    Uses the chain that ``sample(..., sampler="ddim")`` with the same options walks down, so sampling
+    Uses the ladder that ``sample(..., sampler="ddim")`` with the same options walks down, so sampling
     the result reproduces ``x0`` up to the discretisation error. The first evaluation is at t=0.
     """
-    check_parameterization(parameterization)
-    num_timesteps = torch.as_tensor(alphas_cumprod).numel()
-    if timesteps is None:
-        timesteps = vp_timesteps(steps, num_timesteps, timestep_spacing, steps_offset)
-    chain = make_chain(alphas_cumprod, [int(t) for t in timesteps], set_alpha_to_one)
+    denoiser = DiscreteDenoiser(alphas_cumprod, parameterization)
+    ladder = make_ladder(
+        steps,
+        schedule=denoiser.schedule,
+        timestep_spacing=timestep_spacing,
+        steps_offset=steps_offset,
+        final_sigma="zero" if set_alpha_to_one else "sigma_min",
+        integer_timesteps=True,
+        timesteps=timesteps,
+    )
     ctx = SamplerContext(callback=callback, disable=disable, name="ddim_invert")
-    levels = list(reversed(chain.timesteps))  # ascending
-    alphas = list(reversed(chain.alphas))
-    x, a_cur, t_cur = x0, chain.alphas_prev[-1], 0
-    for i in ctx.steps(len(levels)):
-        out = call_model(model_fn, x, t_cur)
-        eps, pred_x0 = vp_eps_x0(out, x, a_cur, parameterization)
-        ctx.report(i=i, x=x, t=t_cur, denoised=pred_x0)
-        x = math.sqrt(alphas[i]) * pred_x0 + math.sqrt(1 - alphas[i]) * eps
-        a_cur, t_cur = alphas[i], levels[i]
+    up = list(reversed(ladder.levels))  # ascending; up[0] is the target level of sampling
+    x = x0
+    current = Level(up[0].sigma, 0, up[0].alpha_bar)
+    for i in ctx.steps(len(up) - 1):
+        eps, pred_x0 = denoiser.eps_x0(model_fn, x, current)
+        ctx.report(i=i, x=x, t=current.t, denoised=pred_x0)
+        a = up[i + 1].alpha_bar
+        x = math.sqrt(a) * pred_x0 + math.sqrt(1 - a) * eps
+        current = up[i + 1]
     return x

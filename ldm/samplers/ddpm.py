@@ -7,10 +7,12 @@ import math
 import torch
 
 from ldm.samplers.context import SamplerContext
-from ldm.samplers.vp_driver import VPChain, VPModel, register_vp_solver
+from ldm.samplers.driver import VPChain, VPModel, register_solver
 
 
-@register_vp_solver("ddpm", default_alpha_to_one=True)
+@register_solver(
+    "ddpm", view="vp", timestep_spacing="leading", steps_offset=None, final_sigma="zero"
+)
 def ddpm(
     model: VPModel,
     x: torch.Tensor,

@@ -7,9 +7,8 @@ import math
 import torch
 
 from ldm.samplers.context import SamplerContext
-from ldm.samplers.denoiser import Denoiser
+from ldm.samplers.driver import BoundDenoiser, register_solver
 from ldm.samplers.euler import ancestral_step
-from ldm.samplers.sigma_driver import register_sigma_solver
 
 
 class PIDStepSizeController:
@@ -49,7 +48,7 @@ class PIDStepSizeController:
 class _DPMSolver:
     """DPM-Solver steps in t = -log(sigma) on eps(x, t) = (x - D(x; sigma)) / sigma."""
 
-    def __init__(self, denoise: Denoiser) -> None:
+    def __init__(self, denoise: BoundDenoiser) -> None:
         self.denoise = denoise
 
     @staticmethod
@@ -107,9 +106,9 @@ class _DPMSolver:
         return x - sn * math.expm1(h) * eps - sn / r2 * (math.expm1(h) / h - 1) * (eps_r2 - eps)
 
 
-@register_sigma_solver("dpm_adaptive")
+@register_solver("dpm_adaptive")
 def dpm_adaptive(
-    denoise: Denoiser,
+    denoise: BoundDenoiser,
     x: torch.Tensor,
     sigmas: list[float],
     ctx: SamplerContext,

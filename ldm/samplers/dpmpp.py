@@ -11,18 +11,17 @@ import math
 import torch
 
 from ldm.samplers.context import SamplerContext
-from ldm.samplers.denoiser import Denoiser
+from ldm.samplers.driver import BoundDenoiser, register_solver
 from ldm.samplers.euler import ancestral_step
-from ldm.samplers.sigma_driver import register_sigma_solver
 
 
 def _lam(sigma: float) -> float:
     return -math.log(sigma)
 
 
-@register_sigma_solver("dpmpp_2m", style="dpm")
+@register_solver("dpmpp_2m", style="dpm")
 def dpmpp_2m(
-    denoise: Denoiser, x: torch.Tensor, sigmas: list[float], ctx: SamplerContext
+    denoise: BoundDenoiser, x: torch.Tensor, sigmas: list[float], ctx: SamplerContext
 ) -> torch.Tensor:
     """DPM-Solver++(2M), multistep 2nd order data-prediction solver (Lu et al. 2022, Alg. 2)."""
     old_denoised, h_last = None, None
@@ -43,9 +42,9 @@ def dpmpp_2m(
     return x
 
 
-@register_sigma_solver("dpmpp_2m_sde", style="dpm")
+@register_solver("dpmpp_2m_sde", style="dpm")
 def dpmpp_2m_sde(
-    denoise: Denoiser,
+    denoise: BoundDenoiser,
     x: torch.Tensor,
     sigmas: list[float],
     ctx: SamplerContext,
@@ -81,9 +80,9 @@ def dpmpp_2m_sde(
     return x
 
 
-@register_sigma_solver("dpmpp_3m_sde", style="dpm")
+@register_solver("dpmpp_3m_sde", style="dpm")
 def dpmpp_3m_sde(
-    denoise: Denoiser,
+    denoise: BoundDenoiser,
     x: torch.Tensor,
     sigmas: list[float],
     ctx: SamplerContext,
@@ -122,9 +121,9 @@ def dpmpp_3m_sde(
     return x
 
 
-@register_sigma_solver("dpmpp_2s_a")
+@register_solver("dpmpp_2s_a")
 def dpmpp_2s_ancestral(
-    denoise: Denoiser,
+    denoise: BoundDenoiser,
     x: torch.Tensor,
     sigmas: list[float],
     ctx: SamplerContext,
@@ -155,9 +154,9 @@ def _bridge(z_full: torch.Tensor, frac: float, ctx: SamplerContext) -> torch.Ten
     return math.sqrt(frac) * z_full + math.sqrt(1 - frac) * ctx.randn(z_full)
 
 
-@register_sigma_solver("dpmpp_sde")
+@register_solver("dpmpp_sde")
 def dpmpp_sde(
-    denoise: Denoiser,
+    denoise: BoundDenoiser,
     x: torch.Tensor,
     sigmas: list[float],
     ctx: SamplerContext,

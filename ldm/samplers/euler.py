@@ -7,8 +7,7 @@ import math
 import torch
 
 from ldm.samplers.context import SamplerContext
-from ldm.samplers.denoiser import Denoiser
-from ldm.samplers.sigma_driver import register_sigma_solver
+from ldm.samplers.driver import BoundDenoiser, register_solver
 
 
 def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
@@ -37,9 +36,9 @@ def _churn(
     return x, sigma_hat
 
 
-@register_sigma_solver("euler")
+@register_solver("euler")
 def euler(
-    denoise: Denoiser,
+    denoise: BoundDenoiser,
     x: torch.Tensor,
     sigmas: list[float],
     ctx: SamplerContext,
@@ -60,9 +59,9 @@ def euler(
     return x
 
 
-@register_sigma_solver("euler_a")
+@register_solver("euler_a")
 def euler_ancestral(
-    denoise: Denoiser,
+    denoise: BoundDenoiser,
     x: torch.Tensor,
     sigmas: list[float],
     ctx: SamplerContext,
@@ -81,9 +80,9 @@ def euler_ancestral(
     return x
 
 
-@register_sigma_solver("heun")
+@register_solver("heun")
 def heun(
-    denoise: Denoiser,
+    denoise: BoundDenoiser,
     x: torch.Tensor,
     sigmas: list[float],
     ctx: SamplerContext,
@@ -114,9 +113,9 @@ def _log_midpoint(a: float, b: float) -> float:
     return math.exp((math.log(a) + math.log(b)) / 2)
 
 
-@register_sigma_solver("dpm_2")
+@register_solver("dpm_2")
 def dpm_2(
-    denoise: Denoiser,
+    denoise: BoundDenoiser,
     x: torch.Tensor,
     sigmas: list[float],
     ctx: SamplerContext,
@@ -143,9 +142,9 @@ def dpm_2(
     return x
 
 
-@register_sigma_solver("dpm_2_a")
+@register_solver("dpm_2_a")
 def dpm_2_ancestral(
-    denoise: Denoiser,
+    denoise: BoundDenoiser,
     x: torch.Tensor,
     sigmas: list[float],
     ctx: SamplerContext,

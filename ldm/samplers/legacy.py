@@ -98,51 +98,25 @@ def sample_model(
     inter, collect = _intermediate_collector(log_every_t, steps, callback)
     sigma_training = getattr(model, "sigma_training", None)
     if sigma_training is not None:
-        x = _sample_sigma_model(sigma_training, model_fn, x_T, steps, collect, options)
-    else:
-        if sampler in VP_SAMPLERS and "clip_denoised" not in options:
-            options["clip_denoised"] = bool(getattr(model, "clip_denoised", False))
-        x = sample(
-            model_fn,
-            x_T,
-            sampler=sampler,
-            steps=steps,
-            alphas_cumprod=model.alphas_cumprod_f64,
-            parameterization=model.parameterization,
-            generator=generator,
-            callback=collect,
-            **options,
-        )
+        from ldm.diffusion.denoiser import SigmaDenoiser
+
+        options["denoiser"] = SigmaDenoiser(sigma_training)
+    elif sampler in VP_SAMPLERS and "clip_denoised" not in options:
+        options["clip_denoised"] = bool(getattr(model, "clip_denoised", False))
+    x = sample(
+        model_fn,
+        x_T,
+        sampler=sampler,
+        steps=steps,
+        alphas_cumprod=model.alphas_cumprod_f64,
+        parameterization=model.parameterization,
+        generator=generator,
+        callback=collect,
+        **options,
+    )
     inter["x_inter"].append(x)
     inter["pred_x0"].append(x)
     return x, inter
-
-
-def _sample_sigma_model(
-    sigma_training: Any,
-    model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    x_T: torch.Tensor,
-    steps: int,
-    callback: Callable[[dict[str, Any]], None],
-    options: dict[str, Any],
-) -> torch.Tensor:
-    """EDM / VE denoisers: Heun on the probability-flow ODE over Karras sigmas (EDM Alg. 1)."""
-    from ldm.samplers.context import SamplerContext
-    from ldm.samplers.sde import SDE, probability_flow
-    from ldm.samplers.sigmas import karras_sigmas
-
-    if options:
-        logger.warning("options %s are ignored for sigma-trained models", sorted(options))
-    sigmas = karras_sigmas(steps, sigma_training.sigma_min, sigma_training.sigma_max)
-    den = sigma_training.denoiser_fn(model_fn)
-
-    def report(info: dict[str, Any]) -> None:
-        info = dict(info)
-        info.setdefault("denoised", info["x"])
-        callback(info)
-
-    ctx = SamplerContext(callback=report)
-    return probability_flow(den, x_T * float(sigmas[0]), sigmas, SDE("ve"), ctx, heun=True)
 
 
 def _corrected(model: Any, model_fn: Callable, cond: Any, corrector: Any, kwargs: dict) -> Callable:

@@ -6,8 +6,7 @@ import numpy as np
 import torch
 
 from ldm.samplers.context import SamplerContext
-from ldm.samplers.denoiser import Denoiser
-from ldm.samplers.sigma_driver import register_sigma_solver
+from ldm.samplers.driver import BoundDenoiser, register_solver
 
 
 def lms_coefficient(sigmas: list[float], i: int, j: int, order: int) -> float:
@@ -20,9 +19,9 @@ def lms_coefficient(sigmas: list[float], i: int, j: int, order: int) -> float:
     return float(antiderivative(sigmas[i + 1]) - antiderivative(sigmas[i]))
 
 
-@register_sigma_solver("lms")
+@register_solver("lms")
 def lms(
-    denoise: Denoiser,
+    denoise: BoundDenoiser,
     x: torch.Tensor,
     sigmas: list[float],
     ctx: SamplerContext,

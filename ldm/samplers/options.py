@@ -1,4 +1,4 @@
-"""Option checks shared by the sampler drivers (errors that name the sampler and the valid options)."""
+"""Option checks of the solver driver (errors that name the sampler and the valid options)."""
 
 from __future__ import annotations
 
@@ -22,13 +22,6 @@ def split_solver_options(
             f"{sorted(set(accepted) | set(common))}"
         )
     return options
-
-
-def img2img_start(steps: int, strength: float) -> int:
-    """Index of the first step kept for img2img at ``strength`` (diffusers: keep int(steps * strength))."""
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be in [0, 1], got {strength}")
-    return steps - min(int(steps * strength), steps)
 
 
 def check_x0(x0: torch.Tensor | None, x_T: torch.Tensor, strength: float, mask: Any) -> None:

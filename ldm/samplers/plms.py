@@ -11,7 +11,7 @@ import torch
 
 from ldm.samplers.context import SamplerContext
 from ldm.samplers.ddim import ddim_step
-from ldm.samplers.vp_driver import VPChain, VPModel, register_vp_solver
+from ldm.samplers.driver import VPChain, VPModel, register_solver
 
 
 def _model_at_next(model: VPModel, x: torch.Tensor, i: int) -> torch.Tensor:
@@ -20,7 +20,9 @@ def _model_at_next(model: VPModel, x: torch.Tensor, i: int) -> torch.Tensor:
     return model(x, j)[0]
 
 
-@register_vp_solver("plms")
+@register_solver(
+    "plms", view="vp", timestep_spacing="leading", steps_offset=None, final_sigma="sigma_min"
+)
 def plms(model: VPModel, x: torch.Tensor, chain: VPChain, ctx: SamplerContext) -> torch.Tensor:
     """PLMS (pseudo numerical method, linear multistep order 4 after a pseudo improved Euler start)."""
     old_eps: list[torch.Tensor] = []

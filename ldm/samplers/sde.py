@@ -17,8 +17,8 @@ so Euler-Maruyama is taken in that integrated time. Samplers:
 - `annealed_langevin`: annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1).
 - `probability_flow`: the probability-flow ODE (eq. 13), Euler or Heun (Karras et al. 2022, Alg. 1).
 
-`register()` adds them to `ldm.samplers` as `vp_sde`, `ve_sde`, `vp_pc`, `ve_pc`,
-`annealed_langevin` and `probability_flow`, driven by a discrete-time model function.
+They register with the solver driver as `vp_sde`, `ve_sde`, `vp_pc`, `ve_pc`, `annealed_langevin`
+and `probability_flow`, so they take any denoiser (discrete VP, EDM, VE) and any discretization.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ldm.samplers.context import SamplerContext
+from ldm.samplers.driver import register_solver
 
 DenoiserFn = Callable[[torch.Tensor, float], torch.Tensor]  # D(x_VE; sigma) -> x_0 estimate
 SDE_KINDS = ("vp", "ve")
@@ -193,175 +194,87 @@ def annealed_langevin(
     return denoiser(x, sig[-1]) if denoise_last else x
 
 
-# ---------------------------------------------------------------------- registry adapters
-def _setup(
-    model_fn: Callable[..., torch.Tensor],
-    alphas_cumprod: torch.Tensor,
-    parameterization: str,
-    steps: int,
-    default_ladder: str,
-    karras: bool,
-    exponential: bool,
-    generator: torch.Generator | None,
-    callback: Callable[[dict[str, Any]], None] | None,
-    disable: bool | None,
-) -> tuple[Any, torch.Tensor, SamplerContext]:
-    from ldm.samplers.denoiser import Denoiser
-    from ldm.samplers.schedule import DiscreteSchedule
-    from ldm.samplers.sigmas import build_sigmas
-
-    schedule = DiscreteSchedule(alphas_cumprod)
-    denoiser = Denoiser(model_fn, schedule, parameterization)
-    if not (karras or exponential):
-        exponential = default_ladder == "geometric"
-    sigmas = build_sigmas(schedule, steps, karras=karras, exponential=exponential)[:-1]  # [steps]
-    ctx = SamplerContext(generator=generator, callback=callback, disable=disable)
-    return denoiser, sigmas, ctx
+# ---------------------------------------------------------------------- registration
+def _positive(sigmas: list[float]) -> list[float]:
+    """The ladder without its final sigma = 0 (these solvers end with a denoising step instead)."""
+    return [float(s) for s in sigmas if s > 0]
 
 
-def _make_sde_sampler(kind: str, pc: bool) -> Callable[..., torch.Tensor]:
-    ladder = "time" if kind == "vp" else "geometric"
+def _register_sde(kind: str, pc: bool) -> None:
+    name = f"{kind}_{'pc' if pc else 'sde'}"
+    ladder = {"exponential": True} if kind == "ve" else {}
 
-    def sampler(
-        model_fn: Callable[..., torch.Tensor],
-        x_T: torch.Tensor,
+    def solver(
+        denoise: DenoiserFn,
+        x: torch.Tensor,
+        sigmas: list[float],
+        ctx: SamplerContext,
         *,
-        steps: int,
-        alphas_cumprod: torch.Tensor,
-        parameterization: str = "eps",
-        generator: torch.Generator | None = None,
-        callback: Callable[[dict[str, Any]], None] | None = None,
-        disable: bool | None = None,
-        karras: bool = False,
-        exponential: bool = False,
         corrector_steps: int = 1,
         snr: float = 0.16 if kind == "ve" else 0.01,
-        **unused: Any,
     ) -> torch.Tensor:
-        _reject(unused, f"{kind}_{'pc' if pc else 'sde'}")
-        den, sigmas, ctx = _setup(
-            model_fn,
-            alphas_cumprod,
-            parameterization,
-            steps,
-            ladder,
-            karras,
-            exponential,
-            generator,
-            callback,
-            disable,
-        )
+        sig = _positive(sigmas)
         sde = SDE(kind)
-        x = sde.from_ve(x_T * math.sqrt(1 + float(sigmas[0]) ** 2), float(sigmas[0]))
-        return reverse_sde(den, x, sigmas, sde, ctx, corrector_steps if pc else 0, snr)
+        x = sde.from_ve(x, sig[0])
+        return reverse_sde(denoise, x, sig, sde, ctx, corrector_steps if pc else 0, snr)
 
-    sampler.__doc__ = (
-        f"{kind.upper()}-SDE {'predictor-corrector (Langevin corrector)' if pc else 'reverse Euler-Maruyama'} "
-        "sampler (Song et al. 2021) over a discrete-time model function."
+    solver.__doc__ = (
+        f"{kind.upper()}-SDE "
+        f"{'predictor-corrector (Langevin corrector)' if pc else 'reverse Euler-Maruyama'} "
+        "sampler (Song et al. 2021)."
     )
-    return sampler
+    solver.__name__ = name
+    register_solver(name, noise_scaling="vp", **ladder)(solver)
 
 
-def probability_flow_sampler(
-    model_fn: Callable[..., torch.Tensor],
-    x_T: torch.Tensor,
+for _kind in SDE_KINDS:
+    for _pc in (False, True):
+        _register_sde(_kind, _pc)
+
+
+def _probability_flow_ladder(options: dict[str, Any]) -> dict[str, Any]:
+    """VE view: geometric sigmas by default; VP view: the schedule's timesteps."""
+    return {"noise_scaling": "vp", "exponential": options.get("sde", "vp") == "ve"}
+
+
+@register_solver("probability_flow", defaults_of=_probability_flow_ladder)
+def probability_flow_solver(
+    denoise: DenoiserFn,
+    x: torch.Tensor,
+    sigmas: list[float],
+    ctx: SamplerContext,
     *,
-    steps: int,
-    alphas_cumprod: torch.Tensor,
-    parameterization: str = "eps",
-    generator: torch.Generator | None = None,
-    callback: Callable[[dict[str, Any]], None] | None = None,
-    disable: bool | None = None,
     sde: str = "vp",
     heun: bool = True,
-    karras: bool = False,
-    exponential: bool = False,
-    **unused: Any,
 ) -> torch.Tensor:
-    """Probability-flow ODE (Song et al. 2021, eq. 13) of the VP or VE view, Heun by default."""
-    _reject(unused, "probability_flow")
-    den, sigmas, ctx = _setup(
-        model_fn,
-        alphas_cumprod,
-        parameterization,
-        steps,
-        "time" if sde == "vp" else "geometric",
-        karras,
-        exponential,
-        generator,
-        callback,
-        disable,
-    )
+    """Probability-flow ODE (Song et al. 2021, eq. 13) of the VP or VE view, Heun by default.
+
+    In the VE view this ODE is dx/dsigma = (x - D) / sigma: the ``heun`` / ``euler`` solvers
+    (EDM Alg. 1) over the same ladder; the VP view integrates in lambda = log(1 + sigma^2).
+    """
     view = SDE(sde)
-    x = view.from_ve(x_T * math.sqrt(1 + float(sigmas[0]) ** 2), float(sigmas[0]))
-    return probability_flow(den, x, sigmas, view, ctx, heun=heun)
+    if view.kind == "ve":
+        from ldm.samplers.euler import euler
+        from ldm.samplers.euler import heun as heun_solver
+
+        return (heun_solver if heun else euler)(denoise, x, sigmas, ctx)
+    sig = _positive(sigmas)
+    return probability_flow(denoise, view.from_ve(x, sig[0]), sig, view, ctx, heun=heun)
 
 
-def annealed_langevin_sampler(
-    model_fn: Callable[..., torch.Tensor],
-    x_T: torch.Tensor,
+@register_solver("annealed_langevin", noise_scaling="vp", exponential=True)
+def annealed_langevin_solver(
+    denoise: DenoiserFn,
+    x: torch.Tensor,
+    sigmas: list[float],
+    ctx: SamplerContext,
     *,
-    steps: int,
-    alphas_cumprod: torch.Tensor,
-    parameterization: str = "eps",
-    generator: torch.Generator | None = None,
-    callback: Callable[[dict[str, Any]], None] | None = None,
-    disable: bool | None = None,
     n_steps_each: int = 100,
     step_lr: float = 2e-5,
-    sigma_min: float | None = None,
-    sigma_max: float | None = None,
     denoise_last: bool = True,
-    **unused: Any,
 ) -> torch.Tensor:
-    """NCSN annealed Langevin dynamics over `steps` geometric noise levels in [sigma_min, sigma_max]
-    (default: the schedule's range) (Song & Ermon 2019, Alg. 1)."""
-    _reject(unused, "annealed_langevin")
-    from ldm.samplers.sigmas import exponential_sigmas
-
-    den, sigmas, ctx = _setup(
-        model_fn,
-        alphas_cumprod,
-        parameterization,
-        steps,
-        "geometric",
-        False,
-        True,
-        generator,
-        callback,
-        disable,
+    """NCSN annealed Langevin dynamics over the ladder's positive noise levels (geometric in
+    [sigma_min, sigma_max] by default) (Song & Ermon 2019, Alg. 1)."""
+    return annealed_langevin(
+        denoise, x, _positive(sigmas), ctx, n_steps_each, step_lr, denoise_last
     )
-    lo = float(sigmas[-1]) if sigma_min is None else float(sigma_min)
-    hi = float(sigmas[0]) if sigma_max is None else float(sigma_max)
-    sigmas = exponential_sigmas(steps, lo, hi)
-    x = x_T * math.sqrt(1 + hi**2)
-    return annealed_langevin(den, x, sigmas, ctx, n_steps_each, step_lr, denoise_last)
-
-
-def _reject(unused: dict[str, Any], name: str) -> None:
-    if unused:
-        raise ValueError(
-            f"sampler {name!r} got unknown option(s) {sorted(unused)}; see "
-            f"ldm.samplers.sde for its options."
-        )
-
-
-SDE_SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
-    "vp_sde": _make_sde_sampler("vp", pc=False),
-    "ve_sde": _make_sde_sampler("ve", pc=False),
-    "vp_pc": _make_sde_sampler("vp", pc=True),
-    "ve_pc": _make_sde_sampler("ve", pc=True),
-    "probability_flow": probability_flow_sampler,
-    "annealed_langevin": annealed_langevin_sampler,
-}
-
-
-def register() -> None:
-    """Add the score-SDE samplers to ldm.samplers' registry (idempotent)."""
-    from ldm.samplers.registry import register_sampler
-
-    for name, fn in SDE_SAMPLERS.items():
-        register_sampler(name, fn, overwrite=True)
-
-
-register()

@@ -11,8 +11,7 @@ import math
 import torch
 
 from ldm.samplers.context import SamplerContext
-from ldm.samplers.denoiser import Denoiser
-from ldm.samplers.sigma_driver import register_sigma_solver
+from ldm.samplers.driver import BoundDenoiser, register_solver
 
 
 def _coefficients(
@@ -63,9 +62,9 @@ def _update(
     return x_next - b_h * (corr + rhos[-1] * (model_next - m0))
 
 
-@register_sigma_solver("unipc", style="dpm")
+@register_solver("unipc", style="dpm")
 def unipc(
-    denoise: Denoiser,
+    denoise: BoundDenoiser,
     x: torch.Tensor,
     sigmas: list[float],
     ctx: SamplerContext,

@@ -9,10 +9,14 @@ import pytest
 import torch
 
 from ldm.diffusion import alphas_cumprod_from_betas, make_beta_schedule
+from ldm.diffusion.discretization import (
+    DiscreteSchedule,
+    build_sigmas,
+    karras_sigmas,
+    spaced_timesteps,
+    vp_timesteps,
+)
 from ldm.samplers import SAMPLERS, register_sampler, sample
-from ldm.samplers.schedule import DiscreteSchedule
-from ldm.samplers.sigmas import build_sigmas, karras_sigmas, spaced_timesteps
-from ldm.samplers.vp_driver import vp_timesteps
 
 AC = alphas_cumprod_from_betas(make_beta_schedule("linear", 1000, 0.00085, 0.012))
 

@@ -90,7 +90,7 @@ def coupled_ideal_model(d: int, tau: float = 0.1):
     """
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        from ldm.samplers.schedule import DiscreteSchedule
+        from ldm.diffusion.discretization import DiscreteSchedule
 
         sigma = DiscreteSchedule(AC).t_to_sigma(t.double()).float().reshape(-1, 1, 1, 1)
         a2 = 1 / (1 + sigma**2)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from ldm.diffusion import alphas_cumprod_from_betas, make_beta_schedule
+from ldm.diffusion.discretization import DiscreteSchedule
 from ldm.samplers import SAMPLERS, ddim_invert, sample
-from ldm.samplers.schedule import DiscreteSchedule
 
 MU, S = 0.5, 0.3
 OURS = [
@@ -59,7 +59,7 @@ def matched_start(ac: torch.Tensor, name: str, steps: int) -> torch.Tensor:
     so N(0, I) is slightly off; deterministic samplers would carry that offset to the output)."""
     z = noise()
     if name in VP:
-        from ldm.samplers.vp_driver import vp_timesteps
+        from ldm.diffusion.discretization import vp_timesteps
 
         a = float(ac[vp_timesteps(steps, 1000)[0]])
         return math.sqrt(a) * MU + math.sqrt(a * S**2 + 1 - a) * z
@@ -124,7 +124,7 @@ def transport_error(ac, name: str, steps: int, param: str = "eps") -> float:
         **opts,
     )
     if name in VP:
-        from ldm.samplers.vp_driver import vp_timesteps
+        from ldm.diffusion.discretization import vp_timesteps
 
         t0 = vp_timesteps(steps, 1000)[0]
         exact = exact_vp_transport(x_T, float(ac[t0]), float(ac[0]))
@@ -174,7 +174,7 @@ def test_v_parameterization_transport(ac):
 
 def test_ddim_inversion_matches_exact_inverse_and_round_trips(ac):
     """Inversion is DDIM run upwards: first-order convergence to the exact inverse map and round trip."""
-    from ldm.samplers.vp_driver import vp_timesteps
+    from ldm.diffusion.discretization import vp_timesteps
 
     x0 = MU + S * noise(800, seed=4)
     model = ideal_model(ac)

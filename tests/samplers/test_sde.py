@@ -12,10 +12,9 @@ import pytest
 import torch
 
 from ldm.diffusion import make_beta_schedule
+from ldm.diffusion.discretization import DiscreteSchedule, build_sigmas
 from ldm.samplers import SAMPLERS, sample
-from ldm.samplers.schedule import DiscreteSchedule
 from ldm.samplers.sde import SDE, probability_flow, reverse_sde
-from ldm.samplers.sigmas import build_sigmas
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is fastest
 
