@@ -40,36 +40,28 @@ def sample_prompts(
     use_ema: bool = True,
     **options: Any,
 ) -> torch.Tensor:
-    """Images [N, 3, H, W] in [-1, 1] for `prompts`: CFG eps = u + s (c - u), then D(z / scale)."""
-    from ldm.samplers import cfg_model_fn, sample
+    """Images [N, 3, H, W] in [-1, 1] for `prompts` through ``model.generate`` (CFG, one seed).
 
-    was_training = model.training
-    model.eval()
+    Prompts beyond ``batch_size`` are sampled in chunks whose start noise continues the seed's
+    stream, so the images do not depend on the chunking."""
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     c_, h, w = model.latent_shape()
     x_T = torch.randn((len(prompts), c_, h, w), generator=gen)  # same noise for every call
     out = []
-    scope = model.ema_scope if use_ema else None
-    try:
-        with scope() if scope is not None else torch.no_grad():
-            for i in range(0, len(prompts), batch_size):
-                chunk = list(prompts[i : i + batch_size])
-                cond = model.get_learned_conditioning(chunk)
-                uncond = model.get_unconditional_conditioning(len(chunk))
-                model_fn = cfg_model_fn(model.apply_model, cond, uncond, float(guidance_scale))
-                z = sample(
-                    model_fn,
-                    x_T[i : i + len(chunk)].to(model.device),
-                    sampler=sampler,
-                    steps=steps,
-                    alphas_cumprod=model.alphas_cumprod_f64,
-                    parameterization=model.parameterization,
-                    disable=True,
-                    **options,
-                )
-                out.append(model.decode_first_stage(z).float().clamp(-1.0, 1.0).cpu())
-    finally:
-        model.train(was_training)
+    for i in range(0, len(prompts), batch_size):
+        chunk = list(prompts[i : i + batch_size])
+        images = model.generate(
+            chunk,
+            sampler=sampler,
+            steps=steps,
+            guidance_scale=float(guidance_scale),
+            x_T=x_T[i : i + len(chunk)],
+            use_ema=use_ema,
+            output="tensor",
+            decode="full",
+            **options,
+        )
+        out.append(images * 2 - 1)
     return torch.cat(out)
 
 
@@ -148,6 +140,12 @@ class ShapesEvaluation(Callback):
             **dict(sampler_options or {}),
         }
         self.every_n_steps, self.columns = int(every_n_steps), int(columns)
+        self.sampling_defaults = {
+            "sampler": sampler,
+            "steps": int(steps),
+            "guidance_scale": float(guidance_scale),
+            "options": dict(sampler_options or {}),
+        }
         self.last_scores: dict[str, dict[str, float]] | None = None
         self.written: list[Path] = []
 
@@ -157,6 +155,8 @@ class ShapesEvaluation(Callback):
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> dict[str, Any]:
         """Sample, judge, write `images/<tag>/` grid + captions and `<tag>_scores.json`; log."""
         scores, images = evaluate(pl_module, self.prompts, **self.sample_kwargs)
+        # what the model was judged with becomes its recorded sampling defaults (saved with it)
+        pl_module.sampling_defaults = dict(self.sampling_defaults)
         root = self._root(trainer)
         folder = root / "images" / tag
         folder.mkdir(parents=True, exist_ok=True)

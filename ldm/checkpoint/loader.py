@@ -69,6 +69,21 @@ def file_hash(path: str | os.PathLike, n: int = 10) -> str:
     return h.hexdigest()[:n]
 
 
+def recorded_sampling_defaults(ckpt: LoadedCheckpoint, config: Any) -> dict[str, Any]:
+    """The sampler, steps and guidance a checkpoint was evaluated with: saved with the weights
+    (``sampling_defaults``), else read off the run's embedded config (runs made before that)."""
+    import json
+
+    from ldm.engine.defaults import check_sampling_defaults, defaults_from_config
+
+    where = f"{ckpt.path}: sampling_defaults"
+    if ckpt.extras.get("sampling_defaults"):
+        return check_sampling_defaults(ckpt.extras["sampling_defaults"], where)
+    if "sampling_defaults" in ckpt.metadata:
+        return check_sampling_defaults(json.loads(ckpt.metadata["sampling_defaults"]), where)
+    return defaults_from_config(ckpt.embedded_config or {})
+
+
 def build_model(config: dict[str, Any]) -> nn.Module:
     """Instantiate the `model` section of a config for inference (no EMA copy, no ckpt_path)."""
     import inspect
@@ -123,6 +138,7 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     model.to(device=torch.device(device) if device is not None else None, dtype=dtype)
+    model.sampling_defaults = recorded_sampling_defaults(ckpt, detection.config)
     model.checkpoint_info = {  # type: ignore[attr-defined]
         "path": str(path),
         "detected": detection.name,

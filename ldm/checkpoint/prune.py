@@ -55,6 +55,8 @@ def save_state_dict(
         for k, v in (extras or {}).items():
             if isinstance(v, (int, float, str)):
                 meta[k] = str(v)
+            elif isinstance(v, dict):
+                meta[k] = json.dumps(v)
         save_file(to_saveable(state_dict), str(path), metadata=meta)
     else:
         obj: dict[str, Any] = dict(extras or {})
@@ -95,7 +97,10 @@ def prune_checkpoint(
 
         hp = ckpt.extras.get("hyper_parameters")
         config = _from_hyper_parameters(hp) if hp is not None else None
-    extras = {k: ckpt.extras[k] for k in ("global_step", "epoch") if k in ckpt.extras}
+    keep = ("global_step", "epoch", "sampling_defaults")
+    extras = {k: ckpt.extras[k] for k in keep if k in ckpt.extras}
+    if "sampling_defaults" in ckpt.metadata:
+        extras["sampling_defaults"] = json.loads(ckpt.metadata["sampling_defaults"])
     dropped = sorted(k for k in ckpt.extras if k not in extras and k != CONFIG_KEY)
     if dropped:
         logger.info("Pruned away: %s", ", ".join(dropped))

@@ -12,9 +12,11 @@ anyway, so the slice setting only affects "math"). Half-precision inputs are sof
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +48,26 @@ def resolve_backend(backend: str | None = None) -> str:
     return name
 
 
+_slice_default: list[int | None] = [None]  # set by `attention_slicing`, read at call time
+
+
+@contextlib.contextmanager
+def attention_slicing(slice_size: int | None) -> Iterator[None]:
+    """Attention in slices of ``slice_size`` queries inside the block (None / 0: unsliced)."""
+    previous = _slice_default[0]
+    _slice_default[0] = int(slice_size) if slice_size else None
+    try:
+        yield
+    finally:
+        _slice_default[0] = previous
+
+
 def _slice_size(slice_size: int | None) -> int | None:
     if slice_size is not None:
         return int(slice_size) if slice_size > 0 else None
-    env = os.environ.get(ENV_SLICE)
+    if _slice_default[0] is not None:
+        return _slice_default[0]
+    env = os.environ.get(ENV_SLICE)  # a user setting; code inside ldm uses attention_slicing
     if not env:
         return None
     try:

@@ -67,15 +67,13 @@ def sample_model(
     callback: Callable[[dict[str, Any]], None] | None = None,
     score_corrector: Any = None,
     corrector_kwargs: dict[str, Any] | None = None,
+    use_ema: bool = False,
     **options: Any,
 ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
-    """Sample a DDPM / LatentDiffusion module through `ldm.samplers.sample` with CFG on apply_model.
+    """CompVis-style arguments translated into one ``model.generate(..., output="latent")`` call.
 
     Returns (x_0 [B, *shape], {"x_inter": [...], "pred_x0": [...]}) like CompVis samplers.
     """
-    from ldm.samplers import sample
-    from ldm.samplers.guidance import cfg_model_fn
-
     device = _device_of(model)
     if x_T is None:
         x_T = torch.randn(
@@ -84,35 +82,32 @@ def sample_model(
             device=generator.device if generator is not None else device,
         )
     x_T = x_T.to(device)
-    uncond = unconditional_conditioning
-    if unconditional_guidance_scale != 1.0 and uncond is None:
+    if unconditional_guidance_scale != 1.0 and unconditional_conditioning is None:
         raise ValueError(
             "unconditional_guidance_scale != 1 needs unconditional_conditioning (e.g. "
             "model.get_unconditional_conditioning(batch_size))."
         )
-    model_fn = cfg_model_fn(
-        model.apply_model, cond, uncond, unconditional_guidance_scale, guidance_rescale
-    )
+    wrap = None
     if score_corrector is not None:
-        model_fn = _corrected(model, model_fn, cond, score_corrector, corrector_kwargs or {})
+        wrap = lambda fn: _corrected(model, fn, cond, score_corrector, corrector_kwargs or {})  # noqa: E731
     inter, collect = _intermediate_collector(log_every_t, steps, callback)
-    sigma_training = getattr(model, "sigma_training", None)
-    if sigma_training is not None:
-        from ldm.diffusion.denoiser import SigmaDenoiser
+    from ldm.engine.generate import generate
 
-        options["denoiser"] = SigmaDenoiser(sigma_training)
-    elif sampler in VP_SAMPLERS and "clip_denoised" not in options:
-        options["clip_denoised"] = bool(getattr(model, "clip_denoised", False))
-    x = sample(
-        model_fn,
-        x_T,
+    x = generate(
+        model,
+        cond=cond,
+        uncond=unconditional_conditioning,
+        x_T=x_T,
         sampler=sampler,
         steps=steps,
-        alphas_cumprod=model.alphas_cumprod_f64,
-        parameterization=model.parameterization,
+        guidance_scale=unconditional_guidance_scale,
+        guidance_rescale=guidance_rescale,
         generator=generator,
         callback=collect,
-        **options,
+        use_ema=use_ema,
+        wrap_model_fn=wrap,
+        output="latent",
+        solver_options=options,
     )
     inter["x_inter"].append(x)
     inter["pred_x0"].append(x)

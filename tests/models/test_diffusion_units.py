@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from ldm.engine.conditioner import Conditioner, Embedder
 from ldm.models.diffusion import losses
-from ldm.models.diffusion.conditioning import DiffusionWrapper, apply_ucg_training
+from ldm.models.diffusion.conditioning import DiffusionWrapper
 from ldm.util import ConfigError, instantiate_from_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is fastest
@@ -206,15 +207,40 @@ def test_diffusion_wrapper_routes_each_conditioning_key(
         DiffusionWrapper({"target": "x"}, "cross-attn")
 
 
-def test_ucg_training_drops_captions_with_probability_p():
-    batch = {"txt": ["a"] * 2000, "cls": [3] * 2000}
-    g = torch.Generator().manual_seed(0)
-    apply_ucg_training(batch, {"txt": {"p": 0.3, "val": None}, "cls": {"p": 1.0, "val": 9}}, g)
+def test_conditioner_drops_each_input_with_its_own_rate():
+    ident = lambda v: v  # noqa: E731
+    cond = Conditioner(
+        [
+            Embedder("txt", ident, ucg_rate=0.3, null=""),
+            Embedder("cls", ident, kind="vector", ucg_rate=1.0, null=9),
+            Embedder("img", ident, kind="concat"),
+        ]
+    )
+    batch = {"txt": ["a"] * 2000, "cls": torch.full((2000,), 3), "img": [1] * 2000}
+    cond.drop(batch, torch.Generator().manual_seed(0))
     frac = sum(t == "" for t in batch["txt"]) / 2000
     assert frac == pytest.approx(0.3, abs=0.04)
-    assert batch["cls"] == [9] * 2000
-    with pytest.raises(KeyError, match="txt2"):
-        apply_ucg_training({"txt": ["a"]}, {"txt2": {"p": 0.5}})
+    assert torch.equal(batch["cls"], torch.full((2000,), 9))
+    assert batch["img"] == [1] * 2000  # no rate: untouched
+    with pytest.raises(KeyError, match="txt"):
+        cond.drop({"cls": torch.zeros(2)})
+    # the unconditional inputs: null values or the negative prompt; concat inputs kept
+    def lengths(v):
+        return torch.tensor([float(len(x)) for x in v])[:, None]  # [B, 1]
+
+    text = Conditioner([Embedder("txt", lengths, null="")])
+    assert text.uncond({"txt": ["x", "yy"]}, 2).tolist() == [[0.0], [0.0]]
+    assert text.uncond({"txt": ["a", "b"]}, 2, "blurry").tolist() == [[6.0], [6.0]]
+    assert text.uncond({"txt": ["a", "b"]}, 2, ["ab", "abc"]).tolist() == [[2.0], [3.0]]
+    both = Conditioner(
+        [Embedder("txt", lengths, null=""), Embedder("img", lengths, kind="concat")],
+        assemble=lambda outs: {"c_crossattn": [outs[0]], "c_concat": [outs[1]]},
+    )
+    inputs = {"txt": ["aaaa", "b"], "img": ["xyz", "xyz"]}
+    outs = both.embed(inputs)
+    un = both.uncond(inputs, 2, outputs=outs)
+    assert un["c_concat"][0] is outs[1]  # the concat input is the same in cond and uncond
+    assert un["c_crossattn"][0].tolist() == [[0.0], [0.0]]
 
 
 class Captions(nn.Module):
@@ -245,12 +271,13 @@ def _text_ldm(ucg_rate=0.0, trainable=False):
     )
 
 
-def test_frozen_conditioner_ucg_rate_is_applied_by_the_module():
+def test_frozen_conditioner_ucg_rate_is_applied_in_training_steps():
     model = _text_ldm(ucg_rate=1.0)
     batch = {"image": torch.zeros(3, 2, 2, 2), "txt": ["cat", "dog", "x"]}
     model.train()
     assert not model.cond_stage_model.training  # frozen conditioners stay in eval mode
-    model.get_input(batch, "image")
+    assert model.conditioner.embedders[0].ucg_rate == 1.0
+    model.training_step({"image": batch["image"], "txt": list(batch["txt"])}, 0)
     assert model.cond_stage_model.seen[-1] == ["", "", ""]
     model.eval()
     model.get_input(batch, "image")

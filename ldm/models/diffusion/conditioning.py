@@ -5,14 +5,12 @@
 (Rombach et al. 2022, Sec. 3.3: concatenation for spatially aligned inputs, cross-attention for
 sequences, `adm` for class / vector conditioning through the U-Net's `y`).
 
-CFG training drops the condition with probability p (Ho & Salimans 2022, Alg. 1): per batch key
-(`ucg_training`, SD 2.x) or per conditioner (`ucg_rate`), replacing it by the conditioner's null
-value (empty prompt, null class).
+Caption dropout for classifier-free guidance lives in the Conditioner (`ldm.engine.conditioner`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -94,51 +92,3 @@ def as_cond_dict(cond: Any, conditioning_key: str | None) -> dict[str, Any]:
         cond = [cond]
     key = "c_concat" if conditioning_key == "concat" else "c_crossattn"
     return {key: cond}
-
-
-def null_value_for(key: str, value: Any, configured: Any = None) -> Any:
-    """The 'no condition' value for one batch entry of `key` (SD 2.x: None means the empty prompt)."""
-    if configured is not None:
-        return configured
-    if isinstance(value, str) or key in TEXT_KEYS:
-        return ""
-    raise ValueError(
-        f"ucg_training: no null value given for key '{key}' (entries of type "
-        f"{type(value).__name__}); set ucg_training.{key}.val, e.g. the null class index."
-    )
-
-
-def apply_ucg_training(
-    batch: MutableMapping[str, Any],
-    ucg_training: Mapping[str, Any] | None,
-    generator: torch.Generator | None = None,
-) -> MutableMapping[str, Any]:
-    """Replace each entry of batch[k] by its null value with probability ucg_training[k].p (in place)."""
-    if not ucg_training:
-        return batch
-    for key, spec in ucg_training.items():
-        if key not in batch:
-            raise KeyError(
-                f"ucg_training names key '{key}', which the batch lacks (keys: {sorted(batch)})."
-            )
-        p = float(spec["p"])
-        configured = spec.get("val", None)
-        entries = batch[key]
-        drop = torch.rand(len(entries), generator=generator) < p
-        for i in torch.nonzero(drop).flatten().tolist():
-            entries[i] = null_value_for(key, entries[i], configured)
-    return batch
-
-
-def drop_condition_inputs(
-    xc: Any, rate: float, null: Any, generator: torch.Generator | None = None
-) -> Any:
-    """Conditioner-level dropout (`ucg_rate`): each entry of xc becomes `null` with probability rate."""
-    if rate <= 0:
-        return xc
-    drop = torch.rand(len(xc), generator=generator) < rate
-    if isinstance(xc, torch.Tensor):
-        null_t = torch.as_tensor(null, dtype=xc.dtype, device=xc.device)
-        mask = drop.to(xc.device).view(-1, *([1] * (xc.ndim - 1)))  # [B, 1, ...]
-        return torch.where(mask, null_t, xc)
-    return [null if d else v for v, d in zip(xc, drop.tolist(), strict=True)]

@@ -31,7 +31,7 @@ from ldm.diffusion.gaussian import (
 from ldm.ema import LitEma
 from ldm.models.diffusion import losses
 from ldm.models.diffusion.checkpoint_io import load_into
-from ldm.models.diffusion.conditioning import DiffusionWrapper, apply_ucg_training, as_cond_dict
+from ldm.models.diffusion.conditioning import DiffusionWrapper, as_cond_dict
 from ldm.models.diffusion.schedule_buffers import register_schedule_buffers
 from ldm.optim import adamw
 from ldm.util import ConfigError, count_params, instantiate_from_config
@@ -80,6 +80,9 @@ def _plain(value: Any) -> Any:
 class DDPM(pl.LightningModule):
     """Pixel-space denoising diffusion model trained with L_simple (+ optional VLB term)."""
 
+    latent_space = False
+    conditioner: Any = None
+
     def __init__(
         self,
         unet_config: Any,
@@ -121,8 +124,12 @@ class DDPM(pl.LightningModule):
         zero_terminal_snr: bool = False,
         ema_decay: float = 0.9999,
         sigma_training: Mapping[str, Any] | None = None,
+        sampling_defaults: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        from ldm.engine.defaults import check_sampling_defaults
+
+        self.sampling_defaults = check_sampling_defaults(_plain(sampling_defaults))
         if parameterization not in losses.PARAMETERIZATIONS:
             raise ConfigError(
                 f"parameterization={parameterization!r}: expected one of "
@@ -200,6 +207,8 @@ class DDPM(pl.LightningModule):
         else:
             self.register_buffer("logvar", logvar, persistent=False)
         self.ucg_training = _plain(ucg_training) or {}
+        if self.ucg_training and type(self) is DDPM:
+            raise ConfigError("ucg_training needs a conditional model (LatentDiffusion); DDPM has none.")
         if reset_ema and ckpt_path is None:
             raise ConfigError("reset_ema=True needs ckpt_path (the EMA to reset comes from it).")
         # LatentDiffusion loads its checkpoint after building the first / cond stages
@@ -449,7 +458,8 @@ class DDPM(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """Conditioning dropout (ucg_training), loss, logging of loss / global step / lr."""
-        apply_ucg_training(batch, self.ucg_training)
+        if self.conditioner is not None:
+            self.conditioner.drop(batch)  # caption dropout for classifier-free guidance
         loss, loss_dict = self.shared_step(batch)
         if self._trainer is None:  # called outside a Trainer (scripts, tests): nothing to log to
             return loss
@@ -516,6 +526,41 @@ class DDPM(pl.LightningModule):
             "frequency": 1,
         }
         return [opt], [lr_sched]
+
+    # ------------------------------------------------------------------ generation
+    @property
+    def denoiser(self) -> Any:
+        """D(x; sigma) of this model, shared by the loss and every solver (ldm.diffusion.denoiser)."""
+        from ldm.diffusion.denoiser import DiscreteDenoiser, SigmaDenoiser
+
+        if self.sigma_training is not None:
+            return SigmaDenoiser(self.sigma_training)
+        return DiscreteDenoiser(self.alphas_cumprod_f64, self.parameterization)
+
+    def encode_latent(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images [B, C, H, W] in [-1, 1] -> the sampler's space (pixel space: the images)."""
+        return x
+
+    def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """The sampler's x_0 -> images in [-1, 1]."""
+        return z
+
+    def generate(self, prompt: Any = None, **kwargs: Any) -> Any:
+        """Images for prompts (or a batch, or a conditioning); see :func:`ldm.engine.generate.generate`."""
+        from ldm.engine.generate import generate
+
+        return generate(self, prompt, **kwargs)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the sampling defaults (sampler, steps, guidance) with the weights."""
+        if self.sampling_defaults:
+            checkpoint["sampling_defaults"] = dict(self.sampling_defaults)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from ldm.engine.defaults import check_sampling_defaults
+
+        if checkpoint.get("sampling_defaults"):
+            self.sampling_defaults = check_sampling_defaults(checkpoint["sampling_defaults"])
 
     # ------------------------------------------------------------------ sampling and images
     def latent_shape(self) -> tuple[int, int, int]:

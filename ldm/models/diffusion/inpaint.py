@@ -94,6 +94,34 @@ class LatentInpaintDiffusion(LatentDiffusion):
             parts.append(cc)
         return torch.cat(parts, dim=1)
 
+    def embedders(self) -> list[Any]:
+        """The text embedder, then [mask, E(masked image)] as concatenated channels (kept in uncond)."""
+        from ldm.engine.conditioner import Embedder
+
+        def concat(inputs: Mapping[str, Any]) -> torch.Tensor:
+            image = torch.as_tensor(inputs[self.masked_image_key])
+            from ldm.engine.generate import latent_factor
+
+            f = latent_factor(self)
+            z_shape = (image.shape[1] // f, image.shape[2] // f)  # [B, H, W, C] -> latent grid
+            return self.concat_conditioning(inputs, z_shape)
+
+        return [*super().embedders(), Embedder(tuple(self.concat_keys), concat, kind="concat")]
+
+    def assemble_condition(self, outputs: list[Any]) -> Any:
+        """{c_concat: [mask, E(masked image)], c_crossattn: [tau(y)]}."""
+        return {"c_concat": [outputs[1]], "c_crossattn": [outputs[0]]}
+
+    def inpaint_inputs(self, image: torch.Tensor, mask: torch.Tensor, n: int) -> dict[str, Any]:
+        """Batch entries of the concat embedder for ``n`` samples: the mask (1 = repaint) and the
+        image with the masked region blanked, both [B, H, W, C] as a data set yields them."""
+        masked = image * (mask < 0.5)  # keep where mask == 0
+        out = {}
+        for key in self.concat_keys:
+            value = masked if key == self.masked_image_key else mask
+            out[key] = value.permute(0, 2, 3, 1).expand(n, -1, -1, -1)  # [n, H, W, C]
+        return out
+
     @torch.no_grad()
     def get_input(  # type: ignore[override]
         self,

@@ -14,11 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldm.models.diffusion.conditioning import (
-    CLASS_KEYS,
-    TEXT_KEYS,
-    drop_condition_inputs,
-)
+from ldm.engine.conditioner import Conditioner, Embedder
+from ldm.models.diffusion.conditioning import CLASS_KEYS, TEXT_KEYS
 from ldm.models.diffusion.ddpm import DDPM, _plain, disabled_train
 from ldm.util import (
     FIRST_STAGE_SENTINEL,
@@ -63,6 +60,8 @@ def _is_sentinel(config: Any, sentinel: str) -> bool:
 class LatentDiffusion(DDPM):
     """LDM: first stage (frozen autoencoder), cond stage tau_theta, denoiser on the latents."""
 
+    latent_space = True
+
     def __init__(
         self,
         first_stage_config: Any,
@@ -80,6 +79,7 @@ class LatentDiffusion(DDPM):
     ) -> None:
         check_ddpm_kwargs(type(self).__name__, kwargs)
         self.force_null_conditioning = force_null_conditioning
+        self._conditioner: Conditioner | None = None
         self.num_timesteps_cond = 1 if num_timesteps_cond is None else int(num_timesteps_cond)
         self.scale_by_std = scale_by_std
         timesteps = int(kwargs.get("timesteps", 1000))
@@ -113,6 +113,12 @@ class LatentDiffusion(DDPM):
         if ckpt_path is not None:
             self.restarted_from_ckpt = True
         self._restore(ckpt_path, ignore_keys, only_model)
+        for key in self.ucg_training:
+            if key != self.cond_stage_key:
+                raise ConfigError(
+                    f"ucg_training names '{key}', but the condition is read from cond_stage_key "
+                    f"'{self.cond_stage_key}'; caption dropout applies to the conditioning input."
+                )
 
     # ------------------------------------------------------------------ construction
     def register_schedule(self, *args: Any, **kwargs: Any) -> None:
@@ -244,34 +250,78 @@ class LatentDiffusion(DDPM):
             return c
         return self.cond_stage_model(c)
 
-    def _null_condition_input(self, xc: Any) -> Any:
-        """The raw input meaning 'no condition' for this conditioner (empty prompt, null class)."""
-        model = self.cond_stage_model
-        if isinstance(xc, Mapping):
-            raise TypeError("dict conditioning inputs have no generic null value")
-        if isinstance(xc, list | tuple) and (not xc or isinstance(xc[0], str)):
+    def _null_condition_input(self) -> Any:
+        """The raw input meaning 'no condition' (empty prompt, null class); None: not droppable."""
+        if self.cond_stage_key in TEXT_KEYS:
             return ""
-        n_classes = getattr(model, "n_classes", None)
-        if n_classes is not None:
-            return int(n_classes) - 1  # the null class of ClassEmbedder (CompVis SD 2.x)
-        return 0
+        n_classes = getattr(self.cond_stage_model, "n_classes", None)
+        if self.cond_stage_key in CLASS_KEYS:
+            return int(n_classes) - 1 if n_classes is not None else 0  # CompVis SD 2.x null class
+        return None
 
-    def _maybe_drop_condition(self, xc: Any) -> Any:
-        """Conditioner-level CFG dropout (`ucg_rate`) on raw inputs, during training only.
+    # ------------------------------------------------------------------ the composition
+    @property
+    def conditioner(self) -> Conditioner | None:
+        """The embedders of this model (built once): the cond stage on ``cond_stage_key``."""
+        if self._conditioner is None and self.model.conditioning_key is not None:
+            if self.force_null_conditioning or self.cond_stage_model is None:
+                return None
+            self._conditioner = Conditioner(self.embedders(), self.assemble_condition)
+        return self._conditioner
 
-        A conditioner in training mode (cond_stage_trainable) drops its own inputs; a frozen one
-        stays in eval mode, so the module applies its `ucg_rate` here instead.
-        """
-        model = self.cond_stage_model
-        rate = float(getattr(model, "ucg_rate", 0.0) or 0.0)
-        if not self.training or rate <= 0 or model is None or model.training:
-            return xc
-        if isinstance(xc, Mapping):  # CompVis ClassEmbedder takes the batch: drop its entry
-            key = getattr(self.cond_stage_model, "key", "class")
-            xc = dict(xc)
-            xc[key] = drop_condition_inputs(xc[key], rate, self._null_condition_input(xc[key]))
-            return xc
-        return drop_condition_inputs(xc, rate, self._null_condition_input(xc))
+    def embedders(self) -> list[Embedder]:
+        """Caption dropout: ``ucg_training`` of the cond key, else a frozen cond stage's ``ucg_rate``
+        (a trainable one drops its own inputs in training mode)."""
+        key = self.cond_stage_key
+        null = self._null_condition_input()
+        rate = 0.0
+        if key in self.ucg_training:
+            spec = self.ucg_training[key]
+            rate = float(spec["p"])
+            if spec.get("val", None) is not None:
+                null = spec["val"]
+        elif not self.cond_stage_trainable:
+            rate = float(getattr(self.cond_stage_model, "ucg_rate", 0.0) or 0.0)
+        kind = "vector" if self.model.conditioning_key == "adm" else "crossattn"
+        if self.model.conditioning_key == "concat":
+            kind = "concat"
+
+        def encode(raw: Any) -> Any:
+            xc = raw
+            if isinstance(raw, Mapping) or self.cond_stage_key in TEXT_KEYS:
+                xc = raw
+            elif self.cond_stage_key in CLASS_KEYS:
+                xc = torch.as_tensor(raw).to(self.device)
+            elif isinstance(raw, torch.Tensor):
+                xc = raw.to(self.device)
+            return self.get_learned_conditioning(xc)
+
+        return [
+            Embedder(
+                key,
+                encode,
+                kind=kind,
+                ucg_rate=rate,
+                null=null,
+                is_trainable=bool(self.cond_stage_trainable),
+            )
+        ]
+
+    def assemble_condition(self, outputs: list[Any]) -> Any:
+        """The cond stage's output as apply_model takes it."""
+        return outputs[0]
+
+    def encode_latent(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """z = scale_factor * E(x): a posterior sample drawn from ``generator`` (KL), the latents (VQ)."""
+        posterior = self.encode_first_stage(x)
+        if isinstance(posterior, torch.Tensor) or generator is None:
+            return self.get_first_stage_encoding(posterior)
+        eps = torch.randn(posterior.mean.shape, generator=generator, device=generator.device)
+        return self.scale_factor * (posterior.mean + posterior.std * eps.to(posterior.mean))
+
+    def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """D(z / scale_factor) in [-1, 1]."""
+        return self.decode_first_stage(z)
 
     @torch.no_grad()
     def get_unconditional_conditioning(self, batch_size: int, null_label: Any = None) -> Any:
@@ -282,7 +332,7 @@ class LatentDiffusion(DDPM):
                 get_uc = getattr(self.cond_stage_model, "get_unconditional_conditioning", None)
                 if callable(get_uc):
                     return self.get_learned_conditioning(get_uc(batch_size, device=self.device))
-                null = self._null_condition_input(torch.zeros(1))
+                null = self._null_condition_input()
                 labels = torch.full((batch_size,), null, device=self.device, dtype=torch.long)
                 return self.get_learned_conditioning(labels)
             if self.cond_stage_key in TEXT_KEYS:
@@ -323,19 +373,7 @@ class LatentDiffusion(DDPM):
         c: Any = None
         xc: Any = None
         if self.model.conditioning_key is not None and not self.force_null_conditioning:
-            cond_key = cond_key or self.cond_stage_key
-            if cond_key != self.first_stage_key:
-                if cond_key in TEXT_KEYS:
-                    xc = list(batch[cond_key])
-                elif cond_key in CLASS_KEYS:
-                    xc = self._class_input(batch, cond_key)
-                else:
-                    xc = DDPM.get_input(self, batch, cond_key).to(self.device)
-            else:
-                xc = x
-            if bs is not None:
-                xc = _first(xc, bs)
-            xc = self._maybe_drop_condition(xc)
+            xc = self._condition_input(batch, cond_key or self.cond_stage_key, x, bs)
             if not self.cond_stage_trainable or force_c_encode:
                 if isinstance(xc, torch.Tensor):
                     xc = xc.to(self.device)
@@ -352,6 +390,20 @@ class LatentDiffusion(DDPM):
         if return_original_cond:
             out.append(xc)
         return out
+
+    def _condition_input(
+        self, batch: Mapping[str, Any], cond_key: str, x: torch.Tensor | None, bs: int | None
+    ) -> Any:
+        """The raw condition of a batch: captions (list), class labels, or an image tensor."""
+        if cond_key == self.first_stage_key and x is not None:
+            xc = x
+        elif cond_key in TEXT_KEYS:
+            xc = list(batch[cond_key])
+        elif cond_key in CLASS_KEYS:
+            xc = self._class_input(batch, cond_key)
+        else:
+            xc = DDPM.get_input(self, batch, cond_key).to(self.device)
+        return _first(xc, bs) if bs is not None else xc
 
     def _class_input(self, batch: Mapping[str, Any], cond_key: str) -> Any:
         """CompVis ClassEmbedder.forward takes the batch dict; ours may take the label tensor."""

@@ -1,0 +1,175 @@
+"""The Conditioner: raw inputs (prompts, class labels, masks) -> the conditioning the network takes.
+
+Each embedder names its ``input_key`` in the batch, the kind of output it adds (``crossattn``: a
+sequence for cross-attention; ``vector``: added to the timestep embedding; ``concat``: channels
+concatenated to the input), its caption-dropout rate ``ucg_rate`` (Ho & Salimans 2022, Alg. 1:
+the input becomes its null value with that probability in training) and whether it trains.
+Conditional and unconditional / negative conditionings come from the same path: the unconditional
+inputs are the null values (or the negative prompt) of the embedders that have one, while concat
+inputs (an inpainting mask, a low-resolution image) stay as they are.
+(sgm ``GeneralConditioner``: learn the shape, not the code.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+KINDS = ("crossattn", "vector", "concat")
+
+
+@dataclass
+class Embedder:
+    """One conditioning input: where it is read, what it becomes, how it is dropped."""
+
+    input_key: str | tuple[str, ...]
+    encode: Callable[[Any], Any]
+    kind: str = "crossattn"
+    ucg_rate: float = 0.0
+    null: Any = (
+        None  # the raw input meaning "no condition" ("" / the null class); None: kept in uncond
+    )
+    is_trainable: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"embedder kind must be one of {list(KINDS)}, got {self.kind!r}")
+        if not 0.0 <= float(self.ucg_rate) <= 1.0:
+            raise ValueError(
+                f"ucg_rate of '{self.input_key}' must be in [0, 1], got {self.ucg_rate}"
+            )
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return self.input_key if isinstance(self.input_key, tuple) else (self.input_key,)
+
+    def read(self, inputs: Mapping[str, Any]) -> Any:
+        """This embedder's raw input: one entry, or a dict of several (concat inputs)."""
+        if isinstance(self.input_key, tuple):
+            return {k: inputs[k] for k in self.input_key}
+        return inputs[self.input_key]
+
+
+def drop_entries(
+    entries: Any, rate: float, null: Any, generator: torch.Generator | None = None
+) -> Any:
+    """Each entry becomes ``null`` with probability ``rate`` (lists in place; tensors by where)."""
+    drop = torch.rand(len(entries), generator=generator) < rate
+    if isinstance(entries, torch.Tensor):
+        null_t = torch.as_tensor(null, dtype=entries.dtype, device=entries.device)
+        mask = drop.to(entries.device).view(-1, *([1] * (entries.ndim - 1)))  # [B, 1, ...]
+        return torch.where(mask, null_t, entries)
+    for i in torch.nonzero(drop).flatten().tolist():
+        entries[i] = null
+    return entries
+
+
+class Conditioner:
+    """Embedders, and ``assemble(outputs) -> cond``: the structure the network's ``apply_model`` takes
+    from the embedders' outputs in order (one tensor, or {"c_concat": [...], "c_crossattn": [...]})."""
+
+    def __init__(
+        self, embedders: Sequence[Embedder], assemble: Callable[[list[Any]], Any] | None = None
+    ) -> None:
+        self.embedders = list(embedders)
+        self.assemble = assemble or (lambda outs: outs[0])
+
+    @property
+    def input_keys(self) -> list[str]:
+        return [k for e in self.embedders for k in e.keys]
+
+    def text_key(self) -> str | None:
+        """The input key of the (first) prompt embedder, if any."""
+        for e in self.embedders:
+            if isinstance(e.null, str):
+                return e.keys[0]
+        return None
+
+    def drop(
+        self, batch: MutableMapping[str, Any], generator: torch.Generator | None = None
+    ) -> MutableMapping[str, Any]:
+        """Caption dropout for classifier-free guidance training, per embedder (in place)."""
+        for e in self.embedders:
+            if e.ucg_rate <= 0:
+                continue
+            key = e.keys[0]
+            if key not in batch:
+                raise KeyError(
+                    f"conditioning input '{key}' (ucg_rate {e.ucg_rate}) is not in the batch "
+                    f"(keys: {sorted(batch)}); set the embedder's input key to a key your data "
+                    "set yields."
+                )
+            if e.null is None:
+                raise ValueError(
+                    f"conditioning input '{key}' has ucg_rate {e.ucg_rate} but no null value; "
+                    "give one (e.g. ucg_training.<key>.val: the null class index)."
+                )
+            batch[key] = drop_entries(batch[key], e.ucg_rate, e.null, generator)
+        return batch
+
+    def _check(self, inputs: Mapping[str, Any]) -> None:
+        missing = [k for k in self.input_keys if k not in inputs]
+        if missing:
+            raise KeyError(
+                f"conditioning inputs {missing} are missing (given: {sorted(inputs)}); this model "
+                f"is conditioned on {self.input_keys}."
+            )
+
+    def embed(self, inputs: Mapping[str, Any]) -> list[Any]:
+        """Each embedder's output for ``inputs``, in order."""
+        self._check(inputs)
+        return [e.encode(e.read(inputs)) for e in self.embedders]
+
+    def encode(self, inputs: Mapping[str, Any]) -> Any:
+        """The conditioning of ``inputs`` (a batch dict with every embedder's input keys)."""
+        return self.assemble(self.embed(inputs))
+
+    def uncond(
+        self,
+        inputs: Mapping[str, Any],
+        n: int,
+        negative_prompt: str | Sequence[str] | None = None,
+        outputs: list[Any] | None = None,
+    ) -> Any:
+        """The unconditional / negative conditioning through the same embedders: null inputs (or the
+        negative prompt) where an embedder has a null value; the other embedders' conditional outputs
+        (``outputs`` of ``embed``, e.g. an inpainting mask) are reused as they are. Identical null
+        inputs are encoded once and repeated (as CompVis ``get_unconditional_conditioning``)."""
+        self._check(inputs)
+        outs = []
+        for i, e in enumerate(self.embedders):
+            if e.null is None:
+                outs.append(outputs[i] if outputs is not None else e.encode(e.read(inputs)))
+                continue
+            if negative_prompt is not None and isinstance(e.null, str):
+                neg = (
+                    [negative_prompt] * n
+                    if isinstance(negative_prompt, str)
+                    else list(negative_prompt)
+                )
+                if len(neg) != n:
+                    raise ValueError(f"{len(neg)} negative prompts for {n} samples")
+                values: Any = neg
+            elif isinstance(e.null, str):
+                values = [e.null] * n
+            else:
+                values = torch.full((n,), int(e.null), dtype=torch.long)
+            if n > 1 and all(v == values[0] for v in list(values)):
+                outs.append(repeat_cond(e.encode(values[:1]), n))
+            else:
+                outs.append(e.encode(values))
+        return self.assemble(outs)
+
+
+def repeat_cond(cond: Any, n: int) -> Any:
+    """A conditioning of batch 1 expanded to batch n (tensors, lists and dicts of them)."""
+    if isinstance(cond, torch.Tensor):
+        return cond[:1].expand(n, *cond.shape[1:])
+    if isinstance(cond, dict):
+        return {k: repeat_cond(v, n) for k, v in cond.items()}
+    if isinstance(cond, list | tuple):
+        return type(cond)(repeat_cond(v, n) for v in cond)
+    return cond

@@ -1,0 +1,84 @@
+"""The sampling defaults a model was evaluated with: recorded in our checkpoints, used by
+``generate`` and the sampling commands when the user gives none."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+#: What ``generate`` uses when neither the call nor the model says (the CompVis command's defaults).
+FALLBACK = {"sampler": "ddim", "steps": 50, "guidance_scale": 7.5}
+KEYS = ("sampler", "steps", "guidance_scale", "options")
+
+
+def check_sampling_defaults(
+    value: Mapping[str, Any] | None, where: str = "sampling_defaults"
+) -> dict[str, Any]:
+    """A plain dict with only the known keys, validated (sampler name, positive steps)."""
+    if value is None:
+        return {}
+    out = dict(value)
+    unknown = sorted(set(out) - set(KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; expected some of {list(KEYS)}")
+    if "steps" in out and (int(out["steps"]) < 1):
+        raise ValueError(f"{where}.steps must be >= 1, found {out['steps']}")
+    if "sampler" in out:
+        from ldm.samplers import SAMPLERS
+
+        if out["sampler"] not in SAMPLERS:
+            raise ValueError(
+                f"{where}.sampler: unknown sampler {out['sampler']!r}; valid: {', '.join(sorted(SAMPLERS))}"
+            )
+    if "options" in out:
+        out["options"] = dict(out["options"] or {})
+    return out
+
+
+def resolve_sampling(
+    model: Any,
+    sampler: str | None,
+    steps: int | None,
+    guidance_scale: float | None,
+    options: Mapping[str, Any],
+) -> tuple[str, int, float, dict[str, Any]]:
+    """Call arguments, else the model's recorded defaults, else ``FALLBACK``."""
+    rec = dict(getattr(model, "sampling_defaults", None) or {})
+    name = sampler or rec.get("sampler") or FALLBACK["sampler"]
+    opts: dict[str, Any] = {}
+    if sampler is None or sampler == rec.get("sampler"):
+        opts.update(rec.get("options") or {})  # recorded options belong to the recorded sampler
+    opts.update(options)
+    return (
+        name,
+        int(steps if steps is not None else rec.get("steps", FALLBACK["steps"])),
+        float(
+            guidance_scale
+            if guidance_scale is not None
+            else rec.get("guidance_scale", FALLBACK["guidance_scale"])
+        ),
+        opts,
+    )
+
+
+def defaults_from_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Sampling defaults of a run made before they were recorded: ``model.params.sampling_defaults``,
+    else the settings of its ``ShapesEvaluation`` callback (what the run was judged with)."""
+    if not config:
+        return {}
+    params = (config.get("model") or {}).get("params") or {}
+    if params.get("sampling_defaults"):
+        return check_sampling_defaults(params["sampling_defaults"])
+    callbacks = ((config.get("lightning") or {}).get("callbacks")) or {}
+    for cb in callbacks.values():
+        if isinstance(cb, Mapping) and str(cb.get("target", "")).endswith("ShapesEvaluation"):
+            p = cb.get("params") or {}
+            out = {
+                "sampler": p.get("sampler", "dpmpp_2m"),
+                "steps": int(p.get("steps", 20)),
+                "guidance_scale": float(p.get("guidance_scale", 4.0)),
+            }
+            if p.get("sampler_options"):
+                out["options"] = dict(p["sampler_options"])
+            return out
+    return {}

@@ -1,0 +1,286 @@
+"""``generate``: the only path from prompts or a batch to images (or latents).
+
+Every way of making images goes through here: ``model.generate`` (Python API, ``ldm.load_model``
+users), the sampling commands, ``ImageLogger`` (``log_images``), ``ShapesEvaluation``,
+``DDPM.sample`` and the CompVis ``DDIMSampler`` / ``PLMSSampler`` / ``DPMSolverSampler`` facades.
+Steps: sampling defaults -> conditioning and unconditional conditioning (Conditioner) -> start
+noise from the seed -> img2img / inpainting inputs -> guider around the network -> the solver
+driver with the model's denoiser -> decode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ldm.engine.defaults import resolve_sampling
+from ldm.samplers import sample
+from ldm.samplers.guiders import guider_for
+
+OUTPUTS = ("pil", "tensor", "latent")
+DECODES = ("auto", "full", "sliced", "tiled")
+VP_SOLVERS = ("ddpm", "ddim", "plms")
+
+
+def load_image(image: Any, mode: str = "RGB") -> torch.Tensor:
+    """PIL image, path or tensor -> [B, C, H, W] float in [0, 1] (mode "L": one channel)."""
+    from PIL import Image
+
+    if isinstance(image, torch.Tensor):
+        t = image.detach().float()
+        t = t[None] if t.ndim == 3 else t
+        if t.ndim != 4:
+            raise ValueError(
+                f"image tensor must be [B, C, H, W] or [C, H, W], got {tuple(t.shape)}"
+            )
+        if t.min() < -1e-6 or t.max() > 1 + 1e-6:
+            raise ValueError("image tensors for generate() are in [0, 1]")
+        return t
+    if isinstance(image, str | Path):
+        if not Path(image).is_file():
+            raise FileNotFoundError(f"image {image}: no such file")
+        image = Image.open(image)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"expected a PIL image, a path or a tensor, got {type(image).__name__}")
+    arr = np.asarray(image.convert(mode), dtype=np.float32) / 255.0
+    t = torch.from_numpy(arr)
+    t = t[None] if t.ndim == 2 else t.permute(2, 0, 1)  # [C, H, W]
+    return t[None]
+
+
+def latent_factor(model: Any) -> int:
+    """Pixels per latent cell of the model's first stage (1 in pixel space)."""
+    fs = getattr(model, "first_stage_model", None)
+    levels = getattr(getattr(fs, "encoder", None), "num_resolutions", None)
+    return 2 ** (int(levels) - 1) if levels else 1  # no encoder: pixel space / identity
+
+
+def _prompts(prompt: str | Sequence[str] | None, n: int) -> list[str] | None:
+    if prompt is None:
+        return None
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise TypeError("prompt must be a string or a non-empty list of strings")
+    return [p for p in prompts for _ in range(n)]
+
+
+def _to_output(x: torch.Tensor, output: str) -> Any:
+    images = ((x.float() + 1) / 2).clamp(0, 1).cpu()  # [B, 3, H, W] in [0, 1]
+    if output == "tensor":
+        return images
+    from ldm.sampling.pngmeta import to_pil
+
+    return [to_pil(img) for img in images]
+
+
+def generate(model: Any, prompt: str | Sequence[str] | None = None, **kwargs: Any) -> Any:
+    """See :func:`_generate`; with a ``seed`` every random draw of the call (start noise, solver
+    noise, posterior samples of encoded images) comes from it, the global RNG left untouched."""
+    seed = kwargs.get("seed")
+    if seed is None:
+        return _generate(model, prompt, **kwargs)
+    device = model.device
+    devices = [] if device.type in ("cpu", "meta") else [device]
+    kind = device.type if devices else "cuda"
+    with torch.random.fork_rng(devices=devices, device_type=kind):
+        torch.manual_seed(int(seed))
+        return _generate(model, prompt, **kwargs)
+
+
+@torch.no_grad()
+def _generate(
+    model: Any,
+    prompt: str | Sequence[str] | None = None,
+    *,
+    negative_prompt: str | Sequence[str] | None = None,
+    sampler: str | None = None,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    seed: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    init_image: Any = None,
+    strength: float | None = None,
+    mask: Any = None,
+    batch: Mapping[str, Any] | None = None,
+    output: str = "pil",
+    num_images_per_prompt: int = 1,
+    guidance_rescale: float = 0.0,
+    cond: Any = None,
+    uncond: Any = None,
+    x_T: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+    use_ema: bool | None = None,
+    wrap_model_fn: Callable[[Callable], Callable] | None = None,
+    decode: str = "auto",
+    solver_options: Mapping[str, Any] | None = None,
+    **sampler_options: Any,
+) -> Any:
+    """Images for ``prompt`` (or the conditioning inputs of a data ``batch``, or a ready ``cond``).
+
+    None means the model's recorded sampling defaults (``model.sampling_defaults``). ``output``:
+    "pil" (list of images), "tensor" (B x 3 x H x W in [0, 1]) or "latent" (the sampler's x_0).
+    ``init_image`` (img2img, with ``strength``) and ``mask`` (inpainting, 1 / white = repaint) are
+    PIL images, paths or tensors in [0, 1]. ``seed`` fixes the start noise and every random draw
+    of the call; without it (and without ``generator``) the global RNG is used. Extra keywords go
+    to the sampler (``eta``, ``karras``, ``order``, ...); ``solver_options`` too (for names that are
+    also arguments here, e.g. a latent ``mask`` with ``x0``). ``decode``: "full", "sliced" (one image
+    at a time), "tiled" (overlapping latent tiles), or "auto" (sliced from 256 x 256 pixels up).
+    """
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {list(OUTPUTS)}, got {output!r}")
+    if decode not in DECODES:
+        raise ValueError(f"decode must be one of {list(DECODES)}, got {decode!r}")
+    sampler, steps, guidance_scale, options = resolve_sampling(
+        model, sampler, steps, guidance_scale, {**sampler_options, **(solver_options or {})}
+    )
+    device = model.device
+    if generator is None and seed is not None:
+        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    conditioner = getattr(model, "conditioner", None)
+    conditional = conditioner is not None and bool(conditioner.embedders)
+    inputs: dict[str, Any] = {}
+    n = None
+    if x_T is not None:
+        n = x_T.shape[0]
+    elif cond is not None:
+        n = _batch_size(cond)
+    elif batch is not None:
+        if conditional:
+            inputs = {k: batch[k] for k in conditioner.input_keys if k in batch}
+        n = n or len(next(iter(batch.values())))
+    prompts = _prompts(prompt, num_images_per_prompt)
+    if prompts is not None and cond is None:
+        if not conditional or conditioner.text_key() is None:
+            raise ValueError(f"{type(model).__name__} is not conditioned on text; pass prompt=None")
+        inputs[conditioner.text_key()] = prompts
+        if n is not None and n != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts for a start noise of batch {n}")
+        n = len(prompts)
+    if n is None:
+        if x_T is not None:
+            n = x_T.shape[0]
+        elif conditional and cond is None:
+            raise ValueError("this model is conditional: give a prompt, a batch or cond=")
+        else:
+            n = num_images_per_prompt
+    # latent geometry: the start noise, the init image, or height / width, else the model's size
+    c_lat, h_lat, w_lat = model.latent_shape()
+    f = latent_factor(model)
+    init = load_image(init_image).to(device) * 2 - 1 if init_image is not None else None
+    if height or width or init is not None:
+        h = height or (init.shape[-2] if init is not None else h_lat * f)
+        w = width or (init.shape[-1] if init is not None else w_lat * f)
+        if h % f or w % f:
+            raise ValueError(
+                f"height {h} and width {w} must be multiples of {f} (the latent factor)"
+            )
+        if init is not None and tuple(init.shape[-2:]) != (h, w):
+            init = torch.nn.functional.interpolate(init, size=(h, w), mode="bicubic").clamp(-1, 1)
+        h_lat, w_lat = h // f, w // f
+    if x_T is None:
+        shape = (n, c_lat, h_lat, w_lat)
+        if generator is not None:
+            x_T = torch.randn(shape, generator=generator, device=generator.device)
+        else:
+            x_T = torch.randn(shape, device=device)
+    x_T = x_T.to(device)
+    if init is not None and init.shape[0] not in (1, n):
+        raise ValueError(f"{init.shape[0]} init images for {n} samples")
+    # inpainting: an inpainting model takes [mask, E(masked image)] as concat conditioning; any
+    # other model keeps the known latent outside the mask (blending, 1 = keep)
+    z0 = None
+    if init is not None:
+        z0 = model.encode_latent(init, generator).expand(n, -1, -1, -1)
+        options.update(x0=z0, strength=1.0 if strength is None else float(strength))
+    if mask is not None:
+        if init is None:
+            raise ValueError("mask (inpainting) needs init_image")
+        m = (load_image(mask, "L").to(device) > 0.5).float()  # [1, 1, H, W], 1 = repaint
+        m = torch.nn.functional.interpolate(m, size=init.shape[-2:])
+        if getattr(model, "concat_keys", None):
+            inputs.update(model.inpaint_inputs(init, m, n))
+            options.pop("x0"), options.pop("strength")
+        else:
+            small = torch.nn.functional.interpolate(m, size=(h_lat, w_lat)).expand(n, -1, -1, -1)
+            options["mask"] = 1.0 - small
+    elif strength is not None and init is None:
+        raise ValueError("strength (img2img) needs init_image")
+    outputs = None
+    if cond is None and conditional:
+        outputs = conditioner.embed(inputs)
+        cond = conditioner.assemble(outputs)
+    guider = guider_for(guidance_scale, guidance_rescale)
+    if guider.needs_uncond and uncond is None:
+        if not conditional:
+            raise ValueError(f"{type(model).__name__} is unconditional: guidance needs a condition")
+        if not inputs:
+            raise ValueError("guidance with a given cond= needs uncond= (or pass prompts / batch)")
+        uncond = conditioner.uncond(inputs, n, negative_prompt, outputs)
+    model_fn = guider.model_fn(model.apply_model, cond, uncond)
+    if wrap_model_fn is not None:
+        model_fn = wrap_model_fn(model_fn)
+    if sampler in VP_SOLVERS and "clip_denoised" not in options:
+        options["clip_denoised"] = bool(getattr(model, "clip_denoised", False))
+    use_ema = bool(getattr(model, "use_ema", False)) if use_ema is None else use_ema
+    scope = (
+        model.ema_scope()
+        if use_ema and getattr(model, "use_ema", False)
+        else contextlib.nullcontext()
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        with scope:
+            z = sample(
+                model_fn,
+                x_T,
+                sampler=sampler,
+                steps=steps,
+                denoiser=model.denoiser,
+                generator=generator,
+                callback=callback,
+                disable=options.pop("disable", True),
+                **options,
+            )
+    finally:
+        model.train(was_training)
+    if output == "latent":
+        return z
+    return _to_output(decode_latents(model, z, decode), output)
+
+
+def decode_latents(model: Any, z: torch.Tensor, mode: str = "auto") -> torch.Tensor:
+    """D(z) in [-1, 1]: whole batch, one sample at a time, or in overlapping latent tiles."""
+    from ldm.sampling.vae_decode import decode_sliced, decode_tiled
+
+    f = latent_factor(model)
+    if mode == "auto":
+        mode = "sliced" if z.shape[-2] * z.shape[-1] * f * f >= 256 * 256 else "full"
+    if mode == "full":
+        return model.decode_latent(z)
+    if mode == "tiled":
+        return decode_tiled(lambda t: decode_sliced(model.decode_latent, t), z)
+    return decode_sliced(model.decode_latent, z)
+
+
+def _batch_size(cond: Any) -> int:
+    if isinstance(cond, torch.Tensor):
+        return cond.shape[0]
+    if isinstance(cond, Mapping):
+        return _batch_size(next(iter(cond.values())))
+    if isinstance(cond, list | tuple):
+        return _batch_size(cond[0])
+    raise TypeError(f"cannot tell the batch size of a conditioning of type {type(cond).__name__}")
+
+
+def random_seed() -> int:
+    """A fresh seed for a call that was given none (recorded with the images)."""
+    return random.SystemRandom().randrange(0, 2**31 - 1)
