@@ -12,7 +12,7 @@ import difflib
 import importlib
 import inspect
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -70,6 +70,18 @@ LEGACY_TARGETS: dict[str, str] = {
 
 FIRST_STAGE_SENTINEL = "__is_first_stage__"
 UNCONDITIONAL_SENTINEL = "__is_unconditional__"
+
+
+def plain(value: Any) -> Any:
+    """OmegaConf containers -> plain dicts / lists (other values unchanged)."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, DictConfig | ListConfig):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return value
 
 
 class ConfigError(ValueError):
@@ -160,9 +172,13 @@ def get_obj_from_str(string: str, reload: bool = False, path: str = "") -> Any:
     return getattr(module, cls_name)
 
 
-def _suggest(word: str, candidates: list[str]) -> str:
-    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest candidate, or an empty string."""
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+_suggest = did_you_mean
 
 
 def accepts_parameter(target: str, name: str) -> bool | None:

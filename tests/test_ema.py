@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from ldm.ema import LitEma
-from ldm.models.diffusion.conditioning import DiffusionWrapper
+from ldm.engine.network import DiffusionWrapper
 
 ROOT = Path(__file__).parent
 

@@ -93,9 +93,9 @@ def build_model(config: dict[str, Any]) -> nn.Module:
     model_cfg = _strip_ckpt_paths(copy.deepcopy(config["model"]))
     cls = get_obj_from_str(model_cfg["target"])
     accepts = inspect.signature(cls.__init__).parameters
-    from ldm.models.diffusion.ddpm import DDPM
+    from ldm.engine.engine import DiffusionEngine
 
-    if "use_ema" in accepts or (isinstance(cls, type) and issubclass(cls, DDPM)):
+    if "use_ema" in accepts or (isinstance(cls, type) and issubclass(cls, DiffusionEngine)):
         # EMA weights are applied by the loader, not kept as a second copy
         model_cfg.setdefault("params", {})["use_ema"] = False
     return instantiate_from_config(model_cfg)

@@ -9,28 +9,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ldm.engine.schedule import SCHEDULE_BUFFERS
+
 logger = logging.getLogger(__name__)
 
-# Buffers recomputed from the config at construction: harmless when missing from a file.
-SCHEDULE_BUFFERS = frozenset(
-    {
-        "betas",
-        "alphas_cumprod",
-        "alphas_cumprod_prev",
-        "sqrt_alphas_cumprod",
-        "sqrt_one_minus_alphas_cumprod",
-        "log_one_minus_alphas_cumprod",
-        "sqrt_recip_alphas_cumprod",
-        "sqrt_recipm1_alphas_cumprod",
-        "posterior_variance",
-        "posterior_log_variance_clipped",
-        "posterior_mean_coef1",
-        "posterior_mean_coef2",
-        "lvlb_weights",
-        "logvar",
-        "scale_factor",
-        "shift_factor",
-    }
+# Buffers recomputed from the config at construction: harmless when missing from a file
+# (the schedule buffers, the VLB weights, the log-variance, the latent scale and shift).
+OPTIONAL_BUFFERS = frozenset(
+    {*SCHEDULE_BUFFERS, "lvlb_weights", "logvar", "scale_factor", "shift_factor"}
 )
 # Not used for sampling: EMA copies, training losses, tokenizer position ids.
 OPTIONAL_PREFIXES = ("model_ema.", "first_stage_model.loss.", "loss.", "cond_stage_model.loss.")
@@ -59,7 +45,7 @@ def group_by_prefix(keys: list[str], depth: int = 2) -> dict[str, int]:
 def is_optional(key: str) -> bool:
     """True for keys a model can sample without (recomputed schedule buffers, EMA, losses)."""
     return (
-        key in SCHEDULE_BUFFERS
+        key in OPTIONAL_BUFFERS
         or key.startswith(OPTIONAL_PREFIXES)
         or key.endswith(OPTIONAL_SUFFIXES)
     )

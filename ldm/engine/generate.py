@@ -205,8 +205,8 @@ def _generate(
             raise ValueError("mask (inpainting) needs init_image")
         m = (load_image(mask, "L").to(device) > 0.5).float()  # [1, 1, H, W], 1 = repaint
         m = torch.nn.functional.interpolate(m, size=init.shape[-2:])
-        if getattr(model, "concat_keys", None):
-            inputs.update(model.inpaint_inputs(init, m, n))
+        if conditional and getattr(conditioner, "concat_keys", None):
+            inputs.update(conditioner.inpaint_inputs(init, m, n))
             options.pop("x0"), options.pop("strength")
         else:
             small = torch.nn.functional.interpolate(m, size=(h_lat, w_lat)).expand(n, -1, -1, -1)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from ldm.engine.schedule import SCHEDULE_BUFFERS
 from ldm.models.diffusion.ddpm import LatentDiffusion, LatentInpaintDiffusion
-from ldm.models.diffusion.schedule_buffers import SCHEDULE_BUFFERS
 from ldm.util import ConfigError, instantiate_from_config
 
 CONFIGS = Path(__file__).parents[1] / "configs" / "official"

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from ldm.diffusion import losses
 from ldm.engine.conditioner import Conditioner, Embedder
-from ldm.models.diffusion import losses
-from ldm.models.diffusion.conditioning import DiffusionWrapper
+from ldm.engine.network import DiffusionWrapper
 from ldm.util import ConfigError, instantiate_from_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is fastest
@@ -187,7 +187,7 @@ class FakeUNet(nn.Module):
 def test_diffusion_wrapper_routes_each_conditioning_key(
     monkeypatch, key, expect_channels, expect_context, expect_y
 ):
-    import ldm.models.diffusion.conditioning as cond_mod
+    import ldm.engine.network as cond_mod
 
     monkeypatch.setattr(cond_mod, "instantiate_from_config", lambda cfg: FakeUNet())
     w = DiffusionWrapper({"target": "x"}, key)
@@ -224,6 +224,7 @@ def test_conditioner_drops_each_input_with_its_own_rate():
     assert batch["img"] == [1] * 2000  # no rate: untouched
     with pytest.raises(KeyError, match="txt"):
         cond.drop({"cls": torch.zeros(2)})
+
     # the unconditional inputs: null values or the negative prompt; concat inputs kept
     def lengths(v):
         return torch.tensor([float(len(x)) for x in v])[:, None]  # [B, 1]
@@ -335,7 +336,7 @@ def test_checkpoint_round_trip_and_ignore_keys(tmp_path):
 
 
 def test_make_it_fit_tiles_and_rescales():
-    from ldm.models.diffusion.checkpoint_io import fit_tensor
+    from ldm.engine.init_weights import fit_tensor
 
     old = torch.arange(6.0).view(2, 3)
     new = fit_tensor(old, torch.Size([4, 6]))
@@ -459,7 +460,7 @@ def test_log_images_keys_and_ranges():
     assert log["samples"].shape == (3, 2, 2, 2)
     cond = log["conditioning"]
     assert cond.shape == (3, 3, 2, 2) and cond.min() >= -1 and cond.max() <= 1
-    from ldm.models.diffusion.image_logging import log_txt_as_img
+    from ldm.engine.image_rows import log_txt_as_img
 
     img = log_txt_as_img((64, 32), ["hello world", ""])
     assert img.shape == (2, 3, 32, 64)

@@ -1,4 +1,4 @@
-"""How conditioning reaches the denoiser, and conditioning dropout for classifier-free guidance.
+"""How conditioning reaches the network (CompVis `conditioning_key` routing).
 
 `DiffusionWrapper` holds the U-Net as `diffusion_model` (so state-dict keys read
 `model.diffusion_model.*` as in SD files) and routes conditioning by `conditioning_key`

@@ -1,0 +1,687 @@
+"""DiffusionEngine: the one LightningModule, composed from its parts (glue only).
+
+    engine = first stage (E, D) + Conditioner + network (U-Net) + Denoiser + DiffusionLoss
+
+- ``network_config``: the U-Net (``{target, params}``), held as ``model.diffusion_model`` so keys
+  read as in SD files; ``conditioning_key`` says how conditioning reaches it (``engine/network.py``).
+- ``denoiser_config``: the parameterization and the discrete schedule (``parameterization``,
+  ``timesteps``, ``beta_schedule``, ``linear_start``, ``linear_end``, ``cosine_s``,
+  ``given_betas``, ``zero_terminal_snr``, ``v_posterior``), or ``sigma_training`` (EDM / VE).
+- ``conditioner_config``: the embedders (``engine/embedders.py``).
+- ``first_stage_config``: the frozen autoencoder (None: pixel space).
+- ``loss_config``: ``ldm.diffusion.objective.DiffusionLoss`` options plus ``learn_logvar`` /
+  ``logvar_init``.
+- ``sampling_defaults``: the sampler, steps and guidance ``generate`` uses when given none.
+
+The CompVis classes (``ldm.models.diffusion.ddpm``) translate their parameters into these.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from einops import rearrange
+from torch import nn
+
+from ldm.diffusion import losses
+from ldm.diffusion.denoiser import Denoiser, DiscreteDenoiser, SigmaDenoiser
+from ldm.diffusion.edm import SigmaTraining
+from ldm.diffusion.gaussian import PARAMETERIZATIONS, q_sample
+from ldm.diffusion.objective import DiffusionLoss
+from ldm.ema import LitEma
+from ldm.engine.conditioner import Conditioner
+from ldm.engine.defaults import check_sampling_defaults
+from ldm.engine.embedders import build_conditioner
+from ldm.engine.init_weights import load_into
+from ldm.engine.network import CLASS_KEYS, DiffusionWrapper, as_cond_dict
+from ldm.engine.schedule import TrainingSchedule
+from ldm.optim import adamw
+from ldm.util import ConfigError, count_params, instantiate_from_config, plain
+
+logger = logging.getLogger(__name__)
+
+
+def disabled_train(self: nn.Module, mode: bool = True) -> nn.Module:
+    """Replacement for `.train()` on frozen sub-models so they stay in eval mode (CompVis)."""
+    return self
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Eval mode for good (``.train()`` becomes a no-op), no gradients."""
+    module = module.eval()
+    module.train = functools.partial(disabled_train, module)
+    for param in module.parameters():
+        param.requires_grad = False
+    return module
+
+
+def positive_or_none(name: str, value: Any) -> float | None:
+    """A loss-weight bound from the config: a positive number, or None (no bound)."""
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not number > 0:
+        raise ConfigError(f"{name}={value!r}: expected a positive number or null.")
+    return number
+
+
+def loss_from_config(config: Mapping[str, Any]) -> DiffusionLoss:
+    """DiffusionLoss from ``loss_config`` (learn_logvar / logvar_init are the engine's)."""
+    cfg = {k: v for k, v in config.items() if k not in ("learn_logvar", "logvar_init")}
+    gamma = positive_or_none("min_snr_gamma", cfg.get("min_snr_gamma"))
+    floor = positive_or_none("snr_weight_floor", cfg.get("snr_weight_floor"))
+    if None not in (gamma, floor) and floor > gamma:
+        raise ConfigError(
+            f"snr_weight_floor={floor} is above min_snr_gamma={gamma}: the x0-space loss weight "
+            "is clamp(SNR, snr_weight_floor, min_snr_gamma)."
+        )
+    cfg["min_snr_gamma"], cfg["snr_weight_floor"] = gamma, floor
+    if cfg.get("loss_type", "l2") not in losses.LOSS_TYPES:
+        raise ConfigError(
+            f"loss_type={cfg['loss_type']!r}: expected one of {list(losses.LOSS_TYPES)}."
+        )
+    try:
+        return DiffusionLoss(**cfg)
+    except TypeError as err:
+        raise ConfigError(f"loss_config: {err}") from None
+
+
+class DiffusionEngine(pl.LightningModule):
+    """Training (L_LDM), EMA, logging and ``generate`` over the composed parts."""
+
+    def __init__(
+        self,
+        network_config: Any,
+        denoiser_config: Mapping[str, Any] | None = None,
+        conditioner_config: Mapping[str, Any] | None = None,
+        first_stage_config: Any = None,
+        loss_config: Mapping[str, Any] | None = None,
+        sampling_defaults: Mapping[str, Any] | None = None,
+        conditioning_key: str | None = None,
+        scheduler_config: Any = None,
+        first_stage_key: str = "image",
+        image_size: int | Sequence[int] = 256,
+        channels: int = 3,
+        scale_factor: float = 1.0,
+        scale_by_std: bool = False,
+        use_ema: bool = True,
+        ema_decay: float = 0.9999,
+        monitor: str | None = "val/loss",
+        log_every_t: int = 100,
+        clip_denoised: bool = False,
+        ckpt_path: str | None = None,
+        ignore_keys: Sequence[str] = (),
+        load_only_unet: bool = False,
+        make_it_fit: bool = False,
+        reset_ema: bool = False,
+        reset_num_ema_updates: bool = False,
+        finetune_keys: Sequence[str] | None = None,
+        keep_finetune_dims: int = 4,
+    ) -> None:
+        super().__init__()
+        denoiser_config = dict(plain(denoiser_config) or {})
+        loss_config = dict(plain(loss_config) or {})
+        self.sampling_defaults = check_sampling_defaults(plain(sampling_defaults))
+        self.first_stage_key = first_stage_key
+        self.image_size = image_size
+        self.channels = channels
+        self.log_every_t = log_every_t
+        self.clip_denoised = clip_denoised
+        self.make_it_fit = make_it_fit
+        self.finetune_keys = tuple(finetune_keys) if finetune_keys else None
+        self.keep_dims = keep_finetune_dims
+        if monitor is not None:
+            self.monitor = monitor
+        self.learning_rate = 1.0e-4  # main.py sets base_learning_rate (times scaling) here
+        self.use_scheduler = scheduler_config is not None
+        if self.use_scheduler:
+            self.scheduler_config = scheduler_config
+        # -- denoiser: parameterization + discrete schedule, or sigma preconditioning
+        self.parameterization = denoiser_config.pop("parameterization", "eps")
+        sigma_training = denoiser_config.pop("sigma_training", None)
+        self.sigma_training = SigmaTraining(**plain(sigma_training)) if sigma_training else None
+        if self.parameterization not in PARAMETERIZATIONS:
+            raise ConfigError(
+                f"parameterization={self.parameterization!r}: expected one of "
+                f"{list(PARAMETERIZATIONS)} (eps: noise, x0: data, v: Salimans & Ho 2022)."
+            )
+        logger.info("%s: running in %s-prediction mode", type(self).__name__, self.parameterization)
+        try:
+            self.training_schedule = TrainingSchedule(**denoiser_config)
+        except TypeError as err:
+            raise ConfigError(f"denoiser_config: {err}") from None
+        if self.training_schedule.zero_terminal_snr and self.parameterization == "eps":
+            raise ConfigError(
+                "zero_terminal_snr=True makes x_T pure noise, where an eps-prediction cannot "
+                "recover x_0 (Lin et al. 2023, Sec. 3.2); use parameterization: v."
+            )
+        self.v_posterior = self.training_schedule.v_posterior
+        self.register_schedule()
+        # -- loss
+        self.loss = loss_from_config(loss_config)
+        self.loss_type = self.loss.loss_type
+        self.learn_logvar = bool(loss_config.get("learn_logvar", False))
+        logvar = torch.full((self.num_timesteps,), float(loss_config.get("logvar_init", 0.0)))
+        if self.learn_logvar:
+            self.logvar = nn.Parameter(logvar, requires_grad=True)
+        else:
+            self.register_buffer("logvar", logvar, persistent=False)
+        # -- network, EMA
+        self.model = DiffusionWrapper(network_config, conditioning_key)
+        count_params(self.model, verbose=True)
+        self.use_ema = use_ema
+        if self.use_ema:
+            self.model_ema = LitEma(self.model, decay=ema_decay)
+            logger.info("Keeping EMAs of %d parameters.", len(self.model_ema.m_name2s_name))
+        # -- first stage (frozen) and conditioner
+        self.scale_by_std = scale_by_std
+        if not scale_by_std:
+            self.scale_factor = scale_factor
+        else:
+            self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
+        self.first_stage_model = (
+            freeze(instantiate_from_config(first_stage_config))
+            if first_stage_config is not None
+            else None
+        )
+        self.cond_stage_model: nn.Module | None = None
+        self.conditioner: Conditioner | None = build_conditioner(
+            self, plain(conditioner_config) or {}
+        )
+        # -- weights
+        if reset_ema and ckpt_path is None:
+            raise ConfigError("reset_ema=True needs ckpt_path (the EMA to reset comes from it).")
+        self.restarted_from_ckpt = ckpt_path is not None
+        self._restore(ckpt_path, list(ignore_keys or ()), load_only_unet, reset_ema)
+        if reset_num_ema_updates:
+            if not self.use_ema:
+                raise ConfigError("reset_num_ema_updates=True needs use_ema=True.")
+            logger.info("Resetting the number of EMA updates to 0.")
+            self.model_ema.reset_num_updates()
+
+    # ------------------------------------------------------------------ construction helpers
+    def register_schedule(self) -> None:
+        """Register the CompVis schedule buffers (DDPM eq. 4, 6, 7) and the VLB weights."""
+        self.training_schedule.register(self)
+        self.num_timesteps = self.training_schedule.num_timesteps
+        self.linear_start, self.linear_end = (
+            self.training_schedule.linear_start,
+            self.training_schedule.linear_end,
+        )
+        self._ac64 = self.training_schedule.alphas_cumprod.clone()
+        self._ac64_key: tuple[int, int] | None = None
+        weights = losses.lvlb_weights(
+            self.training_schedule.betas, self._ac64, self.posterior_variance, self.parameterization
+        )
+        self.register_buffer("lvlb_weights", weights, persistent=False)
+
+    @property
+    def alphas_cumprod_f64(self) -> torch.Tensor:
+        """alpha_bar [T] in float64 on CPU, following the `alphas_cumprod` buffer (e.g. after a
+        checkpoint with another schedule was loaded into it)."""
+        buf = self.alphas_cumprod
+        key = (buf.data_ptr(), buf._version)
+        if key != self._ac64_key:
+            if buf.device.type != "meta":
+                stored = buf.detach().to("cpu", torch.float64)
+                if not torch.equal(stored.float(), self._ac64.float()):
+                    self._ac64 = stored
+            self._ac64_key = key
+        return self._ac64
+
+    @property
+    def denoiser(self) -> Denoiser:
+        """D(x; sigma) of this model, shared by the loss and every solver (ldm.diffusion.denoiser)."""
+        if self.sigma_training is not None:
+            return SigmaDenoiser(self.sigma_training)
+        return DiscreteDenoiser(self.alphas_cumprod_f64, self.parameterization)
+
+    @property
+    def latent_space(self) -> bool:
+        return self.first_stage_model is not None
+
+    def _restore(
+        self, ckpt_path: str | None, ignore_keys: Sequence[str], only_model: bool, reset_ema: bool
+    ) -> None:
+        if ckpt_path is None:
+            return
+        missing, _ = self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=only_model)
+        no_ema_in_file = any(k.startswith("model_ema.") for k in missing) and not only_model
+        if self.use_ema and no_ema_in_file and not reset_ema:
+            logger.warning(
+                "%s has no (complete) EMA weights: starting the EMA from the loaded weights.",
+                ckpt_path,
+            )
+            self.model_ema = LitEma(self.model, decay=float(self.model_ema.decay))
+        if reset_ema:
+            if not self.use_ema:
+                raise ConfigError("reset_ema=True needs use_ema=True.")
+            logger.info("Resetting EMA to the pure model weights of %s.", ckpt_path)
+            self.model_ema = LitEma(self.model, decay=float(self.model_ema.decay))
+
+    def init_from_ckpt(
+        self, path: str, ignore_keys: Sequence[str] = (), only_model: bool = False
+    ) -> tuple[list[str], list[str]]:
+        """Load weights from a .ckpt / .safetensors file non-strictly (CompVis semantics);
+        ``finetune_keys`` are widened with zero-initialised extra input channels."""
+        return load_into(
+            self,
+            path,
+            ignore_keys,
+            only_model,
+            fit=self.make_it_fit,
+            finetune_keys=self.finetune_keys,
+            keep_dims=self.keep_dims,
+        )
+
+    # ------------------------------------------------------------------ EMA
+    @contextmanager
+    def ema_scope(self, context: str | None = None) -> Iterator[None]:
+        """Temporarily swap in the EMA weights (no-op without use_ema)."""
+        if self.use_ema:
+            self.model_ema.store(self.model.parameters())
+            self.model_ema.copy_to(self.model)
+            if context is not None:
+                logger.info("%s: switched to EMA weights", context)
+        try:
+            yield None
+        finally:
+            if self.use_ema:
+                self.model_ema.restore(self.model.parameters())
+                if context is not None:
+                    logger.info("%s: restored training weights", context)
+
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        """EMA update after every training batch (CompVis)."""
+        if self.use_ema:
+            self.model_ema(self.model)
+
+    # ------------------------------------------------------------------ the network
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        """Network output for x_t at timesteps t [B] with conditioning (tensor, list or dict)."""
+        if self.model.conditioning_key is None:
+            return self.model(x_noisy, t)
+        return self.model(x_noisy, t, **as_cond_dict(cond, self.model.conditioning_key))
+
+    def q_sample(
+        self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x_t ~ q(x_t | x_0) (DDPM eq. 4)."""
+        noise = torch.randn_like(x_start) if noise is None else noise
+        return q_sample(x_start, t, noise, self.alphas_cumprod_f64)
+
+    # ------------------------------------------------------------------ first stage
+    @torch.no_grad()
+    def encode_first_stage(self, x: torch.Tensor) -> Any:
+        """E(x): a posterior (KL), pre-quantization latents (VQ) or x itself (pixel space)."""
+        if self.first_stage_model is None:
+            return x
+        return self.first_stage_model.encode(x)
+
+    def get_first_stage_encoding(self, encoder_posterior: Any) -> torch.Tensor:
+        """z = scale_factor * (posterior sample | tensor)."""
+        if isinstance(encoder_posterior, torch.Tensor):
+            z = encoder_posterior
+        elif callable(getattr(encoder_posterior, "sample", None)):
+            z = encoder_posterior.sample()
+        else:
+            raise TypeError(
+                f"encoder_posterior of type {type(encoder_posterior).__name__} is neither a "
+                "tensor nor a distribution with .sample()."
+            )
+        return self.scale_factor * z
+
+    @torch.no_grad()
+    def decode_first_stage(
+        self, z: torch.Tensor, predict_cids: bool = False, force_not_quantize: bool = False
+    ) -> torch.Tensor:
+        """D(z / scale_factor)."""
+        if predict_cids:
+            raise NotImplementedError(
+                "predict_cids (codebook-index prediction) is not supported; decode latents."
+            )
+        if self.first_stage_model is None:
+            return z
+        z = 1.0 / self.scale_factor * z
+        decode = self.first_stage_model.decode
+        if "force_not_quantize" in inspect.signature(decode).parameters:
+            return decode(z, force_not_quantize=force_not_quantize)
+        return decode(z)
+
+    def encode_latent(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Images [B, C, H, W] in [-1, 1] -> z = scale_factor * E(x), a posterior sample drawn
+        from ``generator`` (KL) or the latents (VQ); the images themselves in pixel space."""
+        if self.first_stage_model is None:
+            return x
+        posterior = self.encode_first_stage(x)
+        if isinstance(posterior, torch.Tensor) or generator is None:
+            return self.get_first_stage_encoding(posterior)
+        eps = torch.randn(posterior.mean.shape, generator=generator, device=generator.device)
+        return self.scale_factor * (posterior.mean + posterior.std * eps.to(posterior.mean))
+
+    def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """The sampler's x_0 -> images in [-1, 1]."""
+        return self.decode_first_stage(z)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """scale_by_std: set scale_factor = 1 / std(z) from the very first batch (LDM Sec. G)."""
+        if not (
+            self.scale_by_std
+            and self.current_epoch == 0
+            and self.global_step == 0
+            and batch_idx == 0
+            and not self.restarted_from_ckpt
+        ):
+            return
+        if float(self.scale_factor) != 1.0:
+            raise ConfigError(
+                f"scale_by_std=True estimates scale_factor itself; set scale_factor: 1.0 "
+                f"(found {float(self.scale_factor)})."
+            )
+        logger.info("### USING STD-RESCALING ###")
+        x = self.image_input(batch, self.first_stage_key).to(self.device)
+        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+        value = 1.0 / z.flatten().float().std()
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            value = trainer.strategy.broadcast(value, src=0)
+        self.scale_factor = value.to(self.scale_factor)
+        logger.info("setting self.scale_factor to %s", float(self.scale_factor))
+
+    # ------------------------------------------------------------------ batches and loss
+    def image_input(self, batch: Mapping[str, Any], k: str) -> torch.Tensor:
+        """batch[k] as B x H x W x C in [-1, 1] -> float B x C x H x W (CompVis data convention)."""
+        if k not in batch:
+            raise KeyError(
+                f"batch has no key '{k}' (keys: {sorted(batch)}); set first_stage_key / "
+                "cond_stage_key to the key your data set yields."
+            )
+        x = batch[k]
+        if not isinstance(x, torch.Tensor):
+            x = torch.as_tensor(x)
+        if x.ndim == 3:
+            x = x[..., None]
+        x = rearrange(x, "b h w c -> b c h w")
+        return x.to(memory_format=torch.contiguous_format).float()
+
+    @torch.no_grad()
+    def prepare_batch(
+        self, batch: Mapping[str, Any], bs: int | None = None
+    ) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        """(z, c, x): latents of the images, their conditioning (raw when the conditioner trains:
+        it is encoded with gradients in ``forward``), the images."""
+        x = self.image_input(batch, self.first_stage_key)
+        if bs is not None:
+            x = x[:bs]
+        x = x.to(self.device)
+        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+        c = None
+        if self.conditioner is not None:
+            c = self.conditioner.batch_condition(batch, x, bs, encode=not self.conditioner.trains)
+        return z, c, x
+
+    def sample_timesteps(self, batch_size: int) -> torch.Tensor:
+        """t ~ U{0, ..., T-1} [B]."""
+        return torch.randint(0, self.num_timesteps, (batch_size,), device=self.device).long()
+
+    def diffusion_loss(
+        self, x_start: torch.Tensor, cond: Any, t: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """L = l_simple_weight * mean(w_t L_simple / e^logvar_t + logvar_t) + elbo_weight * L_vlb."""
+        return self.loss.discrete(
+            lambda x, tt: self.apply_model(x, tt, cond),
+            self.denoiser,
+            x_start,
+            t,
+            self.alphas_cumprod_f64,
+            self.logvar,
+            self.lvlb_weights,
+            noise,
+            "train" if self.training else "val",
+            self.learn_logvar,
+        )
+
+    def sigma_loss(
+        self, x_start: torch.Tensor, cond: Any
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """EDM / VE denoiser loss lambda(sigma) ||D(x + sigma n, sigma) - x||^2 (Karras et al. 2022)."""
+        return self.loss.sigma(
+            lambda x, c_noise: self.apply_model(x, c_noise, cond),
+            self.denoiser,
+            x_start,
+            "train" if self.training else "val",
+        )
+
+    def forward(self, x: torch.Tensor, c: Any = None, *args: Any, **kwargs: Any) -> Any:
+        """Training loss of latents x: encode a trainable condition, diffuse a shortened one, L_LDM."""
+        if self.conditioner is not None:
+            if c is None:
+                raise ValueError("conditional model called without conditioning c.")
+            if self.conditioner.trains:
+                c = self.conditioner.encode_raw(c)
+        if self.sigma_training is not None:
+            return self.sigma_loss(x, c)
+        t = self.sample_timesteps(x.shape[0])
+        if self.conditioner is not None:
+            c = self.conditioner.diffuse(self, c, t)
+        return self.diffusion_loss(x, c, t, *args, **kwargs)
+
+    def shared_step(self, batch: Mapping[str, Any], **kwargs: Any) -> Any:
+        """Loss of one batch."""
+        z, c, _ = self.prepare_batch(batch)
+        return self(z, c)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Conditioning dropout (per embedder), loss, logging of loss / global step / lr."""
+        if self.conditioner is not None:
+            self.conditioner.drop(batch)  # caption dropout for classifier-free guidance
+        loss, loss_dict = self.shared_step(batch)
+        if self._trainer is None:  # called outside a Trainer (scripts, tests): nothing to log to
+            return loss
+        bs = len(batch[self.first_stage_key])
+        self.log_dict(
+            loss_dict, prog_bar=True, logger=True, on_step=True, on_epoch=True, batch_size=bs
+        )
+        self.log(
+            "global_step",
+            float(self.global_step),
+            prog_bar=True,
+            logger=True,
+            on_step=True,
+            on_epoch=False,
+            batch_size=bs,
+        )
+        if self.use_scheduler:
+            lr = self.optimizers().param_groups[0]["lr"]
+            self.log("lr_abs", lr, prog_bar=True, on_step=True, on_epoch=False, batch_size=bs)
+        return loss
+
+    @torch.no_grad()
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """val/* with training weights and val/*_ema with EMA weights, on the same t and noise."""
+        seed = int(batch_idx) + 1000 * int(getattr(self, "current_epoch", 0) or 0)
+        with self._seeded(seed):
+            _, loss_dict_no_ema = self.shared_step(batch)
+        with self.ema_scope(), self._seeded(seed):
+            _, loss_dict_ema = self.shared_step(batch)
+        loss_dict_ema = {key + "_ema": value for key, value in loss_dict_ema.items()}
+        bs = len(batch[self.first_stage_key])
+        for logged in (loss_dict_no_ema, loss_dict_ema):
+            self.log_dict(logged, on_step=False, on_epoch=True, batch_size=bs)
+
+    @contextmanager
+    def _seeded(self, seed: int) -> Iterator[None]:
+        """Fixed t and noise inside, global RNG state untouched outside (accelerator too)."""
+        kind = self.device.type
+        if kind in ("cpu", "meta"):
+            fork = torch.random.fork_rng(devices=[])
+        else:
+            fork = torch.random.fork_rng(devices=[self.device], device_type=kind)
+        with fork:
+            torch.manual_seed(seed)
+            yield
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The network, trainable embedders, logvar when learned."""
+        params = list(self.model.parameters())
+        if self.conditioner is not None and self.conditioner.trains:
+            logger.info("%s: also optimizing conditioner params!", type(self).__name__)
+            params += self.conditioner.trainable_parameters()
+        if self.learn_logvar:
+            params.append(self.logvar)
+        return params
+
+    def configure_optimizers(self) -> Any:
+        """AdamW(lr = self.learning_rate) and, with scheduler_config, a per-step LambdaLR."""
+        opt = adamw(self.trainable_parameters(), lr=self.learning_rate)
+        if not self.use_scheduler:
+            return opt
+        scheduler = instantiate_from_config(self.scheduler_config)
+        logger.info("Setting up LambdaLR scheduler...")
+        lr_sched = {
+            "scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=scheduler.schedule),
+            "interval": "step",
+            "frequency": 1,
+        }
+        return [opt], [lr_sched]
+
+    # ------------------------------------------------------------------ generation
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of samples."""
+        size = self.image_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (self.channels, int(h), int(w))
+
+    def generate(self, prompt: Any = None, **kwargs: Any) -> Any:
+        """Images for prompts (or a batch, or a conditioning); see :func:`ldm.engine.generate.generate`."""
+        from ldm.engine.generate import generate
+
+        return generate(self, prompt, **kwargs)
+
+    # -- the CompVis sampling API, translated into generate() calls
+    def get_learned_conditioning(self, c: Any) -> Any:
+        """tau_theta(y) of raw conditioning inputs (prompts, labels, images)."""
+        if self.conditioner is None:
+            raise RuntimeError(f"{type(self).__name__} is unconditional: it has no cond stage.")
+        return self.conditioner.encode_raw(c)
+
+    @torch.no_grad()
+    def get_unconditional_conditioning(self, batch_size: int, null_label: Any = None) -> Any:
+        """tau_theta(null) repeated batch_size times (empty prompt / null class by default)."""
+        if self.conditioner is None:
+            raise RuntimeError(f"{type(self).__name__} is unconditional: it has no cond stage.")
+        null_label = plain(null_label)
+        if null_label is None:
+            get_uc = getattr(self.cond_stage_model, "get_unconditional_conditioning", None)
+            if self.conditioner.input_key in CLASS_KEYS and callable(get_uc):
+                return self.get_learned_conditioning(get_uc(batch_size, device=self.device))
+            null = self.conditioner.embedders[0].null
+            if null is None:
+                raise ValueError(
+                    f"No default null condition for cond_stage_key '{self.conditioner.input_key}'; "
+                    "pass unconditional_guidance_label."
+                )
+            if isinstance(null, str):
+                null_label = [null]
+            else:
+                null_label = torch.full((batch_size,), int(null), device=self.device)
+        if isinstance(null_label, torch.Tensor):
+            null_label = null_label.to(self.device)
+        c = self.get_learned_conditioning(null_label)
+        if isinstance(c, list):
+            return [ci.expand(batch_size, *ci.shape[1:]).to(self.device) for ci in c]
+        if c.shape[0] == batch_size:
+            return c.to(self.device)
+        return c[:1].expand(batch_size, *c.shape[1:]).to(self.device)  # [1, ...] -> [B, ...]
+
+    def unconditional_for(self, c: Any, batch_size: int, null_label: Any = None) -> Any:
+        """Null conditioning shaped like c (dict conditions keep their c_concat / c_adm parts)."""
+        if isinstance(c, Mapping):
+            uc = dict(c)
+            uc["c_crossattn"] = [self.get_unconditional_conditioning(batch_size, null_label)]
+            return uc
+        return self.get_unconditional_conditioning(batch_size, null_label)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: Any = None,
+        batch_size: int = 16,
+        return_intermediates: bool = False,
+        x_T: torch.Tensor | None = None,
+        sampler: str = "ddpm",
+        steps: int | None = None,
+        **options: Any,
+    ) -> Any:
+        """CompVis ``sample``: latents through generate (default: ancestral DDPM, all T steps)."""
+        from ldm.samplers.legacy import sample_model
+
+        samples, intermediates = sample_model(
+            self,
+            cond,
+            batch_size=batch_size,
+            shape=self.latent_shape(),
+            sampler=sampler,
+            steps=steps or self.num_timesteps,
+            x_T=x_T,
+            log_every_t=self.log_every_t,
+            **options,
+        )
+        if return_intermediates:
+            return samples, intermediates["pred_x0"]
+        return samples
+
+    @torch.no_grad()
+    def sample_log(
+        self,
+        cond: Any,
+        batch_size: int,
+        ddim: bool = True,
+        ddim_steps: int | None = 50,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
+        """(latents, intermediates) with DDIM (ddim_steps) or ancestral DDPM (all T steps)."""
+        from ldm.samplers.legacy import sample_model
+
+        sampler = "ddim" if ddim and ddim_steps else "ddpm"
+        steps = ddim_steps if sampler == "ddim" else self.num_timesteps
+        if sampler == "ddpm":
+            kwargs.pop("eta", None)
+        return sample_model(
+            self,
+            cond,
+            batch_size=batch_size,
+            shape=self.latent_shape(),
+            sampler=sampler,
+            steps=steps,
+            log_every_t=max(1, steps // 10) if steps else self.log_every_t,
+            **kwargs,
+        )
+
+    @torch.no_grad()
+    def log_images(self, batch: Mapping[str, Any], **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Image rows for ImageLogger, every sample made by ``generate``; see ``engine/image_logs.py``."""
+        from ldm.engine.image_logs import log_images
+
+        return log_images(self, batch, **kwargs)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the sampling defaults (sampler, steps, guidance) with the weights."""
+        if self.sampling_defaults:
+            checkpoint["sampling_defaults"] = dict(self.sampling_defaults)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get("sampling_defaults"):
+            self.sampling_defaults = check_sampling_defaults(checkpoint["sampling_defaults"])
