@@ -26,7 +26,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.config import ConfigSources, explain, merge_configs, split_cli
-from ldm.util import ConfigError
+from ldm.util import ConfigError, did_you_mean
 
 logger = logging.getLogger("ldm.main")
 
@@ -116,11 +116,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     rest, overrides = split_cli(argv, own, trainer_cli_args())
     opt, unknown = parser.parse_known_args(rest)
     if unknown:
-        from ldm.config import suggest
-
         bad = unknown[0]
         parser.error(
-            f"unrecognized argument {bad!r}{suggest(bad, own)}. Config overrides need a dotted key "
+            f"unrecognized argument {bad!r}{did_you_mean(bad, own)}. Config overrides need a dotted key "
             "(model.params.x=1 or --model.params.x 1)."
         )
     if opt.name and opt.resume:

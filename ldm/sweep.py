@@ -36,8 +36,8 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ldm.config import load_yaml, suggest
-from ldm.util import ConfigError
+from ldm.config import load_yaml
+from ldm.util import ConfigError, did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
     for key in cfg:
         if key not in SWEEP_KEYS:
             raise ConfigError(
-                f"{src}: unknown key '{key}'{suggest(str(key), SWEEP_KEYS)}. Keys: {', '.join(SWEEP_KEYS)}."
+                f"{src}: unknown key '{key}'{did_you_mean(str(key), SWEEP_KEYS)}. Keys: {', '.join(SWEEP_KEYS)}."
             )
     params = cfg.get("parameters")
     if not isinstance(params, DictConfig) or not params:
