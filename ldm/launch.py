@@ -373,7 +373,7 @@ def build_trainer(
 ) -> tuple[pl.Trainer, Any]:
     """Trainer with loggers, default + configured callbacks and atomic checkpoint writes."""
     from ldm.callbacks import SetupCallback
-    from ldm.checkpointing import AtomicCheckpointIO, InterruptCheckpoint, RNGStateCheckpoint
+    from ldm.fault_tolerance import AtomicCheckpointIO, InterruptCheckpoint, RNGStateCheckpoint
     from ldm.trainer_setup import (
         build_loggers,
         default_callback_configs,
