@@ -22,7 +22,7 @@ from PIL import Image
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info
 
-from ldm.checkpointing import InterruptCheckpoint
+from ldm.fault_tolerance import InterruptCheckpoint
 
 logger = logging.getLogger(__name__)
 

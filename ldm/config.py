@@ -2,14 +2,13 @@
 
 Configs merge left to right (``OmegaConf.merge``), then the command-line overrides. Every key
 remembers the file (or ``command line``) that set it last, so an error names the file, the key
-path, what was expected and what was found, and suggests a fix (``difflib`` for misspellings).
+path, what was expected and what was found, and suggests a fix (:func:`ldm.util.did_you_mean` for misspellings).
 Override forms: ``a.b=1``, ``--a.b=1``, ``--a.b 1``; ``trainer.x`` means ``lightning.trainer.x``,
 and a bare Trainer argument (``--max_steps 20``, legacy ``--gpus 0,``) too.
 """
 
 from __future__ import annotations
 
-import difflib
 import logging
 import re
 from collections.abc import Iterable, Sequence
@@ -20,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ldm.util import ConfigError, accepts_parameter
+from ldm.util import ConfigError, accepts_parameter, did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -29,12 +28,6 @@ LIGHTNING_SECTIONS = ("trainer", "callbacks", "logger", "modelcheckpoint", "stra
 CLI_SOURCE = "command line"
 _KEY_RE = re.compile(r"^[A-Za-z_][\w\-]*(\[\d+\])*(\.[\w\-]+(\[\d+\])*)*$")
 _NUMBER_RE = re.compile(r"^-(\d|\.\d)")
-
-
-def suggest(word: str, candidates: Iterable[str]) -> str:
-    """`` (did you mean 'x'?)`` for the closest candidate, or an empty string."""
-    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 @dataclass
@@ -78,7 +71,7 @@ def load_yaml(path: str | Path) -> DictConfig:
     if not path.is_file():
         siblings = [p.name for p in path.parent.glob("*.yaml")] if path.parent.is_dir() else []
         raise ConfigError(
-            f"config file '{path}' does not exist{suggest(path.name, siblings)}. "
+            f"config file '{path}' does not exist{did_you_mean(path.name, siblings)}. "
             "Pass an existing YAML file to -b/--base."
         )
     try:
@@ -215,7 +208,7 @@ def check_override(base: DictConfig, key: str, value: Any, sources: ConfigSource
             return
         if part not in node.keys():  # `in node` is False for a missing value (???)
             existing = [str(k) for k in node.keys()]
-            hint = suggest(part, existing)
+            hint = did_you_mean(part, existing)
             if hint and _is_constructor_parameter(parent, walked, part):
                 hint = ""  # e.g. use_scale_shift_norm next to use_spatial_transformer
             if hint:
@@ -322,7 +315,7 @@ def check_sections(cfg: DictConfig, source: str) -> None:
         key = str(key)
         if key in SECTIONS:
             continue
-        hint = suggest(key, SECTIONS)
+        hint = did_you_mean(key, SECTIONS)
         if hint:
             raise ConfigError(
                 f"{source}: unknown top-level section '{key}'{hint}. "

@@ -1,17 +1,17 @@
-"""The training command line (``python main.py``): flags, run directory, Trainer, fit, summary.
+"""One training/evaluation run: ``run(spec: RunSpec) -> RunResult``.
 
-Keeps the CompVis command line (``-b/--base``, ``-t``, ``-r``, ``-n``, ``-p``, ``-f``, ``-l``, ``-s``,
-``--scale_lr``, ``--no-test``, ``-d``) on Lightning 2. Learning-rate rule of the original:
+Resolves the run directory, merges the configs, builds model, data and Trainer, fits (and tests),
+and logs a summary. No command-line parsing here: ``main.py`` turns argv into a
+:class:`~ldm.run_spec.RunSpec` (:mod:`ldm.launch_cli`); a sweep (:mod:`ldm.sweep`) builds one per
+trial. Learning-rate rule of the original:
 ``lr = accumulate_grad_batches * devices * num_nodes * batch_size * base_learning_rate``.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import itertools
 import logging
-import os
 import pdb
 import pickle
 import shutil
@@ -25,179 +25,99 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.config import ConfigSources, explain, merge_configs, split_cli
+from ldm.config import ConfigSources, explain, merge_configs, normalize_key
+from ldm.run_spec import FINISHED, INTERRUPTED, RunResult, RunSpec, UsageError
 from ldm.util import ConfigError
+
+__all__ = [
+    "RunPaths",
+    "RunResult",
+    "RunSpec",
+    "UsageError",
+    "config_overrides",
+    "resolve_paths",
+    "run",
+    "scale_learning_rate",
+    "timestamp",
+]
 
 logger = logging.getLogger("ldm.main")
 
-RUN_NOW_ENV = "LDM_RUN_NOW"  # shared by the processes Lightning launches for one run
 
-
-class UsageError(ConfigError):
-    """A wrong combination of command-line flags."""
-
-
-def str2bool(v: Any) -> bool:
-    """``yes/true/t/y/1`` -> True, ``no/false/f/n/0`` -> False."""
-    if isinstance(v, bool):
-        return v
-    if v.lower() in ("yes", "true", "t", "y", "1"):
-        return True
-    if v.lower() in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), found {v!r}")
-
-
-EPILOG = """\
-overrides (any config key, after the flags or between them):
-  model.params.x=1          dotlist form
-  --model.params.x=1        flag form with '='
-  --model.params.x 1        flag form with a separate value
-  --trainer.devices 2       Trainer arguments: same as lightning.trainer.devices=2
-  --max_steps 20            a bare Trainer argument (legacy: --gpus 0,)
-
-examples:
-  python main.py --base configs/txt2img.yaml -t
-  python main.py --base A.yaml B.yaml -t model.base_learning_rate=1e-4 --trainer.max_steps 20
-  python main.py -r logs/2024-01-01T00-00-00_txt2img -t          # continue a run
-  python main.py --base A.yaml -t --sweep sweep.yaml             # grid/random sweep
-"""
-
-
-def get_parser() -> argparse.ArgumentParser:
-    """The CompVis flags, plus ``--sweep`` / ``--sweep-backend``."""
-    p = argparse.ArgumentParser(
-        prog="main.py",
-        description="Train latent diffusion models and autoencoders from CompVis-style YAML configs.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,
-    )
-    p.add_argument("-b", "--base", nargs="*", metavar="CONFIG.yaml", default=[],
-                   help="config files, merged left to right; later files and overrides win")  # fmt: skip
-    p.add_argument("-t", "--train", type=str2bool, nargs="?", const=True, default=False,
-                   help="train (fit); without it only the test split is run")  # fmt: skip
-    p.add_argument("-r", "--resume", type=str, default="", metavar="RUN_DIR|CKPT",
-                   help="continue a run: its directory (uses checkpoints/last.ckpt) or a checkpoint "
-                        "inside it; restores weights, optimizer, schedulers, EMA, step counters "
-                        "and data position, and keeps writing to the same run directory")  # fmt: skip
-    p.add_argument("-n", "--name", type=str, default="",
-                   help="run name: logs/<timestamp>_<name> (default: first config's file name); "
-                        "not with -r")  # fmt: skip
-    p.add_argument("-p", "--project", type=str, default=None,
-                   help="group runs under <logdir>/<project>/ and name the W&B project")  # fmt: skip
-    p.add_argument("-f", "--postfix", type=str, default="",
-                   help="appended to the run directory name")  # fmt: skip
-    p.add_argument("-l", "--logdir", type=str, default="logs",
-                   help="parent folder of run directories (default: logs)")  # fmt: skip
-    p.add_argument("-s", "--seed", type=int, default=23,
-                   help="seed for seed_everything (default: 23)")  # fmt: skip
-    p.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=True,
-                   help="lr = accumulate_grad_batches * devices * num_nodes * batch_size * "
-                        "base_learning_rate (default: true; --scale_lr false uses base lr)")  # fmt: skip
-    p.add_argument("--no-test", type=str2bool, nargs="?", const=True, default=False,
-                   help="skip the test split after training")  # fmt: skip
-    p.add_argument("-d", "--debug", type=str2bool, nargs="?", const=True, default=False,
-                   help="debug: verbose logging, post-mortem debugger on errors, run moved to "
-                        "<logdir>/debug_runs, W&B offline")  # fmt: skip
-    p.add_argument("--sweep", type=str, default=None, metavar="SWEEP.yaml",
-                   help="run a sweep: grid or random sampling over config keys (see ldm/sweep.py)")  # fmt: skip
-    p.add_argument("--sweep-backend", choices=("local", "ray"), default="local",
-                   help="'local': trials one after another here; 'ray': Ray Tune when installed")  # fmt: skip
-    return p
-
-
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """Split overrides from flags, parse flags; unknown flags get a suggestion."""
-    from ldm.trainer_setup import trainer_cli_args
-
-    parser = get_parser()
-    own = [s for a in parser._actions for s in a.option_strings]
-    rest, overrides = split_cli(argv, own, trainer_cli_args())
-    opt, unknown = parser.parse_known_args(rest)
-    if unknown:
-        from ldm.config import suggest
-
-        bad = unknown[0]
-        parser.error(
-            f"unrecognized argument {bad!r}{suggest(bad, own)}. Config overrides need a dotted key "
-            "(model.params.x=1 or --model.params.x 1)."
-        )
-    if opt.name and opt.resume:
-        raise UsageError(
-            "-n/--name and -r/--resume cannot be used together: -r continues the run in its existing "
-            "directory, whose name is fixed. To start a new, named run from a checkpoint's weights, "
-            "use -n NAME with model.params.ckpt_path=PATH instead of -r."
-        )
-    return opt, overrides
+def timestamp() -> str:
+    """The current time as the first part of a run directory's name (``2024-01-31T12-00-00``)."""
+    return datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
 
 
 @dataclass
 class RunPaths:
-    """Where a run writes: ``logdir`` = ``<logdir>/<now>_<name>``."""
+    """Where a run writes: ``run_dir`` = ``<logdir>/<now>_<name>`` (``nowname`` is its name)."""
 
     now: str
     nowname: str
-    logdir: Path
+    run_dir: Path
     ckpt: Path | None = None
     resume_configs: list[str] = field(default_factory=list)
 
     @property
     def ckptdir(self) -> Path:
-        return self.logdir / "checkpoints"
+        return self.run_dir / "checkpoints"
 
     @property
     def cfgdir(self) -> Path:
-        return self.logdir / "configs"
+        return self.run_dir / "configs"
 
 
-def resolve_paths(opt: argparse.Namespace) -> RunPaths:
-    """New run directory, or the existing one of ``-r`` with its checkpoint and saved configs."""
-    now = os.environ.get(RUN_NOW_ENV) or datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
-    if opt.resume:
-        target = Path(opt.resume)
+def resolve_paths(spec: RunSpec) -> RunPaths:
+    """New run directory, or the existing one of ``-r`` with its checkpoint and saved configs.
+
+    ``spec.now`` None: the current time, with ``-1``, ``-2``, ... appended while that name is taken
+    (a new directory; with ``-r``, new config file names in the run's ``configs/``). ``spec.now``
+    given: used as is, so every process of one run resolves the same paths.
+    """
+    joining = spec.now is not None
+    now = spec.now if spec.now is not None else timestamp()
+    if spec.resume:
+        target = Path(spec.resume)
         if not target.exists():
             raise UsageError(
-                f"-r {opt.resume}: no such file or directory. Give a run directory "
+                f"-r {spec.resume}: no such file or directory. Give a run directory "
                 "(logs/<timestamp>_<name>) or a checkpoint inside its checkpoints/ folder."
             )
         if target.is_file():
-            logdir = target.parent.parent if target.parent.name == "checkpoints" else target.parent
+            run_dir = target.parent.parent if target.parent.name == "checkpoints" else target.parent
             ckpt = target
         else:
-            logdir = target
+            run_dir = target
             ckpt = target / "checkpoints" / "last.ckpt"
             if not ckpt.is_file():
                 found = sorted(p.name for p in (target / "checkpoints").glob("*.ckpt"))
                 raise UsageError(
-                    f"-r {opt.resume}: {ckpt} does not exist (checkpoints there: "
+                    f"-r {spec.resume}: {ckpt} does not exist (checkpoints there: "
                     f"{', '.join(found) or 'none'}). Pass one of them: -r {target}/checkpoints/NAME."
                 )
-        configs = sorted(str(p) for p in (logdir / "configs").glob("*.yaml"))
+        configs = sorted(str(p) for p in (run_dir / "configs").glob("*.yaml"))
         base = now
         for i in itertools.count(1):  # two launches within one second keep both config files
-            if (
-                RUN_NOW_ENV in os.environ
-                or not (logdir / "configs" / f"{now}-project.yaml").exists()
-            ):
+            if joining or not (run_dir / "configs" / f"{now}-project.yaml").exists():
                 break
             now = f"{base}-{i}"
-        return RunPaths(now, logdir.name, logdir, ckpt, configs)
-    if opt.name:
-        name = "_" + opt.name
-    elif opt.base:
-        name = "_" + Path(opt.base[0]).stem
+        return RunPaths(now, run_dir.name, run_dir, ckpt, configs)
+    if spec.name:
+        name = "_" + spec.name
+    elif spec.base:
+        name = "_" + Path(spec.base[0]).stem
     else:
         name = ""
-    parent = Path(opt.logdir) / opt.project if opt.project else Path(opt.logdir)
-    nowname = now + name + opt.postfix
-    if RUN_NOW_ENV not in os.environ:  # not a rank of a launched run: never reuse a directory
+    parent = Path(spec.logdir) / spec.project if spec.project else Path(spec.logdir)
+    nowname = now + name + spec.postfix
+    if not joining:  # a new run never reuses a directory
         base = now
         for i in itertools.count(1):
             if not (parent / nowname).exists():
                 break
             now = f"{base}-{i}"
-            nowname = now + name + opt.postfix
+            nowname = now + name + spec.postfix
     return RunPaths(now, nowname, parent / nowname)
 
 
@@ -215,57 +135,46 @@ def scale_learning_rate(
     return lr, msg
 
 
-@dataclass
-class RunResult:
-    """What a launch did: where it wrote and the final step and metrics."""
+def config_overrides(spec: RunSpec) -> list[str]:
+    """``spec.overrides`` with ``trainer.x=1`` and a bare Trainer argument ``x=1`` written as
+    ``lightning.trainer.x=1`` (the command line does the same for ``--trainer.x 1``)."""
+    from ldm.trainer_setup import trainer_cli_args
 
-    logdir: Path
-    global_step: int
-    epochs: int
-    elapsed_s: float
-    metrics: dict[str, float]
-    last_ckpt: Path | None
-    best_ckpt: str | None
-    best_score: float | None
-    interrupted: bool
-    learning_rate: float | None
+    trainer_args = trainer_cli_args()
+    out = []
+    for tok in spec.overrides:
+        key, eq, value = tok.partition("=")
+        out.append(f"{normalize_key(key, trainer_args)}{eq}{value}")
+    return out
 
 
-def load_config(
-    opt: argparse.Namespace, paths: RunPaths, overrides: list[str]
-) -> tuple[DictConfig, ConfigSources]:
+def load_config(spec: RunSpec, paths: RunPaths) -> tuple[DictConfig, ConfigSources]:
     """Merge the resumed run's configs, ``--base`` files and overrides."""
-    files = [*paths.resume_configs, *opt.base]
+    files = [*paths.resume_configs, *spec.base]
     if not files:
         raise UsageError("no config given: pass -b/--base CONFIG.yaml (or -r RUN_DIR).")
-    return merge_configs(files, overrides)
+    return merge_configs(files, config_overrides(spec))
 
 
-def run(opt: argparse.Namespace, overrides: list[str]) -> RunResult:
-    """Merge configs, build model/data/Trainer, fit (and test), and log a summary."""
-    paths = resolve_paths(opt)
-    owns_now = RUN_NOW_ENV not in os.environ
-    os.environ[RUN_NOW_ENV] = paths.now  # ranks started by Lightning's launcher reuse the name
-    try:
-        return _run(opt, overrides, paths)
-    finally:
-        if owns_now:
-            os.environ.pop(RUN_NOW_ENV, None)
+def run(spec: RunSpec) -> RunResult:
+    """Run ``spec``: merge configs, build model/data/Trainer, fit (and test), log a summary.
 
-
-def _run(opt: argparse.Namespace, overrides: list[str], paths: RunPaths) -> RunResult:
+    The single entry of the library for training and evaluation runs (``main.py``, sweeps and
+    Python code call it). User mistakes raise :class:`~ldm.util.ConfigError`.
+    """
     from pytorch_lightning.utilities.model_helpers import is_overridden
 
     from ldm.data.datamodule import DataModuleFromConfig
     from ldm.trainer_setup import translate_trainer_config
 
-    config, sources = load_config(opt, paths, overrides)
+    paths = resolve_paths(spec)
+    config, sources = load_config(spec, paths)
     lightning_config = config.pop("lightning", OmegaConf.create())
     trainer_kwargs, legacy_ckpt = translate_trainer_config(
         lightning_config.get("trainer", {}), sources
     )
     ckpt_path = str(paths.ckpt) if paths.ckpt else legacy_ckpt
-    pl.seed_everything(opt.seed, workers=True)
+    pl.seed_everything(spec.seed, workers=True)
     try:
         if "model" not in config:
             raise ConfigError(
@@ -275,7 +184,7 @@ def _run(opt: argparse.Namespace, overrides: list[str], paths: RunPaths) -> RunR
         data = _build(config, "data", sources) if "data" in config else None
     except ConfigError as err:
         raise explain(err, sources) from err
-    if opt.train and data is None:
+    if spec.train and data is None:
         raise ConfigError(
             "training needs a 'data' section (target: main.DataModuleFromConfig, ...)."
         )
@@ -284,11 +193,11 @@ def _run(opt: argparse.Namespace, overrides: list[str], paths: RunPaths) -> RunR
             "use_distributed_sampler", False
         )  # the module splits ranks itself
     _manual_optimization_settings(model, trainer_kwargs)
-    trainer, interrupt = build_trainer(opt, paths, config, lightning_config, trainer_kwargs, model)
-    lr = set_learning_rate(opt, config, model, trainer)
+    trainer, interrupt = build_trainer(spec, paths, config, lightning_config, trainer_kwargs, model)
+    lr = set_learning_rate(spec, config, model, trainer)
 
     start = time.time()
-    if opt.train:
+    if spec.train:
         fit_kwargs: dict[str, Any] = {"datamodule": data}
         if ckpt_path:
             logger.info("resuming from %s", ckpt_path)
@@ -302,24 +211,30 @@ def _run(opt: argparse.Namespace, overrides: list[str], paths: RunPaths) -> RunR
                 "weights with model.params.ckpt_path=... in a new run (-n NAME)."
             ) from err
         except Exception:
-            if opt.debug and trainer.is_global_zero and sys.stdin.isatty():
+            if spec.debug and trainer.is_global_zero and sys.stdin.isatty():
                 pdb.post_mortem()
             raise
     has_test = isinstance(data, DataModuleFromConfig) and "test" in data.dataset_configs
     if (
-        not opt.no_test
+        not spec.no_test
         and not trainer.interrupted
         and has_test
         and is_overridden("test_step", model)
     ):
         trainer.test(model, datamodule=data)
-    result = summarize(trainer, paths, time.time() - start, lr, interrupt)
-    if opt.debug and not opt.resume and trainer.is_global_zero and paths.logdir.exists():
-        dst = paths.logdir.parent / "debug_runs" / paths.logdir.name
+    result = summarize(
+        trainer, paths, time.time() - start, lr, interrupt, getattr(model, "monitor", None)
+    )
+    if spec.debug and not spec.resume and trainer.is_global_zero and paths.run_dir.exists():
+        dst = paths.run_dir.parent / "debug_runs" / paths.run_dir.name
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(paths.logdir), dst)
+        shutil.move(str(paths.run_dir), dst)
         logger.info("debug run moved to %s", dst)
-        result.logdir = dst
+        result.run_dir = dst
+        if result.last_ckpt:
+            result.last_ckpt = dst / result.last_ckpt.relative_to(paths.run_dir)
+        if result.best_ckpt and Path(result.best_ckpt).is_relative_to(paths.run_dir):
+            result.best_ckpt = str(dst / Path(result.best_ckpt).relative_to(paths.run_dir))
     return result
 
 
@@ -366,7 +281,7 @@ def _build(config: DictConfig, section: str, sources: ConfigSources) -> Any:
 
 
 def build_trainer(
-    opt: argparse.Namespace,
+    spec: RunSpec,
     paths: RunPaths,
     config: DictConfig,
     lightning_config: DictConfig,
@@ -375,7 +290,7 @@ def build_trainer(
 ) -> tuple[pl.Trainer, Any]:
     """Trainer with loggers, default + configured callbacks and atomic checkpoint writes."""
     from ldm.callbacks import SetupCallback
-    from ldm.checkpointing import AtomicCheckpointIO, InterruptCheckpoint, RNGStateCheckpoint
+    from ldm.fault_tolerance import AtomicCheckpointIO, InterruptCheckpoint, RNGStateCheckpoint
     from ldm.trainer_setup import (
         build_loggers,
         default_callback_configs,
@@ -384,9 +299,9 @@ def build_trainer(
     )
 
     lightning_config.trainer = OmegaConf.create(trainer_kwargs)
-    version = f"csv-resumed-{paths.now}" if opt.resume else "csv"
+    version = f"csv-resumed-{paths.now}" if spec.resume else "csv"
     loggers = build_loggers(
-        lightning_config, paths.logdir, paths.nowname, version, opt.debug, opt.project
+        lightning_config, paths.run_dir, paths.nowname, version, spec.debug, spec.project
     )
     monitor = getattr(model, "monitor", None)
     if monitor:
@@ -401,14 +316,14 @@ def build_trainer(
         defaults.metrics_over_trainsteps_checkpoint = trainstep_checkpoint_config(paths.ckptdir)
     callbacks_cfg = OmegaConf.merge(defaults, user)
     setup = SetupCallback(
-        resume=opt.resume,
+        resume=spec.resume,
         now=paths.now,
-        logdir=str(paths.logdir),
+        logdir=str(paths.run_dir),
         ckptdir=str(paths.ckptdir),
         cfgdir=str(paths.cfgdir),
         config=config,
         lightning_config=lightning_config,
-        debug=opt.debug,
+        debug=spec.debug,
     )
     interrupt = InterruptCheckpoint(paths.ckptdir)
     callbacks = [setup, *instantiate_callbacks(callbacks_cfg), interrupt, RNGStateCheckpoint()]
@@ -416,7 +331,7 @@ def build_trainer(
     strategy = kwargs.get("strategy", "auto")
     if isinstance(strategy, str) and not strategy.startswith(("deepspeed", "fsdp")):
         kwargs["plugins"] = [*(kwargs.get("plugins") or []), AtomicCheckpointIO()]
-    kwargs.setdefault("default_root_dir", str(paths.logdir))
+    kwargs.setdefault("default_root_dir", str(paths.run_dir))
     # Frozen first and conditioning stages stay in eval mode on purpose (CompVis
     # `disabled_train`); Lightning's start-of-fit warning about them would only alarm users.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -430,7 +345,7 @@ def build_trainer(
 
 
 def set_learning_rate(
-    opt: argparse.Namespace, config: DictConfig, model: pl.LightningModule, trainer: pl.Trainer
+    spec: RunSpec, config: DictConfig, model: pl.LightningModule, trainer: pl.Trainer
 ) -> float | None:
     """Apply the CompVis learning-rate rule to ``model.learning_rate`` and log it."""
     base_lr = OmegaConf.select(config, "model.base_learning_rate", default=None)
@@ -452,7 +367,7 @@ def set_learning_rate(
         else int(trainer.accumulate_grad_batches),
         int(trainer.num_devices),
         int(trainer.num_nodes),
-        opt.scale_lr,
+        spec.scale_lr,
     )
     model.learning_rate = lr
     if trainer.is_global_zero:
@@ -461,7 +376,12 @@ def set_learning_rate(
 
 
 def summarize(
-    trainer: pl.Trainer, paths: RunPaths, elapsed: float, lr: float | None, interrupt: Any
+    trainer: pl.Trainer,
+    paths: RunPaths,
+    elapsed: float,
+    lr: float | None,
+    interrupt: Any,
+    monitor: str | None = None,
 ) -> RunResult:
     """Log steps, time and where checkpoints, images and metrics are; return them."""
     from pytorch_lightning.callbacks import ModelCheckpoint
@@ -480,15 +400,16 @@ def summarize(
             break
     last = paths.ckptdir / "last.ckpt"
     result = RunResult(
-        logdir=paths.logdir,
+        run_dir=paths.run_dir,
+        status=INTERRUPTED if trainer.interrupted or interrupt.saved_on else FINISHED,
+        last_ckpt=last if last.exists() else None,
+        metrics=metrics,
+        monitor=monitor,
+        best_ckpt=best_path,
+        best_score=best_score,
         global_step=trainer.global_step,
         epochs=trainer.current_epoch,
         elapsed_s=elapsed,
-        metrics=metrics,
-        last_ckpt=last if last.exists() else None,
-        best_ckpt=best_path,
-        best_score=best_score,
-        interrupted=trainer.interrupted or bool(interrupt.saved_on),
         learning_rate=lr,
     )
     if trainer.is_global_zero:
@@ -496,37 +417,10 @@ def summarize(
         logger.info(
             "%s: %d steps, %d epochs in %.1f s", state, result.global_step, result.epochs, elapsed
         )
-        logger.info("run directory: %s", paths.logdir)
+        logger.info("run directory: %s", paths.run_dir)
         logger.info(
             "checkpoints:   %s%s", paths.ckptdir, f" (best: {best_path})" if best_path else ""
         )
-        logger.info("images:        %s", paths.logdir / "images")
-        logger.info("metrics:       %s", paths.logdir / "csv" / "metrics.csv")
+        logger.info("images:        %s", paths.run_dir / "images")
+        logger.info("metrics:       %s", paths.run_dir / "csv" / "metrics.csv")
     return result
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python main.py``; user mistakes print one readable error, exit code 2."""
-    argv = sys.argv[1:] if argv is None else argv
-    debug = any(a in ("-d", "--debug") for a in argv)
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    sys.path.insert(0, os.getcwd())  # CompVis: classes in the working directory resolve as targets
-    try:
-        opt, overrides = parse_args(argv)
-        if opt.sweep:
-            from ldm.sweep import run_sweep
-
-            run_sweep(opt, overrides)
-        else:
-            run(opt, overrides)
-    except ConfigError as err:
-        if debug:
-            logger.exception("%s", err)
-        else:
-            logger.error("%s", err)
-        return 2
-    return 0

@@ -17,27 +17,30 @@ Every trial is a normal run directory under ``<logdir>/<timestamp>_<name>_sweep/
 ``summary.csv`` and ``summary.md`` ranking the trials by the metric. ``--sweep-backend ray`` runs
 the trials through Ray Tune when ray is installed, else here one after another (with a log line);
 ``--sweep-backend local`` (the default) always runs them here.
+
+From Python: ``run_sweep(RunSpec(base=[...], train=True), "sweep.yaml")``. Each trial is the given
+:class:`~ldm.run_spec.RunSpec` with its own name and overrides (:func:`trial_spec`), run by
+:func:`ldm.launch.run`.
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
 import csv
-import datetime
 import importlib.util
 import itertools
 import logging
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ldm.config import load_yaml, suggest
-from ldm.util import ConfigError
+from ldm.config import load_yaml
+from ldm.launch import config_overrides, run, timestamp
+from ldm.run_spec import RunSpec
+from ldm.util import ConfigError, did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +69,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
     for key in cfg:
         if key not in SWEEP_KEYS:
             raise ConfigError(
-                f"{src}: unknown key '{key}'{suggest(str(key), SWEEP_KEYS)}. Keys: {', '.join(SWEEP_KEYS)}."
+                f"{src}: unknown key '{key}'{did_you_mean(str(key), SWEEP_KEYS)}. Keys: {', '.join(SWEEP_KEYS)}."
             )
     params = cfg.get("parameters")
     if not isinstance(params, DictConfig) or not params:
@@ -97,44 +100,44 @@ def _parse_param(src: str, key: str, value: Any, method: str) -> Any:
             raise ConfigError(f"{where}: empty list of values.")
         return {"values": OmegaConf.to_container(value)}
     if isinstance(value, DictConfig):
-        spec = OmegaConf.to_container(value)
-        if "values" in spec:
-            return spec
-        dist = spec.get("distribution")
+        entry = OmegaConf.to_container(value)
+        if "values" in entry:
+            return entry
+        dist = entry.get("distribution")
         if dist not in DISTRIBUTIONS:
             raise ConfigError(
-                f"{where}: expected a list, {{values: [...]}} or {{distribution: {'|'.join(DISTRIBUTIONS)}, min, max}}, found {spec}."
+                f"{where}: expected a list, {{values: [...]}} or {{distribution: {'|'.join(DISTRIBUTIONS)}, min, max}}, found {entry}."
             )
         if method == "grid":
             raise ConfigError(
                 f"{where}: a distribution needs method: random (grid sweeps take value lists)."
             )
         if (
-            not all(isinstance(spec.get(k), int | float) for k in ("min", "max"))
-            or spec["min"] > spec["max"]
+            not all(isinstance(entry.get(k), int | float) for k in ("min", "max"))
+            or entry["min"] > entry["max"]
         ):
             raise ConfigError(
-                f"{where}: needs numbers min <= max, found min={spec.get('min')!r}, max={spec.get('max')!r}."
+                f"{where}: needs numbers min <= max, found min={entry.get('min')!r}, max={entry.get('max')!r}."
             )
-        if dist == "log_uniform" and spec["min"] <= 0:
-            raise ConfigError(f"{where}: log_uniform needs min > 0, found {spec['min']}.")
-        return spec
+        if dist == "log_uniform" and entry["min"] <= 0:
+            raise ConfigError(f"{where}: log_uniform needs min > 0, found {entry['min']}.")
+        return entry
     return {"values": [value]}
 
 
-def sample_trials(spec: SweepSpec) -> list[dict[str, Any]]:
+def sample_trials(sweep: SweepSpec) -> list[dict[str, Any]]:
     """Grid: the Cartesian product (in file order); random: ``trials`` seeded samples."""
-    keys = list(spec.parameters)
-    if spec.method == "grid":
-        combos = itertools.product(*(spec.parameters[k]["values"] for k in keys))
+    keys = list(sweep.parameters)
+    if sweep.method == "grid":
+        combos = itertools.product(*(sweep.parameters[k]["values"] for k in keys))
         trials = [dict(zip(keys, combo)) for combo in combos]
-        return trials[: spec.trials] if spec.trials else trials
-    rng = random.Random(spec.seed)
+        return trials[: sweep.trials] if sweep.trials else trials
+    rng = random.Random(sweep.seed)
     out = []
-    for _ in range(spec.trials or 1):
+    for _ in range(sweep.trials or 1):
         trial = {}
         for k in keys:
-            p = spec.parameters[k]
+            p = sweep.parameters[k]
             if "values" in p:
                 trial[k] = rng.choice(p["values"])
             elif p["distribution"] == "uniform":
@@ -152,27 +155,26 @@ def _override(key: str, value: Any) -> str:
     return f"{key}={text}"
 
 
-def _run_trial(
-    opt: argparse.Namespace,
-    overrides: list[str],
-    trial: dict[str, Any],
-    index: int,
-    sweep_dir: Path,
-    metric: str,
-) -> dict[str, Any]:
-    from ldm.launch import run
-
-    topt = copy.copy(opt)
-    topt.logdir, topt.name, topt.project, topt.sweep, topt.postfix = (
-        str(sweep_dir),
-        f"trial{index:02d}",
-        None,
-        None,
-        "",
+def trial_spec(spec: RunSpec, trial: dict[str, Any], index: int, sweep_dir: Path) -> RunSpec:
+    """The run of one trial: ``spec`` with the trial's values as overrides after the command
+    line's, named ``trial<NN>`` in the sweep's folder."""
+    return replace(
+        spec,
+        overrides=[*spec.overrides, *(_override(k, v) for k, v in trial.items())],
+        logdir=str(sweep_dir),
+        name=f"trial{index:02d}",
+        project=None,
+        postfix="",
+        now=None,
     )
+
+
+def _run_trial(
+    spec: RunSpec, trial: dict[str, Any], index: int, sweep_dir: Path, metric: str
+) -> dict[str, Any]:
     row: dict[str, Any] = {"trial": index, **trial}
     try:
-        result = run(topt, [*overrides, *(_override(k, v) for k, v in trial.items())])
+        result = run(trial_spec(spec, trial, index, sweep_dir))
     except Exception as err:  # noqa: BLE001 - one failing trial must not stop the sweep
         logger.exception("trial %d failed", index)
         row.update(
@@ -184,16 +186,16 @@ def _run_trial(
         logger.warning(
             "trial %d did not log %r (logged: %s)", index, metric, ", ".join(result.metrics)
         )
-    row.update(status="ok", value=value, steps=result.global_step, run_dir=str(result.logdir))
+    row.update(status="ok", value=value, steps=result.global_step, run_dir=str(result.run_dir))
     return row
 
 
-def _metric_name(spec: SweepSpec, opt: argparse.Namespace, overrides: list[str]) -> str:
-    if spec.metric:
-        return str(spec.metric)
+def _metric_name(sweep: SweepSpec, spec: RunSpec) -> str:
+    if sweep.metric:
+        return str(sweep.metric)
     from ldm.config import merge_configs
 
-    config, _ = merge_configs(opt.base, overrides)
+    config, _ = merge_configs(spec.base, config_overrides(spec))
     return str(OmegaConf.select(config, "model.params.monitor", default=None) or "train/loss")
 
 
@@ -237,38 +239,46 @@ def write_summary(
     return csv_path, md_path
 
 
-def run_sweep(opt: argparse.Namespace, overrides: list[str]) -> list[dict[str, Any]]:
-    """Run every trial of ``opt.sweep`` and write the ranked summary; returns the ranked rows."""
-    if opt.resume:
+def run_sweep(
+    spec: RunSpec, sweep_file: str | Path, backend: str = "local"
+) -> list[dict[str, Any]]:
+    """Run every trial of ``sweep_file`` around ``spec`` and write the ranked summary.
+
+    ``backend``: ``local`` (one trial after another here) or ``ray`` (Ray Tune when installed).
+    Returns the rows of the summary, best first.
+    """
+    if spec.resume:
         raise ConfigError("--sweep starts new runs; it cannot be combined with -r/--resume.")
-    spec = load_sweep(opt.sweep)
-    trials = sample_trials(spec)
-    metric = _metric_name(spec, opt, overrides)
-    now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
-    name = opt.name or Path(opt.sweep).stem
-    parent = Path(opt.logdir) / opt.project if opt.project else Path(opt.logdir)
+    if backend not in ("local", "ray"):
+        raise ConfigError(f"--sweep-backend: expected 'local' or 'ray', found {backend!r}.")
+    sweep = load_sweep(sweep_file)
+    trials = sample_trials(sweep)
+    metric = _metric_name(sweep, spec)
+    now = timestamp()
+    name = spec.name or Path(sweep_file).stem
+    parent = Path(spec.logdir) / spec.project if spec.project else Path(spec.logdir)
     sweep_dir = (parent / f"{now}_{name}_sweep").resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
     logger.info(
         "sweep %s: %d %s trials ranked by %s (%s) in %s",
-        spec.source,
+        sweep.source,
         len(trials),
-        spec.method,
+        sweep.method,
         metric,
-        spec.mode,
+        sweep.mode,
         sweep_dir,
     )
-    if opt.sweep_backend == "ray":
+    if backend == "ray":
         if importlib.util.find_spec("ray") is None:
             logger.info(
                 "--sweep-backend ray: ray is not installed (pip install 'ray[tune]'); running the %d trials one after another here.",
                 len(trials),
             )
         else:
-            rows = _run_ray(opt, overrides, trials, sweep_dir, metric)
-            return _finish(rows, spec, metric, sweep_dir)
-    rows = [_run_trial(opt, overrides, t, i, sweep_dir, metric) for i, t in enumerate(trials)]
-    return _finish(rows, spec, metric, sweep_dir)
+            rows = _run_ray(spec, trials, sweep_dir, metric)
+            return _finish(rows, sweep, metric, sweep_dir)
+    rows = [_run_trial(spec, t, i, sweep_dir, metric) for i, t in enumerate(trials)]
+    return _finish(rows, sweep, metric, sweep_dir)
 
 
 def _finish(
@@ -281,8 +291,7 @@ def _finish(
 
 
 def _run_ray(
-    opt: argparse.Namespace,
-    overrides: list[str],
+    spec: RunSpec,
     trials: list[dict[str, Any]],
     sweep_dir: Path,
     metric: str,
@@ -292,7 +301,7 @@ def _run_ray(
 
     def trainable(cfg: dict[str, Any]) -> dict[str, Any]:
         i = cfg["index"]
-        row = _run_trial(opt, overrides, trials[i], i, sweep_dir, metric)
+        row = _run_trial(spec, trials[i], i, sweep_dir, metric)
         return {"row": row}
 
     tuner = tune.Tuner(trainable, param_space={"index": tune.grid_search(list(range(len(trials))))})

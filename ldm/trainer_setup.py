@@ -17,8 +17,8 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.config import ConfigSources, suggest
-from ldm.util import ConfigError, instantiate_from_config
+from ldm.config import ConfigSources
+from ldm.util import ConfigError, did_you_mean, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def translate_trainer_config(
             raise _fail(
                 key,
                 sources,
-                f"Trainer has no argument '{key}'{suggest(key, TRAINER_ARGS)}. "
+                f"Trainer has no argument '{key}'{did_you_mean(key, TRAINER_ARGS)}. "
                 f"Accepted: {', '.join(TRAINER_ARGS)}.",
             )
         else:

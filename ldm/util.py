@@ -155,7 +155,7 @@ def get_obj_from_str(string: str, reload: bool = False, path: str = "") -> Any:
     except ModuleNotFoundError as err:
         # distinguish "module missing" from an import error inside an existing module
         if err.name and (module_name == err.name or module_name.startswith(err.name + ".")):
-            hint = _suggest(string, list(LEGACY_TARGETS))
+            hint = did_you_mean(string, list(LEGACY_TARGETS))
             raise ConfigError(
                 f"{where}cannot import module '{module_name}' for target '{string}'"
                 f"{' (resolved to ' + resolved + ')' if resolved != string else ''}."
@@ -167,18 +167,16 @@ def get_obj_from_str(string: str, reload: bool = False, path: str = "") -> Any:
     if not hasattr(module, cls_name):
         names = [n for n in dir(module) if not n.startswith("_")]
         raise ConfigError(
-            f"{where}module '{module_name}' has no attribute '{cls_name}'.{_suggest(cls_name, names)}"
+            f"{where}module '{module_name}' has no attribute '{cls_name}'.{did_you_mean(cls_name, names)}"
         )
     return getattr(module, cls_name)
 
 
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:
-    """`` (did you mean 'x'?)`` for the closest candidate, or an empty string."""
+    """`` (did you mean 'x'?)`` for the candidate closest to ``word`` (difflib ratio >= 0.6), else
+    an empty string; appended to error messages about misspelt names."""
     close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-_suggest = did_you_mean
 
 
 def accepts_parameter(target: str, name: str) -> bool | None:
@@ -216,7 +214,7 @@ def _check_params(cls: Any, params: Mapping[str, Any], path: str) -> None:
         if key not in accepted:
             raise ConfigError(
                 f"{path}.params.{key}: {cls_name} has no parameter '{key}'"
-                f"{_suggest(str(key), names)}. Accepted parameters: {', '.join(names)}."
+                f"{did_you_mean(str(key), names)}. Accepted parameters: {', '.join(names)}."
             )
     missing = [
         n

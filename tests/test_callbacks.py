@@ -12,9 +12,9 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-import ldm.checkpointing as ckpt_mod
+import ldm.fault_tolerance as fault_tolerance
 from ldm.callbacks import CUDACallback, ImageLogger, SetupCallback
-from ldm.checkpointing import AtomicCheckpointIO
+from ldm.fault_tolerance import AtomicCheckpointIO
 
 
 def _setup_cb(tmp_path: Path) -> SetupCallback:
@@ -135,10 +135,10 @@ def test_atomic_checkpoint_survives_a_crash_while_saving(
         f.truncate(10)  # half-written file, then the process "dies"
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt_mod.torch, "save", crash)
+    monkeypatch.setattr(fault_tolerance.torch, "save", crash)
     with pytest.raises(OSError, match="disk full"):
         io.save_checkpoint({"global_step": 2, "w": torch.zeros(3)}, path)
-    monkeypatch.setattr(ckpt_mod.torch, "save", real_save)
+    monkeypatch.setattr(fault_tolerance.torch, "save", real_save)
     state = torch.load(path, weights_only=True)  # the previous checkpoint is intact
     assert state["global_step"] == 1 and torch.equal(state["w"], torch.ones(3))
     assert os.listdir(tmp_path) == ["last.ckpt"]  # no temp files left behind

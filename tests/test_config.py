@@ -8,7 +8,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from ldm.config import ConfigSources, explain, merge_configs, split_cli
-from ldm.launch import get_parser, parse_args, scale_learning_rate
+from ldm.launch import scale_learning_rate
+from ldm.launch_cli import get_parser, parse_command
 from ldm.trainer_setup import trainer_cli_args, translate_trainer_config
 from ldm.util import ConfigError
 
@@ -62,22 +63,22 @@ def test_acceptance_command_line_parses() -> None:
         "--trainer.max_steps",
         "20",
     ]
-    opt, overrides = parse_args(argv)
-    assert opt.base == ["A.yaml", "B.yaml"] and opt.train is True
-    assert overrides == ["model.base_learning_rate=1e-4", "lightning.trainer.max_steps=20"]
+    spec = parse_command(argv).spec
+    assert spec.base == ("A.yaml", "B.yaml") and spec.train is True
+    assert spec.overrides == ("model.base_learning_rate=1e-4", "lightning.trainer.max_steps=20")
 
 
 def test_scale_lr_accepts_values_and_name_with_resume_is_an_error() -> None:
-    assert parse_args(["--scale_lr", "false"])[0].scale_lr is False
-    assert parse_args(["--scale_lr"])[0].scale_lr is True
-    assert parse_args([])[0].scale_lr is True
+    assert parse_command(["--scale_lr", "false"]).spec.scale_lr is False
+    assert parse_command(["--scale_lr"]).spec.scale_lr is True
+    assert parse_command([]).spec.scale_lr is True
     with pytest.raises(ConfigError, match="cannot be used together.*continues the run"):
-        parse_args(["-n", "x", "-r", "logs/some_run"])
+        parse_command(["-n", "x", "-r", "logs/some_run"])
 
 
 def test_unknown_flag_suggests_the_right_one(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        parse_args(["--postfx", "x"])
+        parse_command(["--postfx", "x"])
     assert "did you mean '--postfix'" in capsys.readouterr().err
 
 

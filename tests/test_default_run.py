@@ -15,7 +15,8 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.evaluation import ATTRIBUTES, captioned_grid, format_table
-from ldm.launch import parse_args, run
+from ldm.launch import run
+from ldm.launch_cli import parse_command
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "txt2img.yaml"
@@ -37,10 +38,10 @@ def test_shortened_default_run_writes_grid_and_scores(
 ) -> None:
     monkeypatch.chdir(ROOT)  # the config names the shipped weights relative to the repository
     result = run(
-        *parse_args(["--base", str(CONFIG), "-t", "--no-test", "-l", str(tmp_path), *SHORT])
+        parse_command(["--base", str(CONFIG), "-t", "--no-test", "-l", str(tmp_path), *SHORT]).spec
     )
     assert result.global_step == 3
-    logdir = result.logdir
+    logdir = result.run_dir
     record = json.loads((logdir / "final_scores.json").read_text())
     assert record["global_step"] == 3
     history = (logdir / "scores_history.jsonl").read_text().splitlines()

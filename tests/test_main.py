@@ -14,18 +14,22 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).parent))  # toy_model
 
-from ldm.launch import get_parser, main, parse_args, run  # noqa: E402
+from ldm.launch import run  # noqa: E402
+from ldm.launch_cli import get_parser, parse_command  # noqa: E402
+from main import main  # noqa: E402
 
 CFG = Path(__file__).parent / "configs" / "cli"
 
 
 def _run(tmp_path: Path, *args: str):
-    return run(*parse_args(["--base", str(CFG / "toy.yaml"), "-t", "-l", str(tmp_path), *args]))
+    return run(
+        parse_command(["--base", str(CFG / "toy.yaml"), "-t", "-l", str(tmp_path), *args]).spec
+    )
 
 
 def test_tiny_run_layout(tmp_path: Path) -> None:
     result = _run(tmp_path, "--trainer.max_steps", "6")
-    logdir = result.logdir
+    logdir = result.run_dir
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d-\d\d-\d\d_toy", logdir.name)
     assert logdir.parent == tmp_path
     assert result.global_step == 6
@@ -59,7 +63,7 @@ def test_tiny_run_layout(tmp_path: Path) -> None:
 def test_merged_configs_and_lr_rule(tmp_path: Path) -> None:
     """The acceptance command: two configs, a dotlist override and a --trainer flag."""
     result = run(
-        *parse_args(
+        parse_command(
             [
                 "--base",
                 str(CFG / "toy.yaml"),
@@ -71,14 +75,14 @@ def test_merged_configs_and_lr_rule(tmp_path: Path) -> None:
                 "-l",
                 str(tmp_path),
             ]
-        )
+        ).spec
     )
     assert result.global_step == 20
     assert result.learning_rate == pytest.approx(
         1 * 1 * 1 * 4 * 1e-4
     )  # acc * devices * nodes * bs * base
-    now = result.logdir.name.split("_")[0]
-    project = OmegaConf.load(result.logdir / "configs" / f"{now}-project.yaml")
+    now = result.run_dir.name.split("_")[0]
+    project = OmegaConf.load(result.run_dir / "configs" / f"{now}-project.yaml")
     assert project.model.params.hidden == 16  # from override.yaml
     assert project.model.base_learning_rate == pytest.approx(1e-4)  # from the command line
     state = torch.load(result.last_ckpt, weights_only=True)
@@ -98,7 +102,7 @@ def test_scale_lr_false_and_accumulation(tmp_path: Path) -> None:
 
 def test_name_postfix_project(tmp_path: Path) -> None:
     r = _run(tmp_path, "-n", "exp", "-f", "_v2", "-p", "proj", "--trainer.max_steps", "1")
-    assert r.logdir.parent == tmp_path / "proj" and r.logdir.name.endswith("_exp_v2")
+    assert r.run_dir.parent == tmp_path / "proj" and r.run_dir.name.endswith("_exp_v2")
 
 
 def test_config_errors_exit_cleanly(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -160,8 +164,10 @@ def test_sigusr1_saves_and_stops(tmp_path: Path) -> None:
         "lightning.callbacks.sig.params.step=3",
         "lightning.modelcheckpoint.params.every_n_train_steps=100",
     )
-    assert r.interrupted and r.global_step == 3
-    assert torch.load(r.logdir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    assert r.interrupted and r.status == "interrupted" and r.global_step == 3
+    assert (
+        torch.load(r.run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    )
 
 
 @pytest.mark.skipif(not hasattr(__import__("signal"), "SIGTERM"), reason="no SIGTERM")
@@ -191,10 +197,11 @@ def test_test_split_runs_after_fit_unless_no_test(tmp_path: Path) -> None:
 def test_debug_run_moves_to_debug_runs(tmp_path: Path) -> None:
     r = _run(tmp_path, "-d", "--trainer.max_steps", "1")
     assert (
-        r.logdir.parent == tmp_path / "debug_runs"
-        and (r.logdir / "checkpoints" / "last.ckpt").exists()
+        r.run_dir.parent == tmp_path / "debug_runs"
+        and (r.run_dir / "checkpoints" / "last.ckpt").exists()
     )
     assert [p.name for p in tmp_path.iterdir()] == ["debug_runs"]
+    assert r.last_ckpt == r.run_dir / "checkpoints" / "last.ckpt"  # where it was moved to
 
 
 def test_constructor_value_error_is_reported_with_the_section(

@@ -12,7 +12,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # toy_model
 
-from ldm.launch import parse_args, run  # noqa: E402
+from ldm.launch import run  # noqa: E402
+from ldm.launch_cli import parse_command  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = ROOT / "tests" / "configs" / "cli" / "toy.yaml"
@@ -26,7 +27,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
-    full = run(*parse_args([*COMMON, "-l", str(tmp_path / "full")]))
+    full = run(parse_command([*COMMON, "-l", str(tmp_path / "full")]).spec)
     assert full.global_step == 12
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
@@ -47,9 +48,11 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     step6 = _weights(logdir / "checkpoints" / "last.ckpt")
 
     resumed = run(
-        *parse_args(["-r", str(logdir), "-t", "--no-test", "lightning.callbacks.killer=null"])
+        parse_command(
+            ["-r", str(logdir), "-t", "--no-test", "lightning.callbacks.killer=null"]
+        ).spec
     )
-    assert resumed.logdir == logdir  # continues in the same run directory
+    assert resumed.run_dir == logdir  # continues in the same run directory
     assert resumed.global_step == 12
     assert len(list((logdir / "configs").glob("*-project.yaml"))) == 2  # one per launch
     a, b = _weights(full.last_ckpt), _weights(logdir / "checkpoints" / "last.ckpt")
@@ -63,12 +66,14 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
 def test_extend_a_finished_run_from_its_checkpoint_file(tmp_path: Path) -> None:
     """A run that stopped at max_steps=3 (mid-epoch, off the save period) continued to 11 steps
     equals an 11-step run: last.ckpt is written at the final step, before the epoch is closed."""
-    full = run(*parse_args([*COMMON[:-1], "11", "-l", str(tmp_path / "full")]))
-    first = run(*parse_args([*COMMON[:-1], "3", "-l", str(tmp_path / "short")]))
-    ckpt = first.logdir / "checkpoints" / "last.ckpt"
+    full = run(parse_command([*COMMON[:-1], "11", "-l", str(tmp_path / "full")]).spec)
+    first = run(parse_command([*COMMON[:-1], "3", "-l", str(tmp_path / "short")]).spec)
+    ckpt = first.run_dir / "checkpoints" / "last.ckpt"
     assert torch.load(ckpt, weights_only=True)["global_step"] == 3
-    again = run(*parse_args(["-r", str(ckpt), "-t", "--no-test", "--trainer.max_steps", "11"]))
-    assert again.logdir == first.logdir and again.global_step == 11
+    again = run(
+        parse_command(["-r", str(ckpt), "-t", "--no-test", "--trainer.max_steps", "11"]).spec
+    )
+    assert again.run_dir == first.run_dir and again.global_step == 11
     a, b = _weights(full.last_ckpt), _weights(again.last_ckpt)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
@@ -80,15 +85,15 @@ def test_resume_errors(tmp_path: Path) -> None:
     from ldm.util import ConfigError
 
     with pytest.raises(ConfigError, match="no such file or directory"):
-        run(*parse_args(["-r", str(tmp_path / "nope"), "-t"]))
+        run(parse_command(["-r", str(tmp_path / "nope"), "-t"]).spec)
     # a checkpoint holding arbitrary pickled objects is refused with an explanation
-    short = run(*parse_args([*COMMON[:-1], "1", "-l", str(tmp_path / "pickled")]))
+    short = run(parse_command([*COMMON[:-1], "1", "-l", str(tmp_path / "pickled")]).spec)
     state = torch.load(short.last_ckpt, weights_only=True)
     state["hyper_parameters"] = {"opt": __import__("argparse").Namespace(a=1)}
     torch.save(state, short.last_ckpt)
     with pytest.raises(ConfigError, match="pickled Python objects that safe loading"):
-        run(*parse_args(["-r", str(short.logdir), "-t", "--trainer.max_steps", "2"]))
+        run(parse_command(["-r", str(short.run_dir), "-t", "--trainer.max_steps", "2"]).spec)
     empty = tmp_path / "empty_run"
     (empty / "checkpoints").mkdir(parents=True)
     with pytest.raises(ConfigError, match="last.ckpt does not exist"):
-        run(*parse_args(["-r", str(empty), "-t"]))
+        run(parse_command(["-r", str(empty), "-t"]).spec)

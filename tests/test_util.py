@@ -122,3 +122,25 @@ def test_paths_do_not_leak_between_builds():
     )
     with pytest.raises(ConfigError, match=r"^model\.params\.out_featurs: "):
         instantiate_from_config(cfg.model)
+
+
+def test_did_you_mean_names_the_closest_candidate_or_nothing():
+    from ldm.util import did_you_mean
+
+    assert did_you_mean("hiden", ["hidden", "in_dim"]) == " (did you mean 'hidden'?)"
+    assert did_you_mean("max_step", iter(["max_epochs", "max_steps"])) == (
+        " (did you mean 'max_steps'?)"
+    )  # any iterable; the closest of several near candidates
+    assert did_you_mean("zzz", ["hidden", "in_dim"]) == ""  # nothing close: no hint
+    assert did_you_mean("x", []) == ""
+
+
+def test_config_and_trainer_errors_use_the_one_did_you_mean():
+    """ldm.config and ldm.trainer_setup have no suggestion helper of their own."""
+    import ldm.config
+    import ldm.trainer_setup
+    from ldm import util
+
+    assert not hasattr(ldm.config, "suggest") and not hasattr(util, "_suggest")
+    assert ldm.config.did_you_mean is util.did_you_mean
+    assert ldm.trainer_setup.did_you_mean is util.did_you_mean

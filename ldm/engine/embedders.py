@@ -30,8 +30,14 @@ import torch
 from torch import nn
 
 from ldm.engine.conditioner import Conditioner, Embedder
+from ldm.engine.frozen import freeze
 from ldm.engine.network import CLASS_KEYS, TEXT_KEYS
-from ldm.util import FIRST_STAGE_SENTINEL, UNCONDITIONAL_SENTINEL, ConfigError
+from ldm.util import (
+    FIRST_STAGE_SENTINEL,
+    UNCONDITIONAL_SENTINEL,
+    ConfigError,
+    instantiate_from_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -219,8 +225,6 @@ class EngineConditioner(Conditioner):
 
 def build_conditioner(engine: nn.Module, config: Mapping[str, Any]) -> EngineConditioner | None:
     """Build the embedder module(s) onto ``engine`` and the Conditioner around them."""
-    from ldm.engine.engine import freeze
-    from ldm.util import instantiate_from_config
 
     embedders = list(config.get("embedders") or [])
     unknown = sorted(set(config) - {"embedders", "concat", "num_timesteps_cond"})

@@ -18,7 +18,6 @@ The CompVis classes (``ldm.models.diffusion.ddpm``) translate their parameters i
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 from collections.abc import Iterator, Mapping, Sequence
@@ -39,6 +38,7 @@ from ldm.ema import LitEma
 from ldm.engine.conditioner import Conditioner
 from ldm.engine.defaults import check_sampling_defaults
 from ldm.engine.embedders import build_conditioner
+from ldm.engine.frozen import freeze
 from ldm.engine.init_weights import load_into
 from ldm.engine.network import CLASS_KEYS, DiffusionWrapper, as_cond_dict
 from ldm.engine.schedule import TrainingSchedule
@@ -46,20 +46,6 @@ from ldm.optim import adamw
 from ldm.util import ConfigError, count_params, instantiate_from_config, plain
 
 logger = logging.getLogger(__name__)
-
-
-def disabled_train(self: nn.Module, mode: bool = True) -> nn.Module:
-    """Replacement for `.train()` on frozen sub-models so they stay in eval mode (CompVis)."""
-    return self
-
-
-def freeze(module: nn.Module) -> nn.Module:
-    """Eval mode for good (``.train()`` becomes a no-op), no gradients."""
-    module = module.eval()
-    module.train = functools.partial(disabled_train, module)
-    for param in module.parameters():
-        param.requires_grad = False
-    return module
 
 
 def positive_or_none(name: str, value: Any) -> float | None:

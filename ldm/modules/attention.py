@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.modules.activation_recompute import checkpoint
 from ldm.modules.attention_backends import BACKENDS, attention, math_attention, resolve_backend
-from ldm.modules.checkpointing import checkpoint
 
 __all__ = [
     "BACKENDS",

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ldm.modules.activation_recompute import checkpoint
 from ldm.modules.attention_backends import attention, resolve_backend
-from ldm.modules.checkpointing import checkpoint
 from ldm.modules.unet_layers import conv_nd, normalization, zero_module
 
 

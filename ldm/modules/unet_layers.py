@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.modules.activation_recompute import checkpoint
 from ldm.modules.attention import SpatialTransformer
-from ldm.modules.checkpointing import checkpoint
 
 
 def conv_nd(dims: int, *args, **kwargs) -> nn.Module:

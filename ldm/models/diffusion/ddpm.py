@@ -24,7 +24,8 @@ from ldm.diffusion.gaussian import (
     v_from_eps_x0,
     x0_from_v,
 )
-from ldm.engine.engine import DiffusionEngine, disabled_train, freeze
+from ldm.engine.engine import DiffusionEngine
+from ldm.engine.frozen import disabled_train, freeze
 from ldm.engine.network import DiffusionWrapper
 from ldm.util import (
     FIRST_STAGE_SENTINEL,

@@ -1,4 +1,10 @@
-"""Gradient checkpointing helper (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost")."""
+"""Activation recomputation ("gradient checkpointing", Chen et al. 2016, "Training Deep Nets with
+Sublinear Memory Cost"): keep a block's inputs, recompute its activations in backward.
+
+Not to be confused with checkpoint files (:mod:`ldm.checkpoint`) or resuming interrupted training
+(:mod:`ldm.fault_tolerance`). The function keeps the name ``checkpoint`` that CompVis code and
+``torch.utils.checkpoint`` use.
+"""
 
 from __future__ import annotations
 

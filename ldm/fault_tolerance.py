@@ -1,4 +1,8 @@
-"""Checkpoints that survive crashes: atomic writes, save on signal/exception, RNG state restore.
+"""Fault-tolerant training: a run that is killed, signalled or crashes can be resumed (``-r``).
+
+Atomic checkpoint writes, a save on signal/exception, RNG state restore. (The file formats of
+checkpoints are :mod:`ldm.checkpoint`; recomputing activations in backward is
+:mod:`ldm.modules.activation_recompute`.)
 
 - :class:`AtomicCheckpointIO` writes to a temporary file and ``os.replace``s it, so a crash while
   saving never leaves a corrupt ``last.ckpt``.
