@@ -35,10 +35,10 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "ldm-txt2img=ldm.sampling.cli:txt2img_main",
-            "ldm-img2img=ldm.sampling.cli:img2img_main",
-            "ldm-inpaint=ldm.sampling.cli:inpaint_main",
-            "ldm-convert=ldm.checkpoint.cli:main",
+            "ldm-txt2img=ldm.commands.sample:txt2img_main",
+            "ldm-img2img=ldm.commands.sample:img2img_main",
+            "ldm-inpaint=ldm.commands.sample:inpaint_main",
+            "ldm-convert=ldm.commands.convert:main",
         ]
     },
 )

@@ -2,7 +2,7 @@
 
 import sys
 
-from ldm.checkpoint.cli import main
+from ldm.commands.convert import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,7 @@
 
 import sys
 
-from ldm.sampling.cli import main
+from ldm.commands.sample import main
 
 if __name__ == "__main__":
     sys.exit(main("txt2img"))

@@ -74,7 +74,7 @@ def _to_output(x: torch.Tensor, output: str) -> Any:
     images = ((x.float() + 1) / 2).clamp(0, 1).cpu()  # [B, 3, H, W] in [0, 1]
     if output == "tensor":
         return images
-    from ldm.sampling.pngmeta import to_pil
+    from ldm.engine.decode import to_pil
 
     return [to_pil(img) for img in images]
 
@@ -259,7 +259,7 @@ def _generate(
 
 def decode_latents(model: Any, z: torch.Tensor, mode: str = "auto") -> torch.Tensor:
     """D(z) in [-1, 1]: whole batch, one sample at a time, or in overlapping latent tiles."""
-    from ldm.sampling.vae_decode import decode_sliced, decode_tiled
+    from ldm.engine.decode import decode_sliced, decode_tiled
 
     f = latent_factor(model)
     if mode == "auto":

@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "checkpoint"))
 from ckpt_helpers import build_tiny, tiny_ldm_config  # noqa: E402
 
 from ldm.checkpoint.prune import save_state_dict  # noqa: E402
-from ldm.sampling.cli import main, run  # noqa: E402
-from ldm.sampling.pngmeta import read_params  # noqa: E402
+from ldm.commands.pngmeta import read_params  # noqa: E402
+from ldm.commands.sample import main, run  # noqa: E402
 
 ROOT = Path(__file__).parents[2]
 
@@ -113,7 +113,7 @@ def test_script_entry_point_help() -> None:
 
 
 def test_tiled_decode_matches_full_decode_away_from_seams() -> None:
-    from ldm.sampling.vae_decode import decode_tiled
+    from ldm.engine.decode import decode_tiled
 
     conv = torch.nn.Conv2d(4, 3, 1)  # pointwise: tiling must be exact
     up = torch.nn.Upsample(scale_factor=2)
@@ -192,7 +192,7 @@ def test_inpaint_feeds_mask_and_masked_image_to_a_9_channel_unet(
 
 
 def test_from_file_batches_prompts(tmp_path: Path) -> None:
-    from ldm.sampling.cli import CommandError, build_parser, prompts
+    from ldm.commands.sample import CommandError, build_parser, prompts
 
     (tmp_path / "p.txt").write_text("one\n\ntwo\nthree\n")
     args = build_parser("txt2img").parse_args(
@@ -210,7 +210,7 @@ def test_from_file_batches_prompts(tmp_path: Path) -> None:
 
 def test_convert_command_round_trip(ckpt: Path, tmp_path: Path) -> None:
     from ldm.checkpoint import read_checkpoint
-    from ldm.checkpoint.cli import main as convert_main
+    from ldm.commands.convert import main as convert_main
 
     assert convert_main([str(ckpt), str(tmp_path / "pipe")]) == 0
     assert (tmp_path / "pipe" / "model_index.json").is_file()

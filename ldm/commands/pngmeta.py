@@ -6,18 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-
-def to_pil(x: torch.Tensor) -> Image.Image:
-    """[C, H, W] in [0, 1] -> 8-bit RGB image."""
-    arr = (
-        (x.clamp(0, 1).permute(1, 2, 0).float().cpu().numpy() * 255).round().astype(np.uint8)
-    )  # [H, W, C]
-    return Image.fromarray(arr)
+from ldm.engine.decode import to_pil  # noqa: F401  (re-exported for the commands)
 
 
 def parameters_text(p: dict[str, Any]) -> str:

@@ -1,4 +1,5 @@
-"""Memory-light decoding: one sample at a time (sliced) and overlapping latent tiles (tiled).
+"""Decoding latents to images: one sample at a time (sliced), overlapping latent tiles (tiled),
+and tensors to 8-bit PIL images.
 
 Tiles of the latent are decoded separately and blended with linear ramps over the overlap, so the
 decoder's activations scale with the tile, not the image (peak memory of SD's decoder at 512x512
@@ -9,6 +10,7 @@ differs from a full decode only where the decoder's receptive field crosses tile
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -64,3 +66,12 @@ def decode_tiled(
             out[:, :, y * f : y * f + th, x * f : x * f + tw] += piece * m
             weight[:, :, y * f : y * f + th, x * f : x * f + tw] += m
     return out / weight
+
+
+def to_pil(x: torch.Tensor) -> Any:
+    """[C, H, W] in [0, 1] -> 8-bit RGB PIL image."""
+    import numpy as np
+    from PIL import Image
+
+    arr = (x.clamp(0, 1).permute(1, 2, 0).float().cpu().numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(arr)  # [H, W, C]

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ldm.sampling.pngmeta import save_png, to_pil
+from ldm.commands.pngmeta import save_png, to_pil
 
 logger = logging.getLogger(__name__)
 

@@ -1,1 +1,0 @@
-"""Sampling commands (txt2img / img2img / inpaint), PNG metadata and memory-light VAE decoding."""
