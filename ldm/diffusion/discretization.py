@@ -111,7 +111,7 @@ def spaced_timesteps(
     ts = np.array(ts, dtype=np.float64)  # a copy: positive strides for torch.from_numpy
     if ts.max() > T - 1 or ts.min() < 0:
         raise ValueError(
-            f"timesteps {ts.tolist()} leave [0, {T - 1}] (spacing={spacing!r}, steps={N}, "
+            f"timesteps from {ts.max():g} down to {ts.min():g} leave [0, {T - 1}] (spacing={spacing!r}, steps={N}, "
             f"steps_offset={steps_offset}); lower steps_offset or steps"
         )
     return ts
