@@ -5,14 +5,11 @@ from __future__ import annotations
 import csv
 import logging
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
-
-sys.path.insert(0, str(Path(__file__).parent))  # toy_model
 
 from ldm.launch import run  # noqa: E402
 from ldm.launch_cli import get_parser, parse_command  # noqa: E402

@@ -8,33 +8,18 @@ import sys
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = ROOT / "tests" / "configs" / "cli" / "toy.yaml"
 
 
-class RunDirRecorder(pl.Callback):
-    """Writes each rank's run directory to ``<folder>/rank<r>.txt``; its construction (after the
-    run directory is named, before the ranks are started) takes ``delay_s``, so a rank that named
-    the directory from its own clock would name it differently."""
-
-    def __init__(self, folder: str, delay_s: float = 0.0) -> None:
-        import time
-
-        time.sleep(delay_s)
-        self.folder = Path(folder)
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / f"rank{trainer.global_rank}.txt").write_text(trainer.default_root_dir)
-
-
 @pytest.mark.slow
 def test_two_process_ddp_cpu(tmp_path: Path) -> None:
     dump, marks, dirs = tmp_path / "weights", tmp_path / "marks", tmp_path / "run_dirs"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests" / "fixtures")])
+    )
     env.pop("LDM_RUN_NOW", None)
     args = [
         sys.executable, str(ROOT / "main.py"), "--base", str(CFG), "-t", "--no-test",
@@ -48,7 +33,7 @@ def test_two_process_ddp_cpu(tmp_path: Path) -> None:
         f"lightning.callbacks.ranked.params.folder={marks}",
         "lightning.callbacks.ranked.params.batch_frequency=2",
         "lightning.callbacks.ranked.params.max_images=2",
-        "lightning.callbacks.run_dirs.target=test_main_ddp.RunDirRecorder",
+        "lightning.callbacks.run_dirs.target=toy_model.RunDirRecorder",
         f"lightning.callbacks.run_dirs.params.folder={dirs}",
         "lightning.callbacks.run_dirs.params.delay_s=1.1",
     ]  # fmt: skip

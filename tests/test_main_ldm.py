@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import csv
-import sys
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))  # toy_model
 
 from ldm.launch import run  # noqa: E402
 from ldm.launch_cli import parse_command  # noqa: E402

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))  # toy_model
-
 from ldm.launch import run  # noqa: E402
 from ldm.launch_cli import parse_command  # noqa: E402
 
@@ -30,7 +28,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     full = run(parse_command([*COMMON, "-l", str(tmp_path / "full")]).spec)
     assert full.global_step == 12
 
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests" / "fixtures")])
+    )
     killer = [
         "lightning.callbacks.killer.target=toy_model.KillAtStep",
         "lightning.callbacks.killer.params.step=7",

@@ -6,14 +6,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
-
-sys.path.insert(0, str(Path(__file__).parent))  # toy_model
 
 import ldm.launch  # noqa: E402
 from ldm.launch import resolve_paths, run  # noqa: E402

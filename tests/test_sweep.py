@@ -10,8 +10,6 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-sys.path.insert(0, str(Path(__file__).parent))  # toy_model
-
 from ldm.launch_cli import parse_command  # noqa: E402
 from ldm.sweep import load_sweep, rank_rows, run_sweep, sample_trials  # noqa: E402
 from ldm.util import ConfigError  # noqa: E402

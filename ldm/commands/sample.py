@@ -223,12 +223,14 @@ def run(mode: str, argv: list[str] | None = None) -> list[Path]:
             for batch in prompts(args):
                 seed = args.seed if args.fixed_code else args.seed + k
                 k += 1
+                text = model.conditioner is not None and model.conditioner.text_key() is not None
                 x = model.generate(
-                    batch,
-                    negative_prompt=args.negative_prompt if args.negative_prompt else None,
+                    batch if text else None,  # an unconditional model: len(batch) images
+                    num_images_per_prompt=1 if text else len(batch),
+                    negative_prompt=args.negative_prompt if args.negative_prompt and text else None,
                     sampler=sampler,
                     steps=steps,
-                    guidance_scale=scale,
+                    guidance_scale=scale if text else 1.0,
                     seed=seed,
                     height=args.H,
                     width=args.W,

@@ -138,14 +138,16 @@ def _generate(
         raise ValueError(f"output must be one of {list(OUTPUTS)}, got {output!r}")
     if decode not in DECODES:
         raise ValueError(f"decode must be one of {list(DECODES)}, got {decode!r}")
+    conditioner = getattr(model, "conditioner", None)
+    conditional = conditioner is not None and bool(conditioner.embedders)
+    if not conditional and guidance_scale is None:
+        guidance_scale = 1.0  # nothing to guide with
     sampler, steps, guidance_scale, options = resolve_sampling(
         model, sampler, steps, guidance_scale, {**sampler_options, **(solver_options or {})}
     )
     device = model.device
     if generator is None and seed is not None:
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    conditioner = getattr(model, "conditioner", None)
-    conditional = conditioner is not None and bool(conditioner.embedders)
     inputs: dict[str, Any] = {}
     n = None
     if x_T is not None:

@@ -92,11 +92,13 @@ def log_images(
     unconditional_guidance_scale: float = 1.0,
     unconditional_guidance_label: Any = None,
     use_ema_scope: bool = True,
+    seed: int | None = None,
     **kwargs: Any,
 ) -> dict[str, torch.Tensor]:
     """inputs, reconstruction, conditioning, diffusion_row, samples, denoise_row, progressive_row,
     samples_cfg_scale_*, samples_inpainting (blending), and for inpainting models the mask and the
-    masked image."""
+    masked image. With ``seed`` every sample row starts from that seed's noise, so a row equals
+    ``generate(captions, seed=seed, ...)`` with the same settings."""
     if engine.first_stage_model is None:
         return log_pixel_images(
             engine,
@@ -129,9 +131,15 @@ def log_images(
         rows = [engine.decode_first_stage(zt) for zt in diffusion_row(engine, z, n_row)]
         log["diffusion_row"] = grid_from_rows(rows)
     sample_args = {"ddim": use_ddim, "ddim_steps": ddim_steps, "eta": ddim_eta}
+
+    def seeded() -> dict[str, Any]:
+        if seed is None:
+            return sample_args
+        return {**sample_args, "generator": torch.Generator().manual_seed(int(seed))}
+
     if sample:
         with ema("Sampling"):
-            samples, inter = engine.sample_log(cond=c, batch_size=N, **sample_args)
+            samples, inter = engine.sample_log(cond=c, batch_size=N, **seeded())
         log["samples"] = engine.decode_first_stage(samples)
         if plot_denoise_rows:
             log["denoise_row"] = grid_from_rows(
@@ -149,7 +157,7 @@ def log_images(
                 batch_size=N,
                 unconditional_guidance_scale=unconditional_guidance_scale,
                 unconditional_conditioning=uc,
-                **sample_args,
+                **seeded(),
             )
         key = f"samples_cfg_scale_{unconditional_guidance_scale:.2f}"
         log[key] = engine.decode_first_stage(samples_cfg)
@@ -159,7 +167,7 @@ def log_images(
         mask[:, :, h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 0.0  # 1 = keep, 0 = generate
         with ema("Plotting inpaint"):
             samples_inp, _ = engine.sample_log(
-                cond=c, batch_size=N, x0=z[:N], mask=mask, **sample_args
+                cond=c, batch_size=N, x0=z[:N], mask=mask, **seeded()
             )
         log["samples_inpainting"] = engine.decode_first_stage(samples_inp)
         log["mask"] = mask.expand(-1, 3, -1, -1) * 2 - 1

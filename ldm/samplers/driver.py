@@ -220,7 +220,8 @@ def run_solver(
     if spec.defaults_of is not None:
         d.update(spec.defaults_of(solver_options))
     d.update(denoiser.default_ladder)
-    if karras or exponential or sigmas is not None or timesteps is not None:
+    explicit = karras or exponential or sigmas is not None or timesteps is not None
+    if explicit or timestep_spacing is not None:  # an explicit ladder beats a default one
         d.pop("karras", None), d.pop("exponential", None)
     if noise_scaling is None:
         noise_scaling = d.get("noise_scaling", "vp" if spec.view == "vp" else "sigma")

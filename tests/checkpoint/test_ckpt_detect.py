@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ckpt_helpers import sd_key_state_dict
+from tiny_models import sd_key_state_dict
 from torch import nn
 
 from ldm.checkpoint.detect import DetectionError, detect, detect_sd

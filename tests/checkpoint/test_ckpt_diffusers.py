@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ckpt_helpers import TINY_DDCONFIG, TINY_UNET
+from tiny_models import TINY_DDCONFIG, TINY_UNET
 
 from ldm.checkpoint.convert import diffusers_to_checkpoint, from_diffusers, to_diffusers
 from ldm.checkpoint.ema import make_ema_entries

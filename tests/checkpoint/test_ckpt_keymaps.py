@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from ckpt_helpers import DATA, sd_key_state_dict
+from tiny_models import DATA, sd_key_state_dict
 
 from ldm.checkpoint.keymap_text import hf_to_openclip, openclip_to_hf
 from ldm.checkpoint.keymap_unet import unet_to_diffusers, unet_to_ldm

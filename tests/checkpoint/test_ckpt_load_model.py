@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from ckpt_helpers import build_tiny, tiny_ldm_config
 from omegaconf import OmegaConf
+from tiny_models import build_tiny, tiny_ldm_config
 
 from ldm.checkpoint import CheckpointMismatchError, load_model
 from ldm.checkpoint.ema import make_ema_entries
@@ -92,7 +92,7 @@ def test_missing_sampling_weights_fail_with_grouped_report(source, tmp_path: Pat
 
 
 def test_autoencoder_checkpoint_loads_by_its_embedded_config(tmp_path: Path) -> None:
-    from ckpt_helpers import TINY_DDCONFIG
+    from tiny_models import TINY_DDCONFIG
 
     from ldm.util import instantiate_from_config
 

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # toy_model
 
 from ldm.data.datamodule import DataModuleFromConfig, ResumableSampler, WrappedDataset  # noqa: E402
 from ldm.util import ConfigError, instantiate_from_config  # noqa: E402

@@ -69,7 +69,7 @@ def test_tiny_ldm_with_edm_training_learns_a_gaussian():
                     "use_ema": False,
                     "sigma_training": {"kind": "edm", "sigma_data": 0.5, "c_noise_scale": 250.0},
                     "unet_config": {
-                        "target": "ldm.models.diffusion.toy_denoiser.ToyDenoiser",
+                        "target": "toy_denoiser.ToyDenoiser",
                         "params": {"in_channels": 2, "width": 64},
                     },
                 },

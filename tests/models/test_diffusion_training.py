@@ -37,7 +37,7 @@ def tiny_config(**overrides):
         "linear_end": 0.012,
         "monitor": "val/loss_simple_ema",
         "unet_config": {
-            "target": "ldm.models.diffusion.toy_denoiser.ToyDenoiser",
+            "target": "toy_denoiser.ToyDenoiser",
             "params": {"in_channels": 2, "width": 64, "depth": 2},
         },
     }

@@ -16,7 +16,7 @@ from ldm.util import ConfigError, instantiate_from_config
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is fastest
 
 
-TOY = "ldm.models.diffusion.toy_denoiser.ToyDenoiser"
+TOY = "toy_denoiser.ToyDenoiser"
 
 
 def tiny(**overrides):

@@ -27,7 +27,7 @@ def tiny_ldm(parameterization="eps"):
             "parameterization": parameterization,
             "use_ema": False,
             "unet_config": {
-                "target": "ldm.models.diffusion.toy_denoiser.ToyDenoiser",
+                "target": "toy_denoiser.ToyDenoiser",
                 "params": {"in_channels": 2, "image_size": 4, "width": 32, "context_dim": 8},
             },
         },

@@ -10,9 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "checkpoint"))
-from ckpt_helpers import build_tiny, tiny_ldm_config  # noqa: E402
+from tiny_models import build_tiny, tiny_ldm_config  # noqa: E402
 
 from ldm.checkpoint.prune import save_state_dict  # noqa: E402
 from ldm.commands.pngmeta import read_params  # noqa: E402
@@ -135,7 +133,7 @@ def _images(tmp_path: Path) -> tuple[Path, Path]:
 def test_inpaint_feeds_mask_and_masked_image_to_a_9_channel_unet(
     tmp_path: Path, monkeypatch
 ) -> None:
-    from ckpt_helpers import tiny_inpaint_config
+    from tiny_models import tiny_inpaint_config
 
     import ldm.checkpoint as ckpt_pkg
 

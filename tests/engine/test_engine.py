@@ -1,0 +1,109 @@
+"""DiffusionEngine composed from its parts, and the CompVis classes as translators into it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import build_tiny, tiny_ldm_config
+
+from ldm.engine.engine import DiffusionEngine
+from ldm.models.diffusion.ddpm import DDPM, LatentDiffusion, translate
+from ldm.samplers.guiders import ClassifierFreeGuidance, MultiGuidance, NoGuidance, guider_for
+from ldm.util import ConfigError, instantiate_from_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def native_config() -> dict:
+    """tiny_ldm_config written in the engine's own terms."""
+    p = tiny_ldm_config()["model"]["params"]
+    return {
+        "target": "ldm.engine.engine.DiffusionEngine",
+        "params": {
+            "network_config": p["unet_config"],
+            "denoiser_config": {
+                "parameterization": "eps",
+                "timesteps": 1000,
+                "linear_start": p["linear_start"],
+                "linear_end": p["linear_end"],
+            },
+            "conditioner_config": {
+                "embedders": [
+                    {"config": p["cond_stage_config"], "input_key": "txt", "ucg_rate": 0.0}
+                ]
+            },
+            "first_stage_config": p["first_stage_config"],
+            "conditioning_key": "crossattn",
+            "first_stage_key": "jpg",
+            "image_size": 8,
+            "channels": 4,
+            "scale_factor": 0.18215,
+            "use_ema": False,
+        },
+    }
+
+
+def test_native_engine_equals_the_compvis_translation():
+    compvis = build_tiny(tiny_ldm_config())
+    torch.manual_seed(0)
+    native = instantiate_from_config(native_config())
+    assert type(native) is DiffusionEngine and isinstance(compvis, DiffusionEngine)
+    sd_c, sd_n = compvis.state_dict(), native.state_dict()
+    assert sorted(sd_c) == sorted(sd_n)  # the SD key layout: model.diffusion_model.*, ...
+    native.load_state_dict(sd_c)
+    batch = {"jpg": torch.rand(2, 16, 16, 3) * 2 - 1, "txt": ["a", "b c"]}
+    losses = []
+    for m in (compvis, native):
+        torch.manual_seed(3)
+        losses.append(
+            m.training_step({k: list(v) if k == "txt" else v for k, v in batch.items()}, 0)
+        )
+    assert torch.equal(losses[0], losses[1])
+
+
+def test_translation_maps_compvis_parameters():
+    p = tiny_ldm_config()["model"]["params"]
+    out = translate("latent", {**p, "ucg_training": {"txt": {"p": 0.1, "val": ""}}})
+    assert out["network_config"] is p["unet_config"]
+    assert out["denoiser_config"]["linear_start"] == p["linear_start"]
+    (embedder,) = out["conditioner_config"]["embedders"]
+    assert embedder["config"] is p["cond_stage_config"]  # the same object: errors name its path
+    assert (embedder["input_key"], embedder["ucg_rate"], embedder["null"]) == ("txt", 0.1, "")
+    with pytest.raises(ConfigError, match="did you mean 'linear_start'"):
+        translate("latent", {**p, "linear_strat": 0.1})
+    with pytest.raises(ConfigError, match="ucg_training names 'caption'"):
+        translate("latent", {**p, "ucg_training": {"caption": {"p": 0.1}}})
+    with pytest.raises(ConfigError, match="DDPM has none"):
+        translate("ddpm", {"unet_config": p["unet_config"], "ucg_training": {"txt": {"p": 0.1}}})
+
+
+def test_compvis_positional_arguments_bind_in_the_originals_order():
+    p = dict(tiny_ldm_config()["model"]["params"])
+    first, cond = p.pop("first_stage_config"), p.pop("cond_stage_config")
+    model = LatentDiffusion(first, cond, **p)
+    assert model.cond_stage_key == "txt" and model.conditioner.input_key == "txt"
+    with pytest.raises(TypeError, match="multiple values"):
+        LatentDiffusion(first, cond, first_stage_config=first, **p)
+    unet = {"target": "toy_denoiser.ToyDenoiser", "params": {"in_channels": 3}}
+    ddpm = DDPM(unet, 100, image_size=1, use_ema=False)
+    assert ddpm.num_timesteps == 100 and ddpm.conditioner is None
+
+
+def test_guiders():
+    def net(x, t, c):
+        return x * c
+
+    x, t = torch.ones(2, 3), torch.zeros(2)
+    c, u = torch.full((2, 3), 3.0), torch.full((2, 3), 1.0)
+    assert torch.equal(NoGuidance().model_fn(net, c)(x, t), x * 3)
+    cfg = ClassifierFreeGuidance(2.0).model_fn(net, c, u)(x, t)
+    assert torch.equal(cfg, 1 + 2.0 * (3 - 1) * x)
+    # one scale over the chain u -> c is classifier-free guidance
+    assert torch.equal(MultiGuidance([2.0]).model_fn(net, c, u)(x, t), cfg)
+    # two conditionings, two scales: u + s1 (c1 - u) + s2 (c - c1)
+    c1 = torch.full((2, 3), 2.0)
+    two = MultiGuidance([1.5, 4.0], conds=[c1]).model_fn(net, c, u)(x, t)
+    assert torch.equal(two, torch.full((2, 3), 1 + 1.5 * 1 + 4.0 * 1))
+    assert isinstance(guider_for(1.0), NoGuidance)
+    with pytest.raises(ValueError, match="unconditional"):
+        ClassifierFreeGuidance(3.0).model_fn(net, c)
