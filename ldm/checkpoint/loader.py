@@ -71,17 +71,22 @@ def file_hash(path: str | os.PathLike, n: int = 10) -> str:
 
 def recorded_sampling_defaults(ckpt: LoadedCheckpoint, config: Any) -> dict[str, Any]:
     """The sampler, steps and guidance a checkpoint was evaluated with: saved with the weights
-    (``sampling_defaults``), else read off the run's embedded config (runs made before that)."""
+    (``sampling_defaults``), else, for runs made before they were, read off the run's embedded
+    config or its run directory (the judged evaluation, the launch's Lightning config)."""
     import json
 
-    from ldm.engine.defaults import check_sampling_defaults, defaults_from_config
+    from ldm.engine.defaults import (
+        check_sampling_defaults,
+        defaults_from_config,
+        defaults_from_run_dir,
+    )
 
     where = f"{ckpt.path}: sampling_defaults"
     if ckpt.extras.get("sampling_defaults"):
         return check_sampling_defaults(ckpt.extras["sampling_defaults"], where)
     if "sampling_defaults" in ckpt.metadata:
         return check_sampling_defaults(json.loads(ckpt.metadata["sampling_defaults"]), where)
-    return defaults_from_config(ckpt.embedded_config or {})
+    return defaults_from_config(ckpt.embedded_config or {}) or defaults_from_run_dir(ckpt.path)
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-PARAMETERIZATIONS = ("eps", "x0", "v")
+from ldm.diffusion.gaussian import PARAMETERIZATIONS
+
 LOSS_TYPES = ("l2", "l1")
 
 

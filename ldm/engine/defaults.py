@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 #: What ``generate`` uses when neither the call nor the model says (the CompVis command's defaults).
@@ -81,4 +83,33 @@ def defaults_from_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
             if p.get("sampler_options"):
                 out["options"] = dict(p["sampler_options"])
             return out
+    return {}
+
+
+def defaults_from_run_dir(ckpt_path: str | Path) -> dict[str, Any]:
+    """Sampling defaults of ``<run>/checkpoints/<file>``: the settings ``final_scores.json`` records
+    the run was judged with, else the ShapesEvaluation in ``<run>/configs/*-lightning.yaml``."""
+    path = Path(ckpt_path)
+    if path.parent.name != "checkpoints":
+        return {}
+    run = path.parent.parent
+    scores = run / "final_scores.json"
+    if scores.is_file():
+        try:
+            sampling = json.loads(scores.read_text()).get("sampling") or {}
+        except (OSError, ValueError):
+            sampling = {}
+        out = {k: sampling[k] for k in ("sampler", "steps", "guidance_scale") if k in sampling}
+        extra = {k: v for k, v in sampling.items() if k not in (*out, "seed", "use_ema")}
+        if extra:
+            out["options"] = extra
+        if out:
+            return check_sampling_defaults(out, f"{scores}: sampling")
+    for cfg_path in sorted((run / "configs").glob("*-lightning.yaml"), reverse=True):
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=True)
+        found = defaults_from_config({"lightning": cfg.get("lightning", cfg)})
+        if found:
+            return found
     return {}

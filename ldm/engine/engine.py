@@ -18,7 +18,6 @@ The CompVis classes (``ldm.models.diffusion.ddpm``) translate their parameters i
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -35,12 +34,14 @@ from ldm.diffusion.edm import SigmaTraining
 from ldm.diffusion.gaussian import PARAMETERIZATIONS, q_sample
 from ldm.diffusion.objective import DiffusionLoss
 from ldm.ema import LitEma
+from ldm.engine.compvis_sampling import CompVisSampling
 from ldm.engine.conditioner import Conditioner
 from ldm.engine.defaults import check_sampling_defaults
 from ldm.engine.embedders import build_conditioner
+from ldm.engine.first_stage import FirstStageMixin
 from ldm.engine.frozen import freeze
 from ldm.engine.init_weights import load_into
-from ldm.engine.network import CLASS_KEYS, DiffusionWrapper, as_cond_dict
+from ldm.engine.network import DiffusionWrapper, as_cond_dict
 from ldm.engine.schedule import TrainingSchedule
 from ldm.optim import adamw
 from ldm.util import ConfigError, count_params, instantiate_from_config, plain
@@ -82,7 +83,7 @@ def loss_from_config(config: Mapping[str, Any]) -> DiffusionLoss:
         raise ConfigError(f"loss_config: {err}") from None
 
 
-class DiffusionEngine(pl.LightningModule):
+class DiffusionEngine(FirstStageMixin, CompVisSampling, pl.LightningModule):
     """Training (L_LDM), EMA, logging and ``generate`` over the composed parts."""
 
     def __init__(
@@ -306,86 +307,6 @@ class DiffusionEngine(pl.LightningModule):
         noise = torch.randn_like(x_start) if noise is None else noise
         return q_sample(x_start, t, noise, self.alphas_cumprod_f64)
 
-    # ------------------------------------------------------------------ first stage
-    @torch.no_grad()
-    def encode_first_stage(self, x: torch.Tensor) -> Any:
-        """E(x): a posterior (KL), pre-quantization latents (VQ) or x itself (pixel space)."""
-        if self.first_stage_model is None:
-            return x
-        return self.first_stage_model.encode(x)
-
-    def get_first_stage_encoding(self, encoder_posterior: Any) -> torch.Tensor:
-        """z = scale_factor * (posterior sample | tensor)."""
-        if isinstance(encoder_posterior, torch.Tensor):
-            z = encoder_posterior
-        elif callable(getattr(encoder_posterior, "sample", None)):
-            z = encoder_posterior.sample()
-        else:
-            raise TypeError(
-                f"encoder_posterior of type {type(encoder_posterior).__name__} is neither a "
-                "tensor nor a distribution with .sample()."
-            )
-        return self.scale_factor * z
-
-    @torch.no_grad()
-    def decode_first_stage(
-        self, z: torch.Tensor, predict_cids: bool = False, force_not_quantize: bool = False
-    ) -> torch.Tensor:
-        """D(z / scale_factor)."""
-        if predict_cids:
-            raise NotImplementedError(
-                "predict_cids (codebook-index prediction) is not supported; decode latents."
-            )
-        if self.first_stage_model is None:
-            return z
-        z = 1.0 / self.scale_factor * z
-        decode = self.first_stage_model.decode
-        if "force_not_quantize" in inspect.signature(decode).parameters:
-            return decode(z, force_not_quantize=force_not_quantize)
-        return decode(z)
-
-    def encode_latent(
-        self, x: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Images [B, C, H, W] in [-1, 1] -> z = scale_factor * E(x), a posterior sample drawn
-        from ``generator`` (KL) or the latents (VQ); the images themselves in pixel space."""
-        if self.first_stage_model is None:
-            return x
-        posterior = self.encode_first_stage(x)
-        if isinstance(posterior, torch.Tensor) or generator is None:
-            return self.get_first_stage_encoding(posterior)
-        eps = torch.randn(posterior.mean.shape, generator=generator, device=generator.device)
-        return self.scale_factor * (posterior.mean + posterior.std * eps.to(posterior.mean))
-
-    def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
-        """The sampler's x_0 -> images in [-1, 1]."""
-        return self.decode_first_stage(z)
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """scale_by_std: set scale_factor = 1 / std(z) from the very first batch (LDM Sec. G)."""
-        if not (
-            self.scale_by_std
-            and self.current_epoch == 0
-            and self.global_step == 0
-            and batch_idx == 0
-            and not self.restarted_from_ckpt
-        ):
-            return
-        if float(self.scale_factor) != 1.0:
-            raise ConfigError(
-                f"scale_by_std=True estimates scale_factor itself; set scale_factor: 1.0 "
-                f"(found {float(self.scale_factor)})."
-            )
-        logger.info("### USING STD-RESCALING ###")
-        x = self.image_input(batch, self.first_stage_key).to(self.device)
-        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
-        value = 1.0 / z.flatten().float().std()
-        trainer = getattr(self, "_trainer", None)
-        if trainer is not None and trainer.world_size > 1:
-            value = trainer.strategy.broadcast(value, src=0)
-        self.scale_factor = value.to(self.scale_factor)
-        logger.info("setting self.scale_factor to %s", float(self.scale_factor))
-
     # ------------------------------------------------------------------ batches and loss
     def image_input(self, batch: Mapping[str, Any], k: str) -> torch.Tensor:
         """batch[k] as B x H x W x C in [-1, 1] -> float B x C x H x W (CompVis data convention)."""
@@ -555,106 +476,6 @@ class DiffusionEngine(pl.LightningModule):
         from ldm.engine.generate import generate
 
         return generate(self, prompt, **kwargs)
-
-    # -- the CompVis sampling API, translated into generate() calls
-    def get_learned_conditioning(self, c: Any) -> Any:
-        """tau_theta(y) of raw conditioning inputs (prompts, labels, images)."""
-        if self.conditioner is None:
-            raise RuntimeError(f"{type(self).__name__} is unconditional: it has no cond stage.")
-        return self.conditioner.encode_raw(c)
-
-    @torch.no_grad()
-    def get_unconditional_conditioning(self, batch_size: int, null_label: Any = None) -> Any:
-        """tau_theta(null) repeated batch_size times (empty prompt / null class by default)."""
-        if self.conditioner is None:
-            raise RuntimeError(f"{type(self).__name__} is unconditional: it has no cond stage.")
-        null_label = plain(null_label)
-        if null_label is None:
-            get_uc = getattr(self.cond_stage_model, "get_unconditional_conditioning", None)
-            if self.conditioner.input_key in CLASS_KEYS and callable(get_uc):
-                return self.get_learned_conditioning(get_uc(batch_size, device=self.device))
-            null = self.conditioner.embedders[0].null
-            if null is None:
-                raise ValueError(
-                    f"No default null condition for cond_stage_key '{self.conditioner.input_key}'; "
-                    "pass unconditional_guidance_label."
-                )
-            if isinstance(null, str):
-                null_label = [null]
-            else:
-                null_label = torch.full((batch_size,), int(null), device=self.device)
-        if isinstance(null_label, torch.Tensor):
-            null_label = null_label.to(self.device)
-        c = self.get_learned_conditioning(null_label)
-        if isinstance(c, list):
-            return [ci.expand(batch_size, *ci.shape[1:]).to(self.device) for ci in c]
-        if c.shape[0] == batch_size:
-            return c.to(self.device)
-        return c[:1].expand(batch_size, *c.shape[1:]).to(self.device)  # [1, ...] -> [B, ...]
-
-    def unconditional_for(self, c: Any, batch_size: int, null_label: Any = None) -> Any:
-        """Null conditioning shaped like c (dict conditions keep their c_concat / c_adm parts)."""
-        if isinstance(c, Mapping):
-            uc = dict(c)
-            uc["c_crossattn"] = [self.get_unconditional_conditioning(batch_size, null_label)]
-            return uc
-        return self.get_unconditional_conditioning(batch_size, null_label)
-
-    @torch.no_grad()
-    def sample(
-        self,
-        cond: Any = None,
-        batch_size: int = 16,
-        return_intermediates: bool = False,
-        x_T: torch.Tensor | None = None,
-        sampler: str = "ddpm",
-        steps: int | None = None,
-        **options: Any,
-    ) -> Any:
-        """CompVis ``sample``: latents through generate (default: ancestral DDPM, all T steps)."""
-        from ldm.samplers.legacy import sample_model
-
-        samples, intermediates = sample_model(
-            self,
-            cond,
-            batch_size=batch_size,
-            shape=self.latent_shape(),
-            sampler=sampler,
-            steps=steps or self.num_timesteps,
-            x_T=x_T,
-            log_every_t=self.log_every_t,
-            **options,
-        )
-        if return_intermediates:
-            return samples, intermediates["pred_x0"]
-        return samples
-
-    @torch.no_grad()
-    def sample_log(
-        self,
-        cond: Any,
-        batch_size: int,
-        ddim: bool = True,
-        ddim_steps: int | None = 50,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
-        """(latents, intermediates) with DDIM (ddim_steps) or ancestral DDPM (all T steps)."""
-        from ldm.samplers.legacy import sample_model
-
-        sampler = "ddim" if ddim and ddim_steps else "ddpm"
-        steps = ddim_steps if sampler == "ddim" else self.num_timesteps
-        if sampler == "ddpm":
-            kwargs.pop("eta", None)
-        return sample_model(
-            self,
-            cond,
-            batch_size=batch_size,
-            shape=self.latent_shape(),
-            sampler=sampler,
-            steps=steps,
-            log_every_t=max(1, steps // 10) if steps else self.log_every_t,
-            **kwargs,
-        )
 
     @torch.no_grad()
     def log_images(self, batch: Mapping[str, Any], **kwargs: Any) -> dict[str, torch.Tensor]:

@@ -11,7 +11,6 @@ driver with the model's denoiser -> decode.
 from __future__ import annotations
 
 import contextlib
-import random
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -281,8 +280,3 @@ def _batch_size(cond: Any) -> int:
     if isinstance(cond, list | tuple):
         return _batch_size(cond[0])
     raise TypeError(f"cannot tell the batch size of a conditioning of type {type(cond).__name__}")
-
-
-def random_seed() -> int:
-    """A fresh seed for a call that was given none (recorded with the images)."""
-    return random.SystemRandom().randrange(0, 2**31 - 1)

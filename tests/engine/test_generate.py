@@ -272,3 +272,29 @@ def test_sigma_model_refuses_timestep_spacings_with_a_clear_error():
     )
     with pytest.raises(ValueError, match="sigma-conditioned.*karras"):
         model.generate(sampler="euler", steps=3, timestep_spacing="leading", output="latent")
+
+
+def test_run_directories_made_before_recording_give_their_judged_settings(tmp_path):
+    import json
+
+    from ldm.engine.defaults import defaults_from_run_dir
+
+    run = tmp_path / "2026-01-01T00-00-00_txt2img"
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert defaults_from_run_dir(ckpt) == {}
+    (run / "configs").mkdir()
+    (run / "configs" / "x-lightning.yaml").write_text(
+        "lightning:\n  callbacks:\n    ev:\n      target: ldm.evaluation.ShapesEvaluation\n"
+        "      params: {sampler: heun, steps: 12, guidance_scale: 2.0}\n"
+    )
+    assert defaults_from_run_dir(ckpt) == {"sampler": "heun", "steps": 12, "guidance_scale": 2.0}
+    sampling = {"sampler": "euler", "steps": 9, "guidance_scale": 3.5, "seed": 0, "karras": True}
+    (run / "final_scores.json").write_text(json.dumps({"sampling": sampling}))
+    assert defaults_from_run_dir(ckpt) == {
+        "sampler": "euler",
+        "steps": 9,
+        "guidance_scale": 3.5,
+        "options": {"karras": True},
+    }
+    assert defaults_from_run_dir(tmp_path / "elsewhere.ckpt") == {}

@@ -1,5 +1,5 @@
-"""Legacy import path `ldm.models.diffusion.ddim.DDIMSampler` (CompVis); see ldm.samplers.legacy."""
+"""Legacy import path `ldm.models.diffusion.ddim.DDIMSampler` (CompVis); see ldm.models.diffusion.facades."""
 
-from ldm.samplers.legacy import DDIMSampler
+from ldm.models.diffusion.facades import DDIMSampler
 
 __all__ = ["DDIMSampler"]

@@ -25,7 +25,7 @@ from ldm.diffusion.gaussian import (
     x0_from_v,
 )
 from ldm.engine.engine import DiffusionEngine
-from ldm.engine.frozen import disabled_train, freeze
+from ldm.engine.frozen import disabled_train
 from ldm.engine.network import DiffusionWrapper
 from ldm.util import (
     FIRST_STAGE_SENTINEL,
@@ -515,15 +515,6 @@ class LatentDiffusion(DDPM):
     def forward(self, x: torch.Tensor, c: Any = None, *args: Any, **kwargs: Any) -> Any:
         """Training loss of latents x with condition c."""
         return DiffusionEngine.forward(self, x, c, *args, **kwargs)
-
-    def make_cond_schedule(self) -> None:
-        """cond_ids[t] (built with the conditioner when num_timesteps_cond > 1)."""
-
-    def instantiate_first_stage(self, config: Any) -> None:
-        """Build the autoencoder, frozen and kept in eval mode."""
-        from ldm.util import instantiate_from_config
-
-        self.first_stage_model = freeze(instantiate_from_config(config))
 
 
 class LatentInpaintDiffusion(LatentDiffusion):

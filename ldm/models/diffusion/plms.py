@@ -1,5 +1,5 @@
-"""Legacy import path `ldm.models.diffusion.plms.PLMSSampler` (CompVis); see ldm.samplers.legacy."""
+"""Legacy import path `ldm.models.diffusion.plms.PLMSSampler` (CompVis); see ldm.models.diffusion.facades."""
 
-from ldm.samplers.legacy import PLMSSampler
+from ldm.models.diffusion.facades import PLMSSampler
 
 __all__ = ["PLMSSampler"]

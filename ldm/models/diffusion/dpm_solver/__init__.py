@@ -1,6 +1,6 @@
 """Legacy import path `ldm.models.diffusion.dpm_solver.DPMSolverSampler` (SD 2.x); see
-ldm.samplers.legacy."""
+ldm.models.diffusion.facades."""
 
-from ldm.samplers.legacy import DPMSolverSampler
+from ldm.models.diffusion.facades import DPMSolverSampler
 
 __all__ = ["DPMSolverSampler"]

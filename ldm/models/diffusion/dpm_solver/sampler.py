@@ -1,5 +1,5 @@
 """Legacy import path `ldm.models.diffusion.dpm_solver.sampler.DPMSolverSampler` (SD 2.x)."""
 
-from ldm.samplers.legacy import DPMSolverSampler
+from ldm.models.diffusion.facades import DPMSolverSampler
 
 __all__ = ["DPMSolverSampler"]

@@ -1,12 +1,11 @@
-"""CompVis-compatible sampler facades over `ldm.samplers.sample`, and the model adapter they share
-with the LightningModules' own sampling (`sample_model`).
+"""CompVis-compatible sampler facades: ``DDIMSampler``, ``PLMSSampler``, ``DPMSolverSampler``.
 
 `DDIMSampler(model).sample(S, batch_size, shape, conditioning, ...)` returns `(samples, intermediates)`
 exactly as in CompVis/stable-diffusion (`ldm/models/diffusion/ddim.py`): DDIM (Song et al. 2021,
 eq. 12) on the 'uniform' timesteps range(0, T, T // S) + 1, the last step landing on alpha_bar_0.
 `PLMSSampler` (Liu et al. 2022, PNDM without Runge-Kutta warm-up) and `DPMSolverSampler`
 (DPM-Solver++(2M), Lu et al. 2022) follow. `stochastic_encode` / `decode` implement img2img.
-All solving happens in `ldm.samplers.sample`; these classes only translate arguments.
+These classes only translate arguments into ``ldm.engine.generate.generate_latents``.
 """
 
 from __future__ import annotations
@@ -18,111 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from ldm.engine.compvis_sampling import generate_latents as sample_model
+from ldm.engine.compvis_sampling import legacy_callback as _legacy_callback
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["DDIMSampler", "DPMSolverSampler", "PLMSSampler", "sample_model"]
-
-VP_SAMPLERS = ("ddpm", "ddim", "plms")
-
-
-def _device_of(model: Any) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    return next(model.parameters()).device
-
-
-def _intermediate_collector(
-    log_every_t: int, total: int, user_callback: Callable[[dict[str, Any]], None] | None
-) -> tuple[dict[str, list[torch.Tensor]], Callable[[dict[str, Any]], None]]:
-    inter: dict[str, list[torch.Tensor]] = {"x_inter": [], "pred_x0": []}
-    every = max(1, int(log_every_t))
-
-    def callback(info: dict[str, Any]) -> None:
-        i = int(info.get("i", 0))
-        index = total - i - 1
-        if "denoised" in info and (index % every == 0 or i == 0):
-            inter["x_inter"].append(info["x"])
-            inter["pred_x0"].append(info["denoised"])
-        if user_callback is not None:
-            user_callback(info)
-
-    return inter, callback
-
-
-@torch.no_grad()
-def sample_model(
-    model: Any,
-    cond: Any,
-    batch_size: int,
-    shape: tuple[int, ...],
-    sampler: str = "ddim",
-    steps: int = 50,
-    x_T: torch.Tensor | None = None,
-    log_every_t: int = 100,
-    unconditional_guidance_scale: float = 1.0,
-    unconditional_conditioning: Any = None,
-    guidance_rescale: float = 0.0,
-    generator: torch.Generator | None = None,
-    callback: Callable[[dict[str, Any]], None] | None = None,
-    score_corrector: Any = None,
-    corrector_kwargs: dict[str, Any] | None = None,
-    use_ema: bool = False,
-    **options: Any,
-) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
-    """CompVis-style arguments translated into one ``model.generate(..., output="latent")`` call.
-
-    Returns (x_0 [B, *shape], {"x_inter": [...], "pred_x0": [...]}) like CompVis samplers.
-    """
-    device = _device_of(model)
-    if x_T is None:
-        x_T = torch.randn(
-            (batch_size, *shape),
-            generator=generator,
-            device=generator.device if generator is not None else device,
-        )
-    x_T = x_T.to(device)
-    if unconditional_guidance_scale != 1.0 and unconditional_conditioning is None:
-        raise ValueError(
-            "unconditional_guidance_scale != 1 needs unconditional_conditioning (e.g. "
-            "model.get_unconditional_conditioning(batch_size))."
-        )
-    wrap = None
-    if score_corrector is not None:
-        wrap = lambda fn: _corrected(model, fn, cond, score_corrector, corrector_kwargs or {})  # noqa: E731
-    inter, collect = _intermediate_collector(log_every_t, steps, callback)
-    from ldm.engine.generate import generate
-
-    x = generate(
-        model,
-        cond=cond,
-        uncond=unconditional_conditioning,
-        x_T=x_T,
-        sampler=sampler,
-        steps=steps,
-        guidance_scale=unconditional_guidance_scale,
-        guidance_rescale=guidance_rescale,
-        generator=generator,
-        callback=collect,
-        use_ema=use_ema,
-        wrap_model_fn=wrap,
-        output="latent",
-        solver_options=options,
-    )
-    inter["x_inter"].append(x)
-    inter["pred_x0"].append(x)
-    return x, inter
-
-
-def _corrected(model: Any, model_fn: Callable, cond: Any, corrector: Any, kwargs: dict) -> Callable:
-    """CompVis score_corrector.modify_score(model, e_t, x, t, c) applied to eps predictions."""
-    if getattr(model, "parameterization", "eps") != "eps":
-        raise ValueError("score_corrector works on eps predictions; this model is not 'eps'.")
-
-    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return corrector.modify_score(model, model_fn(x, t), x, t, cond, **kwargs)
-
-    return fn
+__all__ = ["DDIMSampler", "DPMSolverSampler", "PLMSSampler", "uniform_ddim_timesteps"]
 
 
 def uniform_ddim_timesteps(
@@ -389,23 +289,6 @@ class DPMSolverSampler:
             **options,
         )
         return x, None
-
-
-def _legacy_callback(
-    callback: Callable[[int], None] | None, img_callback: Callable[[torch.Tensor, int], None] | None
-) -> Callable[[dict[str, Any]], None] | None:
-    """CompVis callbacks: callback(i) and img_callback(pred_x0, i) from the solvers' info dicts."""
-    if callback is None and img_callback is None:
-        return None
-
-    def cb(info: dict[str, Any]) -> None:
-        i = int(info.get("i", 0))
-        if callback is not None:
-            callback(i)
-        if img_callback is not None and "denoised" in info:
-            img_callback(info["denoised"], i)
-
-    return cb
 
 
 def _check_batch(conditioning: Any, batch_size: int) -> None:
