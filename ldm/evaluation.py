@@ -155,8 +155,6 @@ class ShapesEvaluation(Callback):
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> dict[str, Any]:
         """Sample, judge, write `images/<tag>/` grid + captions and `<tag>_scores.json`; log."""
         scores, images = evaluate(pl_module, self.prompts, **self.sample_kwargs)
-        # what the model was judged with becomes its recorded sampling defaults (saved with it)
-        pl_module.sampling_defaults = dict(self.sampling_defaults)
         root = self._root(trainer)
         folder = root / "images" / tag
         folder.mkdir(parents=True, exist_ok=True)
@@ -192,6 +190,12 @@ class ShapesEvaluation(Callback):
         for lg in trainer.loggers:
             lg.log_metrics(metrics, step=trainer.global_step)
         return record
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """What the model is judged with becomes its recorded sampling defaults (saved in every
+        checkpoint), unless its config already names them (``sampling_defaults``)."""
+        if hasattr(pl_module, "sampling_defaults") and not pl_module.sampling_defaults:
+            pl_module.sampling_defaults = dict(self.sampling_defaults)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any

@@ -298,3 +298,24 @@ def test_run_directories_made_before_recording_give_their_judged_settings(tmp_pa
         "options": {"karras": True},
     }
     assert defaults_from_run_dir(tmp_path / "elsewhere.ckpt") == {}
+
+
+def test_shapes_evaluation_records_what_the_model_is_judged_with():
+    from ldm.evaluation import ShapesEvaluation
+
+    model = build_tiny(tiny_ldm_config())
+    cb = ShapesEvaluation(n_per_split=1, sampler="heun", steps=7, guidance_scale=2.0)
+    cb.on_fit_start(None, model)
+    assert model.sampling_defaults == {
+        "sampler": "heun",
+        "steps": 7,
+        "guidance_scale": 2.0,
+        "options": {},
+    }
+    checkpoint: dict = {}
+    model.on_save_checkpoint(checkpoint)
+    assert checkpoint["sampling_defaults"]["sampler"] == "heun"
+    # a config that names its own defaults keeps them
+    model.sampling_defaults = dict(DEFAULTS)
+    cb.on_fit_start(None, model)
+    assert model.sampling_defaults == DEFAULTS
