@@ -46,68 +46,6 @@ __all__ = [
     "translate",
 ]
 
-#: DDPM parameters of the originals (plus ours: min_snr_gamma ... sampling_defaults)
-DDPM_PARAMS = (
-    "unet_config",
-    "timesteps",
-    "beta_schedule",
-    "loss_type",
-    "ckpt_path",
-    "ignore_keys",
-    "load_only_unet",
-    "monitor",
-    "use_ema",
-    "first_stage_key",
-    "image_size",
-    "channels",
-    "log_every_t",
-    "clip_denoised",
-    "linear_start",
-    "linear_end",
-    "cosine_s",
-    "given_betas",
-    "original_elbo_weight",
-    "v_posterior",
-    "l_simple_weight",
-    "conditioning_key",
-    "parameterization",
-    "scheduler_config",
-    "use_positional_encodings",
-    "learn_logvar",
-    "logvar_init",
-    "make_it_fit",
-    "ucg_training",
-    "reset_ema",
-    "reset_num_ema_updates",
-    "min_snr_gamma",
-    "snr_weight_floor",
-    "offset_noise",
-    "input_perturbation",
-    "zero_terminal_snr",
-    "ema_decay",
-    "sigma_training",
-    "sampling_defaults",
-)
-LATENT_PARAMS = (
-    "first_stage_config",
-    "cond_stage_config",
-    "num_timesteps_cond",
-    "cond_stage_key",
-    "cond_stage_trainable",
-    "concat_mode",
-    "cond_stage_forward",
-    "scale_factor",
-    "scale_by_std",
-    "force_null_conditioning",
-)
-INPAINT_PARAMS = (
-    "concat_keys",
-    "masked_image_key",
-    "finetune_keys",
-    "keep_finetune_dims",
-    "c_concat_log_start",
-    "c_concat_log_end",
-)
 DEFAULT_FINETUNE_KEYS = (
     "model.diffusion_model.input_blocks.0.0.weight",
     "model_ema.diffusion_modelinput_blocks00weight",
@@ -287,8 +225,10 @@ def _inpaint(kind: str, p: Mapping[str, Any], out: dict[str, Any]) -> dict[str, 
     return out
 
 
-#: The originals' defaults (and order: positional arguments bind in this order).
-DEFAULTS: dict[str, Any] = {
+#: The originals' parameters with their defaults, in their order (positional arguments bind in
+#: it); ``None`` for the required configs. DDPM's last seven are ours (min_snr_gamma, ...).
+DDPM_DEFAULTS: dict[str, Any] = {
+    "unet_config": None,
     "timesteps": 1000,
     "beta_schedule": "linear",
     "loss_type": "l2",
@@ -327,6 +267,10 @@ DEFAULTS: dict[str, Any] = {
     "ema_decay": 0.9999,
     "sigma_training": None,
     "sampling_defaults": None,
+}
+LATENT_DEFAULTS: dict[str, Any] = {
+    "first_stage_config": None,
+    "cond_stage_config": None,
     "num_timesteps_cond": None,
     "cond_stage_key": "image",
     "cond_stage_trainable": False,
@@ -335,6 +279,8 @@ DEFAULTS: dict[str, Any] = {
     "scale_factor": 1.0,
     "scale_by_std": False,
     "force_null_conditioning": False,
+}
+INPAINT_DEFAULTS: dict[str, Any] = {
     "concat_keys": ("mask", "masked_image"),
     "masked_image_key": "masked_image",
     "finetune_keys": DEFAULT_FINETUNE_KEYS,
@@ -342,6 +288,10 @@ DEFAULTS: dict[str, Any] = {
     "c_concat_log_start": None,
     "c_concat_log_end": None,
 }
+DDPM_PARAMS = tuple(DDPM_DEFAULTS)
+LATENT_PARAMS = tuple(LATENT_DEFAULTS)
+INPAINT_PARAMS = tuple(INPAINT_DEFAULTS)
+DEFAULTS = {**DDPM_DEFAULTS, **LATENT_DEFAULTS, **INPAINT_DEFAULTS}
 POSITIONAL = {
     "ddpm": DDPM_PARAMS,
     "latent": LATENT_PARAMS[:7] + ("conditioning_key",) + LATENT_PARAMS[7:],
