@@ -119,11 +119,3 @@ class SigmaTraining:
         else:
             raise ValueError(f"loss_type must be 'l2' or 'l1', got {loss_type!r}")
         return self.loss_weight(sigma).to(y) * err.flatten(1).mean(dim=1)
-
-    def denoiser_fn(self, net: NetFn) -> Callable[[torch.Tensor, float], torch.Tensor]:
-        """D(x; sigma) as a function of (x, float sigma) for the samplers in ldm.samplers.sde."""
-
-        def d(x: torch.Tensor, sigma: float) -> torch.Tensor:
-            return self.denoise(net, x, torch.full((x.shape[0],), float(sigma), device=x.device))
-
-        return d

@@ -158,7 +158,9 @@ def _generate(
             inputs = {k: batch[k] for k in conditioner.input_keys if k in batch}
         n = n or len(next(iter(batch.values())))
     prompts = _prompts(prompt, num_images_per_prompt)
-    if prompts is not None and cond is None:
+    if prompts is not None and cond is not None:
+        raise ValueError("give prompts or a ready conditioning (cond=), not both")
+    if prompts is not None:
         if not conditional or conditioner.text_key() is None:
             raise ValueError(f"{type(model).__name__} is not conditioned on text; pass prompt=None")
         inputs[conditioner.text_key()] = prompts
@@ -177,8 +179,9 @@ def _generate(
     f = latent_factor(model)
     init = load_image(init_image).to(device) * 2 - 1 if init_image is not None else None
     if height or width or init is not None:
-        h = height or (init.shape[-2] if init is not None else h_lat * f)
-        w = width or (init.shape[-1] if init is not None else w_lat * f)
+        # an init image without height / width keeps its size, rounded down to the latent grid
+        h = height or (init.shape[-2] - init.shape[-2] % f if init is not None else h_lat * f)
+        w = width or (init.shape[-1] - init.shape[-1] % f if init is not None else w_lat * f)
         if h % f or w % f:
             raise ValueError(
                 f"height {h} and width {w} must be multiples of {f} (the latent factor)"

@@ -319,3 +319,13 @@ def test_shapes_evaluation_records_what_the_model_is_judged_with():
     model.sampling_defaults = dict(DEFAULTS)
     cb.on_fit_start(None, model)
     assert model.sampling_defaults == DEFAULTS
+
+
+def test_init_images_keep_their_size_rounded_to_the_latent_grid(model):
+    init = torch.rand(1, 3, 17, 21)  # the tiny first stage has f = 2
+    out = model.generate(PROMPTS[0], init_image=init, strength=0.5, seed=0, output="tensor")
+    assert out.shape == (1, 3, 16, 20)
+    with pytest.raises(ValueError, match="multiples"):
+        model.generate(PROMPTS[0], height=17, output="latent")
+    with pytest.raises(ValueError, match="not both"):
+        model.generate(PROMPTS[0], cond=torch.zeros(1, 77, 32), output="latent")
