@@ -1,6 +1,6 @@
 """The engine's Conditioner, built from ``conditioner_config``:
 
-    embedders:            # one module embedder (its weights are the checkpoint's `cond_stage_model.*`)
+    embedders:            # one: its weights are `cond_stage_model.*` (SD layout); several: `embedder_modules.N.*`
       - target: ldm.modules.encoders.clip.FrozenCLIPEmbedder   # or module: __is_first_stage__
         params: {...}
         input_key: caption    # the batch key it reads
@@ -10,13 +10,17 @@
         is_trainable: false   # frozen (eval mode, no grad) unless true
         kind: crossattn       # crossattn | vector | concat
         forward: encode       # the module's method to call (CompVis cond_stage_forward)
+        input: text           # how the batch entry is read: text | class | image | tensor
     concat:               # inpainting: [mask, E(masked image)] concatenated to the input
       keys: [mask, masked_image]
       masked_image_key: masked_image
     num_timesteps_cond: 1 # CompVis: diffuse the condition with t (shortened schedule) when > 1
 
 Raw inputs are read from a batch as CompVis data sets give them: captions as strings, class labels
-as ints, images as B x H x W x C in [-1, 1].
+as ints, images as B x H x W x C in [-1, 1], other tensors as they are. With several embedders the
+outputs are assembled by kind (sgm's rule): cross-attention sequences concatenated along the
+feature axis (c_crossattn), vectors along dim 1 (c_adm, the U-Net's ``y``), concat channels along
+the channel axis (c_concat); the engine's ``conditioning_key`` routes them (e.g. crossattn-adm).
 """
 
 from __future__ import annotations
@@ -52,7 +56,9 @@ EMBEDDER_KEYS = (
     "kind",
     "forward",
     "config",
+    "input",
 )
+INPUT_KINDS = ("text", "class", "image", "tensor")
 
 
 def _first(xc: Any, n: int) -> Any:
@@ -126,21 +132,8 @@ class EngineConditioner(Conditioner):
         return None
 
     def encode_raw(self, c: Any) -> Any:
-        """tau_theta(y): the ``forward`` method, else ``.encode`` (mode of a posterior), else call."""
-        model = self.engine.cond_stage_model
-        if self.forward_name is not None:
-            return getattr(model, self.forward_name)(c)
-        if isinstance(c, torch.Tensor):
-            c = c.to(self.engine.device)
-            if "batch" in inspect.signature(model.forward).parameters:
-                c = {getattr(model, "key", "class"): c}  # CompVis ClassEmbedder takes the batch
-        encode = getattr(model, "encode", None)
-        if callable(encode):
-            c = encode(c)
-            if not isinstance(c, torch.Tensor) and callable(getattr(c, "mode", None)):
-                c = c.mode()
-            return c
-        return model(c)
+        """tau_theta(y) of raw inputs through the cond stage module."""
+        return _call_module(self.engine.cond_stage_model, c, self.forward_name, self.engine.device)
 
     def raw_input(self, batch: Mapping[str, Any], x: torch.Tensor | None, bs: int | None) -> Any:
         """The raw condition of a batch: captions (list), class labels, or an image tensor."""
@@ -223,6 +216,130 @@ class EngineConditioner(Conditioner):
         return list(model.parameters()) if self.trains and model is not None else []
 
 
+def _call_module(module: nn.Module, c: Any, forward: str | None, device: torch.device) -> Any:
+    """A conditioning module's output: its ``forward`` method, else ``.encode`` (mode of a
+    posterior), else the call (the CompVis ``get_learned_conditioning`` rule)."""
+    if forward is not None:
+        return getattr(module, forward)(c)
+    if isinstance(c, torch.Tensor):
+        c = c.to(device)
+        if "batch" in inspect.signature(module.forward).parameters:
+            c = {getattr(module, "key", "class"): c}  # CompVis ClassEmbedder takes the batch
+    encode = getattr(module, "encode", None)
+    if callable(encode):
+        c = encode(c)
+        if not isinstance(c, torch.Tensor) and callable(getattr(c, "mode", None)):
+            c = c.mode()
+        return c
+    return module(c)
+
+
+def _input_kind(spec: Mapping[str, Any], key: str) -> str:
+    kind = spec.get("input") or (
+        "text" if key in TEXT_KEYS else "class" if key in CLASS_KEYS else "image"
+    )
+    if kind not in INPUT_KINDS:
+        raise ConfigError(
+            f"embedder '{key}': input must be one of {list(INPUT_KINDS)}, got {kind!r}"
+        )
+    return kind
+
+
+class MultiConditioner(Conditioner):
+    """Several module embedders (``engine.embedder_modules``), assembled by kind."""
+
+    concat_keys: tuple[str, ...] = ()
+    num_timesteps_cond = 1
+
+    def __init__(self, engine: nn.Module, specs: list[dict[str, Any]]) -> None:
+        self.engine = engine
+        self.specs = specs
+        self.inputs = [_input_kind(sp, str(sp["input_key"])) for sp in specs]
+        embedders = []
+        for i, sp in enumerate(specs):
+            key = str(sp["input_key"])
+            null = sp.get("null", "" if self.inputs[i] == "text" else None)
+            if "null" not in sp and self.inputs[i] == "class":
+                n_classes = getattr(engine.embedder_modules[i], "n_classes", None)
+                null = int(n_classes) - 1 if n_classes is not None else None
+            embedders.append(
+                Embedder(
+                    key,
+                    lambda raw, i=i: self._encode_one(i, raw),
+                    kind=sp.get("kind", "crossattn"),
+                    ucg_rate=float(sp.get("ucg_rate", 0.0) or 0.0),
+                    null=null,
+                    is_trainable=bool(sp.get("is_trainable", False)),
+                )
+            )
+        keys = [e.keys[0] for e in embedders]
+        if len(set(keys)) != len(keys):
+            raise ConfigError(f"conditioner_config.embedders: input keys repeat: {keys}")
+        super().__init__(embedders, self._assemble)
+        self.trains = any(e.is_trainable for e in embedders)
+        self.input_key = keys[0]  # the CompVis helpers (get_learned_conditioning) use the first
+
+    def _encode_one(self, i: int, raw: Any) -> Any:
+        return _call_module(
+            self.engine.embedder_modules[i], raw, self.specs[i].get("forward"), self.engine.device
+        )
+
+    def _read(self, i: int, batch: Mapping[str, Any], bs: int | None) -> Any:
+        key, kind = self.embedders[i].keys[0], self.inputs[i]
+        if kind == "text":
+            value: Any = list(batch[key])
+        elif kind == "image":
+            value = self.engine.image_input(batch, key).to(self.engine.device)
+        else:
+            value = torch.as_tensor(batch[key]).to(self.engine.device)
+            value = value.long() if kind == "class" else value.float()
+        return value[:bs] if bs is not None else value
+
+    def raw_input(self, batch: Mapping[str, Any], x: torch.Tensor | None, bs: int | None) -> Any:
+        return self._read(0, batch, bs)
+
+    def batch_condition(
+        self, batch: Mapping[str, Any], x: torch.Tensor | None, bs: int | None, encode: bool = True
+    ) -> Any:
+        """The assembled conditioning, or (``encode=False``) the raw inputs for ``encode_raw``."""
+        inputs = {e.keys[0]: self._read(i, batch, bs) for i, e in enumerate(self.embedders)}
+        return self.encode(inputs) if encode else inputs
+
+    def encode_raw(self, c: Any) -> Any:
+        """Raw inputs of every embedder (a dict) -> the conditioning; else the first embedder's."""
+        if isinstance(c, Mapping) and set(self.input_keys) <= set(c):
+            return self.encode(c)
+        return self._encode_one(0, c)
+
+    def _assemble(self, outputs: list[Any]) -> Any:
+        by_kind: dict[str, list[torch.Tensor]] = {"crossattn": [], "vector": [], "concat": []}
+        for e, out in zip(self.embedders, outputs, strict=True):
+            by_kind[e.kind].append(out.flatten(1) if e.kind == "vector" else out)  # [B, D]
+        cond: dict[str, Any] = {}
+        if by_kind["crossattn"]:
+            cond["c_crossattn"] = [torch.cat(by_kind["crossattn"], dim=-1)]  # [B, M, sum D]
+        if by_kind["vector"]:
+            y = torch.cat(by_kind["vector"], dim=1)
+            if self.engine.model.conditioning_key == "adm":
+                cond["c_crossattn"] = [y]  # the CompVis route passes y as c_crossattn[0]
+            else:
+                cond["c_adm"] = y
+        if by_kind["concat"]:
+            cond["c_concat"] = [torch.cat(by_kind["concat"], dim=1)]
+        return cond
+
+    def diffuse(self, engine: nn.Module, c: Any, t: torch.Tensor) -> Any:
+        return c
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [
+            p
+            for e, m in zip(self.embedders, self.engine.embedder_modules, strict=True)
+            if e.is_trainable
+            for p in m.parameters()
+        ]
+
+
 def build_conditioner(engine: nn.Module, config: Mapping[str, Any]) -> EngineConditioner | None:
     """Build the embedder module(s) onto ``engine`` and the Conditioner around them."""
 
@@ -235,18 +352,17 @@ def build_conditioner(engine: nn.Module, config: Mapping[str, Any]) -> EngineCon
         )
     if not embedders:
         return None
-    if len(embedders) > 1:
-        raise ConfigError(
-            f"conditioner_config.embedders: {len(embedders)} embedders; this engine takes one "
-            "module embedder (plus `concat` for inpainting)."
-        )
-    spec = dict(embedders[0])
-    bad = sorted(set(spec) - set(EMBEDDER_KEYS))
-    if bad:
-        raise ConfigError(
-            f"conditioner_config.embedders[0]: unknown key(s) {bad}; expected some of "
-            f"{list(EMBEDDER_KEYS)}."
-        )
+    specs = [dict(e) for e in embedders]
+    for i, spec in enumerate(specs):
+        bad = sorted(set(spec) - set(EMBEDDER_KEYS))
+        if bad:
+            raise ConfigError(
+                f"conditioner_config.embedders[{i}]: unknown key(s) {bad}; expected some of "
+                f"{list(EMBEDDER_KEYS)}."
+            )
+    if len(specs) > 1:
+        return _build_multi(engine, specs, config)
+    spec = specs[0]
     module = spec.get("module")
     trains = bool(spec.get("is_trainable", False))
     if module in (FIRST_STAGE_SENTINEL, UNCONDITIONAL_SENTINEL) or spec.get("target") in (
@@ -272,3 +388,30 @@ def build_conditioner(engine: nn.Module, config: Mapping[str, Any]) -> EngineCon
     return EngineConditioner(
         engine, spec, config.get("concat"), int(config.get("num_timesteps_cond", 1) or 1)
     )
+
+
+def _build_multi(
+    engine: nn.Module, specs: list[dict[str, Any]], config: Mapping[str, Any]
+) -> MultiConditioner:
+    """Several module embedders, registered as ``engine.embedder_modules``."""
+    if config.get("concat") or int(config.get("num_timesteps_cond", 1) or 1) > 1:
+        raise ConfigError(
+            "conditioner_config: `concat` and `num_timesteps_cond` go with a single embedder; "
+            "give a concat input as an embedder of kind concat."
+        )
+    modules = []
+    for i, spec in enumerate(specs):
+        if "input_key" not in spec:
+            raise ConfigError(f"conditioner_config.embedders[{i}] needs input_key.")
+        if spec.get("module") is not None or spec.get("target") in (
+            FIRST_STAGE_SENTINEL,
+            UNCONDITIONAL_SENTINEL,
+        ):
+            raise ConfigError(
+                f"conditioner_config.embedders[{i}]: sentinels go with a single embedder."
+            )
+        cfg = spec.get("config") or {"target": spec["target"], "params": spec.get("params") or {}}
+        module = instantiate_from_config(cfg)
+        modules.append(module if spec.get("is_trainable", False) else freeze(module))
+    engine.embedder_modules = nn.ModuleList(modules)
+    return MultiConditioner(engine, specs)

@@ -107,3 +107,102 @@ def test_guiders():
     assert isinstance(guider_for(1.0), NoGuidance)
     with pytest.raises(ValueError, match="unconditional"):
         ClassifierFreeGuidance(3.0).model_fn(net, c)
+
+
+def multi_config() -> dict:
+    """Two text encoders (one trainable) concatenated along features + a class vector (SDXL's shape)."""
+
+    def text(width: int, trainable: bool, ucg: float) -> dict:
+        return {
+            "target": "ldm.modules.encoders.text_transformer.CLIPTextEncoder",
+            "params": {"width": width, "layers": 1, "heads": 2, "max_length": 8},
+            "input_key": "caption" if trainable else "caption_2",
+            "input": "text",
+            "ucg_rate": ucg,
+            "is_trainable": trainable,
+        }
+
+    return {
+        "target": "ldm.engine.engine.DiffusionEngine",
+        "params": {
+            "network_config": {
+                "target": "toy_denoiser.ToyDenoiser",
+                "params": {
+                    "in_channels": 3,
+                    "image_size": 4,
+                    "width": 32,
+                    "context_dim": 40,
+                    "adm_in_channels": 6,
+                },
+            },
+            "denoiser_config": {"parameterization": "v", "timesteps": 100},
+            "conditioner_config": {
+                "embedders": [
+                    text(16, True, 0.5),
+                    text(24, False, 0.0),
+                    {
+                        "target": "ldm.modules.encoders.class_embedder.ClassEmbedder",
+                        "params": {"embed_dim": 6, "n_classes": 4, "key": "label", "ucg_rate": 0.0},
+                        "input_key": "label",
+                        "input": "class",
+                        "kind": "vector",
+                        "ucg_rate": 0.5,
+                    },
+                ]
+            },
+            "conditioning_key": "crossattn-adm",
+            "image_size": 4,
+            "channels": 3,
+            "use_ema": False,
+        },
+    }
+
+
+def test_several_embedders_assemble_by_kind_train_and_generate():
+    torch.manual_seed(0)
+    model = instantiate_from_config(multi_config())
+    keys = model.state_dict().keys()
+    assert any(k.startswith("embedder_modules.0.") for k in keys)
+    assert any(k.startswith("embedder_modules.2.embedding") for k in keys)
+    assert model.cond_stage_model is None
+    cond = model.conditioner
+    assert [e.kind for e in cond.embedders] == ["crossattn", "crossattn", "vector"]
+    assert cond.embedders[2].null == 3  # the ClassEmbedder's null class
+    inputs = {"caption": ["a b", "c"], "caption_2": ["d", "e f"], "label": torch.tensor([0, 2])}
+    c = cond.encode(inputs)
+    assert c["c_crossattn"][0].shape == (2, 8, 40) and c["c_adm"].shape == (2, 6)
+    u = cond.uncond(inputs, 2, negative_prompt="bad")
+    assert torch.equal(u["c_adm"][0], model.embedder_modules[2].embedding.weight[3])
+    # per-embedder dropout in training, gradients only into the trainable embedder
+    batch = {"image": torch.rand(64, 4, 4, 3) * 2 - 1, **{k: v for k, v in inputs.items()}}
+    batch = {
+        "image": batch["image"],
+        "caption": ["a b"] * 64,
+        "caption_2": ["d"] * 64,
+        "label": torch.ones(64, dtype=torch.long),
+    }
+    model.train()
+    loss = model.training_step(batch, 0)
+    assert 10 < sum(t == "" for t in batch["caption"]) < 54  # ucg_rate 0.5
+    assert (batch["label"] == 3).any() and (batch["label"] == 1).any()
+    assert batch["caption_2"] == ["d"] * 64  # no dropout asked for
+    loss.backward()
+    grads = [p.grad is not None for p in model.embedder_modules.parameters()]
+    n0 = len(list(model.embedder_modules[0].parameters()))
+    assert all(grads[:n0]) and not any(grads[n0:])
+    params = {id(p) for p in model.trainable_parameters()}
+    assert all(id(p) in params for p in model.embedder_modules[0].parameters())
+    # generate: the prompt fills the first text input, the batch the others
+    model.eval()
+    extra = {"caption_2": ["d", "d"], "label": torch.tensor([1, 1])}
+    out = model.generate(
+        "a b", num_images_per_prompt=2, batch=extra, sampler="euler", steps=4, seed=0,
+        guidance_scale=2.0, output="latent",
+    )  # fmt: skip
+    other = model.generate(
+        "a b", num_images_per_prompt=2, batch={**extra, "label": torch.tensor([2, 2])},
+        sampler="euler", steps=4, seed=0, guidance_scale=2.0, output="latent",
+    )  # fmt: skip
+    assert out.shape == (2, 3, 4, 4) and (out - other).abs().max() > 1e-5
+    with pytest.raises(KeyError, match="label"):
+        model.generate("a b", batch={"caption_2": ["d"]}, steps=2, output="latent")
