@@ -11,7 +11,6 @@ from typing import Any
 import torch
 
 from ldm.engine.generate import generate
-from ldm.engine.network import CLASS_KEYS
 from ldm.util import plain
 
 
@@ -149,7 +148,7 @@ class CompVisSampling:
         null_label = plain(null_label)
         if null_label is None:
             get_uc = getattr(self.cond_stage_model, "get_unconditional_conditioning", None)
-            if self.conditioner.input_key in CLASS_KEYS and callable(get_uc):
+            if self.conditioner.input_kind == "class" and callable(get_uc):
                 return self.get_learned_conditioning(get_uc(batch_size, device=self.device))
             null = self.conditioner.embedders[0].null
             if null is None:

@@ -10,7 +10,7 @@
         is_trainable: false   # frozen (eval mode, no grad) unless true
         kind: crossattn       # crossattn | vector | concat
         forward: encode       # the module's method to call (CompVis cond_stage_forward)
-        input: text           # how the batch entry is read: text | class | image | tensor
+        input: text           # how the batch entry is read: text (default) | class | image | tensor
     concat:               # inpainting: [mask, E(masked image)] concatenated to the input
       keys: [mask, masked_image]
       masked_image_key: masked_image
@@ -35,7 +35,6 @@ from torch import nn
 
 from ldm.engine.conditioner import Conditioner, Embedder
 from ldm.engine.frozen import freeze
-from ldm.engine.network import CLASS_KEYS, TEXT_KEYS
 from ldm.util import (
     FIRST_STAGE_SENTINEL,
     UNCONDITIONAL_SENTINEL,
@@ -83,6 +82,7 @@ class EngineConditioner(Conditioner):
     ) -> None:
         self.engine = engine
         self.input_key = str(spec.get("input_key", "caption"))
+        self.input_kind = input_kind(spec)
         self.trains = bool(spec.get("is_trainable", False))
         self.forward_name = spec.get("forward")
         self.concat_keys = tuple((concat or {}).get("keys", ()))
@@ -123,13 +123,8 @@ class EngineConditioner(Conditioner):
 
     # -- raw inputs -> conditioning
     def _default_null(self) -> Any:
-        """'No condition': the empty prompt, the null class (CompVis SD 2.x), else none."""
-        if self.input_key in TEXT_KEYS:
-            return ""
-        if self.input_key in CLASS_KEYS:
-            n_classes = getattr(self.engine.cond_stage_model, "n_classes", None)
-            return int(n_classes) - 1 if n_classes is not None else 0
-        return None
+        """'No condition' by input kind: the empty prompt, the module's null class, else none."""
+        return default_null(self.input_kind, self.engine.cond_stage_model)
 
     def encode_raw(self, c: Any) -> Any:
         """tau_theta(y) of raw inputs through the cond stage module."""
@@ -140,14 +135,15 @@ class EngineConditioner(Conditioner):
         key, engine = self.input_key, self.engine
         if key == engine.first_stage_key and x is not None:
             xc = x
-        elif key in TEXT_KEYS:
+        elif self.input_kind == "text":
             xc = list(batch[key])
-        elif key in CLASS_KEYS:
+        elif self.input_kind in ("class", "tensor"):
             model = engine.cond_stage_model
             if model is not None and "batch" in inspect.signature(model.forward).parameters:
                 xc = batch  # CompVis ClassEmbedder.forward takes the batch dict
             else:
                 xc = torch.as_tensor(batch[key]).to(engine.device)
+                xc = xc.long() if self.input_kind == "class" else xc.float()
         else:
             xc = engine.image_input(batch, key).to(engine.device)
         return _first(xc, bs) if bs is not None else xc
@@ -234,15 +230,26 @@ def _call_module(module: nn.Module, c: Any, forward: str | None, device: torch.d
     return module(c)
 
 
-def _input_kind(spec: Mapping[str, Any], key: str) -> str:
-    kind = spec.get("input") or (
-        "text" if key in TEXT_KEYS else "class" if key in CLASS_KEYS else "image"
-    )
+def input_kind(spec: Mapping[str, Any]) -> str:
+    """How an embedder reads its batch entry: text (default) | class | image | tensor."""
+    kind = spec.get("input", "text")
     if kind not in INPUT_KINDS:
         raise ConfigError(
-            f"embedder '{key}': input must be one of {list(INPUT_KINDS)}, got {kind!r}"
+            f"embedder '{spec.get('input_key')}': input must be one of {list(INPUT_KINDS)}, "
+            f"got {kind!r}"
         )
     return kind
+
+
+def default_null(kind: str, module: nn.Module | None) -> Any:
+    """'No condition' of an input kind: "" for text, the module's null class (its last class,
+    CompVis SD 2.x) for class labels, none (kept in uncond) for images and tensors."""
+    if kind == "text":
+        return ""
+    if kind == "class":
+        n_classes = getattr(module, "n_classes", None)
+        return int(n_classes) - 1 if n_classes is not None else 0
+    return None
 
 
 class MultiConditioner(Conditioner):
@@ -254,14 +261,15 @@ class MultiConditioner(Conditioner):
     def __init__(self, engine: nn.Module, specs: list[dict[str, Any]]) -> None:
         self.engine = engine
         self.specs = specs
-        self.inputs = [_input_kind(sp, str(sp["input_key"])) for sp in specs]
+        self.inputs = [input_kind(sp) for sp in specs]
         embedders = []
         for i, sp in enumerate(specs):
             key = str(sp["input_key"])
-            null = sp.get("null", "" if self.inputs[i] == "text" else None)
-            if "null" not in sp and self.inputs[i] == "class":
-                n_classes = getattr(engine.embedder_modules[i], "n_classes", None)
-                null = int(n_classes) - 1 if n_classes is not None else None
+            null = (
+                sp["null"]
+                if "null" in sp
+                else default_null(self.inputs[i], engine.embedder_modules[i])
+            )
             embedders.append(
                 Embedder(
                     key,
@@ -278,6 +286,7 @@ class MultiConditioner(Conditioner):
         super().__init__(embedders, self._assemble)
         self.trains = any(e.is_trainable for e in embedders)
         self.input_key = keys[0]  # the CompVis helpers (get_learned_conditioning) use the first
+        self.input_kind = self.inputs[0]
 
     def _encode_one(self, i: int, raw: Any) -> Any:
         return _call_module(

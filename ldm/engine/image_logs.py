@@ -12,7 +12,6 @@ import torch
 from einops import rearrange
 
 from ldm.engine.image_rows import class_labels_as_text, grid_from_rows, log_txt_as_img
-from ldm.engine.network import CLASS_KEYS, TEXT_KEYS
 
 
 def diffusion_row(engine: Any, x_start: torch.Tensor, n_row: int) -> list[torch.Tensor]:
@@ -31,10 +30,10 @@ def _conditioning_images(
     engine: Any, batch: Mapping[str, Any], x: torch.Tensor, xc: Any, n: int
 ) -> torch.Tensor | None:
     wh = (x.shape[3], x.shape[2])
-    key = engine.conditioner.input_key
-    if key in TEXT_KEYS:
+    key, kind = engine.conditioner.input_key, engine.conditioner.input_kind
+    if kind == "text":
         return log_txt_as_img(wh, list(batch[key])[:n]).to(x)
-    if key in CLASS_KEYS:
+    if kind == "class":
         if "human_label" in batch:
             return log_txt_as_img(wh, list(batch["human_label"])[:n]).to(x)
         return log_txt_as_img(wh, class_labels_as_text(torch.as_tensor(batch[key])[:n])).to(x)

@@ -19,8 +19,6 @@ from torch import nn
 from ldm.util import instantiate_from_config
 
 CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm", "hybrid-adm", "crossattn-adm")
-TEXT_KEYS = ("caption", "txt", "text", "coordinates_bbox")
-CLASS_KEYS = ("class_label", "cls")
 
 
 class DiffusionWrapper(nn.Module):

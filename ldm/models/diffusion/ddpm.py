@@ -46,6 +46,9 @@ __all__ = [
     "translate",
 ]
 
+#: CompVis batch keys: captions (text) and class labels; any other cond key holds an image.
+COMPVIS_TEXT_KEYS = ("caption", "txt", "text", "coordinates_bbox")
+COMPVIS_CLASS_KEYS = ("class_label", "cls")
 DEFAULT_FINETUNE_KEYS = (
     "model.diffusion_model.input_blocks.0.0.weight",
     "model_ema.diffusion_modelinput_blocks00weight",
@@ -187,7 +190,18 @@ def translate(kind: str, params: Mapping[str, Any]) -> dict[str, Any]:
         if unconditional:
             logger.info("Training %s as an unconditional model.", owner)
         return _inpaint(kind, p, out)
-    embedder: dict[str, Any] = {"input_key": cond_key, "is_trainable": trainable}
+    kind_of_input = (
+        "text"
+        if cond_key in COMPVIS_TEXT_KEYS
+        else "class"
+        if cond_key in COMPVIS_CLASS_KEYS
+        else "image"
+    )
+    embedder: dict[str, Any] = {
+        "input_key": cond_key,
+        "input": kind_of_input,
+        "is_trainable": trainable,
+    }
     if _is(cond_cfg, FIRST_STAGE_SENTINEL):
         embedder["module"] = FIRST_STAGE_SENTINEL
     else:
