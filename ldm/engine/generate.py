@@ -148,15 +148,15 @@ def _generate(
     if generator is None and seed is not None:
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
     inputs: dict[str, Any] = {}
+    if batch is not None and conditional:
+        inputs = {k: batch[k] for k in conditioner.input_keys if k in batch}
     n = None
     if x_T is not None:
         n = x_T.shape[0]
     elif cond is not None:
         n = _batch_size(cond)
     elif batch is not None:
-        if conditional:
-            inputs = {k: batch[k] for k in conditioner.input_keys if k in batch}
-        n = n or len(next(iter(batch.values())))
+        n = len(next(iter(batch.values())))
     prompts = _prompts(prompt, num_images_per_prompt)
     if prompts is not None and cond is not None:
         raise ValueError("give prompts or a ready conditioning (cond=), not both")

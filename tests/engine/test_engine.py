@@ -204,5 +204,12 @@ def test_several_embedders_assemble_by_kind_train_and_generate():
         sampler="euler", steps=4, seed=0, guidance_scale=2.0, output="latent",
     )  # fmt: skip
     assert out.shape == (2, 3, 4, 4) and (out - other).abs().max() > 1e-5
+    # a given start noise reads the batch's inputs the same way
+    x_T = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    again = model.generate(
+        ["a b", "a b"], batch=extra, x_T=x_T, sampler="euler", steps=4, guidance_scale=2.0,
+        output="latent",
+    )  # fmt: skip
+    assert torch.equal(again, out)
     with pytest.raises(KeyError, match="label"):
         model.generate("a b", batch={"caption_2": ["d"]}, steps=2, output="latent")
