@@ -11,7 +11,6 @@ Run from the repository root; uses random weights (seeded) and the shipped first
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import os
 import subprocess
@@ -74,7 +73,6 @@ def tiny_model():
     with torch.no_grad():
         for p in model.model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    model.model_ema.copy_to(model.model) if False else None
     model.model_ema = type(model.model_ema)(model.model, decay=0.999)
     return model.eval()
 
@@ -127,8 +125,6 @@ def model_outputs() -> dict[str, torch.Tensor]:
 
 
 def short_run() -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file  # noqa: F401
-
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [
             sys.executable,
@@ -192,5 +188,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    _ = inspect
     main()

@@ -25,7 +25,7 @@ import torch
 
 from ldm.diffusion.discretization import DiscreteSchedule, Level
 from ldm.diffusion.edm import SigmaTraining
-from ldm.diffusion.gaussian import PARAMETERIZATIONS, eps_x0_at
+from ldm.diffusion.gaussian import PARAMETERIZATIONS, eps_x0_at, v_from_eps_x0
 
 #: The network with its conditioning bound: F(x_in [B, ...], t or c_noise [B]) -> output [B, ...].
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -119,8 +119,6 @@ class DiscreteDenoiser(Denoiser):
             return noise
         if self.parameterization == "x0":
             return x0
-        from ldm.diffusion.gaussian import v_from_eps_x0
-
         return v_from_eps_x0(noise, x0, t, alphas_cumprod)
 
 

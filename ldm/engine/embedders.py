@@ -135,17 +135,10 @@ class EngineConditioner(Conditioner):
         key, engine = self.input_key, self.engine
         if key == engine.first_stage_key and x is not None:
             xc = x
-        elif self.input_kind == "text":
-            xc = list(batch[key])
-        elif self.input_kind in ("class", "tensor"):
-            model = engine.cond_stage_model
-            if model is not None and "batch" in inspect.signature(model.forward).parameters:
-                xc = batch  # CompVis ClassEmbedder.forward takes the batch dict
-            else:
-                xc = torch.as_tensor(batch[key]).to(engine.device)
-                xc = xc.long() if self.input_kind == "class" else xc.float()
+        elif self.input_kind in ("class", "tensor") and _takes_batch(engine.cond_stage_model):
+            xc = batch  # CompVis ClassEmbedder.forward takes the batch dict
         else:
-            xc = engine.image_input(batch, key).to(engine.device)
+            xc = read_entry(engine, batch, key, self.input_kind)
         return _first(xc, bs) if bs is not None else xc
 
     def batch_condition(
@@ -212,6 +205,22 @@ class EngineConditioner(Conditioner):
         return list(model.parameters()) if self.trains and model is not None else []
 
 
+def read_entry(engine: nn.Module, batch: Mapping[str, Any], key: str, kind: str) -> Any:
+    """A batch entry as an embedder of input ``kind`` takes it: captions as a list, images as
+    B x C x H x W, class labels as long and other tensors as float, on the engine's device."""
+    if kind == "text":
+        return list(batch[key])
+    if kind == "image":
+        return engine.image_input(batch, key).to(engine.device)
+    value = torch.as_tensor(batch[key]).to(engine.device)
+    return value.long() if kind == "class" else value.float()
+
+
+def _takes_batch(module: nn.Module | None) -> bool:
+    """CompVis ClassEmbedder-style modules whose forward takes the whole batch dict."""
+    return module is not None and "batch" in inspect.signature(module.forward).parameters
+
+
 def _call_module(module: nn.Module, c: Any, forward: str | None, device: torch.device) -> Any:
     """A conditioning module's output: its ``forward`` method, else ``.encode`` (mode of a
     posterior), else the call (the CompVis ``get_learned_conditioning`` rule)."""
@@ -219,7 +228,7 @@ def _call_module(module: nn.Module, c: Any, forward: str | None, device: torch.d
         return getattr(module, forward)(c)
     if isinstance(c, torch.Tensor):
         c = c.to(device)
-        if "batch" in inspect.signature(module.forward).parameters:
+        if _takes_batch(module):
             c = {getattr(module, "key", "class"): c}  # CompVis ClassEmbedder takes the batch
     encode = getattr(module, "encode", None)
     if callable(encode):
@@ -294,14 +303,7 @@ class MultiConditioner(Conditioner):
         )
 
     def _read(self, i: int, batch: Mapping[str, Any], bs: int | None) -> Any:
-        key, kind = self.embedders[i].keys[0], self.inputs[i]
-        if kind == "text":
-            value: Any = list(batch[key])
-        elif kind == "image":
-            value = self.engine.image_input(batch, key).to(self.engine.device)
-        else:
-            value = torch.as_tensor(batch[key]).to(self.engine.device)
-            value = value.long() if kind == "class" else value.float()
+        value = read_entry(self.engine, batch, self.embedders[i].keys[0], self.inputs[i])
         return value[:bs] if bs is not None else value
 
     def raw_input(self, batch: Mapping[str, Any], x: torch.Tensor | None, bs: int | None) -> Any:

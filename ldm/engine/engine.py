@@ -229,9 +229,17 @@ class DiffusionEngine(FirstStageMixin, CompVisSampling, pl.LightningModule):
     @property
     def denoiser(self) -> Denoiser:
         """D(x; sigma) of this model, shared by the loss and every solver (ldm.diffusion.denoiser)."""
-        if self.sigma_training is not None:
-            return SigmaDenoiser(self.sigma_training)
-        return DiscreteDenoiser(self.alphas_cumprod_f64, self.parameterization)
+        st = self.sigma_training
+        source = st if st is not None else self.alphas_cumprod_f64  # what it is built on
+        cached = self.__dict__.get("_denoiser")  # (source, parameterization, denoiser)
+        if cached is None or cached[0] is not source or cached[1] != self.parameterization:
+            if self.sigma_training is not None:
+                made: Denoiser = SigmaDenoiser(self.sigma_training)
+            else:
+                made = DiscreteDenoiser(source, self.parameterization)
+            cached = (source, self.parameterization, made)
+            self.__dict__["_denoiser"] = cached  # rebuilt only when the schedule changes
+        return cached[2]
 
     @property
     def latent_space(self) -> bool:

@@ -355,10 +355,15 @@ class DDPM(DiffusionEngine):
         params = _bind(self._kind, args, params)
         DiffusionEngine.__init__(self, **translate(self._kind, params))
         self.use_positional_encodings = False
-        self.v_posterior = float(params.get("v_posterior", 0.0))
-        self.l_simple_weight = self.loss.l_simple_weight
-        self.original_elbo_weight = self.loss.original_elbo_weight
         self.ucg_training = plain(params.get("ucg_training")) or {}
+
+    @property
+    def l_simple_weight(self) -> float:
+        return self.loss.l_simple_weight
+
+    @property
+    def original_elbo_weight(self) -> float:
+        return self.loss.original_elbo_weight
 
     # -- CompVis DDPM API (diffusion math lives in ldm.diffusion)
     def get_input(self, batch: Mapping[str, Any], k: str) -> torch.Tensor:
