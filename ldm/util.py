@@ -66,6 +66,28 @@ LEGACY_TARGETS: dict[str, str] = {
     "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder": (
         "ldm.modules.encoders.open_clip.FrozenOpenCLIPEmbedder"
     ),
+    # Stability-AI/generative-models (sgm): SDXL configs
+    "sgm.models.diffusion.DiffusionEngine": "ldm.models.diffusion.sgm.SGMDiffusionEngine",
+    "sgm.modules.diffusionmodules.openaimodel.UNetModel": "ldm.modules.unet_sgm.SGMUNetModel",
+    "sgm.models.autoencoder.AutoencoderKL": "ldm.models.autoencoder.AutoencoderKL",
+    "sgm.models.autoencoder.AutoencoderKLInferenceWrapper": "ldm.models.autoencoder.AutoencoderKL",
+    "sgm.modules.encoders.modules.FrozenCLIPEmbedder": "ldm.modules.encoders.clip.FrozenCLIPEmbedder",
+    "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder": (
+        "ldm.modules.encoders.open_clip.FrozenOpenCLIPEmbedder"
+    ),
+    "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2": (
+        "ldm.modules.encoders.open_clip.FrozenOpenCLIPEmbedder2"
+    ),
+    "sgm.modules.encoders.modules.ConcatTimestepEmbedderND": (
+        "ldm.modules.encoders.size_embedder.ConcatTimestepEmbedderND"
+    ),
+    "sgm.modules.encoders.modules.IdentityEncoder": "ldm.modules.encoders.base.IdentityEncoder",
+    "sgm.modules.encoders.modules.ClassEmbedder": (
+        "ldm.modules.encoders.class_embedder.ClassEmbedder"
+    ),
+    "sgm.lr_scheduler.LambdaLinearScheduler": "ldm.lr_scheduler.LambdaLinearScheduler",
+    "sgm.lr_scheduler.LambdaWarmUpCosineScheduler": "ldm.lr_scheduler.LambdaWarmUpCosineScheduler",
+    "sgm.modules.ema.LitEma": "ldm.ema.LitEma",
 }
 
 FIRST_STAGE_SENTINEL = "__is_first_stage__"

@@ -150,7 +150,7 @@ class CompVisSampling:
             get_uc = getattr(self.cond_stage_model, "get_unconditional_conditioning", None)
             if self.conditioner.input_kind == "class" and callable(get_uc):
                 return self.get_learned_conditioning(get_uc(batch_size, device=self.device))
-            null = self.conditioner.embedders[0].null
+            null = self.conditioner.entries[0].null
             if null is None:
                 raise ValueError(
                     f"No default null condition for cond_stage_key '{self.conditioner.input_key}'; "

@@ -2,8 +2,11 @@
 
 Each embedder names its ``input_key`` in the batch, the kind of output it adds (``crossattn``: a
 sequence for cross-attention; ``vector``: added to the timestep embedding; ``concat``: channels
-concatenated to the input), its caption-dropout rate ``ucg_rate`` (Ho & Salimans 2022, Alg. 1:
-the input becomes its null value with that probability in training) and whether it trains.
+concatenated to the input; ``auto``: each output tensor by its number of dimensions, 2 -> vector,
+3 -> crossattn, 4 or 5 -> concat, sgm's rule, for embedders with several outputs), its
+caption-dropout rate ``ucg_rate`` (Ho & Salimans 2022, Alg. 1: the input becomes its null value
+with that probability in training; with ``zero_null`` the embedding is zeroed instead, as SDXL
+does) and whether it trains.
 Conditional and unconditional / negative conditionings come from the same path: the unconditional
 inputs are the null values (or the negative prompt) of the embedders that have one, while concat
 inputs (an inpainting mask, a low-resolution image) stay as they are.
@@ -18,7 +21,9 @@ from typing import Any
 
 import torch
 
-KINDS = ("crossattn", "vector", "concat")
+KINDS = ("crossattn", "vector", "concat", "auto")
+NDIM_KINDS = {2: "vector", 3: "crossattn", 4: "concat", 5: "concat"}
+ZERO_KEY = "__zero_embedding__."  # batch key prefix: rows whose embedding is zeroed (dropout)
 
 
 @dataclass
@@ -33,6 +38,7 @@ class Embedder:
         None  # the raw input meaning "no condition" ("" / the null class); None: kept in uncond
     )
     is_trainable: bool = False
+    zero_null: bool = False  # "no condition" is a zero embedding (SDXL), not the encoded null
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -67,23 +73,39 @@ def drop_entries(
     return entries
 
 
+def zero_like(out: Any) -> Any:
+    """Zeros shaped as an embedder output (a tensor or a tuple of tensors)."""
+    if isinstance(out, tuple | list):
+        return type(out)(torch.zeros_like(o) for o in out)
+    return torch.zeros_like(out)
+
+
+def zero_rows(out: Any, rows: torch.Tensor) -> Any:
+    """An embedder output with the batch rows where ``rows`` is True set to zero."""
+    if isinstance(out, tuple | list):
+        return type(out)(zero_rows(o, rows) for o in out)
+    keep = (~rows.to(out.device)).to(out.dtype).view(-1, *([1] * (out.ndim - 1)))
+    return out * keep
+
+
 class Conditioner:
-    """Embedders, and ``assemble(outputs) -> cond``: the structure the network's ``apply_model`` takes
-    from the embedders' outputs in order (one tensor, or {"c_concat": [...], "c_crossattn": [...]})."""
+    """Embedders (``entries``), and ``assemble(outputs) -> cond``: the structure the network's
+    ``apply_model`` takes from the embedders' outputs in order (one tensor, or {"c_concat": [...],
+    "c_crossattn": [...]})."""
 
     def __init__(
         self, embedders: Sequence[Embedder], assemble: Callable[[list[Any]], Any] | None = None
     ) -> None:
-        self.embedders = list(embedders)
+        self.entries = list(embedders)
         self.assemble = assemble or (lambda outs: outs[0])
 
     @property
     def input_keys(self) -> list[str]:
-        return [k for e in self.embedders for k in e.keys]
+        return list(dict.fromkeys(k for e in self.entries for k in e.keys))
 
     def text_key(self) -> str | None:
         """The input key of the (first) prompt embedder, if any."""
-        for e in self.embedders:
+        for e in self.entries:
             if isinstance(e.null, str):
                 return e.keys[0]
         return None
@@ -91,8 +113,10 @@ class Conditioner:
     def drop(
         self, batch: MutableMapping[str, Any], generator: torch.Generator | None = None
     ) -> MutableMapping[str, Any]:
-        """Caption dropout for classifier-free guidance training, per embedder (in place)."""
-        for e in self.embedders:
+        """Caption dropout for classifier-free guidance training, per embedder (in place): the
+        input becomes its null value, or (``zero_null``) the rows to zero are recorded in the batch
+        under ``ZERO_KEY + index`` for ``embed``."""
+        for i, e in enumerate(self.entries):
             if e.ucg_rate <= 0:
                 continue
             key = e.keys[0]
@@ -102,6 +126,10 @@ class Conditioner:
                     f"(keys: {sorted(batch)}); set the embedder's input key to a key your data "
                     "set yields."
                 )
+            if e.zero_null:
+                n = len(batch[key])
+                batch[ZERO_KEY + str(i)] = torch.rand(n, generator=generator) < e.ucg_rate
+                continue
             if e.null is None:
                 raise ValueError(
                     f"conditioning input '{key}' has ucg_rate {e.ucg_rate} but no null value; "
@@ -119,9 +147,14 @@ class Conditioner:
             )
 
     def embed(self, inputs: Mapping[str, Any]) -> list[Any]:
-        """Each embedder's output for ``inputs``, in order."""
+        """Each embedder's output for ``inputs``, in order (rows marked by ``drop`` zeroed)."""
         self._check(inputs)
-        return [e.encode(e.read(inputs)) for e in self.embedders]
+        outs = []
+        for i, e in enumerate(self.entries):
+            out = e.encode(e.read(inputs))
+            rows = inputs.get(ZERO_KEY + str(i))
+            outs.append(zero_rows(out, rows) if rows is not None else out)
+        return outs
 
     def encode(self, inputs: Mapping[str, Any]) -> Any:
         """The conditioning of ``inputs`` (a batch dict with every embedder's input keys)."""
@@ -135,14 +168,20 @@ class Conditioner:
         outputs: list[Any] | None = None,
     ) -> Any:
         """The unconditional / negative conditioning through the same embedders: null inputs (or the
-        negative prompt) where an embedder has a null value; the other embedders' conditional outputs
-        (``outputs`` of ``embed``, e.g. an inpainting mask) are reused as they are. Identical null
-        inputs are encoded once and repeated (as CompVis ``get_unconditional_conditioning``)."""
+        negative prompt) where an embedder has a null value, zeros where it has ``zero_null`` and no
+        negative prompt is given (SDXL; diffusers' ``force_zeros_for_empty_prompt``); the other
+        embedders' conditional outputs (``outputs`` of ``embed``, e.g. an inpainting mask or the
+        image size) are reused as they are. Identical null inputs are encoded once and repeated (as
+        CompVis ``get_unconditional_conditioning``)."""
         self._check(inputs)
         outs = []
-        for i, e in enumerate(self.embedders):
+        for i, e in enumerate(self.entries):
+            cond_out = (lambda i=i, e=e: outputs[i] if outputs is not None else e.encode(e.read(inputs)))
             if e.null is None:
-                outs.append(outputs[i] if outputs is not None else e.encode(e.read(inputs)))
+                outs.append(cond_out())
+                continue
+            if e.zero_null and negative_prompt is None:
+                outs.append(zero_like(cond_out()))
                 continue
             if negative_prompt is not None and isinstance(e.null, str):
                 neg = (
@@ -155,6 +194,8 @@ class Conditioner:
                 values: Any = neg
             elif isinstance(e.null, str):
                 values = [e.null] * n
+            elif isinstance(e.null, float):
+                values = torch.full((n,), e.null)  # e.g. SDXL's negative aesthetic score
             else:
                 values = torch.full((n,), int(e.null), dtype=torch.long)
             if n > 1 and all(v == values[0] for v in list(values)):

@@ -1,6 +1,6 @@
 """The engine's Conditioner, built from ``conditioner_config``:
 
-    embedders:            # one: its weights are `cond_stage_model.*` (SD layout); several: `embedder_modules.N.*`
+    embedders:            # one: its weights are `cond_stage_model.*` (SD layout); several: `conditioner.embedders.N.*` (SDXL)
       - target: ldm.modules.encoders.clip.FrozenCLIPEmbedder   # or module: __is_first_stage__
         params: {...}
         input_key: caption    # the batch key it reads
@@ -8,7 +8,8 @@
         null: ""              # the raw "no condition" (default: "" for text, the null class)
         # config: {target, params}   (instead of target / params)
         is_trainable: false   # frozen (eval mode, no grad) unless true
-        kind: crossattn       # crossattn | vector | concat
+        kind: crossattn       # crossattn | vector | concat | auto (each output by its ndim)
+        zero_null: false      # "no condition" = a zero embedding (SDXL text), dropout zeroes it
         forward: encode       # the module's method to call (CompVis cond_stage_forward)
         input: text           # how the batch entry is read: text (default) | class | image | tensor
     concat:               # inpainting: [mask, E(masked image)] concatenated to the input
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldm.engine.conditioner import Conditioner, Embedder
+from ldm.engine.conditioner import NDIM_KINDS, ZERO_KEY, Conditioner, Embedder
 from ldm.engine.frozen import freeze
 from ldm.util import (
     FIRST_STAGE_SENTINEL,
@@ -56,6 +57,7 @@ EMBEDDER_KEYS = (
     "forward",
     "config",
     "input",
+    "zero_null",
 )
 INPUT_KINDS = ("text", "class", "image", "tensor")
 
@@ -261,25 +263,26 @@ def default_null(kind: str, module: nn.Module | None) -> Any:
     return None
 
 
-class MultiConditioner(Conditioner):
-    """Several module embedders (``engine.embedder_modules``), assembled by kind."""
+class MultiConditioner(nn.Module, Conditioner):
+    """Several module embedders, held as ``engine.conditioner.embedders.N`` (the key layout of
+    SDXL files, sgm ``GeneralConditioner``), their outputs assembled by kind."""
 
     concat_keys: tuple[str, ...] = ()
     num_timesteps_cond = 1
 
-    def __init__(self, engine: nn.Module, specs: list[dict[str, Any]]) -> None:
-        self.engine = engine
+    def __init__(
+        self, engine: nn.Module, specs: list[dict[str, Any]], modules: list[nn.Module]
+    ) -> None:
+        nn.Module.__init__(self)
+        self.embedders = nn.ModuleList(modules)
+        object.__setattr__(self, "engine", engine)  # a back reference, not a submodule
         self.specs = specs
         self.inputs = [input_kind(sp) for sp in specs]
-        embedders = []
+        entries = []
         for i, sp in enumerate(specs):
             key = str(sp["input_key"])
-            null = (
-                sp["null"]
-                if "null" in sp
-                else default_null(self.inputs[i], engine.embedder_modules[i])
-            )
-            embedders.append(
+            null = sp["null"] if "null" in sp else default_null(self.inputs[i], modules[i])
+            entries.append(
                 Embedder(
                     key,
                     lambda raw, i=i: self._encode_one(i, raw),
@@ -287,23 +290,29 @@ class MultiConditioner(Conditioner):
                     ucg_rate=float(sp.get("ucg_rate", 0.0) or 0.0),
                     null=null,
                     is_trainable=bool(sp.get("is_trainable", False)),
+                    zero_null=bool(sp.get("zero_null", False)),
                 )
             )
-        keys = [e.keys[0] for e in embedders]
-        if len(set(keys)) != len(keys):
-            raise ConfigError(f"conditioner_config.embedders: input keys repeat: {keys}")
-        super().__init__(embedders, self._assemble)
-        self.trains = any(e.is_trainable for e in embedders)
-        self.input_key = keys[0]  # the CompVis helpers (get_learned_conditioning) use the first
+        Conditioner.__init__(self, entries, self._assemble)
+        self.trains = any(e.is_trainable for e in entries)
+        self.input_key = entries[0].keys[0]  # the CompVis helpers (get_learned_conditioning)
         self.input_kind = self.inputs[0]
+
+    def train(self, mode: bool = True) -> MultiConditioner:
+        """Frozen embedders stay in eval mode (sgm ``disabled_train``)."""
+        super().train(mode)
+        for e, m in zip(self.entries, self.embedders, strict=True):
+            if not e.is_trainable:
+                m.train(False)
+        return self
 
     def _encode_one(self, i: int, raw: Any) -> Any:
         return _call_module(
-            self.engine.embedder_modules[i], raw, self.specs[i].get("forward"), self.engine.device
+            self.embedders[i], raw, self.specs[i].get("forward"), self.engine.device
         )
 
     def _read(self, i: int, batch: Mapping[str, Any], bs: int | None) -> Any:
-        value = read_entry(self.engine, batch, self.embedders[i].keys[0], self.inputs[i])
+        value = read_entry(self.engine, batch, self.entries[i].keys[0], self.inputs[i])
         return value[:bs] if bs is not None else value
 
     def raw_input(self, batch: Mapping[str, Any], x: torch.Tensor | None, bs: int | None) -> Any:
@@ -312,8 +321,12 @@ class MultiConditioner(Conditioner):
     def batch_condition(
         self, batch: Mapping[str, Any], x: torch.Tensor | None, bs: int | None, encode: bool = True
     ) -> Any:
-        """The assembled conditioning, or (``encode=False``) the raw inputs for ``encode_raw``."""
-        inputs = {e.keys[0]: self._read(i, batch, bs) for i, e in enumerate(self.embedders)}
+        """The assembled conditioning, or (``encode=False``) the raw inputs for ``encode_raw``;
+        rows that caption dropout zeroes (``ZERO_KEY`` entries of the batch) go along."""
+        inputs = {e.keys[0]: self._read(i, batch, bs) for i, e in enumerate(self.entries)}
+        for key, rows in batch.items():
+            if isinstance(key, str) and key.startswith(ZERO_KEY):
+                inputs[key] = rows[:bs] if bs is not None else rows
         return self.encode(inputs) if encode else inputs
 
     def encode_raw(self, c: Any) -> Any:
@@ -324,8 +337,17 @@ class MultiConditioner(Conditioner):
 
     def _assemble(self, outputs: list[Any]) -> Any:
         by_kind: dict[str, list[torch.Tensor]] = {"crossattn": [], "vector": [], "concat": []}
-        for e, out in zip(self.embedders, outputs, strict=True):
-            by_kind[e.kind].append(out.flatten(1) if e.kind == "vector" else out)  # [B, D]
+        for e, out in zip(self.entries, outputs, strict=True):
+            parts = list(out) if isinstance(out, tuple | list) else [out]
+            for part in parts:
+                kind = e.kind if e.kind != "auto" else NDIM_KINDS.get(part.ndim)
+                if kind is None:
+                    raise ValueError(
+                        f"embedder '{e.keys[0]}' (kind auto) gave an output of {part.ndim} "
+                        f"dimensions {tuple(part.shape)}; expected 2 (vector), 3 (crossattn) or "
+                        "4/5 (concat)."
+                    )
+                by_kind[kind].append(part.flatten(1) if kind == "vector" else part)  # [B, D]
         cond: dict[str, Any] = {}
         if by_kind["crossattn"]:
             cond["c_crossattn"] = [torch.cat(by_kind["crossattn"], dim=-1)]  # [B, M, sum D]
@@ -345,7 +367,7 @@ class MultiConditioner(Conditioner):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [
             p
-            for e, m in zip(self.embedders, self.engine.embedder_modules, strict=True)
+            for e, m in zip(self.entries, self.embedders, strict=True)
             if e.is_trainable
             for p in m.parameters()
         ]
@@ -404,7 +426,7 @@ def build_conditioner(engine: nn.Module, config: Mapping[str, Any]) -> EngineCon
 def _build_multi(
     engine: nn.Module, specs: list[dict[str, Any]], config: Mapping[str, Any]
 ) -> MultiConditioner:
-    """Several module embedders, registered as ``engine.embedder_modules``."""
+    """Several module embedders, held by the MultiConditioner module (``engine.conditioner``)."""
     if config.get("concat") or int(config.get("num_timesteps_cond", 1) or 1) > 1:
         raise ConfigError(
             "conditioner_config: `concat` and `num_timesteps_cond` go with a single embedder; "
@@ -424,5 +446,4 @@ def _build_multi(
         cfg = spec.get("config") or {"target": spec["target"], "params": spec.get("params") or {}}
         module = instantiate_from_config(cfg)
         modules.append(module if spec.get("is_trainable", False) else freeze(module))
-    engine.embedder_modules = nn.ModuleList(modules)
-    return MultiConditioner(engine, specs)
+    return MultiConditioner(engine, specs, modules)

@@ -8,7 +8,8 @@
   ``timesteps``, ``beta_schedule``, ``linear_start``, ``linear_end``, ``cosine_s``,
   ``given_betas``, ``zero_terminal_snr``, ``v_posterior``), or ``sigma_training`` (EDM / VE).
 - ``conditioner_config``: the embedders (``engine/embedders.py``).
-- ``first_stage_config``: the frozen autoencoder (None: pixel space).
+- ``first_stage_config``: the frozen autoencoder (None: pixel space); ``first_stage_fp32`` runs it
+  in float32 whatever the sampling precision (SDXL's VAE overflows in fp16).
 - ``loss_config``: ``ldm.diffusion.objective.DiffusionLoss`` options plus ``learn_logvar`` /
   ``logvar_init``.
 - ``sampling_defaults``: the sampler, steps and guidance ``generate`` uses when given none.
@@ -83,6 +84,13 @@ def loss_from_config(config: Mapping[str, Any]) -> DiffusionLoss:
         raise ConfigError(f"loss_config: {err}") from None
 
 
+def _rename_embedder_keys(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Checkpoints written before several embedders moved to ``conditioner.embedders.N``."""
+    old = prefix + "embedder_modules."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[prefix + "conditioner.embedders." + key[len(old) :]] = state_dict.pop(key)
+
+
 class DiffusionEngine(FirstStageMixin, CompVisSampling, pl.LightningModule):
     """Training (L_LDM), EMA, logging and ``generate`` over the composed parts."""
 
@@ -114,6 +122,7 @@ class DiffusionEngine(FirstStageMixin, CompVisSampling, pl.LightningModule):
         reset_num_ema_updates: bool = False,
         finetune_keys: Sequence[str] | None = None,
         keep_finetune_dims: int = 4,
+        first_stage_fp32: bool = False,
     ) -> None:
         super().__init__()
         denoiser_config = dict(plain(denoiser_config) or {})
@@ -176,6 +185,7 @@ class DiffusionEngine(FirstStageMixin, CompVisSampling, pl.LightningModule):
             self.scale_factor = scale_factor
         else:
             self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
+        self.first_stage_fp32 = bool(first_stage_fp32)  # SDXL: the VAE overflows in fp16
         self.first_stage_model = (
             freeze(instantiate_from_config(first_stage_config))
             if first_stage_config is not None
@@ -185,6 +195,7 @@ class DiffusionEngine(FirstStageMixin, CompVisSampling, pl.LightningModule):
         self.conditioner: Conditioner | None = build_conditioner(
             self, plain(conditioner_config) or {}
         )
+        self._register_load_state_dict_pre_hook(_rename_embedder_keys)
         # -- weights
         if reset_ema and ckpt_path is None:
             raise ConfigError("reset_ema=True needs ckpt_path (the EMA to reset comes from it).")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -18,12 +20,28 @@ logger = logging.getLogger(__name__)
 class FirstStageMixin:
     """encode / decode through ``first_stage_model`` and the ``scale_factor`` estimate."""
 
+    @contextmanager
+    def _first_stage_precision(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
+        """With ``first_stage_fp32`` (SDXL): the autoencoder runs in float32, autocast off, x cast
+        to float32; otherwise x is cast to the autoencoder's dtype. Yields the input to use."""
+        fs = self.first_stage_model
+        if not getattr(self, "first_stage_fp32", False):
+            dtype = next((p.dtype for p in fs.parameters()), x.dtype)
+            yield x.to(dtype) if x.is_floating_point() else x
+            return
+        if any(p.dtype != torch.float32 for p in fs.parameters()):
+            logger.info("first_stage_fp32: upcasting the first stage to float32")
+            fs.float()
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            yield x.float()
+
     @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor) -> Any:
         """E(x): a posterior (KL), pre-quantization latents (VQ) or x itself (pixel space)."""
         if self.first_stage_model is None:
             return x
-        return self.first_stage_model.encode(x)
+        with self._first_stage_precision(x) as x_in:
+            return self.first_stage_model.encode(x_in)
 
     def get_first_stage_encoding(self, encoder_posterior: Any) -> torch.Tensor:
         """z = scale_factor * (posterior sample | tensor)."""
@@ -51,9 +69,10 @@ class FirstStageMixin:
             return z
         z = 1.0 / self.scale_factor * z
         decode = self.first_stage_model.decode
-        if "force_not_quantize" in inspect.signature(decode).parameters:
-            return decode(z, force_not_quantize=force_not_quantize)
-        return decode(z)
+        with self._first_stage_precision(z) as z_in:
+            if "force_not_quantize" in inspect.signature(decode).parameters:
+                return decode(z_in, force_not_quantize=force_not_quantize)
+            return decode(z_in)
 
     def encode_latent(
         self, x: torch.Tensor, generator: torch.Generator | None = None

@@ -138,7 +138,7 @@ def _generate(
     if decode not in DECODES:
         raise ValueError(f"decode must be one of {list(DECODES)}, got {decode!r}")
     conditioner = getattr(model, "conditioner", None)
-    conditional = conditioner is not None and bool(conditioner.embedders)
+    conditional = conditioner is not None and bool(conditioner.entries)
     if not conditional and guidance_scale is None:
         guidance_scale = 1.0  # nothing to guide with
     sampler, steps, guidance_scale, options = resolve_sampling(

@@ -63,10 +63,13 @@ def schedule_tensors(betas: torch.Tensor, v_posterior: float = 0.0) -> dict[str,
         }
 
 
-def register_schedule_buffers(module: nn.Module, betas: torch.Tensor, v_posterior: float) -> None:
-    """Register (or overwrite) the SCHEDULE_BUFFERS on `module` as float32 buffers."""
+def register_schedule_buffers(
+    module: nn.Module, betas: torch.Tensor, v_posterior: float, persistent: bool = True
+) -> None:
+    """Register (or overwrite) the SCHEDULE_BUFFERS on `module` as float32 buffers (kept out of
+    the state dict when not ``persistent``: SDXL files carry no schedule)."""
     for name, value in schedule_tensors(betas, v_posterior).items():
-        module.register_buffer(name, value.to(torch.float32))
+        module.register_buffer(name, value.to(torch.float32), persistent=persistent)
 
 
 @dataclass
@@ -81,6 +84,7 @@ class TrainingSchedule:
     given_betas: Sequence[float] | None = None
     zero_terminal_snr: bool = False
     v_posterior: float = 0.0
+    persistent_buffers: bool = True  # False: the schedule is rebuilt, not saved (sgm / SDXL)
 
     def __post_init__(self) -> None:
         with torch.device("cpu"):  # schedule math on CPU even inside `with torch.device("meta")`
@@ -103,4 +107,4 @@ class TrainingSchedule:
 
     def register(self, module: nn.Module) -> None:
         """The CompVis buffers on ``module``."""
-        register_schedule_buffers(module, self.betas, self.v_posterior)
+        register_schedule_buffers(module, self.betas, self.v_posterior, self.persistent_buffers)

@@ -162,17 +162,17 @@ def test_several_embedders_assemble_by_kind_train_and_generate():
     torch.manual_seed(0)
     model = instantiate_from_config(multi_config())
     keys = model.state_dict().keys()
-    assert any(k.startswith("embedder_modules.0.") for k in keys)
-    assert any(k.startswith("embedder_modules.2.embedding") for k in keys)
+    assert any(k.startswith("conditioner.embedders.0.") for k in keys)
+    assert any(k.startswith("conditioner.embedders.2.embedding") for k in keys)
     assert model.cond_stage_model is None
     cond = model.conditioner
-    assert [e.kind for e in cond.embedders] == ["crossattn", "crossattn", "vector"]
-    assert cond.embedders[2].null == 3  # the ClassEmbedder's null class
+    assert [e.kind for e in cond.entries] == ["crossattn", "crossattn", "vector"]
+    assert cond.entries[2].null == 3  # the ClassEmbedder's null class
     inputs = {"caption": ["a b", "c"], "caption_2": ["d", "e f"], "label": torch.tensor([0, 2])}
     c = cond.encode(inputs)
     assert c["c_crossattn"][0].shape == (2, 8, 40) and c["c_adm"].shape == (2, 6)
     u = cond.uncond(inputs, 2, negative_prompt="bad")
-    assert torch.equal(u["c_adm"][0], model.embedder_modules[2].embedding.weight[3])
+    assert torch.equal(u["c_adm"][0], model.conditioner.embedders[2].embedding.weight[3])
     # per-embedder dropout in training, gradients only into the trainable embedder
     batch = {"image": torch.rand(64, 4, 4, 3) * 2 - 1, **{k: v for k, v in inputs.items()}}
     batch = {
@@ -187,11 +187,11 @@ def test_several_embedders_assemble_by_kind_train_and_generate():
     assert (batch["label"] == 3).any() and (batch["label"] == 1).any()
     assert batch["caption_2"] == ["d"] * 64  # no dropout asked for
     loss.backward()
-    grads = [p.grad is not None for p in model.embedder_modules.parameters()]
-    n0 = len(list(model.embedder_modules[0].parameters()))
+    grads = [p.grad is not None for p in model.conditioner.embedders.parameters()]
+    n0 = len(list(model.conditioner.embedders[0].parameters()))
     assert all(grads[:n0]) and not any(grads[n0:])
     params = {id(p) for p in model.trainable_parameters()}
-    assert all(id(p) in params for p in model.embedder_modules[0].parameters())
+    assert all(id(p) in params for p in model.conditioner.embedders[0].parameters())
     # generate: the prompt fills the first text input, the batch the others
     model.eval()
     extra = {"caption_2": ["d", "d"], "label": torch.tensor([1, 1])}

@@ -277,7 +277,7 @@ def test_frozen_conditioner_ucg_rate_is_applied_in_training_steps():
     batch = {"image": torch.zeros(3, 2, 2, 2), "txt": ["cat", "dog", "x"]}
     model.train()
     assert not model.cond_stage_model.training  # frozen conditioners stay in eval mode
-    assert model.conditioner.embedders[0].ucg_rate == 1.0
+    assert model.conditioner.entries[0].ucg_rate == 1.0
     model.training_step({"image": batch["image"], "txt": list(batch["txt"])}, 0)
     assert model.cond_stage_model.seen[-1] == ["", "", ""]
     model.eval()

@@ -17,6 +17,8 @@ _EXPORTS = {
     "get_tokenizer": "tokenizer",
     "FrozenCLIPEmbedder": "clip",
     "FrozenOpenCLIPEmbedder": "open_clip",
+    "FrozenOpenCLIPEmbedder2": "open_clip",
+    "ConcatTimestepEmbedderND": "size_embedder",
     "ClassEmbedder": "class_embedder",
     "CLIPTextEncoder": "text_transformer",
     "SpatialRescaler": "spatial",

@@ -107,6 +107,7 @@ class FrozenCLIPEmbedder(FrozenWeightsMixin, AbstractEncoder):
         allow_random_weights: bool = False,
         config: dict[str, Any] | None = None,
         tokenizer: str = "sd-v1",
+        always_return_pooled: bool = False,
     ) -> None:
         super().__init__()
         if layer not in self.LAYERS:
@@ -118,6 +119,7 @@ class FrozenCLIPEmbedder(FrozenWeightsMixin, AbstractEncoder):
         self.max_length = int(max_length)
         self.layer = layer
         self.layer_idx = layer_idx
+        self.return_pooled = bool(always_return_pooled)  # sgm: (context, pooled end-token state)
         self.tokenizer = get_tokenizer(tokenizer, self.max_length)
 
         loaded = False
@@ -205,17 +207,22 @@ class FrozenCLIPEmbedder(FrozenWeightsMixin, AbstractEncoder):
         )
         return batch["input_ids"]
 
-    def forward(self, text: str | Sequence[str] | torch.Tensor) -> torch.Tensor:
-        """Context ``[B, 77, D]`` (``[B, 1, D]`` for ``layer='pooled'``) for prompts or token ids."""
+    def forward(
+        self, text: str | Sequence[str] | torch.Tensor
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Context ``[B, 77, D]`` (``[B, 1, D]`` for ``layer='pooled'``) for prompts or token ids;
+        with ``always_return_pooled`` also the pooled end-token state ``[B, D]``."""
         self.check_weights_loaded()
         tokens = text if isinstance(text, torch.Tensor) else self.tokenize(text)
         tokens = tokens.to(self._module_device())
         outputs = self.transformer(input_ids=tokens, output_hidden_states=self.layer == "hidden")
         if self.layer == "last":
-            return outputs.last_hidden_state
-        if self.layer == "pooled":
-            return outputs.pooler_output[:, None, :]
-        return outputs.hidden_states[self.layer_idx]
+            z = outputs.last_hidden_state
+        elif self.layer == "pooled":
+            z = outputs.pooler_output[:, None, :]
+        else:
+            z = outputs.hidden_states[self.layer_idx]
+        return (z, outputs.pooler_output) if self.return_pooled else z
 
     def get_unconditional_conditioning(self, batch_size: int, device: Any = None) -> list[str]:
         """The null condition as input: ``batch_size`` empty prompts (encode them for the context)."""

@@ -193,3 +193,98 @@ class FrozenOpenCLIPEmbedder(FrozenWeightsMixin, AbstractEncoder):
     def get_unconditional_conditioning(self, batch_size: int, device: Any = None) -> list[str]:
         """The null condition as input: ``batch_size`` empty prompts (encode them for the context)."""
         return [""] * batch_size
+
+
+class FrozenOpenCLIPEmbedder2(FrozenOpenCLIPEmbedder):
+    """The OpenCLIP embedder of SDXL (sgm ``FrozenOpenCLIPEmbedder2``), ViT-bigG/14 in SDXL.
+
+    ``legacy=True`` behaves as the SD 2.x embedder (the chosen layer after ``ln_final``). With
+    ``legacy=False`` (SDXL) the chosen layer's states are returned as they leave the residual
+    stream, without ``ln_final``, and ``always_return_pooled`` adds the pooled text vector: the
+    last layer after ``ln_final`` at the end token (the highest token id), times
+    ``text_projection`` (CLIP's text embedding, Radford et al. 2021). Output ``(context [B, 77,
+    width], pooled [B, embed_dim])`` or the context alone.
+    """
+
+    def __init__(
+        self,
+        arch: str | dict[str, Any] = "ViT-H-14",
+        version: str = "laion2b_s32b_b79k",
+        device: str | torch.device | None = None,
+        max_length: int = CONTEXT_LENGTH,
+        freeze: bool = True,
+        layer: str = "last",
+        always_return_pooled: bool = False,
+        legacy: bool = True,
+        weights: str | None = None,
+        from_hub: bool = False,
+        allow_random_weights: bool = False,
+    ) -> None:
+        if always_return_pooled and legacy:
+            raise ConfigError(
+                "FrozenOpenCLIPEmbedder2: always_return_pooled=True needs legacy=False (the "
+                "pooled vector is taken from the last layer, as in SDXL)."
+            )
+        self.return_pooled = bool(always_return_pooled)
+        self.legacy = bool(legacy)
+        super().__init__(
+            arch=arch,
+            version=version,
+            device=device,
+            max_length=max_length,
+            freeze=freeze,
+            layer=layer,
+            weights=weights,
+            from_hub=from_hub,
+            allow_random_weights=allow_random_weights,
+        )
+        if self.return_pooled:  # the projection is needed now; only logit_scale stays optional
+            self.model._ldm_guard["optional"] = frozenset({"logit_scale", "logit_bias"})
+
+    def forward(
+        self, text: str | Sequence[str] | torch.Tensor
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Context ``[B, 77, width]`` and, with ``always_return_pooled``, pooled ``[B, embed_dim]``."""
+        if self.legacy:
+            return super().forward(text)
+        self.check_weights_loaded()
+        tokens = text if isinstance(text, torch.Tensor) else self.tokenize(text)
+        tokens = tokens.to(self._module_device())
+        states = self.encode_states(tokens)
+        z = states[self.layer]
+        if not self.return_pooled:
+            return z
+        return z, self.pool(self.model.ln_final(states["last"]), tokens)
+
+    def encode_states(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Residual-stream states ``[B, L, width]`` after the last and the penultimate block."""
+        x = self.model.token_embedding(tokens)
+        x = x + self.model.positional_embedding[: x.shape[1]]
+        batch_first = getattr(self.model.transformer, "batch_first", False)
+        if not batch_first:
+            x = x.permute(1, 0, 2)
+        attn_mask = getattr(self.model, "attn_mask", None)
+        if attn_mask is not None:
+            attn_mask = attn_mask[: tokens.shape[1], : tokens.shape[1]]
+        blocks = self.model.transformer.resblocks
+        use_ckpt = (
+            getattr(self.model.transformer, "grad_checkpointing", False) and torch.is_grad_enabled()
+        )
+        states = {}
+        for i, block in enumerate(blocks):
+            if i == len(blocks) - 1:
+                states["penultimate"] = x
+            if use_ckpt:
+                x = checkpoint(block, x, attn_mask=attn_mask, use_reentrant=False)
+            else:
+                x = block(x, attn_mask=attn_mask)
+        states["last"] = x
+        if not batch_first:
+            states = {k: v.permute(1, 0, 2) for k, v in states.items()}
+        return states
+
+    def pool(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The end-token state (the highest id in each row) projected by ``text_projection``."""
+        pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        proj = self.model.text_projection
+        return proj(pooled) if isinstance(proj, nn.Module) else pooled @ proj
