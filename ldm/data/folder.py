@@ -1,6 +1,8 @@
 """Image folder with captions: metadata.jsonl/.csv (Hugging Face imagefolder), sidecar .txt, or none.
 
-Items are CompVis data items: `{image_key: H x W x 3 float32 in [-1, 1], caption_key: str}`.
+Items are CompVis data items: `{image_key: H x W x 3 float32 in [-1, 1], caption_key: str}`,
+plus the SDXL micro-conditioning of the transform (`ldm.data.micro_conditioning`: original
+size, crop offsets, target size; LongTensors of shape [2]).
 Bad files are found cheaply at construction (PIL verify) and again on decode in `__getitem__`,
 where a failing index is replaced deterministically by the next good one; both are counted
 (`dataset.skipped`) and reported once.
@@ -221,9 +223,11 @@ class ImageFolderDataset(Dataset):
 
     def _load(self, i: int) -> dict[str, Any]:
         img = load_rgb(self.paths[i], self.background)
-        item: dict[str, Any] = {self.image_key: self.transform(img)}
+        out = self.transform.apply(img)
+        item: dict[str, Any] = {self.image_key: out.image}
         if self.captions[i] is not None:
             item[self.caption_key] = self.captions[i]
+        item.update(out.micro.as_item())
         if self.return_path:
             item["file_path_"] = str(self.paths[i])
         return item

@@ -1,6 +1,7 @@
 """Random crops of the photographs bundled with scikit-image: a small real-image data set, offline.
 
-Items follow the CompVis convention: {"image": H x W x 3 float32 in [-1, 1]}. Training and
+Items follow the CompVis convention: {"image": H x W x 3 float32 in [-1, 1]}, plus the photo's
+name and the SDXL micro-conditioning keys (`ldm.data.micro_conditioning`). Training and
 validation use disjoint photographs (not only disjoint crops), so validation measures
 generalization to images never seen. Grayscale photos are repeated to three channels.
 """
@@ -10,11 +11,14 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+
+from ldm.data.micro_conditioning import MicroConditioning
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +62,11 @@ class PhotoCrops(Dataset):
     with antialiasing, then flipped horizontally with probability 1/2 (`flip`). With
     `deterministic=True` item i is always the same crop (validation); otherwise crops are drawn
     fresh from numpy's global RNG (seeded per worker by the data module).
+
+    Micro-conditioning: original size = the photo's (h, w); the crop is equivalent to resizing
+    the whole photo by size / side and cropping `size` x `size`, so the crop offsets are the
+    (top, left) of the crop scaled by size / side (rounded) in that resized grid, with left
+    mirrored after a flip (`resized_w - left - size`); target size = (size, size).
     """
 
     def __init__(
@@ -92,7 +101,18 @@ class PhotoCrops(Dataset):
             np.random.default_rng((self.seed, i)) if self.deterministic else np.random.mtrand._rand
         )
 
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    def _micro(
+        self, h: int, w: int, side: int, top: int, left: int, flipped: bool
+    ) -> MicroConditioning:
+        f = self.size / side
+        resized_h, resized_w = max(self.size, round(h * f)), max(self.size, round(w * f))
+        top_r = min(round(top * f), resized_h - self.size)
+        left_r = min(round(left * f), resized_w - self.size)
+        if flipped:
+            left_r = resized_w - left_r - self.size
+        return MicroConditioning((h, w), (top_r, left_r), (self.size, self.size))
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
         rng = self._rng(i)
         k = (
             int(rng.integers(len(self.images)))
@@ -122,10 +142,12 @@ class PhotoCrops(Dataset):
                 antialias=True,
                 align_corners=False,
             )[0]
-        if self.flip and rng.uniform() < 0.5:
+        flipped = bool(self.flip and rng.uniform() < 0.5)
+        if flipped:
             crop = crop.flip(-1)
         image = crop.clamp(-1.0, 1.0).permute(1, 2, 0).contiguous().numpy()  # [H, W, 3]
-        return {"image": image, "photo": self.photos[k]}
+        micro = self._micro(h, w, side, top, left, flipped)
+        return {"image": image, "photo": self.photos[k], **micro.as_item()}
 
 
 class PhotoCropsTrain(PhotoCrops):

@@ -4,6 +4,7 @@ One anti-aliased shape on black: colour x shape x size x position on a 3x3 grid,
 "a {size} {colour} {shape} in the {position}". Item i depends only on (seed, split, i).
 A fixed list of colour-shape pairs (`HELDOUT_PAIRS`) never appears in the training split; the
 "heldout" split contains only those pairs, to test whether a model composes words seen apart.
+Items carry the SDXL micro-conditioning keys of an uncropped image (see `CaptionedShapes`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset
+
+from ldm.data.micro_conditioning import MicroConditioning
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (255, 0, 0),
@@ -167,7 +170,14 @@ def heldout_pairs() -> list[tuple[str, str]]:
 
 
 class CaptionedShapes(Dataset):
-    """Map-style data set of captioned shapes; split train / validation / heldout (CompVis items)."""
+    """Map-style data set of captioned shapes; split train / validation / heldout (CompVis items).
+
+    Items: `{image_key, caption_key}` plus the SDXL micro-conditioning keys. Each image is drawn
+    directly at `size` x `size` (anti-aliased by sub-pixel sampling, not by rendering larger and
+    downsampling), with no resize or crop: original size = target size = (size, size), crop
+    offsets (0, 0). Any internal supersampling would not change this: the original size is the
+    size a user sees.
+    """
 
     deterministic = True  # item i is always the same image: encodings may be cached
 
@@ -213,6 +223,7 @@ class CaptionedShapes(Dataset):
         attrs = self.attributes(i)
         image = render(attrs, self.size).astype(np.float32) / 127.5 - 1.0  # H x W x 3 in [-1, 1]
         item: dict[str, Any] = {self.image_key: image, self.caption_key: caption(attrs)}
+        item.update(MicroConditioning.uncropped(self.size, self.size).as_item())
         if self.return_attributes:
             item.update({k: attrs[k] for k in ("colour", "shape", "size", "position")})
         return item

@@ -1,15 +1,19 @@
 """Image transforms for data items: resize the shorter side, crop, flip, and map to [-1, 1].
 
 The output follows the CompVis data-item convention: H x W x C float32 numpy in [-1, 1]
-(LatentDiffusion.get_input rearranges it to B x C x H x W).
+(LatentDiffusion.get_input rearranges it to B x C x H x W). `ImageTransform.apply` also reports
+the SDXL micro-conditioning (original size, crop offsets, target size) of what it did.
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+
+from ldm.data.micro_conditioning import MicroConditioning
 
 INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
@@ -31,6 +35,14 @@ def to_pil(array: np.ndarray) -> Image.Image:
     """H x W x 3 float in [-1, 1] -> RGB PIL image (inverse of `to_float_array`)."""
     a = np.clip((np.asarray(array, dtype=np.float32) + 1.0) * 127.5 + 0.5, 0, 255)
     return Image.fromarray(a.astype(np.uint8))
+
+
+@dataclass(frozen=True)
+class TransformedImage:
+    """A transformed image and the SDXL micro-conditioning of the transform that produced it."""
+
+    image: np.ndarray  # H x W x 3 float32 in [-1, 1]
+    micro: MicroConditioning
 
 
 class ImageTransform:
@@ -61,20 +73,36 @@ class ImageTransform:
 
     def __call__(self, img: Image.Image, rng: random.Random | None = None) -> np.ndarray:
         """Transform an RGB PIL image into an H x W x 3 float32 array in [-1, 1]."""
+        return self.apply(img, rng).image
+
+    def apply(self, img: Image.Image, rng: random.Random | None = None) -> TransformedImage:
+        """Transform `img` and report its micro-conditioning, as sgm / diffusers' SDXL scripts do.
+
+        Original size: (h, w) of `img`. Crop offsets: (top, left) of the crop in the resized
+        image's pixel grid; after a horizontal flip, left becomes `resized_w - left - target_w`
+        (the crop's offset in the flipped resized image, as in diffusers'
+        train_text_to_image_sdxl). Target size: (h, w) of the output. Draws from `rng` exactly
+        as `__call__` always has (crop left, crop top, then flip).
+        """
         rng = rng or random  # DataLoader reseeds `random` in every worker
+        original = (img.height, img.width)
+        top = left = 0
         if self.size is not None:
             w, h = img.size
             scale = self.size / min(w, h)
             if scale != 1.0:
                 new = (max(self.size, round(w * scale)), max(self.size, round(h * scale)))
                 img = img.resize(new, resample=self.interpolation)
-            if self.crop != "none":
-                w, h = img.size
-                if self.crop == "random":
-                    left, top = rng.randint(0, w - self.size), rng.randint(0, h - self.size)
-                else:
-                    left, top = (w - self.size) // 2, (h - self.size) // 2
-                img = img.crop((left, top, left + self.size, top + self.size))
+        resized_w = img.width
+        if self.size is not None and self.crop != "none":
+            w, h = img.size
+            if self.crop == "random":
+                left, top = rng.randint(0, w - self.size), rng.randint(0, h - self.size)
+            else:
+                left, top = (w - self.size) // 2, (h - self.size) // 2
+            img = img.crop((left, top, left + self.size, top + self.size))
         if self.flip_p > 0 and rng.random() < self.flip_p:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return to_float_array(img)
+            left = resized_w - left - img.width
+        micro = MicroConditioning(original, (top, left), (img.height, img.width))
+        return TransformedImage(to_float_array(img), micro)

@@ -5,7 +5,9 @@ reads shards[(k * num_workers + w)::(world_size * num_workers)], so each sample 
 per epoch when the shard count divides evenly (with fewer shards than readers, every reader
 scans all shards and keeps every n-th sample instead). `resampled=True` draws shards with
 replacement for an infinite stream; `samples_per_epoch` then sets the epoch length per rank.
-Items are CompVis data items; undecodable samples are skipped, counted and reported once.
+Items are CompVis data items with the SDXL micro-conditioning of the transform (original size,
+crop offsets, target size; see `ldm.data.micro_conditioning`); undecodable samples are
+skipped, counted and reported once.
 """
 
 from __future__ import annotations
@@ -226,11 +228,13 @@ class WebDatasetShards(IterableDataset):
         except (BadImageError, ValueError) as exc:
             self.skipped.warn_once(name, str(exc))
             return None
-        item: dict[str, Any] = {self.image_key: self.transform(img)}
+        out = self.transform.apply(img)
+        item: dict[str, Any] = {self.image_key: out.image}
         if caption is None:
             caption = self.default_caption
         if caption is not None:
             item[self.caption_key] = caption
+        item.update(out.micro.as_item())
         return item
 
     def _shuffled(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict]:

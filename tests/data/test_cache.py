@@ -7,6 +7,7 @@ from torch.utils.data import DataLoader
 
 from ldm.data.cache import CachedEncodings, EncodingCache, WithIndex, fingerprint
 from ldm.data.folder import ImageFolderDataset
+from ldm.data.micro_conditioning import MICRO_CONDITIONING_KEYS
 from ldm.data.shapes import CaptionedShapes
 
 
@@ -53,7 +54,7 @@ def test_precompute_batches_then_no_calls_and_drop_input():
     assert (enc.calls, enc.rows) == (3, 10)
     assert cached.precompute(batch_size=4) == 0 and enc.calls == 3
     item = cached[7]
-    assert set(item) == {"caption", "image_encoded"} and enc.calls == 3
+    assert set(item) == {"caption", "image_encoded", *MICRO_CONDITIONING_KEYS} and enc.calls == 3
 
 
 def test_disk_cache_reused_across_instances_and_invalidated_by_fingerprint(tmp_path):

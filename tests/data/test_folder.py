@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from ldm.data.folder import ImageFolderDataset
 from ldm.data.image_io import BadImageError, load_rgb
+from ldm.data.micro_conditioning import MICRO_CONDITIONING_KEYS
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "gray": (128, 128, 128)}
 
@@ -93,7 +94,7 @@ def test_unconditional_and_non_recursive(nested):
     root, _ = nested
     ds = ImageFolderDataset(root, size=8)
     assert ds.caption_source == "none" and len(ds) == 4
-    assert set(ds[0]) == {"image"}
+    assert set(ds[0]) == {"image", *MICRO_CONDITIONING_KEYS}  # no caption key
     assert len(ImageFolderDataset(root, size=8, recursive=False)) == 2
 
 

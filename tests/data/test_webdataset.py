@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from ldm.data.micro_conditioning import MICRO_CONDITIONING_KEYS
 from ldm.data.webdataset import WebDatasetShards, folder_to_shards, image_bytes, write_shards
 
 N = 12
@@ -48,7 +49,7 @@ def test_round_trip_from_brace_pattern(shards):
     assert sorted(_ids(items)) == list(range(N))
     assert items[0]["image"].shape == (8, 8, 3) and items[0]["image"].dtype == np.float32
     sd = WebDatasetShards(str(out), size=8, image_key="jpg", caption_key="txt")
-    assert set(next(iter(sd))) == {"jpg", "txt"}
+    assert set(next(iter(sd))) == {"jpg", "txt", *MICRO_CONDITIONING_KEYS}
 
 
 def test_two_workers_no_overlap(shards):
