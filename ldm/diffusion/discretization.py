@@ -198,6 +198,28 @@ class Ladder:
         """The last ``int(steps * strength)`` steps (img2img starts part-way down; diffusers' rule)."""
         return Ladder(self.levels[img2img_start(self.steps, strength) :])
 
+    def switch_index(self, fraction: float, num_timesteps: int) -> int:
+        """Steps taken before the hand-off at ``fraction`` of the noise levels (diffusers'
+        ``denoising_end`` / ``denoising_start``): those from levels with timestep t >=
+        round(T - fraction * T)."""
+        if not 0.0 < float(fraction) < 1.0:
+            raise ValueError(f"denoising_start / denoising_end must be in (0, 1), got {fraction}")
+        if any(lv.t is None for lv in self.levels[:-1]):
+            raise ValueError(
+                "a hand-off at a fraction of the noise levels needs a ladder on a discrete "
+                "schedule (levels with timesteps)"
+            )
+        cutoff = int(round(num_timesteps - float(fraction) * num_timesteps))
+        return sum(1 for lv in self.levels[:-1] if lv.t >= cutoff)
+
+    def until(self, fraction: float, num_timesteps: int) -> Ladder:
+        """The steps before the hand-off; the solver ends at the first level after it."""
+        return Ladder(self.levels[: self.switch_index(fraction, num_timesteps) + 1])
+
+    def after(self, fraction: float, num_timesteps: int) -> Ladder:
+        """The steps from the hand-off on (a refiner continues the base's ladder)."""
+        return Ladder(self.levels[self.switch_index(fraction, num_timesteps) :])
+
 
 def img2img_start(steps: int, strength: float) -> int:
     """Index of the first step kept for img2img at ``strength`` (diffusers: keep int(steps * strength))."""

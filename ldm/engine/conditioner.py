@@ -176,7 +176,9 @@ class Conditioner:
         self._check(inputs)
         outs = []
         for i, e in enumerate(self.entries):
-            cond_out = (lambda i=i, e=e: outputs[i] if outputs is not None else e.encode(e.read(inputs)))
+            cond_out = lambda i=i, e=e: (
+                outputs[i] if outputs is not None else e.encode(e.read(inputs))
+            )
             if e.null is None:
                 outs.append(cond_out())
                 continue

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ldm.engine.defaults import resolve_sampling
+from ldm.engine.micro_conditioning import fill_micro_conditioning
 from ldm.samplers import sample
 from ldm.samplers.guiders import guider_for
 
@@ -120,6 +121,12 @@ def _generate(
     wrap_model_fn: Callable[[Callable], Callable] | None = None,
     decode: str = "auto",
     solver_options: Mapping[str, Any] | None = None,
+    original_size: Sequence[int] | None = None,
+    crops_coords_top_left: Sequence[int] | None = None,
+    target_size: Sequence[int] | None = None,
+    aesthetic_score: float | None = None,
+    denoising_start: float | None = None,
+    denoising_end: float | None = None,
     **sampler_options: Any,
 ) -> Any:
     """Images for ``prompt`` (or the conditioning inputs of a data ``batch``, or a ready ``cond``).
@@ -132,6 +139,12 @@ def _generate(
     to the sampler (``eta``, ``karras``, ``order``, ...); ``solver_options`` too (for names that are
     also arguments here, e.g. a latent ``mask`` with ``x0``). ``decode``: "full", "sliced" (one image
     at a time), "tiled" (overlapping latent tiles), or "auto" (sliced from 256 x 256 pixels up).
+
+    SDXL: ``original_size``, ``crops_coords_top_left``, ``target_size`` (pairs in pixels, default:
+    the size generated and (0, 0)) and ``aesthetic_score`` (refiner, default 6.0) feed the size
+    embedders; ``denoising_end`` stops at that fraction of the noise levels and returns the noisy
+    latent (use ``output="latent"``), ``denoising_start`` continues from it with ``x_T`` = that
+    latent (a refiner; diffusers' semantics, see ``ldm.samplers.driver.run_solver``).
     """
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {list(OUTPUTS)}, got {output!r}")
@@ -176,6 +189,9 @@ def _generate(
             n = num_images_per_prompt
     # latent geometry: the start noise, the init image, or height / width, else the model's size
     c_lat, h_lat, w_lat = model.latent_shape()
+    handed_over = x_T is not None
+    if x_T is not None:
+        h_lat, w_lat = x_T.shape[-2:]
     f = latent_factor(model)
     init = load_image(init_image).to(device) * 2 - 1 if init_image is not None else None
     if height or width or init is not None:
@@ -217,6 +233,26 @@ def _generate(
             options["mask"] = 1.0 - small
     elif strength is not None and init is None:
         raise ValueError("strength (img2img) needs init_image")
+    if conditional:
+        fill_micro_conditioning(
+            conditioner.input_keys,
+            inputs,
+            n,
+            h_lat * f,
+            w_lat * f,
+            {
+                "original_size": original_size,
+                "crops_coords_top_left": crops_coords_top_left,
+                "target_size": target_size,
+                "aesthetic_score": aesthetic_score,
+            },
+            type(model).__name__,
+        )
+    for name, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
+        if value is not None:
+            options[name] = float(value)
+    if denoising_start is not None and not handed_over:
+        raise ValueError("denoising_start continues a hand-off latent: pass it as x_T")
     outputs = None
     if cond is None and conditional:
         outputs = conditioner.embed(inputs)

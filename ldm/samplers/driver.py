@@ -47,6 +47,8 @@ COMMON_OPTIONS = (
     "denoiser",
     "x0",
     "strength",
+    "denoising_start",
+    "denoising_end",
     "mask",
     "generator",
     "callback",
@@ -198,13 +200,22 @@ def run_solver(
     clip_denoised: bool = False,
     x0: torch.Tensor | None = None,
     strength: float = 1.0,
+    denoising_start: float | None = None,
+    denoising_end: float | None = None,
     mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
     disable: bool | None = None,
     **solver_options: Any,
 ) -> torch.Tensor:
-    """Build the ladder, put x_T on it (or noise x0 to it: img2img), run the solver, blend the mask."""
+    """Build the ladder, put x_T on it (or noise x0 to it: img2img), run the solver, blend the mask.
+
+    Hand-off between two models (SDXL base -> refiner; diffusers' semantics): ``denoising_end``
+    stops after the levels with timestep >= round(T - denoising_end * T) and returns the noisy
+    latent there; ``denoising_start`` continues the same ladder from that point with ``x_T`` being
+    that latent. The latent handed over is in VE coordinates, x_0 + sigma * eps, whatever the
+    solvers' views, so any solver can hand over to any other.
+    """
     split_solver_options(spec.name, spec.fn, solver_options, COMMON_OPTIONS)
     check_x0(x0, x_T, strength, mask)
     if denoiser is None:
@@ -244,14 +255,28 @@ def run_solver(
         sigmas=sigmas,
         timesteps=timesteps,
     ).from_strength(strength)
+    if (denoising_start is not None or denoising_end is not None) and denoiser.schedule is None:
+        raise ValueError(
+            "denoising_start / denoising_end are fractions of a discrete schedule's timesteps; "
+            f"this model's denoiser ({type(denoiser).__name__}) has none"
+        )
+    if denoising_start is not None:
+        if x0 is not None and mask is None:
+            raise ValueError("denoising_start continues from x_T; it does not take x0 / strength")
+        ladder = ladder.after(denoising_start, denoiser.schedule.num_timesteps)
+    if denoising_end is not None:
+        ladder = ladder.until(denoising_end, denoiser.schedule.num_timesteps)
     if ladder.steps < 1:
-        return x0.clone()
+        return x0.clone() if x0 is not None else x_T.clone()
     ctx = SamplerContext(generator=generator, callback=callback, disable=disable, name=spec.name)
     known = KnownRegion(x0, mask, ctx) if mask is not None else None
     bound = BoundDenoiser(denoiser, model_fn, known, clip_denoised)
     first = ladder.levels[0]
+    last = ladder.levels[-1]
     if spec.view == "vp":
-        if strength < 1.0:
+        if denoising_start is not None:
+            x = x_T * math.sqrt(first.alpha_bar)  # VE hand-off latent -> VP coordinates
+        elif strength < 1.0:
             a = first.alpha_bar
             x = math.sqrt(a) * x0 + math.sqrt(1 - a) * x_T
         elif noise_scaling == "vp":
@@ -260,8 +285,12 @@ def run_solver(
             x = x_T * (first.sigma * math.sqrt(first.alpha_bar))
         model = VPModel(bound, ladder)
         x = spec.fn(model, x, model.chain, ctx, **solver_options)
+        if denoising_end is not None and last.alpha_bar < 1.0:
+            x = x / math.sqrt(last.alpha_bar)  # VP -> VE coordinates for the hand-off
     else:
-        if strength < 1.0:
+        if denoising_start is not None:
+            x = x_T
+        elif strength < 1.0:
             x = x0 + first.sigma * x_T
         elif noise_scaling == "sigma":
             x = x_T * first.sigma

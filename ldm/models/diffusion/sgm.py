@@ -83,9 +83,7 @@ def translate_denoiser(config: Any) -> dict[str, Any]:
             f"denoiser_config.params.scaling_config: {scaling} is not supported; expected one of "
             f"{sorted(SCALINGS)}."
         )
-    disc, dp = _name(
-        p.get("discretization_config"), "denoiser_config.params.discretization_config"
-    )
+    disc, dp = _name(p.get("discretization_config"), "denoiser_config.params.discretization_config")
     if disc != "LegacyDDPMDiscretization":
         raise ConfigError(
             f"denoiser_config.params.discretization_config: {disc} is not supported with a "
@@ -220,7 +218,10 @@ def translate(params: Mapping[str, Any]) -> dict[str, Any]:
         )
     net = dict(plain(p["network_config"]))
     net_params = dict(net.get("params") or {})
-    if p.get("network_wrapper") not in (None, "sgm.modules.diffusionmodules.wrappers.OpenAIWrapper"):
+    if p.get("network_wrapper") not in (
+        None,
+        "sgm.modules.diffusionmodules.wrappers.OpenAIWrapper",
+    ):
         raise ConfigError(
             f"network_wrapper={p['network_wrapper']!r}: only sgm's OpenAIWrapper (the default: "
             "concat channels, crossattn context, vector y) is supported."
@@ -250,7 +251,8 @@ def translate(params: Mapping[str, Any]) -> dict[str, Any]:
         "conditioner_config": conditioner,
         "first_stage_config": p.get("first_stage_config"),
         "loss_config": translate_loss(p.get("loss_fn_config")),
-        "sampling_defaults": p.get("sampling_defaults") or translate_sampler(p.get("sampler_config")),
+        "sampling_defaults": p.get("sampling_defaults")
+        or translate_sampler(p.get("sampler_config")),
         "conditioning_key": key,
         "scheduler_config": p.get("scheduler_config"),
         "first_stage_key": p.get("input_key", "jpg"),

@@ -21,7 +21,9 @@ class ConcatTimestepEmbedderND(AbstractEncoder):
     def __init__(self, outdim: int) -> None:
         super().__init__()
         if int(outdim) <= 0 or int(outdim) % 2:
-            raise ValueError(f"ConcatTimestepEmbedderND: outdim must be a positive even number, got {outdim}")
+            raise ValueError(
+                f"ConcatTimestepEmbedderND: outdim must be a positive even number, got {outdim}"
+            )
         self.outdim = int(outdim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
