@@ -160,6 +160,11 @@ class Conditioner:
         """The conditioning of ``inputs`` (a batch dict with every embedder's input keys)."""
         return self.assemble(self.embed(inputs))
 
+    def _cond_output(self, i: int, inputs: Mapping[str, Any], outputs: list[Any] | None) -> Any:
+        """Embedder i's conditional output: from ``outputs`` of ``embed`` when given."""
+        e = self.entries[i]
+        return outputs[i] if outputs is not None else e.encode(e.read(inputs))
+
     def uncond(
         self,
         inputs: Mapping[str, Any],
@@ -176,14 +181,11 @@ class Conditioner:
         self._check(inputs)
         outs = []
         for i, e in enumerate(self.entries):
-            cond_out = lambda i=i, e=e: (
-                outputs[i] if outputs is not None else e.encode(e.read(inputs))
-            )
             if e.null is None:
-                outs.append(cond_out())
+                outs.append(self._cond_output(i, inputs, outputs))
                 continue
             if e.zero_null and negative_prompt is None:
-                outs.append(zero_like(cond_out()))
+                outs.append(zero_like(self._cond_output(i, inputs, outputs)))
                 continue
             if negative_prompt is not None and isinstance(e.null, str):
                 neg = (
