@@ -113,6 +113,64 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         default=None,
         help="attention in slices of this many queries (less memory)",
     )
+    sdxl = p.add_argument_group("SDXL micro-conditioning and refiner")
+    sdxl.add_argument(
+        "--original-size",
+        "--original_size",
+        dest="original_size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        default=None,
+        help="the size the model is told the image had (default: the size generated)",
+    )
+    sdxl.add_argument(
+        "--crop",
+        "--crops-coords-top-left",
+        dest="crop",
+        type=int,
+        nargs=2,
+        metavar=("TOP", "LEFT"),
+        default=None,
+        help="crop offsets the model is told (default 0 0: an uncropped image)",
+    )
+    sdxl.add_argument(
+        "--target-size",
+        "--target_size",
+        dest="target_size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        default=None,
+        help="target size (default: the size generated)",
+    )
+    sdxl.add_argument(
+        "--aesthetic-score",
+        "--aesthetic_score",
+        dest="aesthetic_score",
+        type=float,
+        default=None,
+        help="refiner: the aesthetic score to condition on (default 6.0; unconditional 2.5)",
+    )
+    sdxl.add_argument(
+        "--refiner",
+        type=str,
+        default=None,
+        help="refiner checkpoint (.safetensors / .ckpt / diffusers folder): takes over the "
+        "latents for the last part of the noise levels",
+    )
+    sdxl.add_argument(
+        "--refiner-switch",
+        "--refiner_switch",
+        dest="refiner_switch",
+        type=float,
+        default=0.8,
+        help="fraction of the noise levels the base model runs before the refiner takes over "
+        "(diffusers' denoising_end / denoising_start; default 0.8)",
+    )
+    sdxl.add_argument(
+        "--refiner-config", dest="refiner_config", type=str, default=None, help="refiner config"
+    )
     if mode in ("img2img", "inpaint"):
         p.add_argument(
             "--init-img", "--init_img", "--image", dest="init_img", type=str, required=True
@@ -133,6 +191,39 @@ def sampler_name(args: argparse.Namespace) -> str | None:
             f"Unknown --sampler {name!r}; choose one of: {', '.join(sorted(SAMPLERS))}."
         )
     return name
+
+
+MICRO = {
+    "original_size": ("original_size_as_tuple", "--original-size"),
+    "crops_coords_top_left": ("crop_coords_top_left", "--crop"),
+    "target_size": ("target_size_as_tuple", "--target-size"),
+    "aesthetic_score": ("aesthetic_score", "--aesthetic-score"),
+}
+
+
+def micro_conditioning(
+    args: argparse.Namespace, model: Any, refiner: Any | None
+) -> dict[str, dict[str, Any]]:
+    """The SDXL micro-conditioning flags as generate() keywords for the base and the refiner, each
+    getting those it is conditioned on; a flag neither model takes is an error."""
+    given = {
+        "original_size": args.original_size,
+        "crops_coords_top_left": args.crop,
+        "target_size": args.target_size,
+        "aesthetic_score": args.aesthetic_score,
+    }
+    out: dict[str, dict[str, Any]] = {"base": {}, "refiner": {}}
+    for role, m in (("base", model), ("refiner", refiner)):
+        keys = set(m.conditioner.input_keys) if m is not None and m.conditioner else set()
+        out[role] = {k: v for k, v in given.items() if v is not None and MICRO[k][0] in keys}
+    for name, value in given.items():
+        if value is not None and not any(name in part for part in out.values()):
+            raise CommandError(
+                f"{MICRO[name][1]}: the model{'s' if refiner is not None else ''} given "
+                "are not conditioned on it (SDXL base takes --original-size, --crop, "
+                "--target-size; the refiner --original-size, --crop, --aesthetic-score)."
+            )
+    return out
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -171,7 +262,11 @@ def run(mode: str, argv: list[str] | None = None) -> list[Path]:
         raise CommandError(f"--ckpt {args.ckpt}: no such file or folder.")
     if args.config and not Path(args.config).is_file():
         raise CommandError(f"--config {args.config}: no such file.")
-    for flag in ("init_img", "mask"):
+    if args.refiner_config and not args.refiner:
+        raise CommandError("--refiner-config needs --refiner.")
+    if not 0.0 < args.refiner_switch < 1.0:
+        raise CommandError(f"--refiner-switch {args.refiner_switch}: must be in (0, 1).")
+    for flag in ("init_img", "mask", "refiner", "refiner_config"):
         value = getattr(args, flag, None)
         if value is not None and not Path(value).is_file():
             raise CommandError(f"--{flag.replace('_', '-')} {value}: no such file.")
@@ -190,6 +285,16 @@ def run(mode: str, argv: list[str] | None = None) -> list[Path]:
         prediction=args.prediction,
         unsafe=args.unsafe,
     )
+    refiner = None
+    if args.refiner:
+        refiner = load_model(
+            args.refiner,
+            config=args.refiner_config,
+            device=device,
+            use_ema=args.use_ema,
+            unsafe=args.unsafe,
+        )
+    micro = micro_conditioning(args, model, refiner)
     options: dict[str, Any] = {}
     if args.ddim_eta is not None:
         options["eta"] = args.ddim_eta
@@ -217,6 +322,9 @@ def run(mode: str, argv: list[str] | None = None) -> list[Path]:
     }
     if mode != "txt2img":
         params_common["strength"] = args.strength
+    if refiner is not None:
+        params_common.update(refiner=Path(args.refiner).name, refiner_switch=args.refiner_switch)
+    params_common.update({k: v for k, v in micro["base"].items() if v is not None})
     k = 0
     with attention_slicing(args.attention_slice), _autocast(args, device):
         for n in range(args.n_iter):
@@ -224,23 +332,40 @@ def run(mode: str, argv: list[str] | None = None) -> list[Path]:
                 seed = args.seed if args.fixed_code else args.seed + k
                 k += 1
                 text = model.conditioner is not None and model.conditioner.text_key() is not None
+                common = {
+                    "negative_prompt": args.negative_prompt
+                    if args.negative_prompt and text
+                    else None,
+                    "sampler": sampler,
+                    "steps": steps,
+                    "guidance_scale": scale if text else 1.0,
+                    "seed": seed,
+                    "decode": "tiled" if args.tiled_decode else "auto",
+                    **options,
+                }
                 x = model.generate(
                     batch if text else None,  # an unconditional model: len(batch) images
                     num_images_per_prompt=1 if text else len(batch),
-                    negative_prompt=args.negative_prompt if args.negative_prompt and text else None,
-                    sampler=sampler,
-                    steps=steps,
-                    guidance_scale=scale if text else 1.0,
-                    seed=seed,
                     height=args.H,
                     width=args.W,
                     init_image=getattr(args, "init_img", None),
                     strength=args.strength if mode != "txt2img" else None,
                     mask=getattr(args, "mask", None),
-                    output="tensor",
-                    decode="tiled" if args.tiled_decode else "auto",
-                    **options,
+                    output="tensor" if refiner is None else "latent",
+                    denoising_end=args.refiner_switch if refiner is not None else None,
+                    **micro["base"],
+                    **common,
                 )
+                if refiner is not None:  # the refiner continues the base's latents
+                    x = refiner.generate(
+                        batch if text else None,
+                        num_images_per_prompt=1 if text else len(batch),
+                        x_T=x,
+                        denoising_start=args.refiner_switch,
+                        output="tensor",
+                        **micro["refiner"],
+                        **common,
+                    )
                 for i, img in enumerate(x):
                     params = {
                         "prompt": batch[i],
