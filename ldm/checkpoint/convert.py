@@ -56,7 +56,6 @@ from ldm.checkpoint.sdxl_layout import is_sdxl_config
 logger = logging.getLogger(__name__)
 
 
-
 def text_kind(config: dict[str, Any], sd: dict[str, torch.Tensor]) -> str | None:
     """'clip' (SD v1 FrozenCLIPEmbedder), 'openclip' (SD v2) or None (no convertible text encoder)."""
     target = str(config["model"].get("params", {}).get("cond_stage_config", {}).get("target", ""))
