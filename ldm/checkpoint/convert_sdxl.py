@@ -163,7 +163,8 @@ def from_sdxl_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, A
                 f"{folder}/text_encoder has no model.safetensors / pytorch_model.bin; the config "
                 f"has a CLIP embedder (conditioner.embedders.{clip.index})."
             )
-        nested = meta.get(CLIP_LEVEL_META, "1") == "1"
+        # a foreign folder gets the layout of the SDXL base 1.0 key list (no `text_model.`)
+        nested = meta.get(CLIP_LEVEL_META, "0") == "1"
         sd.update(hf_to_clip(te, nested=nested, prefix=clip.prefix))
     sd.update(hf_to_openclip(te2, prefix=openclip.prefix))
     sd.update(extras)

@@ -40,7 +40,7 @@ def clip_to_hf(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], bool]:
     """CLIP text encoder keys under `prefix` -> (hub CLIPTextModel dict, extras, had `text_model.`)."""
     out, extras = {}, {}
-    nested = any(k.startswith(prefix + HF_PREFIX) for k in sd)
+    nested = any(k.startswith(prefix + HF_PREFIX) and not k.endswith("position_ids") for k in sd)
     for k, v in sd.items():
         rest = k[len(prefix) :]
         if rest.startswith(HF_PREFIX):
