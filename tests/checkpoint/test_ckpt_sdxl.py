@@ -279,6 +279,13 @@ def test_refiner_layout_round_trip(reduced, tmp_path: Path) -> None:
     back, config = from_diffusers(out)
     _assert_same(back, ref)
     assert config == cfg
+    foreign = tmp_path / "foreign"  # written by diffusers: no ldm_config.json, no extras
+    diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(out).save_pretrained(foreign)
+    back, config = from_diffusers(foreign)
+    assert set(back) == set(ref) - {"model_ema.decay"}
+    assert network_params(config)["adm_in_channels"] == ADM
+    assert network_params(config)["context_dim"] == [96, 96, 96]  # the refiner's list form
+    assert len(config["model"]["params"]["conditioner_config"]["params"]["emb_models"]) == 4
 
 
 def test_unet_matches_diffusers(reduced, folder: Path) -> None:
