@@ -18,7 +18,25 @@ from typing import Any
 import torch
 
 from ldm.checkpoint import diffusers_config as dcfg
-from ldm.checkpoint.detect import Detection, DetectionError, as_full_config, detect, detect_sd
+from ldm.checkpoint.detect import (
+    Detection,
+    DetectionError,
+    as_full_config,
+    detect,
+    detect_sd,
+    diffusers_family,
+)
+from ldm.checkpoint.diffusers_folder import (
+    CONFIG_FILE,
+    EXTRAS_FILE,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    read_component,
+    read_extras,
+    save_component,
+    split_unet_vae,
+    write_extras,
+)
 from ldm.checkpoint.ema import apply_ema, has_ema
 from ldm.checkpoint.keymap_text import (
     CLIP_PREFIX,
@@ -31,20 +49,11 @@ from ldm.checkpoint.keymap_text import (
 )
 from ldm.checkpoint.keymap_unet import unet_to_diffusers, unet_to_ldm
 from ldm.checkpoint.keymap_vae import vae_to_diffusers, vae_to_ldm
-from ldm.checkpoint.prune import save_state_dict, to_saveable
+from ldm.checkpoint.prune import save_state_dict
 from ldm.checkpoint.safe_load import LoadedCheckpoint, read_checkpoint
+from ldm.checkpoint.sdxl_layout import is_sdxl_config
 
 logger = logging.getLogger(__name__)
-
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-EXTRAS_FILE = "ldm_extras.safetensors"
-CONFIG_FILE = "ldm_config.json"
-WEIGHT_FILES = {
-    "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
-    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
-    "text_encoder": ("model.safetensors", "pytorch_model.bin"),
-}
 
 
 def text_kind(config: dict[str, Any], sd: dict[str, torch.Tensor]) -> str | None:
@@ -74,12 +83,7 @@ def split_for_diffusers(
     sd: dict[str, torch.Tensor], config: dict[str, Any]
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor], dict[str, str]]:
     """(components, extras, metadata): diffusers state dicts, leftover SD keys, layout facts."""
-    unet = {k[len(UNET_PREFIX) :]: v for k, v in sd.items() if k.startswith(UNET_PREFIX)}
-    vae = {
-        k[len(VAE_PREFIX) :]: v
-        for k, v in sd.items()
-        if k.startswith(VAE_PREFIX) and not k.startswith(VAE_PREFIX + "loss.")
-    }
+    unet, vae = split_unet_vae(sd)
     comps: dict[str, dict[str, torch.Tensor]] = {
         "unet": unet_to_diffusers(unet),
         "vae": vae_to_diffusers(vae),
@@ -114,17 +118,6 @@ def split_for_diffusers(
     return comps, extras, meta
 
 
-def _save_component(
-    folder: Path, name: str, sd: dict[str, torch.Tensor], config: dict[str, Any]
-) -> None:
-    from safetensors.torch import save_file
-
-    sub = folder / name
-    sub.mkdir(parents=True, exist_ok=True)
-    (sub / "config.json").write_text(json.dumps(config, indent=2))
-    save_file(to_saveable(sd), str(sub / WEIGHT_FILES[name][0]), metadata={"format": "pt"})
-
-
 def to_diffusers(
     src: str | os.PathLike | LoadedCheckpoint,
     out_dir: str | os.PathLike,
@@ -138,20 +131,24 @@ def to_diffusers(
     ckpt = src if isinstance(src, LoadedCheckpoint) else read_checkpoint(src, unsafe=unsafe)
     cfg = resolve_config(ckpt, config, prediction).config
     sd = apply_ema(ckpt.state_dict) if use_ema and has_ema(ckpt.state_dict) else ckpt.state_dict
+    if is_sdxl_config(cfg):
+        from ldm.checkpoint.convert_sdxl import write_sdxl_folder
+
+        return write_sdxl_folder(sd, cfg, Path(out_dir))
     comps, extras, meta = split_for_diffusers(sd, cfg)
     params = cfg["model"]["params"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     unet_params = params["unet_config"]["params"]
     latent = params.get("image_size", unet_params.get("image_size", 64))
-    _save_component(out, "unet", comps["unet"], dcfg.unet_config(unet_params, latent))
+    save_component(out, "unet", comps["unet"], dcfg.unet_config(unet_params, latent))
     scale = float(sd["scale_factor"]) if "scale_factor" in sd else params.get("scale_factor", 1.0)
-    _save_component(
+    save_component(
         out, "vae", comps["vae"], dcfg.vae_config(params["first_stage_config"]["params"], scale)
     )
     if "text_encoder" in comps:
         kind = meta["text_kind"]
-        _save_component(
+        save_component(
             out,
             "text_encoder",
             comps["text_encoder"],
@@ -165,9 +162,7 @@ def to_diffusers(
     inpainting = unet_params["in_channels"] == 9
     (out / "model_index.json").write_text(json.dumps(dcfg.model_index(inpainting), indent=2))
     (out / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
-    from safetensors.torch import save_file
-
-    save_file(to_saveable(extras), str(out / EXTRAS_FILE), metadata={"format": "pt", **meta})
+    write_extras(out, extras, meta)
     logger.info(
         "Wrote diffusers folder %s (%d extra keys kept in %s)", out, len(extras), EXTRAS_FILE
     )
@@ -200,14 +195,6 @@ def resolve_config(
     return Detection("given", cfg, param, reason)
 
 
-def _read_component(folder: Path, name: str) -> dict[str, torch.Tensor] | None:
-    for fname in WEIGHT_FILES[name]:
-        path = folder / name / fname
-        if path.is_file():
-            return read_checkpoint(path).state_dict
-    return None
-
-
 def is_diffusers_folder(path: str | os.PathLike) -> bool:
     """True for a folder with model_index.json and a unet/ subfolder."""
     p = Path(path)
@@ -221,23 +208,18 @@ def from_diffusers(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
         raise FileNotFoundError(
             f"{folder} is not a diffusers folder (model_index.json + unet/ expected)."
         )
-    unet = _read_component(folder, "unet")
-    vae = _read_component(folder, "vae")
+    if diffusers_family(folder) != "sd":
+        from ldm.checkpoint.convert_sdxl import from_sdxl_folder
+
+        return from_sdxl_folder(folder)
+    unet = read_component(folder, "unet")
+    vae = read_component(folder, "vae")
     if unet is None or vae is None:
         raise FileNotFoundError(f"{folder}: unet/ or vae/ has no diffusion_pytorch_model weights.")
     sd = {UNET_PREFIX + k: v for k, v in unet_to_ldm(unet).items()}
     sd.update({VAE_PREFIX + k: v for k, v in vae_to_ldm(vae).items()})
-    meta: dict[str, str] = {}
-    extras_path = folder / EXTRAS_FILE
-    if extras_path.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(extras_path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            extras = {k: f.get_tensor(k) for k in f.keys()}
-    else:
-        extras = {}
-    text = _read_component(folder, "text_encoder")
+    extras, meta = read_extras(folder)
+    text = read_component(folder, "text_encoder")
     if text is not None:
         kind = meta.get("text_kind")
         if kind is None:

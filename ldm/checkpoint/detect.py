@@ -1,9 +1,13 @@
-"""Architecture detection from checkpoint keys/shapes: SD v1, SD v2 (eps | v), inpainting, ours.
+"""Architecture detection from checkpoint keys/shapes: SD v1, SD v2 (eps | v), inpainting, SDXL
+base / refiner, ours.
 
 Facts used (shared/reference/README.md): v1 cross-attention keys are `[C, 768]`, v2 `[C, 1024]`;
 v2 uses linear `proj_in` (2-D) where v1 uses 1x1 convs (4-D); inpainting U-Nets take 9 input
 channels. Whether a v2 file predicts eps or v is not in its keys: it comes from an argument or the
-file name ("768-v", "v-pred"), else eps, and the choice is logged.
+file name ("768-v", "v-pred"), else eps, and the choice is logged. SDXL files have a conditioner
+(`conditioner.embedders.*`) and a vector embedding (`label_emb.0.0.weight`, [1280, adm]): base 1.0
+takes adm 2816 and context 2048 (CLIP ViT-L + OpenCLIP bigG), refiner 1.0 adm 2560 and context 1280
+(bigG only); see shared/reference/later/README.md.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 import torch
 
 from ldm.checkpoint.safe_load import CONFIG_KEY, LoadedCheckpoint
+from ldm.checkpoint.sdxl_layout import EMBEDDERS, VECTOR_KEY, is_sdxl_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +33,17 @@ BUILTIN_CONFIGS = {
     "sd-v2": "v2-inference.yaml",
     "sd-v2-v": "v2-inference-v.yaml",
     "sd-v2-inpainting": "v2-inpainting-inference.yaml",
+    "sdxl-base": "sdxl-base.yaml",
+    "sdxl-refiner": "sdxl-refiner.yaml",
 }
+# What tells SDXL base 1.0 and refiner 1.0 apart: vector input, context dims, time_embed.0 shape,
+# text embedders (index, `transformer` = CLIP | `model` = OpenCLIP).
+SDXL_SHAPES = {
+    "sdxl-base": (2816, (2048,), (1280, 320), ((0, "transformer"), (1, "model"))),
+    "sdxl-refiner": (2560, (1280,), (1536, 384), ((0, "model"),)),
+}
+# model_index.json `_class_name` of diffusers SDXL folders
+SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
 UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
 UNET_TIME = "model.diffusion_model.time_embed.0.weight"
 # file names of v-prediction releases: 768-v-ema.ckpt, v2-1_768-ema-pruned (768 => v), *-v-pred*
@@ -122,7 +137,9 @@ def detect_sd(
     path: str | Path | None = None,
     prediction: str | None = None,
 ) -> Detection:
-    """Detect SD v1 / v2 / inpainting from the U-Net keys of a state dict."""
+    """Detect SD v1 / v2 / inpainting / SDXL base / SDXL refiner from the keys of a state dict."""
+    if is_sdxl_state_dict(state_dict):
+        return detect_sdxl(state_dict)
     in_shape = _shape(state_dict, UNET_IN)
     if in_shape is None:
         prefixes = sorted({k.split(".")[0] for k in state_dict})[:8]
@@ -171,6 +188,76 @@ def detect_sd(
     reason = f"{name}: context dim {ctx}, {in_ch} input channels; {why}"
     logger.info("Detected %s (parameterization %s: %s)", name, param, why)
     return Detection(name if param == "eps" else f"{name}-{param}", cfg, param, reason)
+
+
+def detect_sdxl(state_dict: dict[str, torch.Tensor]) -> Detection:
+    """SDXL base 1.0 or refiner 1.0 from the U-Net and conditioner keys; else DetectionError."""
+    vector = _shape(state_dict, VECTOR_KEY)
+    ctx = tuple(
+        sorted(
+            {
+                int(v.shape[1])
+                for k, v in state_dict.items()
+                if k.startswith("model.diffusion_model.")
+                and k.endswith("attn2.to_k.weight")
+                and v.ndim == 2
+            }
+        )
+    )
+    time_shape = _shape(state_dict, UNET_TIME)
+    embedders = tuple(
+        sorted(
+            {
+                (int(m.group(1)), m.group(2))
+                for k in state_dict
+                if (m := re.match(re.escape(EMBEDDERS) + r"(\d+)\.(transformer|model)\.", k))
+            }
+        )
+    )
+    found = (vector[1] if vector and len(vector) == 2 else vector, ctx, time_shape, embedders)
+    for name, expected in SDXL_SHAPES.items():
+        if found == expected:
+            cfg = copy.deepcopy(load_builtin_config(name))
+            reason = (
+                f"{name}: vector embedding input {found[0]}, context dim {ctx[0]}, "
+                f"text embedders {[f'{i}.{s}' for i, s in embedders]}"
+            )
+            logger.info("Detected %s", reason)
+            return Detection(name, cfg, "eps", reason)
+    raise DetectionError(
+        "The checkpoint looks like SDXL (`conditioner.embedders.*` / `label_emb.0.0.weight`) but "
+        f"matches neither SDXL base 1.0 nor refiner 1.0. Found: vector embedding input (adm) "
+        f"{found[0]}, cross-attention context dims {list(ctx)}, time_embed.0 {time_shape}, text "
+        f"embedders {[f'{i}.{s}' for i, s in embedders]}; expected base: adm 2816, context 2048, "
+        "time_embed.0 (1280, 320), embedders 0.transformer + 1.model; refiner: adm 2560, context "
+        "1280, time_embed.0 (1536, 384), embedder 0.model. Pass config=<yaml> (--config) for this "
+        "architecture."
+    )
+
+
+def diffusers_family(folder: str | Path) -> str:
+    """'sdxl-base' / 'sdxl-refiner' for a diffusers SDXL folder, 'sd' for any other pipeline.
+
+    Read from model_index.json: `StableDiffusionXLPipeline` is the base; the img2img pipeline is
+    the refiner when it has no first `text_encoder` (the refiner's layout), else the base.
+    """
+    import json
+
+    index_path = Path(folder) / "model_index.json"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError) as err:
+        raise DetectionError(
+            f"{index_path}: cannot read the diffusers model_index.json ({err}); a diffusers "
+            "folder needs one."
+        ) from err
+    cls = index.get("_class_name", "")
+    if cls not in SDXL_PIPELINES:
+        return "sd"
+    text = index.get("text_encoder") or [None, None]
+    if cls == "StableDiffusionXLImg2ImgPipeline" and text[-1] is None:
+        return "sdxl-refiner"
+    return "sdxl-base"
 
 
 def find_run_config(path: str | Path) -> Path | None:

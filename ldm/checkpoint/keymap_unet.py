@@ -32,6 +32,11 @@ _TOP = [
     ("label_emb.0.0.", "class_embedding.linear_1."),
     ("label_emb.0.2.", "class_embedding.linear_2."),
 ]
+# SDXL's vector conditioning (pooled text + size/crop Fourier features): diffusers `text_time`
+_ADD_EMBED = [
+    ("label_emb.0.0.", "add_embedding.linear_1."),
+    ("label_emb.0.2.", "add_embedding.linear_2."),
+]
 _ATTN_START = ("norm.", "proj_in.", "proj_out.", "transformer_blocks.")
 
 
@@ -60,7 +65,10 @@ def num_res_blocks_diffusers(keys: list[str]) -> int:
     return max(idx) + 1
 
 
-def _unet_key_to_diffusers(key: str, n: int) -> str:
+def _unet_key_to_diffusers(key: str, n: int, text_time: bool = False) -> str:
+    top = _sub(key, _ADD_EMBED) if text_time else None
+    if top is not None:
+        return top
     top = _sub(key, _TOP)
     if top is not None:
         return top
@@ -104,7 +112,7 @@ def _unet_key_to_diffusers(key: str, n: int) -> str:
 
 
 def _unet_key_to_ldm(key: str, n: int, up_has_attn: set[int]) -> str:
-    top = _sub(key, _TOP, reverse=True)
+    top = _sub(key, _TOP + _ADD_EMBED, reverse=True)
     if top is not None:
         return top
     if key == "class_embedding.weight":
@@ -146,10 +154,16 @@ def _unet_key_to_ldm(key: str, n: int, up_has_attn: set[int]) -> str:
     raise KeyError(f"diffusers U-Net key {key!r} has no CompVis equivalent.")
 
 
-def unet_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CompVis U-Net state dict (no prefix) -> diffusers UNet2DConditionModel state dict."""
+def unet_to_diffusers(
+    sd: dict[str, torch.Tensor], text_time: bool = False
+) -> dict[str, torch.Tensor]:
+    """CompVis U-Net state dict (no prefix) -> diffusers UNet2DConditionModel state dict.
+
+    `text_time` (SDXL): the vector embedding `label_emb.0.*` becomes `add_embedding.*`
+    (diffusers' `addition_embed_type="text_time"`) instead of `class_embedding.*`.
+    """
     n = num_res_blocks_ldm(list(sd))
-    return {_unet_key_to_diffusers(k, n): v for k, v in sd.items()}
+    return {_unet_key_to_diffusers(k, n, text_time): v for k, v in sd.items()}
 
 
 def unet_to_ldm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

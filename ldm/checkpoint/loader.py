@@ -6,6 +6,7 @@ import copy
 import hashlib
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,10 @@ from ldm.checkpoint.safe_load import LoadedCheckpoint, read_checkpoint
 
 logger = logging.getLogger(__name__)
 
-_TEXT = "cond_stage_model.transformer."
-_NESTED = _TEXT + "text_model."
+# CLIP text encoders: `cond_stage_model.transformer.` (SD v1) and `conditioner.embedders.N.transformer.`
+# (SDXL); OpenCLIP keys (`....model.transformer.resblocks`) do not match
+_CLIP_TEXT = re.compile(r"^(cond_stage_model\.|conditioner\.embedders\.\d+\.)transformer\.")
+_LEVEL = "text_model."
 
 
 def default_device() -> torch.device:
@@ -33,18 +36,32 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _clip_prefixes(keys: Any) -> set[str]:
+    return {m.group(0) for k in keys if (m := _CLIP_TEXT.match(k))}
+
+
+def _layout(keys: set[str], prefix: str) -> tuple[bool, bool]:
+    """(has nested `text_model.` keys, has flat keys) under a CLIP prefix."""
+    under = [k[len(prefix) :] for k in keys if k.startswith(prefix)]
+    return any(r.startswith(_LEVEL) for r in under), any(not r.startswith(_LEVEL) for r in under)
+
+
 def match_clip_layout(sd: dict[str, torch.Tensor], model_keys: set[str]) -> dict[str, torch.Tensor]:
-    """Add/remove the `text_model.` level of CLIP text keys to match the model (old/new layouts)."""
-    file_nested = any(k.startswith(_NESTED) for k in sd)
-    file_flat = any(k.startswith(_TEXT) and not k.startswith(_NESTED) for k in sd)
-    model_nested = any(k.startswith(_NESTED) for k in model_keys)
-    model_flat = any(k.startswith(_TEXT) and not k.startswith(_NESTED) for k in model_keys)
-    if file_flat and not file_nested and model_nested:
-        return {(_NESTED + k[len(_TEXT) :] if k.startswith(_TEXT) else k): v for k, v in sd.items()}
-    if file_nested and model_flat and not model_nested:
-        return {
-            (_TEXT + k[len(_NESTED) :] if k.startswith(_NESTED) else k): v for k, v in sd.items()
-        }
+    """Add/remove the `text_model.` level of CLIP text keys to match the model (old/new layouts),
+    for every CLIP prefix (`cond_stage_model.transformer.`, `conditioner.embedders.N.transformer.`)."""
+    file_keys = set(sd)
+    for prefix in _clip_prefixes(file_keys) & _clip_prefixes(model_keys):
+        file_nested, file_flat = _layout(file_keys, prefix)
+        model_nested, model_flat = _layout(model_keys, prefix)
+        nested = prefix + _LEVEL
+        if file_flat and not file_nested and model_nested:
+            sd = {
+                (nested + k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in sd.items()
+            }
+        elif file_nested and model_flat and not model_nested:
+            sd = {
+                (prefix + k[len(nested) :] if k.startswith(nested) else k): v for k, v in sd.items()
+            }
     return sd
 
 
