@@ -160,8 +160,8 @@ class FrozenOpenCLIPEmbedder(FrozenWeightsMixin, AbstractEncoder):
         tokens = text if isinstance(text, torch.Tensor) else self.tokenize(text)
         return self.encode_with_transformer(tokens.to(self._module_device()))
 
-    def encode_with_transformer(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token embedding + positions, residual blocks (all or all but the last), ``ln_final``."""
+    def embed_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """(token embedding + positions in the transformer's layout, causal mask, batch_first)."""
         x = self.model.token_embedding(tokens)  # [B, L, D]
         x = x + self.model.positional_embedding[: x.shape[1]]
         batch_first = getattr(self.model.transformer, "batch_first", False)
@@ -170,6 +170,11 @@ class FrozenOpenCLIPEmbedder(FrozenWeightsMixin, AbstractEncoder):
         attn_mask = getattr(self.model, "attn_mask", None)
         if attn_mask is not None:
             attn_mask = attn_mask[: tokens.shape[1], : tokens.shape[1]]
+        return x, attn_mask, batch_first
+
+    def encode_with_transformer(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token embedding + positions, residual blocks (all or all but the last), ``ln_final``."""
+        x, attn_mask, batch_first = self.embed_tokens(tokens)
         x = self.text_transformer_forward(x, attn_mask=attn_mask)
         if not batch_first:
             x = x.permute(1, 0, 2)  # [L, B, D] -> [B, L, D]
@@ -258,14 +263,7 @@ class FrozenOpenCLIPEmbedder2(FrozenOpenCLIPEmbedder):
 
     def encode_states(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """Residual-stream states ``[B, L, width]`` after the last and the penultimate block."""
-        x = self.model.token_embedding(tokens)
-        x = x + self.model.positional_embedding[: x.shape[1]]
-        batch_first = getattr(self.model.transformer, "batch_first", False)
-        if not batch_first:
-            x = x.permute(1, 0, 2)
-        attn_mask = getattr(self.model, "attn_mask", None)
-        if attn_mask is not None:
-            attn_mask = attn_mask[: tokens.shape[1], : tokens.shape[1]]
+        x, attn_mask, batch_first = self.embed_tokens(tokens)
         blocks = self.model.transformer.resblocks
         use_ckpt = (
             getattr(self.model.transformer, "grad_checkpointing", False) and torch.is_grad_enabled()
