@@ -15,6 +15,7 @@ from torch import nn
 
 from ldm.checkpoint.convert import from_diffusers, is_diffusers_folder, resolve_config
 from ldm.checkpoint.ema import apply_ema, has_ema, strip_ema
+from ldm.checkpoint.lazy_build import assign_weights, parameters_on_meta
 from ldm.checkpoint.report import load_checked
 from ldm.checkpoint.safe_load import LoadedCheckpoint, read_checkpoint
 
@@ -106,8 +107,9 @@ def recorded_sampling_defaults(ckpt: LoadedCheckpoint, config: Any) -> dict[str,
     return defaults_from_config(ckpt.embedded_config or {}) or defaults_from_run_dir(ckpt.path)
 
 
-def build_model(config: dict[str, Any]) -> nn.Module:
-    """Instantiate the `model` section of a config for inference (no EMA copy, no ckpt_path)."""
+def build_model(config: dict[str, Any], lazy: bool = False) -> nn.Module:
+    """Instantiate the `model` section of a config for inference (no EMA copy, no ckpt_path);
+    ``lazy``: parameters on the meta device, to be filled by ``assign_weights``."""
     import inspect
 
     from ldm.util import get_obj_from_str, instantiate_from_config
@@ -120,7 +122,10 @@ def build_model(config: dict[str, Any]) -> nn.Module:
     if "use_ema" in accepts or (isinstance(cls, type) and issubclass(cls, DiffusionEngine)):
         # EMA weights are applied by the loader, not kept as a second copy
         model_cfg.setdefault("params", {})["use_ema"] = False
-    return instantiate_from_config(model_cfg)
+    if not lazy:
+        return instantiate_from_config(model_cfg)
+    with parameters_on_meta():
+        return instantiate_from_config(model_cfg)
 
 
 def load_model(
@@ -154,9 +159,10 @@ def load_model(
         sd = apply_ema(sd)
     else:
         sd = strip_ema(sd)
-    model = build_model(detection.config)
+    model = build_model(detection.config, lazy=True)
     sd = match_clip_layout(sd, set(model.state_dict()))
-    load_checked(model, sd, source=str(path))
+    ckpt.state_dict = {}  # the weights now live in `sd` only (they move into the model)
+    load_checked(model, sd, source=str(path), load=assign_weights)
     model.eval()
     model.requires_grad_(False)
     model.to(device=torch.device(device) if device is not None else None, dtype=dtype)

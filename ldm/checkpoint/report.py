@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -103,9 +104,14 @@ def compare(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> KeyReport:
 
 
 def load_checked(
-    model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str = "checkpoint"
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    *,
+    source: str = "checkpoint",
+    load: Any = None,
 ) -> KeyReport:
-    """Load non-strictly; raise CheckpointMismatchError if weights needed for sampling are absent."""
+    """Load non-strictly; raise CheckpointMismatchError if weights needed for sampling are absent.
+    ``load(model, state_dict)`` replaces ``load_state_dict`` (e.g. ``assign_weights``)."""
     report = compare(model, state_dict)
     if not report.ok:
         raise CheckpointMismatchError(
@@ -114,7 +120,11 @@ def load_checked(
             "Check the architecture (pass the training config with --config / config=...)."
         )
     bad = {m[0] for m in report.mismatched}
-    model.load_state_dict({k: v for k, v in state_dict.items() if k not in bad}, strict=False)
+    fitting = {k: v for k, v in state_dict.items() if k not in bad}
+    if load is not None:
+        load(model, fitting)
+    else:
+        model.load_state_dict(fitting, strict=False)
     if report.missing or report.unexpected:
         logger.info("Loaded %s with differences:\n%s", source, report.format())
     return report
