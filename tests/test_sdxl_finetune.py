@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -19,6 +20,7 @@ from ldm.launch import run
 from ldm.launch_cli import parse_command
 from ldm.util import instantiate_from_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
 FINETUNE = ROOT / "configs" / "stable-diffusion" / "sdxl-finetune.yaml"
 TINY = Path(__file__).parent / "configs" / "cli" / "sdxl_finetune_tiny.yaml"
