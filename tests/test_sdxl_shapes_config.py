@@ -60,3 +60,11 @@ def test_sdxl_shapes_config_learns_and_reads_micro_conditioning(tmp_path: Path) 
             other = dict(batch, **{key: torch.tensor([[512, 768]] * n)})
             out2 = model.apply_model(x, t, model.conditioner.batch_condition(other, None, None))
             assert (out2 - out).abs().max() > 1e-4, key
+
+    # ImageLogger's guided samples: the unconditional input of every embedder (text nulls, sizes)
+    batch["image"] = torch.zeros(n, 32, 32, 3)
+    log = model.log_images(
+        batch, N=n, ddim_steps=2, unconditional_guidance_scale=4.0, inpaint=False,
+        plot_diffusion_rows=False, plot_progressive_rows=False,
+    )  # fmt: skip
+    assert log["samples_cfg_scale_4.00"].shape == (n, 3, 32, 32)
