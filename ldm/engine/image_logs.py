@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from einops import rearrange
 
+from ldm.engine.embedders import MultiConditioner
 from ldm.engine.image_rows import class_labels_as_text, grid_from_rows, log_txt_as_img
 
 
@@ -149,7 +150,11 @@ def log_images(
                 [engine.decode_first_stage(zi[:n_row]) for zi in inter["pred_x0"]]
             )
     if unconditional_guidance_scale > 1.0 and conditioner is not None:
-        uc = engine.unconditional_for(c, N, unconditional_guidance_label)
+        if unconditional_guidance_label is None and isinstance(conditioner, MultiConditioner):
+            # several embedders (SDXL): each text embedder's null, the size embedders as they are
+            uc = conditioner.uncond(conditioner.batch_condition(batch, x, N, encode=False), N)
+        else:
+            uc = engine.unconditional_for(c, N, unconditional_guidance_label)
         with ema("Sampling with classifier-free guidance"):
             samples_cfg, _ = engine.sample_log(
                 cond=c,
