@@ -33,8 +33,8 @@ def test_sdxl_shapes_config_learns_and_reads_micro_conditioning(tmp_path: Path) 
 
     sd = torch.load(result.last_ckpt, weights_only=True)["state_dict"]
     for prefix in (
-        "conditioner.embedders.0.transformer.",  # CLIP text model
-        "conditioner.embedders.1.model.",  # OpenCLIP text tower
+        "conditioner.embedders.0.transformer.",  # first text tower
+        "conditioner.embedders.1.transformer.",  # second text tower (pooled vector too)
         "model.diffusion_model.label_emb.0.0.weight",
     ):
         assert any(k.startswith(prefix) for k in sd), prefix
@@ -53,7 +53,7 @@ def test_sdxl_shapes_config_learns_and_reads_micro_conditioning(tmp_path: Path) 
     x, t = torch.randn(n, 4, 8, 8), torch.tensor([500, 500])
     with torch.no_grad():
         cond = model.conditioner.batch_condition(batch, None, None)
-        assert cond["c_crossattn"][0].shape == (n, 16, 128)  # 64 (CLIP) + 64 (OpenCLIP)
+        assert cond["c_crossattn"][0].shape == (n, 16, 128)  # 64 + 64 (the two text towers)
         assert cond["c_adm"].shape == (n, 64 + 6 * 256)
         out = model.apply_model(x, t, cond)
         for key in ("original_size_as_tuple", "crop_coords_top_left"):
