@@ -26,6 +26,7 @@ the channel axis (c_concat); the engine's ``conditioning_key`` routes them (e.g.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections.abc import Mapping
@@ -285,7 +286,7 @@ class MultiConditioner(nn.Module, Conditioner):
             entries.append(
                 Embedder(
                     key,
-                    lambda raw, i=i: self._encode_one(i, raw),
+                    functools.partial(self._encode_one, i),  # deep-copies with the module
                     kind=sp.get("kind", "crossattn"),
                     ucg_rate=float(sp.get("ucg_rate", 0.0) or 0.0),
                     null=null,

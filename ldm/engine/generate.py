@@ -233,21 +233,19 @@ def _generate(
             options["mask"] = 1.0 - small
     elif strength is not None and init is None:
         raise ValueError("strength (img2img) needs init_image")
-    if conditional:
+    micro = {
+        "original_size": original_size,
+        "crops_coords_top_left": crops_coords_top_left,
+        "target_size": target_size,
+        "aesthetic_score": aesthetic_score,
+    }
+    if conditional and cond is None:
         fill_micro_conditioning(
-            conditioner.input_keys,
-            inputs,
-            n,
-            h_lat * f,
-            w_lat * f,
-            {
-                "original_size": original_size,
-                "crops_coords_top_left": crops_coords_top_left,
-                "target_size": target_size,
-                "aesthetic_score": aesthetic_score,
-            },
-            type(model).__name__,
+            conditioner.input_keys, inputs, n, h_lat * f, w_lat * f, micro, type(model).__name__
         )
+    elif any(v is not None for v in micro.values()):
+        given = sorted(k for k, v in micro.items() if v is not None)
+        raise ValueError(f"{given} are conditioning inputs: they cannot change a ready cond=")
     for name, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
         if value is not None:
             options[name] = float(value)

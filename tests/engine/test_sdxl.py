@@ -208,3 +208,21 @@ def test_first_stage_decodes_in_fp32_when_the_model_runs_in_bf16() -> None:
     assert next(model.first_stage_model.parameters()).dtype == torch.float32
     assert next(model.model.parameters()).dtype == torch.bfloat16
     torch.testing.assert_close(out, ref, atol=2e-2, rtol=0)  # only the bf16 round trip of weights
+
+
+def test_a_deep_copy_encodes_with_its_own_embedders() -> None:
+    import copy
+
+    model = build_tiny_sdxl()
+    twin = copy.deepcopy(model)
+    assert twin.conditioner.engine is twin
+    with torch.no_grad():
+        for p in twin.conditioner.embedders[0].parameters():
+            p.add_(1.0)
+    inputs = {"txt": ["a red cube"]}
+    from ldm.engine.micro_conditioning import fill_micro_conditioning
+
+    fill_micro_conditioning(model.conditioner.input_keys, inputs, 1, 32, 32, {})
+    a = model.conditioner.encode(inputs)["c_crossattn"][0]
+    b = twin.conditioner.encode(inputs)["c_crossattn"][0]
+    assert not torch.equal(a[..., :32], b[..., :32]) and torch.equal(a[..., 32:], b[..., 32:])
