@@ -397,6 +397,11 @@ def build_conditioner(engine: nn.Module, config: Mapping[str, Any]) -> EngineCon
     if len(specs) > 1:
         return _build_multi(engine, specs, config)
     spec = specs[0]
+    if spec.get("zero_null"):
+        raise ConfigError(
+            "conditioner_config.embedders[0]: zero_null (SDXL's zero-embedding dropout) goes with "
+            "several embedders; a single one drops to its null input (null: \"\" for text)."
+        )
     module = spec.get("module")
     trains = bool(spec.get("is_trainable", False))
     if module in (FIRST_STAGE_SENTINEL, UNCONDITIONAL_SENTINEL) or spec.get("target") in (
