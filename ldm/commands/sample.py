@@ -363,6 +363,9 @@ def run(mode: str, argv: list[str] | None = None) -> list[Path]:
                         x_T=x,
                         denoising_start=args.refiner_switch,
                         output="tensor",
+                        # inpainting: the refiner keeps the known region too
+                        init_image=getattr(args, "init_img", None) if mode == "inpaint" else None,
+                        mask=getattr(args, "mask", None),
                         **micro["refiner"],
                         **common,
                     )

@@ -400,7 +400,7 @@ def build_conditioner(engine: nn.Module, config: Mapping[str, Any]) -> EngineCon
     if spec.get("zero_null"):
         raise ConfigError(
             "conditioner_config.embedders[0]: zero_null (SDXL's zero-embedding dropout) goes with "
-            "several embedders; a single one drops to its null input (null: \"\" for text)."
+            'several embedders; a single one drops to its null input (null: "" for text).'
         )
     module = spec.get("module")
     trains = bool(spec.get("is_trainable", False))

@@ -297,7 +297,11 @@ def run_solver(
         else:
             x = x_T * math.sqrt(first.sigma**2 + 1)
         x = spec.fn(bound, x, ladder.sigmas, ctx, **solver_options)
-    return known.final(x) if known is not None else x
+    if known is None:
+        return x
+    if denoising_end is not None and last.sigma > 0:  # hand-off: known region noised to sigma
+        return known.blend_ve(x, last.sigma)
+    return known.final(x)
 
 
 def register_solver(
