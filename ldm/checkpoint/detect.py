@@ -132,6 +132,21 @@ def _shape(sd: dict[str, torch.Tensor], key: str) -> tuple[int, ...] | None:
     return tuple(t.shape) if t is not None else None
 
 
+def context_dims(state_dict: dict[str, torch.Tensor]) -> tuple[int, ...]:
+    """The U-Net's cross-attention context widths (the inputs of its `attn2.to_k` layers)."""
+    return tuple(
+        sorted(
+            {
+                int(v.shape[1])
+                for k, v in state_dict.items()
+                if k.startswith("model.diffusion_model.")
+                and k.endswith("attn2.to_k.weight")
+                and v.ndim == 2
+            }
+        )
+    )
+
+
 def detect_sd(
     state_dict: dict[str, torch.Tensor],
     path: str | Path | None = None,
@@ -148,11 +163,7 @@ def detect_sd(
             "Stable Diffusion checkpoint and embeds no config. Pass config=<yaml> (--config)."
         )
     time_shape = _shape(state_dict, UNET_TIME)
-    ctx_dims = {
-        int(v.shape[1])
-        for k, v in state_dict.items()
-        if k.endswith("attn2.to_k.weight") and v.ndim == 2
-    }
+    ctx_dims = set(context_dims(state_dict))
     proj_ndim = {
         v.ndim
         for k, v in state_dict.items()
@@ -193,17 +204,7 @@ def detect_sd(
 def detect_sdxl(state_dict: dict[str, torch.Tensor]) -> Detection:
     """SDXL base 1.0 or refiner 1.0 from the U-Net and conditioner keys; else DetectionError."""
     vector = _shape(state_dict, VECTOR_KEY)
-    ctx = tuple(
-        sorted(
-            {
-                int(v.shape[1])
-                for k, v in state_dict.items()
-                if k.startswith("model.diffusion_model.")
-                and k.endswith("attn2.to_k.weight")
-                and v.ndim == 2
-            }
-        )
-    )
+    ctx = context_dims(state_dict)
     time_shape = _shape(state_dict, UNET_TIME)
     embedders = tuple(
         sorted(

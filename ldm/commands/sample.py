@@ -193,11 +193,12 @@ def sampler_name(args: argparse.Namespace) -> str | None:
     return name
 
 
-MICRO = {
-    "original_size": ("original_size_as_tuple", "--original-size"),
-    "crops_coords_top_left": ("crop_coords_top_left", "--crop"),
-    "target_size": ("target_size_as_tuple", "--target-size"),
-    "aesthetic_score": ("aesthetic_score", "--aesthetic-score"),
+#: generate() argument -> its command-line flag (the batch keys: ARGUMENTS)
+MICRO_FLAGS = {
+    "original_size": "--original-size",
+    "crops_coords_top_left": "--crop",
+    "target_size": "--target-size",
+    "aesthetic_score": "--aesthetic-score",
 }
 
 
@@ -212,14 +213,17 @@ def micro_conditioning(
         "target_size": args.target_size,
         "aesthetic_score": args.aesthetic_score,
     }
+    from ldm.engine.micro_conditioning import ARGUMENTS
+
     out: dict[str, dict[str, Any]] = {"base": {}, "refiner": {}}
     for role, m in (("base", model), ("refiner", refiner)):
         keys = set(m.conditioner.input_keys) if m is not None and m.conditioner else set()
-        out[role] = {k: v for k, v in given.items() if v is not None and MICRO[k][0] in keys}
+        takes = {ARGUMENTS[k] for k in keys if k in ARGUMENTS}
+        out[role] = {k: v for k, v in given.items() if v is not None and k in takes}
     for name, value in given.items():
         if value is not None and not any(name in part for part in out.values()):
             raise CommandError(
-                f"{MICRO[name][1]}: the model{'s' if refiner is not None else ''} given "
+                f"{MICRO_FLAGS[name]}: the model{'s' if refiner is not None else ''} given "
                 "are not conditioned on it (SDXL base takes --original-size, --crop, "
                 "--target-size; the refiner --original-size, --crop, --aesthetic-score)."
             )

@@ -55,10 +55,9 @@ SGM_PARAMS = (
     "no_cond_log",
     "compile_model",
     "en_and_decode_n_samples_a_time",
-    "load_ckpt_only_model",  # not sgm: ours, kept for symmetry with load_only_unet
 )
 #: our engine's own keywords that an sgm config may add (our extensions)
-OWN_PARAMS = ("image_size", "sampling_defaults", "monitor")
+OWN_PARAMS = ("image_size", "sampling_defaults", "monitor", "load_ckpt_only_model")
 
 
 def _name(config: Any, where: str) -> tuple[str, dict[str, Any]]:
