@@ -28,8 +28,8 @@ FLOOR = 0.08  # background level (relative to the shape's peak) subtracted from 
 BLURS = (0.0, 0.5, 0.8, 1.1, 1.5)  # Gaussian sigmas (pixels) tried for blurry (generated) images
 RIM = 2  # pixels around the blob that still belong to it (anti-aliasing and blur)
 MIN_AREA_FRACTION = 3.0 / 1024  # below ~3 px at 32x32 the image counts as empty
-_PALETTE_NAMES = list(S.COLOURS)
-_PALETTE = np.asarray([S.COLOURS[c] for c in _PALETTE_NAMES], dtype=np.float64) / 255.0
+_PALETTE_NAMES = list(S.PALETTE)  # the training colours and purple (personalisation examples)
+_PALETTE = np.asarray([S.PALETTE[c] for c in _PALETTE_NAMES], dtype=np.float64) / 255.0
 
 
 def to_unit_batch(images: Any) -> np.ndarray:

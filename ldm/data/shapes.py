@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "magenta": (255, 0, 255),
     "white": (255, 255, 255),
 }
+#: Colours the training split never draws (``CaptionedShapes(colours=[...])`` draws them): the
+#: personalisation examples teach "purple" (hue 270 degrees) to a model trained on ``COLOURS``.
+EXTRA_COLOURS: dict[str, tuple[int, int, int]] = {"purple": (128, 0, 255)}
+PALETTE: dict[str, tuple[int, int, int]] = {**COLOURS, **EXTRA_COLOURS}  # every drawable colour
 SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
 POSITIONS = (
@@ -85,7 +90,7 @@ def parse_caption(text: str) -> dict[str, str]:
     attrs = {k: v.lower() for k, v in m.groupdict().items()}
     for key, allowed in (
         ("size", SIZES),
-        ("colour", COLOURS),
+        ("colour", PALETTE),
         ("shape", SHAPES),
         ("position", POSITIONS),
     ):
@@ -125,11 +130,17 @@ def coverage(
     return out
 
 
-def sample_attributes(seed: int, split: str, index: int, size: int = 32) -> dict[str, Any]:
-    """Attributes (and jittered geometry in pixels) of item `index`; a function of (seed, split, index)."""
+def sample_attributes(
+    seed: int, split: str, index: int, size: int = 32, colours: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Attributes (and jittered geometry in pixels) of item `index`; a function of (seed, split,
+    index, colours). ``colours``: draw only these colours (every shape), e.g. ``["purple"]``."""
     split = SPLIT_ALIASES.get(split, split)
     rng = np.random.default_rng([int(seed), SPLITS[split], int(index)])
-    pairs = heldout_pairs() if split == "heldout" else training_pairs()
+    if colours is not None:
+        pairs = colour_pairs(colours)
+    else:
+        pairs = heldout_pairs() if split == "heldout" else training_pairs()
     colour, shape = pairs[rng.integers(len(pairs))]
     size_name = SIZES[rng.integers(len(SIZES))]
     pos = int(rng.integers(len(POSITIONS)))
@@ -155,13 +166,21 @@ def render(attrs: dict[str, Any], size: int = 32, supersample: int = 4) -> np.nd
         cx, cy = GRID[pos % 3] * size, GRID[pos // 3] * size
         r = RADIUS[attrs["size"]] * size
     cov = coverage(attrs["shape"], cx, cy, r, size, supersample)
-    rgb = np.asarray(COLOURS[attrs["colour"]], dtype=np.float64)
+    rgb = np.asarray(PALETTE[attrs["colour"]], dtype=np.float64)
     return np.round(cov[..., None] * rgb).astype(np.uint8)
 
 
 def training_pairs() -> list[tuple[str, str]]:
     """All colour-shape pairs except the held-out ones."""
     return [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in HELDOUT_PAIRS]
+
+
+def colour_pairs(colours: Sequence[str]) -> list[tuple[str, str]]:
+    """Every shape in each of ``colours`` (names from ``PALETTE``)."""
+    unknown = [c for c in colours if c not in PALETTE]
+    if unknown or not colours:
+        raise ValueError(f"colours {list(colours)}: expected names from {list(PALETTE)}")
+    return [(c, s) for c in colours for s in SHAPES]
 
 
 def heldout_pairs() -> list[tuple[str, str]]:
@@ -190,6 +209,7 @@ class CaptionedShapes(Dataset):
         image_key: str = "image",
         caption_key: str = "caption",
         return_attributes: bool = False,
+        colours: Sequence[str] | None = None,
     ):
         split = SPLIT_ALIASES.get(split, split)
         if split not in SPLITS:
@@ -199,6 +219,9 @@ class CaptionedShapes(Dataset):
         self.split, self.length, self.size, self.seed = split, int(length), int(size), int(seed)
         self.image_key, self.caption_key = image_key, caption_key
         self.return_attributes = return_attributes
+        self.colours = list(colours) if colours is not None else None
+        if self.colours is not None:
+            colour_pairs(self.colours)  # refuses unknown names now, not at the first item
 
     def __len__(self) -> int:
         return self.length
@@ -207,7 +230,7 @@ class CaptionedShapes(Dataset):
         """Attribute dict of item i: colour, shape, size, position, and geometry cx, cy, r (pixels)."""
         if not 0 <= i < self.length:
             raise IndexError(f"index {i} out of range for {self.length} items")
-        return sample_attributes(self.seed, self.split, i, self.size)
+        return sample_attributes(self.seed, self.split, i, self.size, self.colours)
 
     def caption(self, i: int) -> str:
         """Caption of item i."""
@@ -227,6 +250,19 @@ class CaptionedShapes(Dataset):
         if self.return_attributes:
             item.update({k: attrs[k] for k in ("colour", "shape", "size", "position")})
         return item
+
+
+def colour_prompts(colours: Sequence[str], n: int = 8, seed: int = 4321) -> list[str]:
+    """``n`` fixed captions in ``colours`` (every shape in turn; seeded size and position)."""
+    rng = np.random.default_rng(seed)
+    pairs = colour_pairs(colours)
+    order = rng.permutation(len(pairs))
+    out = []
+    for k in range(n):
+        colour, shape = pairs[order[k % len(pairs)]]
+        size, pos = SIZES[rng.integers(len(SIZES))], POSITIONS[rng.integers(len(POSITIONS))]
+        out.append(caption({"size": size, "colour": colour, "shape": shape, "position": pos}))
+    return out
 
 
 def evaluation_prompts(n_per_split: int = 8, seed: int = 1234) -> dict[str, list[str]]:

@@ -82,7 +82,7 @@ def test_caption_round_trip_and_errors():
         "position": "center",
     }
     with pytest.raises(ValueError, match="unknown colour"):
-        parse_caption("a small purple square in the center")
+        parse_caption("a small mauve square in the center")
     with pytest.raises(ValueError, match="not a shapes caption"):
         parse_caption("a photo of a cat")
     with pytest.raises(ValueError, match="split"):
@@ -112,3 +112,34 @@ def test_anti_aliased_edges():
     img = S.render({"shape": "circle", "colour": "white", "size": "large", "position": "center"})
     values = np.unique(img[..., 0])
     assert len(values) > 5  # partial coverage on the rim, not a hard binary mask
+
+
+def test_purple_is_drawable_but_never_in_training() -> None:
+    """purple (hue 270) is drawn only when asked; the training split's item i is unchanged."""
+    from ldm.data.shapes import PALETTE, training_pairs
+
+    assert "purple" in PALETTE and all(c != "purple" for c, _ in training_pairs())
+    purple = CaptionedShapes("train", length=16, colours=["purple"])
+    plain = CaptionedShapes("train", length=16)
+    assert {purple.attributes(i)["colour"] for i in range(16)} == {"purple"}
+    image = purple.image(0).reshape(-1, 3)
+    lit = image[image.max(axis=1) > 250]
+    assert len(lit) and (lit == [128, 0, 255]).all()  # fully covered pixels: (128, 0, 255)
+    # the same index draws the same geometry (same rng stream), only the colour list differs
+    assert purple.attributes(3)["position"] == plain.attributes(3)["position"]
+    with pytest.raises(ValueError, match="expected names from"):
+        CaptionedShapes("train", colours=["mauve"])
+
+
+def test_judge_reads_purple_and_colour_prompts() -> None:
+    import numpy as np
+
+    from ldm.data.judge import score
+    from ldm.data.shapes import colour_prompts, parse_caption
+
+    ds = CaptionedShapes("train", length=24, colours=["purple"])
+    images = np.stack([ds.image(i) for i in range(24)])
+    assert score(images, [ds.caption(i) for i in range(24)])["caption"] == 1.0
+    prompts = colour_prompts(["purple"], 6)
+    assert {parse_caption(p)["shape"] for p in prompts} == {"circle", "square", "triangle"}
+    assert prompts == colour_prompts(["purple"], 6)  # fixed
