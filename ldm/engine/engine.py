@@ -43,6 +43,7 @@ from ldm.engine.first_stage import FirstStageMixin
 from ldm.engine.frozen import freeze
 from ldm.engine.init_weights import load_into
 from ldm.engine.network import DiffusionWrapper, as_cond_dict
+from ldm.engine.prior_preservation import PRIOR_KEY, prior_preservation_loss
 from ldm.engine.schedule import TrainingSchedule
 from ldm.optim import adamw
 from ldm.util import ConfigError, count_params, instantiate_from_config, plain
@@ -123,6 +124,8 @@ class DiffusionEngine(FirstStageMixin, CompVisSampling, pl.LightningModule):
         finetune_keys: Sequence[str] | None = None,
         keep_finetune_dims: int = 4,
         first_stage_fp32: bool = False,
+        adapter: Mapping[str, Any] | None = None,
+        prior_loss_weight: float = 1.0,
     ) -> None:
         super().__init__()
         denoiser_config = dict(plain(denoiser_config) or {})
@@ -206,6 +209,12 @@ class DiffusionEngine(FirstStageMixin, CompVisSampling, pl.LightningModule):
                 raise ConfigError("reset_num_ema_updates=True needs use_ema=True.")
             logger.info("Resetting the number of EMA updates to 0.")
             self.model_ema.reset_num_updates()
+        # -- adapters (LoRA, textual inversion): only their weights train; DreamBooth's prior loss
+        self.prior_loss_weight = float(prior_loss_weight)
+        self.adapter: Any = None
+        self.adapter_config = dict(plain(adapter) or {})
+        if self.adapter_config:
+            self._setup_adapter()
 
     # ------------------------------------------------------------------ construction helpers
     def register_schedule(self) -> None:
@@ -259,10 +268,12 @@ class DiffusionEngine(FirstStageMixin, CompVisSampling, pl.LightningModule):
     def _restore(
         self, ckpt_path: str | None, ignore_keys: Sequence[str], only_model: bool, reset_ema: bool
     ) -> None:
+        self._ema_from_file = False
         if ckpt_path is None:
             return
         missing, _ = self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=only_model)
         no_ema_in_file = any(k.startswith("model_ema.") for k in missing) and not only_model
+        self._ema_from_file = self.use_ema and not no_ema_in_file and not only_model
         if self.use_ema and no_ema_in_file and not reset_ema:
             logger.warning(
                 "%s has no (complete) EMA weights: starting the EMA from the loaded weights.",
@@ -290,6 +301,24 @@ class DiffusionEngine(FirstStageMixin, CompVisSampling, pl.LightningModule):
             keep_dims=self.keep_dims,
         )
 
+    def _setup_adapter(self) -> None:
+        """Freeze the model, add the adapter; the EMA then follows only the adapter's weights."""
+        from ldm.adapters.training import build_adapter
+
+        cfg = self.adapter_config
+        if cfg.get("base_weights", "ema") == "ema" and self._ema_from_file:
+            logger.info("Adapter: the base weights are the checkpoint's EMA weights.")
+            self.model_ema.copy_to(self.model)  # the adapter sits on what the base samples with
+        self.adapter = build_adapter(self, cfg)
+        if self.conditioner is not None:  # encode with gradients only when text weights train
+            te_params = {id(p) for p in self.adapter.trainable_parameters()}
+            own = self.cond_stage_model if self.cond_stage_model is not None else self.conditioner
+            self.conditioner.trains = any(
+                id(p) in te_params for p in (own.parameters() if own is not None else [])
+            )
+        if self.use_ema:
+            self.model_ema = LitEma(self.model, decay=float(self.model_ema.decay))
+
     # ------------------------------------------------------------------ EMA
     @contextmanager
     def ema_scope(self, context: str | None = None) -> Iterator[None]:
@@ -308,7 +337,9 @@ class DiffusionEngine(FirstStageMixin, CompVisSampling, pl.LightningModule):
                     logger.info("%s: restored training weights", context)
 
     def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
-        """EMA update after every training batch (CompVis)."""
+        """Adapter upkeep (textual inversion restores the other tokens), then the EMA update."""
+        if self.adapter is not None:
+            self.adapter.after_step()
         if self.use_ema:
             self.model_ema(self.model)
 
@@ -405,7 +436,13 @@ class DiffusionEngine(FirstStageMixin, CompVisSampling, pl.LightningModule):
         return self.diffusion_loss(x, c, t, *args, **kwargs)
 
     def shared_step(self, batch: Mapping[str, Any], **kwargs: Any) -> Any:
-        """Loss of one batch."""
+        """Loss of one batch (DreamBooth batches: instance loss + prior_loss_weight * class loss)."""
+        if PRIOR_KEY in batch:
+            prefix = "train" if self.training else "val"
+            return prior_preservation_loss(batch, self._plain_step, self.prior_loss_weight, prefix)
+        return self._plain_step(batch)
+
+    def _plain_step(self, batch: Mapping[str, Any]) -> Any:
         z, c, _ = self.prepare_batch(batch)
         return self(z, c)
 
@@ -460,7 +497,10 @@ class DiffusionEngine(FirstStageMixin, CompVisSampling, pl.LightningModule):
             yield
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The network, trainable embedders, logvar when learned."""
+        """The network, trainable embedders, logvar when learned (with an adapter: its weights)."""
+        if self.adapter is not None:
+            params = list(self.adapter.trainable_parameters())
+            return params + ([self.logvar] if self.learn_logvar else [])
         params = list(self.model.parameters())
         if self.conditioner is not None and self.conditioner.trains:
             logger.info("%s: also optimizing conditioner params!", type(self).__name__)
@@ -504,10 +544,27 @@ class DiffusionEngine(FirstStageMixin, CompVisSampling, pl.LightningModule):
         return log_images(self, batch, **kwargs)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the sampling defaults (sampler, steps, guidance) with the weights."""
+        """Record the sampling defaults (sampler, steps, guidance) with the weights; with an
+        adapter keep only its weights (the base comes from ``ckpt_path``) and export its file."""
         if self.sampling_defaults:
             checkpoint["sampling_defaults"] = dict(self.sampling_defaults)
+        if self.adapter is not None:
+            from ldm.adapters.checkpointing import adapter_only, export_adapter
+
+            checkpoint["state_dict"] = adapter_only(self, checkpoint["state_dict"])
+            checkpoint["adapter"] = dict(self.adapter_config)
+            export_adapter(self)
+
+    def on_train_end(self) -> None:
+        if self.adapter is not None:
+            from ldm.adapters.checkpointing import export_adapter
+
+            export_adapter(self)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get("adapter") is not None:
+            from ldm.adapters.checkpointing import fill_base
+
+            fill_base(self, checkpoint)
         if checkpoint.get("sampling_defaults"):
             self.sampling_defaults = check_sampling_defaults(checkpoint["sampling_defaults"])

@@ -138,6 +138,8 @@ def translate(kind: str, params: Mapping[str, Any]) -> dict[str, Any]:
         "reset_num_ema_updates",
         "ema_decay",
         "sampling_defaults",
+        "adapter",
+        "prior_loss_weight",
     ):
         if k in p:
             out[k] = p[k]
@@ -281,6 +283,10 @@ DDPM_DEFAULTS: dict[str, Any] = {
     "ema_decay": 0.9999,
     "sigma_training": None,
     "sampling_defaults": None,
+    # ours: an adapter (LoRA / textual inversion) trained on a frozen base; DreamBooth's weight
+    # of the class images' loss (items flagged ``prior``)
+    "adapter": None,
+    "prior_loss_weight": 1.0,
 }
 LATENT_DEFAULTS: dict[str, Any] = {
     "first_stage_config": None,

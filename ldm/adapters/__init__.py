@@ -1,0 +1,1 @@
+"""Adapters: LoRA, textual inversion and DreamBooth on top of a trained model."""
