@@ -66,16 +66,35 @@ def sample_prompts(
 
 
 def evaluate(
-    model: Any, prompt_sets: Mapping[str, Sequence[str]], **sample_kwargs: Any
+    model: Any,
+    prompt_sets: Mapping[str, Sequence[str]],
+    targets: Mapping[str, Sequence[str]] | None = None,
+    **sample_kwargs: Any,
 ) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
-    """({set: judge scores}, {set: images}) for each named prompt set."""
+    """({set: judge scores}, {set: images}) for each named prompt set; a set's images are judged
+    against its ``targets`` captions when given (a prompt naming a colour by a learned token)."""
     from ldm.data.judge import score
 
     scores, images = {}, {}
     for name, prompts in prompt_sets.items():
         images[name] = sample_prompts(model, list(prompts), **sample_kwargs)
-        scores[name] = score(images[name], list(prompts))
+        scores[name] = score(images[name], list((targets or {}).get(name, prompts)))
     return scores, images
+
+
+def colour_sets(
+    colours: Mapping[str, str], n: int, seed: int = 4321
+) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(prompts, targets) of one set per colour: its captions with the colour said as ``word``
+    (e.g. {"purple": "<purple>"} for a textual-inversion token)."""
+    from ldm.data.shapes import colour_prompts
+
+    prompts, targets = {}, {}
+    for colour, word in colours.items():
+        captions = colour_prompts([colour], n, seed=seed)
+        targets[colour] = captions
+        prompts[colour] = [c.replace(f" {colour} ", f" {word} ") for c in captions]
+    return prompts, targets
 
 
 def format_table(scores: Mapping[str, Mapping[str, float]]) -> str:
@@ -124,6 +143,7 @@ class ShapesEvaluation(Callback):
         use_ema: bool = True,
         columns: int = 8,
         sampler_options: dict[str, Any] | None = None,
+        colours: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
         from ldm.data.shapes import evaluation_prompts
@@ -131,6 +151,9 @@ class ShapesEvaluation(Callback):
         if n_per_split < 1:
             raise ValueError(f"ShapesEvaluation: n_per_split must be >= 1, found {n_per_split}.")
         self.prompts = evaluation_prompts(n_per_split=int(n_per_split), seed=int(prompt_seed))
+        # ``colours``: {colour: word in the prompt}, e.g. {purple: purple} after teaching purple
+        extra, self.targets = colour_sets(dict(colours or {}), int(n_per_split))
+        self.prompts.update(extra)
         self.sample_kwargs = {
             "sampler": sampler,
             "steps": int(steps),
@@ -154,7 +177,7 @@ class ShapesEvaluation(Callback):
 
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> dict[str, Any]:
         """Sample, judge, write `images/<tag>/` grid + captions and `<tag>_scores.json`; log."""
-        scores, images = evaluate(pl_module, self.prompts, **self.sample_kwargs)
+        scores, images = evaluate(pl_module, self.prompts, self.targets, **self.sample_kwargs)
         root = self._root(trainer)
         folder = root / "images" / tag
         folder.mkdir(parents=True, exist_ok=True)

@@ -210,6 +210,7 @@ class CaptionedShapes(Dataset):
         caption_key: str = "caption",
         return_attributes: bool = False,
         colours: Sequence[str] | None = None,
+        words: dict[str, str] | None = None,
     ):
         split = SPLIT_ALIASES.get(split, split)
         if split not in SPLITS:
@@ -220,6 +221,7 @@ class CaptionedShapes(Dataset):
         self.image_key, self.caption_key = image_key, caption_key
         self.return_attributes = return_attributes
         self.colours = list(colours) if colours is not None else None
+        self.words = dict(words or {})  # a colour said by another word, e.g. {purple: <purple>}
         if self.colours is not None:
             colour_pairs(self.colours)  # refuses unknown names now, not at the first item
 
@@ -233,8 +235,9 @@ class CaptionedShapes(Dataset):
         return sample_attributes(self.seed, self.split, i, self.size, self.colours)
 
     def caption(self, i: int) -> str:
-        """Caption of item i."""
-        return caption(self.attributes(i))
+        """Caption of item i (colours named by ``words`` when given)."""
+        attrs = self.attributes(i)
+        return caption({**attrs, "colour": self.words.get(attrs["colour"], attrs["colour"])})
 
     def image(self, i: int) -> np.ndarray:
         """uint8 H x W x 3 image of item i."""
@@ -245,7 +248,7 @@ class CaptionedShapes(Dataset):
             i += self.length
         attrs = self.attributes(i)
         image = render(attrs, self.size).astype(np.float32) / 127.5 - 1.0  # H x W x 3 in [-1, 1]
-        item: dict[str, Any] = {self.image_key: image, self.caption_key: caption(attrs)}
+        item: dict[str, Any] = {self.image_key: image, self.caption_key: self.caption(i)}
         item.update(MicroConditioning.uncropped(self.size, self.size).as_item())
         if self.return_attributes:
             item.update({k: attrs[k] for k in ("colour", "shape", "size", "position")})
