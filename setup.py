@@ -30,7 +30,9 @@ setup(
             "accelerate>=0.30",
             "ruff>=0.5",
             "lpips>=0.1.4",
+            "peft>=0.12",
         ],
+        "adapters": ["peft>=0.12"],
         "xformers": ["xformers"],
     },
     entry_points={
@@ -39,6 +41,7 @@ setup(
             "ldm-img2img=ldm.commands.sample:img2img_main",
             "ldm-inpaint=ldm.commands.sample:inpaint_main",
             "ldm-convert=ldm.commands.convert:main",
+            "ldm-lora=ldm.commands.lora:main",
         ]
     },
 )

@@ -1,6 +1,10 @@
 """Judge a trained shapes text-to-image run (configs/txt2img.yaml) at several guidance scales.
 
     python scripts/eval_shapes.py logs/<run> --guidance 2 3 4 5 --n 32 --steps 20
+    python scripts/eval_shapes.py logs/<base run> --lora logs/<lora run>/adapters/purple-lora.safetensors \
+        --colour purple
+    python scripts/eval_shapes.py logs/<base run> --embedding logs/<ti run>/adapters/purple.pt \
+        --colour purple=<purple>
 
 Loads the run's saved project config and checkpoints/last.ckpt (EMA weights), samples the fixed
 seen / held-out prompts of `ldm.data.shapes.evaluation_prompts` with classifier-free guidance and
@@ -17,8 +21,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from ldm.adapters.sampling import adapters_applied
 from ldm.data.shapes import evaluation_prompts
-from ldm.evaluation import evaluate, format_table
+from ldm.evaluation import colour_sets, evaluate, format_table
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger("eval_shapes")
@@ -45,15 +50,34 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--sampler", default="dpmpp_2m")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]")
+    ap.add_argument("--embedding", action="append", default=[], metavar="PATH")
+    ap.add_argument(
+        "--colour",
+        action="append",
+        default=[],
+        metavar="COLOUR[=WORD]",
+        help="also judge prompts in COLOUR (e.g. purple), said as WORD (e.g. a learned token)",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     model = load_run(args.run, args.ckpt)
     prompts = evaluation_prompts(n_per_split=args.n)
+    words = dict((c.split("=", 1) + [c])[:2] for c in args.colour)
+    extra, targets = colour_sets(words, args.n)
+    prompts.update(extra)
     out = {}
     for g in args.guidance:
-        scores, _ = evaluate(
-            model, prompts, sampler=args.sampler, steps=args.steps, guidance_scale=g, seed=args.seed
-        )
+        with adapters_applied(model, args.lora, args.embedding):
+            scores, _ = evaluate(
+                model,
+                prompts,
+                targets,
+                sampler=args.sampler,
+                steps=args.steps,
+                guidance_scale=g,
+                seed=args.seed,
+            )
         out[str(g)] = scores
         logging.getLogger().warning("guidance %.1f:\n%s", g, format_table(scores))
     print(json.dumps(out, indent=2))

@@ -113,6 +113,24 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         default=None,
         help="attention in slices of this many queries (less memory)",
     )
+    adapters = p.add_argument_group("adapters (LoRA, textual inversion)")
+    adapters.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="a LoRA file (kohya or diffusers .safetensors) merged with SCALE (default 1); "
+        "repeat for several",
+    )
+    adapters.add_argument(
+        "--embedding",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a textual-inversion file (A1111 .pt/.safetensors or diffusers "
+        "learned_embeds.safetensors); its token (file name or stored key) works in prompts; "
+        "repeatable",
+    )
     sdxl = p.add_argument_group("SDXL micro-conditioning and refiner")
     sdxl.add_argument(
         "--original-size",
@@ -298,6 +316,16 @@ def run(mode: str, argv: list[str] | None = None) -> list[Path]:
             use_ema=args.use_ema,
             unsafe=args.unsafe,
         )
+    from ldm.adapters.sampling import adapters_applied, describe, parse_lora
+
+    loras = [parse_lora(spec) for spec in args.lora]
+    for path, _ in loras:
+        if not Path(path).is_file():
+            raise CommandError(f"--lora {path}: no such file.")
+    for path in args.embedding:
+        if not Path(path).is_file():
+            raise CommandError(f"--embedding {path}: no such file.")
+    adapters = adapters_applied(model, loras, args.embedding)
     micro = micro_conditioning(args, model, refiner)
     options: dict[str, Any] = {}
     if args.ddim_eta is not None:
@@ -329,8 +357,9 @@ def run(mode: str, argv: list[str] | None = None) -> list[Path]:
     if refiner is not None:
         params_common.update(refiner=Path(args.refiner).name, refiner_switch=args.refiner_switch)
     params_common.update({k: v for k, v in micro["base"].items() if v is not None})
+    params_common.update(describe(loras, args.embedding))
     k = 0
-    with attention_slicing(args.attention_slice), _autocast(args, device):
+    with adapters, attention_slicing(args.attention_slice), _autocast(args, device):
         for n in range(args.n_iter):
             for batch in prompts(args):
                 seed = args.seed if args.fixed_code else args.seed + k

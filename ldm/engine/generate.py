@@ -79,9 +79,24 @@ def _to_output(x: torch.Tensor, output: str) -> Any:
     return [to_pil(img) for img in images]
 
 
-def generate(model: Any, prompt: str | Sequence[str] | None = None, **kwargs: Any) -> Any:
+def generate(
+    model: Any,
+    prompt: str | Sequence[str] | None = None,
+    *,
+    loras: Sequence[Any] | None = None,
+    embeddings: Sequence[Any] | None = None,
+    **kwargs: Any,
+) -> Any:
     """See :func:`_generate`; with a ``seed`` every random draw of the call (start noise, solver
-    noise, posterior samples of encoded images) comes from it, the global RNG left untouched."""
+    noise, posterior samples of encoded images) comes from it, the global RNG left untouched.
+    ``loras``: ``[(path, scale)]`` or ``"PATH[:SCALE]"`` (kohya or diffusers files), merged for
+    this call; ``embeddings``: textual-inversion files (A1111 or diffusers) whose tokens the
+    prompts may use (``ldm.adapters.sampling``)."""
+    if loras or embeddings:
+        from ldm.adapters.sampling import adapters_applied
+
+        with adapters_applied(model, loras, embeddings):
+            return generate(model, prompt, **kwargs)
     seed = kwargs.get("seed")
     if seed is None:
         return _generate(model, prompt, **kwargs)

@@ -1,0 +1,85 @@
+"""Adapters at sampling time: LoRA files merged with their scales and embeddings loaded for a call.
+
+``adapters_applied(model, loras, embeddings)`` is the one place ``generate``, the commands and the
+evaluation scripts go through: LoRAs are merged into the weights (each with its scale; the original
+tensors come back bit for bit on exit) and textual-inversion embeddings add their tokens to the
+model's tokenizers and embedding tables (removed on exit). ``describe`` gives what the PNG
+metadata records: name, scale or token, and the file's hash.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+LoraSpec = tuple[str, float]
+_SCALE = re.compile(r"^(?P<path>.+):(?P<scale>[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)$")
+
+
+def parse_lora(spec: str | os.PathLike | tuple[Any, Any] | list[Any]) -> LoraSpec:
+    """``PATH[:SCALE]`` (scale 1 when absent; a Windows drive letter stays part of the path),
+    or a ``(path, scale)`` pair -> ``(path, scale)``."""
+    if isinstance(spec, tuple | list):
+        if len(spec) != 2:
+            raise ValueError(f"a LoRA is (path, scale), got {spec!r}")
+        return str(spec[0]), float(spec[1])
+    text = str(spec)
+    match = _SCALE.match(text)
+    if match and not os.path.exists(text):
+        return match["path"], float(match["scale"])
+    return text, 1.0
+
+
+def _check_files(paths: Sequence[str], flag: str) -> None:
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{flag} {path}: no such file.")
+
+
+@contextmanager
+def adapters_applied(
+    model: nn.Module,
+    loras: Sequence[Any] | None = None,
+    embeddings: Sequence[str | os.PathLike] | None = None,
+) -> Iterator[None]:
+    """Embeddings loaded and LoRAs merged inside; the model exactly as before outside."""
+    specs = [parse_lora(s) for s in loras or ()]
+    paths = [str(p) for p in embeddings or ()]
+    _check_files([p for p, _ in specs], "LoRA")
+    _check_files(paths, "embedding")
+    with ExitStack() as stack:
+        if paths:
+            from ldm.adapters.embeddings import load_embeddings
+
+            stack.enter_context(load_embeddings(model, paths))
+        if specs:
+            from ldm.adapters.lora_apply import apply_loras
+
+            stack.enter_context(apply_loras(model, specs))
+        yield
+
+
+def describe(
+    loras: Sequence[Any] | None = None, embeddings: Sequence[str | os.PathLike] | None = None
+) -> dict[str, Any]:
+    """PNG-metadata entries: ``loras`` [{name, scale, hash}], ``embeddings`` [{name, hash}], and
+    A1111's ``Lora hashes`` / ``TI hashes`` summaries."""
+    from ldm.checkpoint.loader import file_hash
+
+    out: dict[str, Any] = {}
+    specs = [parse_lora(s) for s in loras or ()]
+    if specs:
+        out["loras"] = [{"name": Path(p).stem, "scale": s, "hash": file_hash(p)} for p, s in specs]
+        out["Lora hashes"] = ", ".join(f"{d['name']}: {d['hash']}" for d in out["loras"])
+    if embeddings:
+        out["embeddings"] = [
+            {"name": Path(p).stem, "hash": file_hash(p)} for p in map(str, embeddings)
+        ]
+        out["TI hashes"] = ", ".join(f"{d['name']}: {d['hash']}" for d in out["embeddings"])
+    return out
