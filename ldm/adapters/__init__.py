@@ -1,0 +1,1 @@
+"""Adapters that personalise a model: textual-inversion embeddings, LoRA."""
