@@ -148,10 +148,7 @@ def _set_vocab_size(encoder: nn.Module, kind: str, n: int) -> None:
 
 
 def add_token_rows(encoder: nn.Module, token: str, rows: torch.Tensor, owner: int) -> list[int]:
-    """Add ``token`` with vectors ``rows`` [n, width] to a text encoder; returns its n ids.
-
-    Old rows stay bit-exact; the new rows take the table's dtype and device.
-    """
+    """Add ``token`` with ``rows`` [n, width] (old rows bit-exact, table dtype); returns its ids."""
     kind = encoder_kind(encoder)
     table = token_embedding(encoder)
     if rows.ndim != 2 or rows.shape[0] < 1 or rows.shape[1] != table.embedding_dim:

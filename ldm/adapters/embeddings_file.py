@@ -8,6 +8,9 @@ Formats (Gal et al. 2022 learn one or more vectors per new token):
 - diffusers ``learned_embeds.safetensors`` / ``.bin``: ``{token: [d] or [n, d]}``; for SDXL a
   second file ``learned_embeds_2.*`` holds the vectors of the second (bigG) encoder.
 Pickles load with ``torch.load(weights_only=True)`` and our allow-list: never plain unpickling.
+Writing: ``a1111`` puts one token per file (several tokens: ``path`` is a folder, one
+``<token>.safetensors`` each), ``.pt`` or ``.safetensors`` by suffix; ``diffusers`` puts all tokens
+in one file, SDXL's clip_g vectors in its ``learned_embeds_2`` sibling.
 """
 
 from __future__ import annotations
@@ -127,8 +130,7 @@ def _diffusers_dir(path: Path) -> Path:
 
 
 def read_embeddings(path: str | os.PathLike, token: str | None = None) -> list[EmbeddingFile]:
-    """The tokens an embedding file holds (a diffusers file may hold several); ``token``
-    overrides the name (A1111: the file stem; diffusers: the key)."""
+    """The tokens of an embedding file or folder; ``token`` overrides the name (stem / key)."""
     path = Path(path)
     if path.is_dir():
         path = _diffusers_dir(path)
@@ -225,12 +227,7 @@ def write_embeddings(
     format: str = "a1111",
     step: int | None = None,
 ) -> list[Path]:
-    """Write ``{token: {part: [n, d]}}``; returns the files written.
-
-    ``a1111``: one token per file (several tokens: ``path`` is a folder, one ``<token>.safetensors``
-    each); ``.pt`` or ``.safetensors`` by suffix. ``diffusers``: all tokens in one file; SDXL parts
-    go to ``path`` (clip_l) and its ``learned_embeds_2`` sibling (clip_g).
-    """
+    """Write ``{token: {part: [n, d]}}`` as A1111 or diffusers files; returns the files written."""
     if format not in FORMATS:
         raise ValueError(f"write_embeddings: format={format!r}; expected one of {list(FORMATS)}.")
     path = Path(path)

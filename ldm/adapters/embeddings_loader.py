@@ -4,6 +4,8 @@
 (SDXL: ``clip_l`` to encoder 0, ``clip_g`` to encoder 1; a single-encoder file to the one encoder
 of its width) and returns a handle; ``handle.remove()`` (or leaving its ``with`` block) restores
 the tokenizers and embedding tables bit for bit. A token loaded again replaces the old vectors.
+Token names: ``tokens`` (one per path), else the A1111 file stem or the diffusers key. Every file is
+read and checked before the model changes.
 """
 
 from __future__ import annotations
@@ -147,11 +149,7 @@ def load_embeddings(
     paths: str | os.PathLike | Sequence[str | os.PathLike],
     tokens: str | Sequence[str | None] | None = None,
 ) -> EmbeddingsHandle:
-    """Add the tokens of embedding files to every matching text encoder of ``engine``.
-
-    ``tokens`` overrides the token names, one per path (default: the A1111 file stem, the
-    diffusers key). Every file is read and checked before the model changes.
-    """
+    """Add the files' tokens (names: ``tokens``, one per path, or stem / key) to ``engine``."""
     path_list = _as_list(paths)
     names = [None] * len(path_list) if tokens is None else _as_list(tokens)
     if len(names) != len(path_list):

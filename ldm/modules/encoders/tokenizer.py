@@ -8,8 +8,13 @@ touches the network. Two flavours reproduce the ids and padding of the tokenizer
 - ``"sd-v2"``: ``open_clip.tokenize`` (ftfy + HTML unescape, collapse whitespace, lower-case;
   padded with 0).
 
-``add_tokens`` appends new tokens (textual inversion, Gal et al. 2022) with ids from 49408 upward;
-the instances ``get_tokenizer`` shares refuse it, so adding works on a private ``copy()``.
+``add_tokens`` appends new tokens (textual inversion, Gal et al. 2022) with ids from 49408 upward.
+A token with n vectors gets n consecutive ids and expands in place to all of them (diffusers'
+``<tok>``, ``<tok>_1``, ... convention). It is matched in prompts as a whole before BPE, after the
+same cleaning as the text (so case-insensitively), wherever it stands as a word: not inside a
+longer run of letters, digits or underscores (transformers' added tokens also match inside words;
+A1111 matches whole BPE words). The instances ``get_tokenizer`` shares refuse new tokens: add them
+to a private ``copy()``.
 """
 
 from __future__ import annotations
@@ -190,13 +195,7 @@ class CLIPTokenizer:
         return {t: list(ids) for t, ids in self._added.items()}
 
     def add_tokens(self, tokens: str | Sequence[str] | Mapping[str, int]) -> dict[str, list[int]]:
-        """Add tokens (a string, strings, or ``{token: number of vectors}``); returns their ids.
-
-        A token with n vectors gets n consecutive ids and expands in place to all of them
-        (diffusers' ``<tok>``, ``<tok>_1``, ... convention). It is matched in prompts as a whole,
-        before BPE, case-insensitively after the same cleaning as the text, wherever it stands as
-        a word (not inside a longer run of letters, digits or underscores).
-        """
+        """Add tokens (a string, strings, or ``{token: number of vectors}``); returns their ids."""
         if isinstance(tokens, str):
             tokens = {tokens: 1}
         elif not isinstance(tokens, Mapping):
@@ -229,27 +228,16 @@ class CLIPTokenizer:
                     token,
                 )
             forms[form] = token
-        out = {}
-        for token, n in tokens.items():
-            start = self.vocab_size
-            ids = list(range(start, start + n))
-            self._added[token] = ids
-            for k, i in enumerate(ids):
-                self._added_names[i] = token if k == 0 else f"{token}_{k}"
-            out[token] = list(ids)
-        self._added_forms = forms
+        out = {token: self._assign(token, n) for token, n in tokens.items()}
         self._compile_added()
         return out
 
     def remove_tokens(self, tokens: str | Iterable[str] | None = None) -> dict[str, list[int]]:
         """Remove added tokens (all when None); returns their former ids. Later ids move down."""
-        names = (
-            list(self._added)
-            if tokens is None
-            else [tokens]
-            if isinstance(tokens, str)
-            else list(tokens)
-        )
+        if tokens is None:
+            names = list(self._added)
+        else:
+            names = [tokens] if isinstance(tokens, str) else list(tokens)
         unknown = [t for t in names if t not in self._added]
         if unknown:
             raise ValueError(
@@ -259,16 +247,19 @@ class CLIPTokenizer:
         removed = {t: self._added[t] for t in names}
         keep = {t: len(ids) for t, ids in self._added.items() if t not in removed}
         self._added, self._added_names, self._added_forms = {}, {}, {}
-        next_id = len(self.encoder)
-        for token, n in keep.items():  # renumber in order: ids stay contiguous after 49407
-            ids = list(range(next_id, next_id + n))
-            self._added[token] = ids
-            for k, i in enumerate(ids):
-                self._added_names[i] = token if k == 0 else f"{token}_{k}"
-            self._added_forms[self._clean_token(token)] = token
-            next_id += n
+        for token, n in keep.items():  # renumbered in order: ids stay contiguous after 49407
+            self._assign(token, n)
         self._compile_added()
         return removed
+
+    def _assign(self, token: str, n: int) -> list[int]:
+        """Give ``token`` the next n ids (names ``tok``, ``tok_1``, ... as diffusers writes them)."""
+        ids = list(range(self.vocab_size, self.vocab_size + n))
+        self._added[token] = ids
+        for k, i in enumerate(ids):
+            self._added_names[i] = token if k == 0 else f"{token}_{k}"
+        self._added_forms[self._clean_token(token)] = token
+        return list(ids)
 
     def _clean_token(self, token: str) -> str:
         form = self._clean(token).strip() if isinstance(token, str) else ""
