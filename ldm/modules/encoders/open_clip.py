@@ -25,7 +25,7 @@ from ldm.modules.encoders.base import (
     load_weights_file,
     strip_prefixes,
 )
-from ldm.modules.encoders.tokenizer import CONTEXT_LENGTH, get_tokenizer
+from ldm.modules.encoders.tokenizer import CONTEXT_LENGTH, end_token_positions, get_tokenizer
 from ldm.util import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -206,7 +206,7 @@ class FrozenOpenCLIPEmbedder2(FrozenOpenCLIPEmbedder):
     ``legacy=True`` behaves as the SD 2.x embedder (the chosen layer after ``ln_final``). With
     ``legacy=False`` (SDXL) the chosen layer's states are returned as they leave the residual
     stream, without ``ln_final``, and ``always_return_pooled`` adds the pooled text vector: the
-    last layer after ``ln_final`` at the end token (the highest token id), times
+    last layer after ``ln_final`` at the end token (the highest id of CLIP's vocabulary), times
     ``text_projection`` (CLIP's text embedding, Radford et al. 2021). Output ``(context [B, 77,
     width], pooled [B, embed_dim])`` or the context alone.
     """
@@ -282,7 +282,8 @@ class FrozenOpenCLIPEmbedder2(FrozenOpenCLIPEmbedder):
         return states
 
     def pool(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """The end-token state (the highest id in each row) projected by ``text_projection``."""
-        pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        """The end-token state (the highest id of CLIP's vocabulary in each row; ids added for
+        textual inversion do not count) projected by ``text_projection``."""
+        pooled = x[torch.arange(x.shape[0], device=x.device), end_token_positions(tokens)]
         proj = self.model.text_projection
         return proj(pooled) if isinstance(proj, nn.Module) else pooled @ proj

@@ -7,6 +7,14 @@ touches the network. Two flavours reproduce the ids and padding of the tokenizer
   whitespace, lower-case; ``<|startoftext|>`` 49406 ... ``<|endoftext|>`` 49407, padded with 49407).
 - ``"sd-v2"``: ``open_clip.tokenize`` (ftfy + HTML unescape, collapse whitespace, lower-case;
   padded with 0).
+
+``add_tokens`` appends new tokens (textual inversion, Gal et al. 2022) with ids from 49408 upward.
+A token with n vectors gets n consecutive ids and expands in place to all of them (diffusers'
+``<tok>``, ``<tok>_1``, ... convention). It is matched in prompts as a whole before BPE, after the
+same cleaning as the text (so case-insensitively), wherever it stands as a word: not inside a
+longer run of letters, digits or underscores (transformers' added tokens also match inside words;
+A1111 matches whole BPE words). The instances ``get_tokenizer`` shares refuse new tokens: add them
+to a private ``copy()``.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import importlib.util
 import logging
 import os
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -142,18 +150,136 @@ class CLIPTokenizer:
         self._pattern = regex.compile(specials + "|" + _WORD_PATTERN, flags)
         self._special_split = regex.compile("(" + specials + ")")
         self._cache: dict[str, list[int]] = {}
+        self.shared = False  # True for the instances get_tokenizer hands out: add_tokens refuses
+        self._added: dict[str, list[int]] = {}  # token string -> its ids (n vectors: n ids)
+        self._added_names: dict[int, str] = {}  # id -> "<tok>", "<tok>_1", ... (decode)
+        self._added_forms: dict[str, str] = {}  # cleaned form matched in prompts -> token
+        self._added_pattern: regex.Pattern[str] | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # pickle the settings, not the 49k-entry tables (modules holding a tokenizer stay small)
-        return (CLIPTokenizer, (self.mode, self.model_max_length, self.pad_token_id))
+        # pickle the settings and added tokens, not the 49k-entry tables (modules stay small)
+        args = (self.mode, self.model_max_length, self.pad_token_id)
+        if not self._added:
+            return (CLIPTokenizer, args)
+        return (CLIPTokenizer, args, {"added": {t: len(i) for t, i in self._added.items()}})
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.add_tokens(state["added"])
 
     def __deepcopy__(self, memo: dict[int, Any]) -> CLIPTokenizer:
-        return self  # immutable apart from its BPE cache; share it between copies of a module
+        # a shared instance never changes (apart from its BPE cache): copies of a module share it
+        return self if self.shared else self.copy()
+
+    def __copy__(self) -> CLIPTokenizer:
+        return self.copy()
+
+    def copy(self) -> CLIPTokenizer:
+        """A private tokenizer with the same settings and added tokens (BPE tables shared)."""
+        new = object.__new__(CLIPTokenizer)
+        new.__dict__.update(self.__dict__)  # the BPE tables and cache are never mutated
+        new.shared = False
+        new._added = {t: list(ids) for t, ids in self._added.items()}
+        new._added_names = dict(self._added_names)
+        new._added_forms = dict(self._added_forms)
+        return new
 
     @property
     def vocab_size(self) -> int:
-        """Number of ids (49408)."""
-        return len(self.encoder)
+        """Number of ids: 49408 plus the added ones."""
+        return len(self.encoder) + len(self._added_names)
+
+    # ------------------------------------------------------------------ added tokens
+    @property
+    def added_tokens(self) -> dict[str, list[int]]:
+        """Added token strings and their ids, in the order they were added."""
+        return {t: list(ids) for t, ids in self._added.items()}
+
+    def add_tokens(self, tokens: str | Sequence[str] | Mapping[str, int]) -> dict[str, list[int]]:
+        """Add tokens (a string, strings, or ``{token: number of vectors}``); returns their ids."""
+        if isinstance(tokens, str):
+            tokens = {tokens: 1}
+        elif not isinstance(tokens, Mapping):
+            tokens = {t: 1 for t in tokens}
+        if self.shared:
+            raise ValueError(
+                "CLIPTokenizer.add_tokens: this instance comes from get_tokenizer() and is shared "
+                "by every encoder built with it, so new tokens would leak into all of them. Add "
+                "them to a private copy: `encoder.tokenizer = encoder.tokenizer.copy()`."
+            )
+        forms = dict(self._added_forms)
+        for token, n in tokens.items():
+            form = self._clean_token(token)
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise ValueError(f"CLIPTokenizer.add_tokens: '{token}': vectors={n!r}, need >= 1.")
+            if token in self._added or form in forms:
+                other = forms.get(form, token)
+                raise ValueError(
+                    f"CLIPTokenizer.add_tokens: '{token}' is already added (as '{other}'); "
+                    "call remove_tokens first to replace it."
+                )
+            if any(s.lower() in form for s in self._specials):
+                raise ValueError(
+                    f"CLIPTokenizer.add_tokens: '{token}' contains a start/end token string."
+                )
+            if self.encoder.get(form + "</w>") is not None:
+                logger.warning(
+                    "CLIPTokenizer: the new token '%s' is also a word of CLIP's vocabulary; "
+                    "prompts will use the new token wherever that word appears.",
+                    token,
+                )
+            forms[form] = token
+        out = {token: self._assign(token, n) for token, n in tokens.items()}
+        self._compile_added()
+        return out
+
+    def remove_tokens(self, tokens: str | Iterable[str] | None = None) -> dict[str, list[int]]:
+        """Remove added tokens (all when None); returns their former ids. Later ids move down."""
+        if tokens is None:
+            names = list(self._added)
+        else:
+            names = [tokens] if isinstance(tokens, str) else list(tokens)
+        unknown = [t for t in names if t not in self._added]
+        if unknown:
+            raise ValueError(
+                f"CLIPTokenizer.remove_tokens: {unknown} were never added; added tokens: "
+                f"{list(self._added)}."
+            )
+        removed = {t: self._added[t] for t in names}
+        keep = {t: len(ids) for t, ids in self._added.items() if t not in removed}
+        self._added, self._added_names, self._added_forms = {}, {}, {}
+        for token, n in keep.items():  # renumbered in order: ids stay contiguous after 49407
+            self._assign(token, n)
+        self._compile_added()
+        return removed
+
+    def _assign(self, token: str, n: int) -> list[int]:
+        """Give ``token`` the next n ids (names ``tok``, ``tok_1``, ... as diffusers writes them)."""
+        ids = list(range(self.vocab_size, self.vocab_size + n))
+        self._added[token] = ids
+        for k, i in enumerate(ids):
+            self._added_names[i] = token if k == 0 else f"{token}_{k}"
+        self._added_forms[self._clean_token(token)] = token
+        return list(ids)
+
+    def _clean_token(self, token: str) -> str:
+        form = self._clean(token).strip() if isinstance(token, str) else ""
+        if not form:
+            raise ValueError(
+                f"CLIPTokenizer.add_tokens: token {token!r} is empty after cleaning; use a "
+                "non-empty string such as '<my-style>'."
+            )
+        return form
+
+    def _compile_added(self) -> None:
+        if not self._added_forms:
+            self._added_pattern = None
+            return
+        alternatives = []
+        for form in sorted(self._added_forms, key=len, reverse=True):  # longest first
+            head = r"(?<!\w)" if regex.match(r"\w", form[0]) else ""
+            tail = r"(?!\w)" if regex.match(r"\w", form[-1]) else ""
+            alternatives.append(head + regex.escape(form) + tail)
+        self._added_pattern = regex.compile("|".join(alternatives))
 
     # ------------------------------------------------------------------ text -> ids
     def _clean(self, text: str) -> str:
@@ -213,17 +339,30 @@ class CLIPTokenizer:
                     ids.extend(self._bpe(sub))
         return ids
 
+    def _encode_with_added(self, text: str) -> list[int]:
+        """Ids of cleaned text: added tokens as whole units, BPE between them."""
+        if self._added_pattern is None:
+            return self._encode_clean(text)
+        ids: list[int] = []
+        start = 0
+        for match in self._added_pattern.finditer(text):
+            ids.extend(self._encode_clean(text[start : match.start()]))
+            ids.extend(self._added[self._added_forms[match.group(0)]])
+            start = match.end()
+        ids.extend(self._encode_clean(text[start:]))
+        return ids
+
     def encode(self, text: str) -> list[int]:
         """BPE ids of ``text`` without start/end tokens, padding or truncation."""
         if self._clean_kind == "open_clip":
-            return self._encode_clean(self._clean(text))
+            return self._encode_with_added(self._clean(text))
         # Hugging Face extracts special-token strings from the raw text before normalising
         ids: list[int] = []
         for segment in self._special_split.split(text):
             if segment in self._specials:
                 ids.append(self._specials[segment])
             elif segment:
-                ids.extend(self._encode_clean(self._clean(segment)))
+                ids.extend(self._encode_with_added(self._clean(segment)))
         return ids
 
     def encode_with_specials(self, text: str, max_length: int | None = None) -> list[int]:
@@ -305,12 +444,35 @@ class CLIPTokenizer:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         drop = {BOS_ID, EOS_ID, self.pad_token_id} if skip_special_tokens else set()
-        text = "".join(self.decoder[int(i)] for i in ids if int(i) not in drop)
-        raw = bytearray(self.byte_decoder[c] for c in text)
-        return raw.decode("utf-8", errors="replace").replace("</w>", " ").strip()
+        pieces: list[str] = []
+        run: list[str] = []
+        for i in (int(i) for i in ids):
+            if i in drop:
+                continue
+            name = self._added_names.get(i)
+            if name is None:
+                run.append(self.decoder[i])
+                continue
+            pieces += [self._decode_bpe(run), name + " "]
+            run = []
+        pieces.append(self._decode_bpe(run))
+        return "".join(pieces).strip()
+
+    def _decode_bpe(self, parts: list[str]) -> str:
+        raw = bytearray(self.byte_decoder[c] for c in "".join(parts))
+        return raw.decode("utf-8", errors="replace").replace("</w>", " ")
+
+
+def end_token_positions(tokens: torch.Tensor, vocab_size: int = VOCAB_SIZE) -> torch.Tensor:
+    """Index of the end token in each row [B]: the highest id of CLIP's own vocabulary, as CLIP
+    pools (Radford et al. 2021); ids added for textual inversion (>= ``vocab_size``) are skipped."""
+    own = torch.where(tokens < vocab_size, tokens, torch.zeros_like(tokens))
+    return own.argmax(dim=-1)
 
 
 @lru_cache(maxsize=8)
 def get_tokenizer(mode: str = "sd-v1", max_length: int = CONTEXT_LENGTH) -> CLIPTokenizer:
-    """Shared tokenizer instance per (mode, max_length)."""
-    return CLIPTokenizer(mode=mode, max_length=max_length)
+    """Shared tokenizer instance per (mode, max_length); ``.copy()`` it before adding tokens."""
+    tokenizer = CLIPTokenizer(mode=mode, max_length=max_length)
+    tokenizer.shared = True
+    return tokenizer
