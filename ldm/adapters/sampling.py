@@ -55,7 +55,7 @@ def adapters_applied(
     _check_files(paths, "embedding")
     with ExitStack() as stack:
         if paths:
-            from ldm.adapters.embeddings import load_embeddings
+            from ldm.adapters.embeddings_loader import load_embeddings
 
             stack.enter_context(load_embeddings(model, paths))
         if specs:

@@ -3,8 +3,8 @@
     adapter:
       type: textual_inversion
       tokens:
-        "<purple>": {init: blue, vectors: 1}   # init: a word whose embedding starts the rows
-      name: purple                             # file name of the exported embedding
+        purple-ti: {init: blue, vectors: 1}    # init: a word whose embedding starts the rows
+      name: purple-ti                          # file name (default: the token)
       save_format: a1111                       # a1111 (.pt) | a1111-safetensors | diffusers
 
 The tokens are added to every text encoder of the model (both of SDXL's); the rest of the model
@@ -15,6 +15,7 @@ and momentum cannot move them. ``export`` writes the learned vectors in the chos
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,17 @@ class TextualInversionTraining:
             raise ConfigError(
                 f"adapter.save_format={self.format!r}: expected one of {list(FORMATS)}."
             )
-        self.name = str(config.get("name") or next(iter(tokens)).strip("<>"))
+        first = next(iter(tokens))
+        self.name = str(config.get("name") or re.sub(r"[^\w.-]+", "", first) or "embedding")
+        if self.format.startswith("a1111") and (len(tokens) > 1 or self.name != first):
+            logger.warning(
+                "A1111 names an embedding after its file: %s%s will be used in prompts as '%s' "
+                "(the trained token is %s).",
+                self.name,
+                FORMATS[self.format],
+                self.name,
+                list(tokens),
+            )
         spec = {t: dict(v or {}) for t, v in tokens.items()}
         self.ti = TextualInversion(engine, spec)
         params = {id(p) for p in self.ti.parameters()}
