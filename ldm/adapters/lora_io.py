@@ -85,11 +85,15 @@ def bind(
     fmt: str,
     shapes: Shapes,
     source: str,
+    names: dict[Target, Names] | None = None,
+    model: Family | None = None,
 ) -> LoraFile:
-    """Modules named as in a file -> a LoraFile keyed by the model's keys; LoraError if they do not fit."""
-    made_for, model = file_family(named, metadata), model_family(shapes)
+    """Modules named as in a file -> a LoraFile keyed by the model's keys; LoraError if they do
+    not fit. `names` / `model` default to those of `shapes`."""
+    made_for = file_family(named, metadata)
+    model = model_family(shapes) if model is None else model
     _refuse_family(source, made_for, model)
-    names = target_names(layout_of(shapes), shapes)
+    names = target_names(layout_of(shapes), shapes) if names is None else names
     lookup = by_kohya(names) if fmt == KOHYA else by_diffusers(names)
     modules: LoraSet = {}
     unknown, bad = [], []
@@ -198,19 +202,19 @@ def write_file(path: Path, sd: dict[str, Tensor], metadata: dict[str, str], fmt:
     return path
 
 
-def save_lora(
+def write_named(
     path: str | os.PathLike,
     modules: LoraSet,
-    state_dict_shapes: Shapes,
-    format: str = KOHYA,
+    names: dict[Target, Names],
+    format: str,
+    family: Family,
     metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Write `modules` (keyed by the model's keys) as a kohya or diffusers LoRA file."""
+    """Write `modules` under their `format` names, with sd-scripts metadata for `family`."""
     if format not in FORMATS:
         raise LoraError(f"format must be one of {', '.join(FORMATS)}, got {format!r}.")
-    names = target_names(layout_of(state_dict_shapes), state_dict_shapes)
     named = name_modules(modules, names, format)
-    header = training_metadata(modules, model_family(state_dict_shapes))
+    header = training_metadata(modules, family)
     header.update(metadata or {})
     if format == KOHYA:
         sd = write_kohya(named)
@@ -220,3 +224,16 @@ def save_lora(
     out = write_file(Path(path), sd, header, format)
     logger.info("Wrote %s LoRA %s (%d modules)", format, out, len(named))
     return out
+
+
+def save_lora(
+    path: str | os.PathLike,
+    modules: LoraSet,
+    state_dict_shapes: Shapes,
+    format: str = KOHYA,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write `modules` (keyed by the model's keys) as a kohya or diffusers LoRA file."""
+    names = target_names(layout_of(state_dict_shapes), state_dict_shapes)
+    family = model_family(state_dict_shapes)
+    return write_named(path, modules, names, format, family, metadata)
