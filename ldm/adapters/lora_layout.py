@@ -52,21 +52,29 @@ def _nested(keys: list[str], prefix: str) -> bool:
 
 
 def text_slots(keys: list[str], sdxl: bool) -> tuple[TextSlot, ...]:
-    """The text encoders of a key set, with their kohya (`lora_te`, `lora_te1/2`) and diffusers names."""
-    if not sdxl:
-        subs = sorted({m.group(1) for k in keys if (m := _SD_TEXT.match(k))})
-        return tuple(
-            TextSlot(p, _kind(s), "lora_te", "text_encoder", _nested(keys, p))
-            for s in subs
-            for p in [f"cond_stage_model.{s}."]
+    """The text encoders of a key set with their file prefixes: one encoder is `lora_te` /
+    `text_encoder`; several are numbered (sd-scripts), SDXL's by kind (CLIP-L 1, OpenCLIP bigG 2,
+    so the refiner's bigG is `text_encoder_2` as in diffusers)."""
+    found = sorted(
+        {(f"cond_stage_model.{m.group(1)}.", m.group(1)) for k in keys if (m := _SD_TEXT.match(k))}
+    )
+    found += sorted(
+        {
+            (f"{EMBEDDERS}{m.group(1)}.{m.group(2)}.", m.group(2))
+            for k in keys
+            if (m := _SDXL_TEXT.match(k))
+        },
+        key=lambda p: int(p[0].split(".")[2]),
+    )
+    kinds = [_kind(sub) for _, sub in found]
+    if len(found) == 1 and not sdxl:
+        return (
+            TextSlot(found[0][0], kinds[0], "lora_te", "text_encoder", _nested(keys, found[0][0])),
         )
-    found = sorted({(int(m.group(1)), m.group(2)) for k in keys if (m := _SDXL_TEXT.match(k))})
-    kinds = [_kind(s) for _, s in found]
-    by_kind = kinds.count("clip") <= 1 and kinds.count("openclip") <= 1
+    by_kind = kinds.count("clip") <= 1 and kinds.count("openclip") <= 1 and sdxl
     slots = []
-    for n, ((i, sub), kind) in enumerate(zip(found, kinds), start=1):
-        num = (1 if kind == "clip" else 2) if by_kind else n  # SDXL: CLIP-L = 1, OpenCLIP bigG = 2
-        prefix = f"{EMBEDDERS}{i}.{sub}."
+    for n, ((prefix, _), kind) in enumerate(zip(found, kinds), start=1):
+        num = (1 if kind == "clip" else 2) if by_kind else n
         diffusers = "text_encoder" if num == 1 else f"text_encoder_{num}"
         slots.append(TextSlot(prefix, kind, f"lora_te{num}", diffusers, _nested(keys, prefix)))
     return tuple(slots)

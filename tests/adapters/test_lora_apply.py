@@ -132,3 +132,19 @@ def test_merged_lora_changes_the_unet_output(sdxl_model, tmp_path):
         again = unet(x, t, context=ctx, y=y)
     assert (lora - base).abs().max() > 1e-3
     assert torch.equal(again, base)
+
+
+def test_bfloat16_weights_merge_in_their_dtype_and_restore_exactly(sdxl_model, tmp_path):
+    import copy
+
+    model = copy.deepcopy(sdxl_model).to(torch.bfloat16)
+    factors = _factors(SDXL_MODULES, seed=5)
+    path = write_kohya(tmp_path / "a.safetensors", factors)
+    before = _snapshot(model)
+    with apply_loras(model, [(path, 0.3)]):
+        for name, (key, _, _) in SDXL_MODULES.items():
+            got = model.state_dict()[key]
+            assert got.dtype == torch.bfloat16
+            want = before[key] + (0.3 * expected_delta(*factors[name])).to(torch.bfloat16)
+            assert torch.equal(got, want), name
+    assert _same(model, before)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lora_files import tsv_shapes
+from lora_files import SDXL_TEXT_KEYS, SDXL_UNET_KEYS, low_rank, tsv_shapes
 from safetensors.torch import save_file
-from test_lora_extract import TEXT_KEYS, UNET_KEYS, low_rank
 
 from ldm.adapters.lora_io import load_lora, read_named, save_lora
+from ldm.adapters.lora_layout import layout_of
+from ldm.adapters.lora_names import target_names
+from ldm.adapters.lora_rows import combine_rows
 from ldm.adapters.lora_weights import LoraModule
 from ldm.checkpoint.safe_load import load_state_dict
 from ldm.commands.lora import main, parse_lora_arg
@@ -25,7 +27,7 @@ def files(tmp_path_factory):
     base = {k: v.clone().contiguous() for k, v in build_tiny_sdxl().state_dict().items()}
     g = torch.Generator().manual_seed(0)
     tuned = dict(base)
-    for k in UNET_KEYS + TEXT_KEYS:
+    for k in SDXL_UNET_KEYS + SDXL_TEXT_KEYS:
         tuned[k] = base[k] + low_rank(base[k].shape, 2, g)
     save_file(base, str(root / "base.safetensors"))
     save_file(tuned, str(root / "tuned.safetensors"))
@@ -94,26 +96,19 @@ def test_convert_with_and_without_the_model(files, capsys):
 def test_convert_by_names_renames_every_target_of_the_real_families(tmp_path, tsv, fmt):
     """Every LoRA target of SD v1 / v2 / SDXL: convert without --like gives the names that
     save_lora gives from the model's keys."""
-    from ldm.adapters.lora_layout import layout_of
-    from ldm.adapters.lora_names import target_names
-
     shapes = tsv_shapes(*tsv)
     g = torch.Generator().manual_seed(0)
-    mods = {}
+    parts: dict[str, list[LoraModule]] = {}  # packed q | k | v: one module per third, as files hold
     for t in target_names(layout_of(shapes), shapes):
         s = shapes[t.key]
         out = s[0] if t.rows is None else t.rows[1] - t.rows[0]
-        tail = (1, 1) if len(s) == 4 else ()
-        m = LoraModule(torch.randn(1, *s[1:], generator=g), torch.randn(out, 1, *tail), 1.0, t.rows)
-        mods[t.key if t.rows is None else f"{t.key}@{t.rows}"] = m
+        up = torch.randn(out, 1, *((1, 1) if len(s) == 4 else ()), generator=g)
+        parts.setdefault(t.key, []).append(
+            LoraModule(torch.randn(1, *s[1:], generator=g), up, 1.0, t.rows)
+        )
+    modules = {k: combine_rows(ms, shapes[k][0]) for k, ms in parts.items()}
     src = tmp_path / "src.safetensors"
     other = "diffusers" if fmt == "kohya" else "kohya"
-    packed = {}
-    for key, m in mods.items():  # q / k / v thirds: one module per third, as in a file
-        packed.setdefault(key.split("@")[0], []).append(m)
-    from ldm.adapters.lora_rows import combine_rows
-
-    modules = {k: combine_rows(ms, shapes[k][0]) for k, ms in packed.items()}
     save_lora(src, modules, shapes, format=fmt)
     assert main(["convert", str(src), "--to", other, "--out", str(tmp_path / "o.safetensors")]) == 0
     save_lora(tmp_path / "ref.safetensors", modules, shapes, format=other)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lora_files import SDXL_TEXT_KEYS, SDXL_UNET_KEYS, low_rank
 
 from ldm.adapters.lora_apply import merge_into_state_dict
 from ldm.adapters.lora_extract import extract_lora
@@ -12,26 +13,7 @@ from ldm.adapters.lora_weights import LoraFile
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-U = "model.diffusion_model."
-UNET_KEYS = [
-    U + "input_blocks.3.1.transformer_blocks.1.attn2.to_k.weight",
-    U + "input_blocks.1.1.proj_in.weight",
-    U + "middle_block.1.transformer_blocks.0.ff.net.0.proj.weight",
-    U + "input_blocks.3.0.in_layers.2.weight",  # 3x3 conv
-    U + "input_blocks.3.0.skip_connection.weight",  # 1x1 conv
-]
-TEXT_KEYS = [
-    "conditioner.embedders.0.transformer.encoder.layers.1.self_attn.v_proj.weight",
-    "conditioner.embedders.1.model.transformer.resblocks.2.attn.in_proj_weight",
-    "conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_fc.weight",
-]
-
-
-def low_rank(shape: torch.Size, r: int, gen: torch.Generator, size: float = 0.1) -> torch.Tensor:
-    """An exact rank-r change of a weight (a conv kernel: rank r as [out, in*kh*kw])."""
-    up = torch.randn(shape[0], r, generator=gen) * size
-    down = torch.randn(r, int(torch.Size(shape[1:]).numel()), generator=gen) * size
-    return (up @ down).reshape(shape)
+UNET_KEYS, TEXT_KEYS = SDXL_UNET_KEYS, SDXL_TEXT_KEYS
 
 
 @pytest.fixture(scope="module")
