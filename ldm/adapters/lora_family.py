@@ -96,9 +96,9 @@ def file_family(named: Mapping[str, LoraModule], metadata: Mapping[str, str]) ->
     if width is not None:
         name = WIDTHS.get(width)
         return _known(name) if name else Family(None, f"cross-attention width {width}")
-    if any(n.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for n in named):
-        return _known(SDXL)
     name = _from_metadata(metadata)
+    if any(n.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for n in named):
+        return _known(name if name in (SDXL, SDXL_REFINER) else SDXL)  # metadata: base or refiner
     if name is not None:
         return _known(name)
     return Family(None, "no cross-attention key or base-model metadata")

@@ -160,16 +160,17 @@ def name_modules(modules: LoraSet, names: dict[Target, Names], fmt: str) -> dict
     return out
 
 
-def training_metadata(modules: LoraSet, family: Family) -> dict[str, str]:
-    """sd-scripts-style header: network module, dim, alpha, base model version, modelspec."""
-    ranks = Counter(m.rank for m in modules.values())
-    alphas = Counter(float(m.rank if m.alpha is None else m.alpha) for m in modules.values())
+def training_metadata(modules: list[LoraModule], family: Family) -> dict[str, str]:
+    """sd-scripts-style header: network module, dim, alpha (the commonest of the file's modules),
+    base model version, modelspec."""
+    ranks = Counter(m.rank for m in modules)
+    alphas = Counter(float(m.rank if m.alpha is None else m.alpha) for m in modules)
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(ranks.most_common(1)[0][0] if ranks else 0),
         "ss_network_alpha": str(alphas.most_common(1)[0][0] if alphas else 0.0),
     }
-    conv = [m for m in modules.values() if m.down.ndim == 4 and m.down.shape[2:] != (1, 1)]
+    conv = [m for m in modules if m.down.ndim == 4 and m.down.shape[2:] != (1, 1)]
     if conv:
         conv_dim = Counter(m.rank for m in conv).most_common(1)[0][0]
         conv_alpha = Counter(float(m.alpha or m.rank) for m in conv).most_common(1)[0][0]
@@ -214,7 +215,7 @@ def write_named(
     if format not in FORMATS:
         raise LoraError(f"format must be one of {', '.join(FORMATS)}, got {format!r}.")
     named = name_modules(modules, names, format)
-    header = training_metadata(modules, family)
+    header = training_metadata(list(named.values()), family)
     header.update(metadata or {})
     if format == KOHYA:
         sd = write_kohya(named)
