@@ -1,0 +1,1 @@
+"""Personalisation adapters: fine-tuning methods that add to a trained model (DreamBooth, ...)."""
