@@ -65,11 +65,13 @@ def fit(
     callback: DreamBoothClassImages,
     max_steps: int = 2,
     ckpt_path: Path | None = None,
+    num_workers: int = 0,
+    **trainer_kwargs: Any,
 ) -> BatchRecorder:
     """A short fit on the DreamBooth data; checkpoints go next to the class folder."""
     recorder = BatchRecorder(class_dir)
     datamodule = DataModuleFromConfig(
-        batch_size=8, num_workers=0, seed=0, train=data_config(class_dir)
+        batch_size=8, num_workers=num_workers, seed=0, train=data_config(class_dir)
     )
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -82,6 +84,7 @@ def fit(
         num_sanity_val_steps=0,
         limit_val_batches=0,
         callbacks=[callback, recorder, ModelCheckpoint(class_dir.parent / "ckpt", save_last=True)],
+        **trainer_kwargs,
     )
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     assert trainer.global_step == max_steps
@@ -135,3 +138,25 @@ def test_finds_dreambooth_data_sets_inside_wrappers(tmp_path: Path) -> None:
         fit_loop = None
 
     assert find_dreambooth_datasets(Trainer()) == [ds]
+
+
+def test_images_are_there_when_configure_optimizers_builds_the_train_loader(
+    tmp_path: Path,
+) -> None:
+    """``trainer.estimated_stepping_batches`` in configure_optimizers builds the train loader and
+    its iterator (worker processes start fetching) before ``on_fit_start``; the callback's
+    ``setup`` runs before it."""
+    model = tiny_model()
+    default = model.configure_optimizers
+
+    def configure_optimizers():
+        assert model.trainer.estimated_stepping_batches == 2  # builds the loader, workers fetch
+        return default()
+
+    model.configure_optimizers = configure_optimizers
+    callback = DreamBoothClassImages(batch_size=6, steps=1)
+    # with max_steps alone the estimate needs no loader: one epoch of 2 batches does
+    recorder = fit(
+        model, tmp_path / "class", callback, num_workers=2, max_epochs=1, limit_train_batches=2
+    )
+    assert callback.made == N_CLASS and len(recorder.batches) == 2
