@@ -122,6 +122,16 @@ def generate_class_images(
         "negative_prompt": negative_prompt,
         "batch_size": int(batch_size),
     }
+    before = (cache.read_manifest() or {}).get("sampling")
+    if missing and before and before != sampling and len(missing) < dataset.num_class_images:
+        logger.warning(
+            "class images in %s: the ones there were made with %s, the %d missing ones are made "
+            "with %s (the folder mixes both; delete it to make all with the new settings)",
+            cache.dir,
+            before,
+            len(missing),
+            sampling,
+        )
     manifest = {
         "prompts": cache.merged_prompts(dataset.class_prompts),
         "size": list(size),
@@ -226,8 +236,12 @@ class DreamBoothClassImages(pl.Callback):
     Runs in ``setup("fit")`` (Lightning 2.x: after the datamodule's ``setup`` built the data sets,
     before ``configure_optimizers`` (which may build the train loader through
     ``estimated_stepping_batches``), the checkpoint restore and the fit loop's first batch): the
-    model still holds the weights it was built with, also on resume. Global rank 0 generates on
-    the strategy's root device, then all ranks meet at a barrier and refresh their data sets.
+    model still holds the weights it was built with, also on resume. Every rank checks the
+    folders (a mismatch fails on all ranks), global rank 0 generates on the strategy's root device
+    (in fp32, the module moved there and back), then all ranks meet at a barrier, refresh their
+    data sets and require every class image. The model is identified by a digest of its weights
+    (``fingerprint``: a fixed identity instead), so a second fit in the same process with
+    fine-tuned weights refuses the folder made by the original ones.
     """
 
     def __init__(

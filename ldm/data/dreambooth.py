@@ -2,7 +2,8 @@
 
 Instance data: any data set of CompVis items (``instance: {target, params}``; its captions are
 the instance prompts unless ``instance_prompt`` is given) or a folder of images
-(``instance_dir`` + ``instance_prompt``, resized and center-cropped to ``size``). Class data:
+(``instance_dir`` + ``instance_prompt``, resized and center-cropped to ``size``; without
+``instance_prompt`` the folder's own captions, see ``ldm.data.folder``). Class data:
 images the model itself made for the class prompts before training, read lazily from
 ``class_dir`` (``ldm.data.class_images``; made by ``ldm.adapters.dreambooth``). With prior
 preservation an epoch interleaves the two kinds: even index instance, odd index class.
@@ -22,21 +23,30 @@ from ldm.data.class_images import GENERATOR, ClassImageCache
 from ldm.data.image_io import load_rgb
 from ldm.data.micro_conditioning import MICRO_CONDITIONING_KEYS, MicroConditioning
 from ldm.data.transforms import ImageTransform, to_float_array
-from ldm.util import ConfigError, instantiate_from_config
+from ldm.util import ConfigError, config_path_of, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_FOLDER_SIZE = 512  # diffusers' train_dreambooth --resolution
 
 
-def _caption_of(dataset: Any, i: int, caption_key: str) -> str:
+def _params_path(*subconfigs: Any) -> str:
+    """Key path of the data set's params in the user's config (from a nested sub-config)."""
+    for sub in subconfigs:
+        path = config_path_of(sub) if sub is not None else ""
+        if "." in path:
+            return path.rsplit(".", 1)[0]
+    return "DreamBoothDataset"
+
+
+def _caption_of(dataset: Any, i: int, caption_key: str, where: str) -> str:
     """Caption of item i: the data set's ``caption(i)`` when it has one (no image decoded)."""
     if callable(getattr(dataset, "caption", None)):
         return str(dataset.caption(i))
     item = dataset[i]
     if caption_key not in item:
         raise ConfigError(
-            f"DreamBoothDataset class_prompts: item {i} of {type(dataset).__name__} has no "
+            f"{where}.class_prompts: item {i} of {type(dataset).__name__} has no "
             f"caption under {caption_key!r} (keys: {sorted(item)}); set caption_key or use "
             "class_prompt (one string)."
         )
@@ -47,8 +57,9 @@ class DreamBoothDataset(Dataset):
     """Instance items (``prior`` False) interleaved with cached class items (``prior`` True).
 
     Items: ``{image_key: H x W x 3 float32 in [-1, 1], caption_key: str, prior_key: bool}``, plus
-    the SDXL micro-conditioning keys when the instance items carry them (class items: those of
-    their own size, uncropped). Length: ``2 * max(n_instance, num_class_images) * repeats`` with
+    the SDXL micro-conditioning keys when the instance items carry them (class items: uncropped
+    at their size; made at another size, they are resized and center-cropped to the instance
+    items' size, which the keys record). Other keys of the instance items are dropped. Length: ``2 * max(n_instance, num_class_images) * repeats`` with
     prior preservation (index 2k: instance k, 2k + 1: class k, each cycled), else
     ``n_instance * repeats``.
     """
@@ -73,16 +84,15 @@ class DreamBoothDataset(Dataset):
         prior_key: str = "prior",
         interpolation: str = "bicubic",
     ) -> None:
+        self.where = _params_path(instance, class_prompts)  # names the keys in errors
         if (instance is None) == (instance_dir is None):
             raise ConfigError(
-                "DreamBoothDataset: give exactly one of instance ({target, params}: a data set of "
+                f"{self.where}: give exactly one of instance ({{target, params}}: a data set of "
                 "image + caption items) or instance_dir (a folder of images, with "
                 f"instance_prompt); found instance={instance!r}, instance_dir={instance_dir!r}."
             )
         if not isinstance(repeats, int) or repeats < 1:
-            raise ConfigError(
-                f"DreamBoothDataset: repeats must be an integer >= 1, found {repeats!r}."
-            )
+            raise ConfigError(f"{self.where}: repeats must be an integer >= 1, found {repeats!r}.")
         self.image_key, self.caption_key, self.prior_key = image_key, caption_key, prior_key
         self.instance_prompt = instance_prompt
         self.repeats = repeats
@@ -90,6 +100,12 @@ class DreamBoothDataset(Dataset):
         first = self._instance_item(0)
         self.item_size: tuple[int, int] = tuple(int(s) for s in first[image_key].shape[:2])
         self.micro = all(k in first for k in MICRO_CONDITIONING_KEYS)
+        if instance is not None and size is not None and self.item_size != (size, size):
+            raise ConfigError(
+                f"{self.where}: size={size} applies to instance_dir; the instance data set "
+                f"makes {self.item_size[0]}x{self.item_size[1]} items. Set the size in its own "
+                "params, or drop size."
+            )
         self.interpolation = interpolation
 
         self.prior_preservation = (
@@ -104,7 +120,7 @@ class DreamBoothDataset(Dataset):
             )
         elif class_dir is not None:
             logger.info(
-                "DreamBoothDataset: prior_preservation is off; class_dir %s is not used", class_dir
+                "%s: prior_preservation is off; class_dir %s is not used", self.where, class_dir
             )
         self._verified = False  # all class images found once in this process
         logger.info(
@@ -135,7 +151,7 @@ class DreamBoothDataset(Dataset):
             )
         if not isinstance(dataset, Sized) or len(dataset) == 0:
             raise ConfigError(
-                f"DreamBoothDataset: the instance data ({type(dataset).__name__}) must be a "
+                f"{self.where}: the instance data ({type(dataset).__name__}) must be a "
                 "non-empty map-style data set (with __len__)."
             )
         return dataset
@@ -150,19 +166,20 @@ class DreamBoothDataset(Dataset):
     ) -> None:
         if class_dir is None:
             raise ConfigError(
-                "DreamBoothDataset: prior_preservation needs class_dir (the folder where the "
+                f"{self.where}: prior_preservation needs class_dir (the folder where the "
                 "class images are cached); set it, or prior_preservation: false."
             )
         if (class_prompt is None) == (class_prompts is None):
             raise ConfigError(
-                "DreamBoothDataset: with prior preservation give exactly one of class_prompt "
+                f"{self.where}: with prior preservation give exactly one of class_prompt "
                 "(one string, e.g. 'a photo of a dog') or class_prompts ({target, params}: a data "
                 "set whose captions are cycled); found "
                 f"class_prompt={class_prompt!r}, class_prompts={class_prompts!r}."
             )
         if not isinstance(num_class_images, int) or num_class_images < 1:
             raise ConfigError(
-                f"DreamBoothDataset: num_class_images must be an integer >= 1, found {num_class_images!r}."
+                f"{self.where}: num_class_images must be an integer >= 1, "
+                f"found {num_class_images!r}."
             )
         self.num_class_images = num_class_images
         if class_prompt is not None:
@@ -171,9 +188,10 @@ class DreamBoothDataset(Dataset):
             source = instantiate_from_config(class_prompts)
             n = len(source)
             if n == 0:
-                raise ConfigError("DreamBoothDataset: the class_prompts data set is empty.")
+                raise ConfigError(f"{self.where}: the class_prompts data set is empty.")
             distinct = [
-                _caption_of(source, i, self.caption_key) for i in range(min(n, num_class_images))
+                _caption_of(source, i, self.caption_key, self.where)
+                for i in range(min(n, num_class_images))
             ]
             self._class_prompts = [distinct[i % n] for i in range(num_class_images)]
         self.cache = ClassImageCache(class_dir, regenerate=regenerate)
@@ -209,7 +227,7 @@ class DreamBoothDataset(Dataset):
         missing = self.missing_class_images()
         if missing:
             raise FileNotFoundError(
-                f"DreamBoothDataset: {len(missing)} of {self.num_class_images} class images are "
+                f"{self.where}: {len(missing)} of {self.num_class_images} class images are "
                 f"missing in {self.cache.dir} (first: {self.cache.path(missing[0]).name}"
                 f"{'; the folder was made for something else' if self.cache.stale else ''}). They "
                 f"are made before training by the callback {GENERATOR} (add it to "
@@ -242,7 +260,7 @@ class DreamBoothDataset(Dataset):
         item = self.instance[i]
         if self.image_key not in item:
             raise ConfigError(
-                f"DreamBoothDataset: instance item {i} has no image under {self.image_key!r} "
+                f"{self.where}: instance item {i} has no image under {self.image_key!r} "
                 f"(keys: {sorted(item)}); set image_key to the instance data's image key."
             )
         caption = (
@@ -250,7 +268,7 @@ class DreamBoothDataset(Dataset):
         )
         if caption is None:
             raise ConfigError(
-                f"DreamBoothDataset: instance item {i} has no caption under {self.caption_key!r} "
+                f"{self.where}: instance item {i} has no caption under {self.caption_key!r} "
                 f"(keys: {sorted(item)}); give instance_prompt (e.g. 'a photo of sks dog')."
             )
         out = {
