@@ -228,7 +228,7 @@ class LoraTraining:
         """Write the adapter file (``<name>.safetensors``, kohya or diffusers format)."""
         from pathlib import Path
 
-        from ldm.adapters.lora_file import save_lora
+        from ldm.adapters.lora_io import save_lora
 
         path = Path(directory) / f"{self.config.name}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)

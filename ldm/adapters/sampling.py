@@ -9,8 +9,8 @@ metadata records: name, scale or token, and the file's hash.
 
 from __future__ import annotations
 
+import math
 import os
-import re
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -19,21 +19,30 @@ from typing import Any
 from torch import nn
 
 LoraSpec = tuple[str, float]
-_SCALE = re.compile(r"^(?P<path>.+):(?P<scale>[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)$")
+
+
+def split_scale(text: str) -> LoraSpec:
+    """``PATH[:SCALE]`` -> (path, scale), scale 1 when absent; ``C:\\x.safetensors``,
+    ``a:b/c.safetensors`` and existing files whose names hold a colon stay whole paths."""
+    head, sep, tail = text.rpartition(":")
+    if not sep or not head or Path(text).exists():
+        return text, 1.0
+    try:
+        scale = float(tail)
+    except ValueError:
+        return text, 1.0  # the colon belongs to the path
+    if not math.isfinite(scale):
+        raise ValueError(f"LoRA {text!r}: the scale must be a finite number.")
+    return head, scale
 
 
 def parse_lora(spec: str | os.PathLike | tuple[Any, Any] | list[Any]) -> LoraSpec:
-    """``PATH[:SCALE]`` (scale 1 when absent; a Windows drive letter stays part of the path),
-    or a ``(path, scale)`` pair -> ``(path, scale)``."""
+    """A ``(path, scale)`` pair or ``PATH[:SCALE]`` -> ``(path, scale)``."""
     if isinstance(spec, tuple | list):
         if len(spec) != 2:
             raise ValueError(f"a LoRA is (path, scale), got {spec!r}")
         return str(spec[0]), float(spec[1])
-    text = str(spec)
-    match = _SCALE.match(text)
-    if match and not os.path.exists(text):
-        return match["path"], float(match["scale"])
-    return text, 1.0
+    return split_scale(str(spec))
 
 
 def _check_files(paths: Sequence[str], flag: str) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import re
 import sys
 from collections import Counter
@@ -14,6 +13,8 @@ from typing import Any
 
 import torch
 
+from ldm.adapters.sampling import split_scale
+
 logger = logging.getLogger(__name__)
 
 PROG = "ldm-lora"
@@ -21,18 +22,11 @@ _LONG_METADATA = 160  # header values longer than this (tag frequencies, dataset
 
 
 def parse_lora_arg(text: str) -> tuple[str, float]:
-    """`PATH[:SCALE]` -> (path, scale); `C:\\x.safetensors`, `a:b/c.safetensors` and existing
-    files whose names hold a colon stay whole paths."""
-    head, sep, tail = text.rpartition(":")
-    if not sep or not head or Path(text).exists():
-        return text, 1.0
+    """`PATH[:SCALE]` -> (path, scale) (``ldm.adapters.sampling.split_scale``)."""
     try:
-        scale = float(tail)
-    except ValueError:
-        return text, 1.0  # the colon belongs to the path
-    if not math.isfinite(scale):
-        raise argparse.ArgumentTypeError(f"--lora {text!r}: the scale must be a finite number.")
-    return head, scale
+        return split_scale(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--lora: {err}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

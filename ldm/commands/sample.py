@@ -435,6 +435,7 @@ def run(mode: str, argv: list[str] | None = None) -> list[Path]:
 
 def main(mode: str, argv: list[str] | None = None) -> int:
     """Console entry: user mistakes print one line to stderr and exit 2."""
+    from ldm.adapters.lora_weights import LoraError
     from ldm.checkpoint.detect import DetectionError
     from ldm.checkpoint.report import CheckpointMismatchError
     from ldm.checkpoint.safe_load import UnsafeCheckpointError
@@ -447,6 +448,7 @@ def main(mode: str, argv: list[str] | None = None) -> int:
         DetectionError,
         CheckpointMismatchError,
         UnsafeCheckpointError,
+        LoraError,
     ) as err:
         sys.stderr.write(f"ldm-{mode}: error: {err}\n")
         return 2

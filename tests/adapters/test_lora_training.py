@@ -20,7 +20,7 @@ def _base_file(tmp_path, use_ema: bool = True):
     base = build_tiny(cfg, seed=3)
     if use_ema:  # an EMA that differs from the raw weights, as after training
         with torch.no_grad():
-            for name, buf in base.model_ema.named_buffers():
+            for _name, buf in base.model_ema.named_buffers():
                 if buf.ndim:
                     buf.add_(0.01)
     path = tmp_path / "base.safetensors"

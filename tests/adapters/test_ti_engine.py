@@ -56,9 +56,9 @@ def test_textual_inversion_trains_only_the_new_rows_and_exports_a_loadable_file(
     checkpoint = {"state_dict": model.state_dict()}
     model.on_save_checkpoint(checkpoint)
     kept = [k for k in checkpoint["state_dict"] if not k.startswith("model_ema.")]
-    assert kept == ["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"] or (
-        len(kept) == 1 and kept[0].endswith("token_embedding.weight")
-    )
+    assert kept == [
+        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+    ] or (len(kept) == 1 and kept[0].endswith("token_embedding.weight"))
     # export, then load the file into the plain base: the prompt encodes as in the trained model
     files = model.adapter.export(tmp_path / "adapters")
     assert files[0].name == "purple-ti.pt"
