@@ -9,10 +9,13 @@ names the key path, what was expected, what was found and the fix.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import importlib
 import inspect
 import logging
+import os
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -320,3 +323,15 @@ def default(val: Any, d: Any) -> Any:
     if val is not None:
         return val
     return d() if callable(d) else d
+
+
+def file_hash(path: str | os.PathLike, n: int = 10) -> str:
+    """Short sha256 of a file (or of a folder's model_index.json + weights), for image metadata."""
+    p = Path(path)
+    files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()[:n]

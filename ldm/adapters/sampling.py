@@ -79,7 +79,7 @@ def describe(
 ) -> dict[str, Any]:
     """PNG-metadata entries: ``loras`` [{name, scale, hash}], ``embeddings`` [{name, hash}], and
     A1111's ``Lora hashes`` / ``TI hashes`` summaries."""
-    from ldm.checkpoint.loader import file_hash
+    from ldm.util import file_hash
 
     out: dict[str, Any] = {}
     specs = [parse_lora(s) for s in loras or ()]

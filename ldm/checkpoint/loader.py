@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import os
 import re
@@ -18,6 +17,7 @@ from ldm.checkpoint.ema import apply_ema, has_ema, strip_ema
 from ldm.checkpoint.lazy_build import assign_weights, parameters_on_meta
 from ldm.checkpoint.report import load_checked
 from ldm.checkpoint.safe_load import LoadedCheckpoint, read_checkpoint
+from ldm.util import file_hash  # noqa: F401  (re-exported: commands and tests import it here)
 
 logger = logging.getLogger(__name__)
 
@@ -73,18 +73,6 @@ def _strip_ckpt_paths(cfg: Any) -> Any:
     if isinstance(cfg, list):
         return [_strip_ckpt_paths(v) for v in cfg]
     return cfg
-
-
-def file_hash(path: str | os.PathLike, n: int = 10) -> str:
-    """Short sha256 of a file (or of a folder's model_index.json + weights), for image metadata."""
-    p = Path(path)
-    files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
-    h = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest()[:n]
 
 
 def recorded_sampling_defaults(ckpt: LoadedCheckpoint, config: Any) -> dict[str, Any]:
