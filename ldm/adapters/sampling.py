@@ -52,12 +52,26 @@ def _check_files(paths: Sequence[str], flag: str) -> None:
 
 
 @contextmanager
+def _ema_weights_in(model: nn.Module) -> Iterator[None]:
+    """The EMA weights swapped into the model, and ``use_ema`` off so nothing swaps them again
+    (a LoRA is merged into the weights the model samples with)."""
+    with model.ema_scope():
+        model.use_ema = False
+        try:
+            yield
+        finally:
+            model.use_ema = True
+
+
+@contextmanager
 def adapters_applied(
     model: nn.Module,
     loras: Sequence[Any] | None = None,
     embeddings: Sequence[str | os.PathLike] | None = None,
+    use_ema: bool | None = None,
 ) -> Iterator[None]:
-    """Embeddings loaded and LoRAs merged inside; the model exactly as before outside."""
+    """Embeddings loaded and LoRAs merged inside; the model exactly as before outside. A model
+    that samples with its EMA weights (``use_ema`` not False) gets the LoRAs merged into those."""
     specs = [parse_lora(s) for s in loras or ()]
     paths = [str(p) for p in embeddings or ()]
     _check_files([p for p, _ in specs], "LoRA")
@@ -70,6 +84,8 @@ def adapters_applied(
         if specs:
             from ldm.adapters.lora_apply import apply_loras
 
+            if getattr(model, "use_ema", False) and use_ema is not False:
+                stack.enter_context(_ema_weights_in(model))
             stack.enter_context(apply_loras(model, specs))
         yield
 

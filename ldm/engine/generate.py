@@ -95,7 +95,7 @@ def generate(
     if loras or embeddings:
         from ldm.adapters.sampling import adapters_applied
 
-        with adapters_applied(model, loras, embeddings):
+        with adapters_applied(model, loras, embeddings, kwargs.get("use_ema")):
             return generate(model, prompt, **kwargs)
     seed = kwargs.get("seed")
     if seed is None:

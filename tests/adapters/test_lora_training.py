@@ -139,3 +139,25 @@ def test_text_encoder_lora_trains_through_the_encoder(tmp_path) -> None:
     loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if n in te]
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_a_lora_file_merges_into_the_ema_weights_a_model_samples_with(tmp_path) -> None:
+    from ldm.adapters.lora_apply import apply_loras
+    from ldm.adapters.lora_io import save_lora
+    from ldm.adapters.lora_weights import LoraModule
+
+    cfg, base, _ = _base_file(tmp_path)  # use_ema=True, EMA != raw weights
+    shapes = {k: v.shape for k, v in base.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    key = "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_v.weight"
+    out_f, in_f = shapes[key]
+    lora = {key: LoraModule(torch.randn(2, in_f, generator=g), torch.randn(out_f, 2, generator=g))}
+    path = save_lora(tmp_path / "l.safetensors", lora, shapes, format="kohya")
+    kw = {"steps": 2, "seed": 3, "output": "tensor", "guidance_scale": 2.0}
+    with torch.no_grad():
+        got = base.generate(["a red circle"], loras=[(str(path), 0.5)], **kw)
+        with base.ema_scope(), apply_loras(base, [(str(path), 0.5)]):
+            want = base.generate(["a red circle"], use_ema=False, **kw)
+        plain = base.generate(["a red circle"], **kw)
+    assert torch.equal(got, want) and not torch.equal(got, plain)
+    assert base.use_ema  # switched back on

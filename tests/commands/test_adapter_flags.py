@@ -37,9 +37,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
                 alpha=1.0,
             )
     lora = save_lora(root / "style.safetensors", modules, shapes, format="kohya")
-    (emb,) = write_embeddings(
-        root / "mytok.pt", {"mytok": {"*": torch.randn(1, 32, generator=g)}}
-    )
+    (emb,) = write_embeddings(root / "mytok.pt", {"mytok": {"*": torch.randn(1, 32, generator=g)}})
     return {"ckpt": ckpt, "lora": lora, "emb": emb}
 
 
