@@ -11,6 +11,7 @@ differ in the last bits with the batch's composition, which would otherwise show
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -34,16 +35,26 @@ SAMPLES_PER_TENSOR = 256  # weight values hashed per tensor by model_fingerprint
 
 
 def model_fingerprint(model: torch.nn.Module) -> dict[str, str]:
-    """{fingerprint, source}: sha256 of every weight's name, shape, dtype and a strided value sample."""
+    """{fingerprint, source}: sha256 of the names, shapes, dtypes and a strided value sample of
+    the weights the model samples with: its EMA swapped in, the EMA buffers and any adapter layers
+    (peft's ``lora_*``, zero at the start) left out, wrapped names unwrapped; so a model and the
+    same model set up for LoRA training share one fingerprint."""
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        if t.device.type == "meta" or t.numel() == 0:
-            continue
-        flat = t.detach().reshape(-1)
-        step = max(1, flat.numel() // SAMPLES_PER_TENSOR)
-        sample = flat[::step][:SAMPLES_PER_TENSOR].to("cpu", torch.float64)  # exact for any dtype
-        h.update(sample.numpy().tobytes())
+    scope = model.ema_scope() if hasattr(model, "ema_scope") else contextlib.nullcontext()
+    with scope:
+        weights = sorted(
+            (name.replace(".base_layer.", "."), t)
+            for name, t in model.state_dict().items()
+            if not name.startswith("model_ema.") and ".lora_" not in name
+        )
+        for name, t in weights:
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            if t.device.type == "meta" or t.numel() == 0:
+                continue
+            flat = t.detach().reshape(-1)
+            step = max(1, flat.numel() // SAMPLES_PER_TENSOR)
+            sample = flat[::step][:SAMPLES_PER_TENSOR].to("cpu", torch.float64)  # exact, any dtype
+            h.update(sample.numpy().tobytes())
     return {"fingerprint": h.hexdigest()[:16], "source": f"weights of {type(model).__name__}"}
 
 

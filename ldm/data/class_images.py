@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ldm.util import ConfigError
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -27,7 +29,7 @@ IMAGE_NAME = re.compile(r"^\d{5,}\.png$")
 GENERATOR = "ldm.adapters.dreambooth.DreamBoothClassImages"  # named in the errors
 
 
-class ClassImageMismatch(ValueError):
+class ClassImageMismatch(ConfigError):
     """A class-image folder made for other prompts, another size or another model."""
 
 

@@ -123,8 +123,8 @@ def test_purple_is_drawable_but_never_in_training() -> None:
     plain = CaptionedShapes("train", length=16)
     assert {purple.attributes(i)["colour"] for i in range(16)} == {"purple"}
     image = purple.image(0).reshape(-1, 3)
-    lit = image[image.max(axis=1) > 250]
-    assert len(lit) and (lit == [128, 0, 255]).all()  # fully covered pixels: (128, 0, 255)
+    lit = image[image.max(axis=1) > 220]
+    assert len(lit) and (lit == [96, 0, 224]).all()  # fully covered pixels: (96, 0, 224)
     # the same index draws the same geometry (same rng stream), only the colour list differs
     assert purple.attributes(3)["position"] == plain.attributes(3)["position"]
     with pytest.raises(ValueError, match="expected names from"):
@@ -143,3 +143,21 @@ def test_judge_reads_purple_and_colour_prompts() -> None:
     prompts = colour_prompts(["purple"], 6)
     assert {parse_caption(p)["shape"] for p in prompts} == {"circle", "square", "triangle"}
     assert prompts == colour_prompts(["purple"], 6)  # fixed
+
+
+def test_the_shipped_autoencoder_reconstructs_purple_as_purple() -> None:
+    """A latent model can only draw what its first stage decodes: purple's reconstructions by
+    checkpoints/shapes-kl-f4 must still be judged purple (the ceiling of every method)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from ldm.data.judge import score
+    from ldm.util import instantiate_from_config
+
+    cfg = OmegaConf.load("configs/txt2img.yaml").model.params.first_stage_config
+    ae = instantiate_from_config(cfg).eval()
+    ds = CaptionedShapes("train", colours=["purple"], length=32, seed=5)
+    x = torch.stack([torch.from_numpy(ds[i]["image"]).permute(2, 0, 1) for i in range(32)])
+    with torch.no_grad():
+        rec = ae.decode(ae.encode(x).mode()).clamp(-1, 1)
+    assert score(rec, [ds.caption(i) for i in range(32)])["colour"] >= 0.95
