@@ -96,7 +96,7 @@ def matching_modules(root: nn.Module, patterns: Sequence[str]) -> list[str]:
     ]
 
 
-def text_encoders(engine: nn.Module) -> dict[str, nn.Module]:
+def hf_text_models(engine: nn.Module) -> dict[str, nn.Module]:
     """{engine path: HF CLIPTextModel} of the engine's text encoders that LoRA can wrap."""
     found = {}
     for path, module in engine.named_modules():
@@ -168,7 +168,7 @@ class LoraTraining:
         _inject(unet, names, rank, alpha, cfg, conv_rank, conv_alpha)
         self.roots["model.diffusion_model."] = unet
         if cfg.text_encoder:
-            encoders = text_encoders(engine)
+            encoders = hf_text_models(engine)
             if not encoders:
                 raise ConfigError(
                     "adapter.text_encoder=true but the model has no Hugging Face CLIP text "
