@@ -174,6 +174,17 @@ class LoraTraining:
                     "adapter.text_encoder=true but the model has no Hugging Face CLIP text "
                     "encoder to wrap (OpenCLIP towers are not supported for LoRA training)."
                 )
+            others = [
+                type(m).__name__
+                for m in engine.modules()
+                if type(m).__name__.startswith("FrozenOpenCLIPEmbedder")
+            ]
+            if others:
+                logger.warning(
+                    "adapter.text_encoder: LoRA goes on the Hugging Face CLIP text encoder(s) "
+                    "only; %s stays without one (open_clip's packed attention is not wrapped).",
+                    ", ".join(others),
+                )
             te_rank = int(cfg.text_encoder_rank or rank)
             for path, module in encoders.items():
                 te_names = matching_modules(module, [TEXT_PATTERN])

@@ -161,3 +161,35 @@ def test_a_lora_file_merges_into_the_ema_weights_a_model_samples_with(tmp_path) 
         plain = base.generate(["a red circle"], **kw)
     assert torch.equal(got, want) and not torch.equal(got, plain)
     assert base.use_ema  # switched back on
+
+
+def test_sdxl_lora_training_exports_sgm_names_and_loads_back(tmp_path) -> None:
+    """SDXL (sgm layout): U-Net LoRA + CLIP-L text-encoder LoRA -> kohya names lora_unet_<sgm
+    path> and lora_te1_; the file loads against the plain model and reproduces the trained deltas."""
+    from safetensors.torch import load_file
+
+    from ldm.adapters.lora_io import load_lora
+    from tests.fixtures.tiny_sdxl import build_tiny_sdxl, tiny_sdxl_config
+
+    base = build_tiny_sdxl()
+    path = tmp_path / "sdxl.safetensors"
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(path))
+    cfg = tiny_sdxl_config()
+    cfg["model"]["params"]["ckpt_path"] = str(path)
+    cfg["model"]["params"]["adapter"] = {"type": "lora", "rank": 2, "text_encoder": True}
+    model = instantiate_from_config(cfg["model"])
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.1)
+    out = model.adapter.export(tmp_path / "adapters")[0]
+    keys = list(load_file(str(out)))
+    assert any(k.startswith("lora_unet_input_blocks_") for k in keys)
+    assert any(k.startswith("lora_te1_text_model_encoder_layers_0_self_attn_q_proj") for k in keys)
+    assert not any(k.startswith("lora_te2_") for k in keys)
+    shapes = {k: v.shape for k, v in base.state_dict().items()}
+    loaded = load_lora(out, shapes)
+    trained = model.adapter.lora_set()
+    assert loaded.modules.keys() == trained.keys()
+    for key, m in trained.items():
+        torch.testing.assert_close(loaded.modules[key].delta(), m.delta(), rtol=0, atol=1e-6)

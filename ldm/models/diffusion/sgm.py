@@ -57,7 +57,14 @@ SGM_PARAMS = (
     "en_and_decode_n_samples_a_time",
 )
 #: our engine's own keywords that an sgm config may add (our extensions)
-OWN_PARAMS = ("image_size", "sampling_defaults", "monitor", "load_ckpt_only_model")
+OWN_PARAMS = (
+    "image_size",
+    "sampling_defaults",
+    "monitor",
+    "load_ckpt_only_model",
+    "adapter",  # ours: LoRA / textual inversion on the frozen model (ldm.adapters.training)
+    "prior_loss_weight",  # ours: DreamBooth's class-image loss weight
+)
 
 
 def _name(config: Any, where: str) -> tuple[str, dict[str, Any]]:
@@ -264,6 +271,8 @@ def translate(params: Mapping[str, Any]) -> dict[str, Any]:
         "load_only_unet": bool(p.get("load_ckpt_only_model", False)),
         "first_stage_fp32": bool(p.get("disable_first_stage_autocast", False)),
         "monitor": p.get("monitor"),
+        "adapter": p.get("adapter"),
+        "prior_loss_weight": float(p.get("prior_loss_weight", 1.0)),
     }
     return out
 
