@@ -51,7 +51,14 @@ def _run(config: str, base: Path, logdir: Path, *extra: str):
 def test_lora_run_exports_a_kohya_file_and_resumes(base: Path, tmp_path: Path) -> None:
     from ldm.checkpoint import load_model
 
-    result = _run("shapes-purple-lora.yaml", base, tmp_path)
+    result = _run(
+        "shapes-purple-lora.yaml",
+        base,
+        tmp_path,
+        f"data.params.train.params.class_dir={tmp_path / 'class'}",
+        "data.params.train.params.num_class_images=4",
+        "lightning.callbacks.dreambooth_class_images.params.steps=2",
+    )
     lora = result.run_dir / "adapters" / "purple-lora.safetensors"
     keys = list(load_file(str(lora)))
     assert keys and all(k.startswith("lora_unet_") for k in keys)
