@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,7 +52,6 @@ class LoraTrainingConfig:
     name: str = "lora"  # file name of the exported adapter
     save_format: str = "kohya"  # kohya | diffusers
     base_weights: str = "ema"  # ema | model: the base checkpoint's weights the LoRA sits on
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if int(self.rank) < 1:
@@ -141,7 +140,7 @@ class LoraTraining:
 
     def __init__(self, engine: nn.Module, config: Mapping[str, Any]) -> None:
         require_peft()
-        known = set(LoraTrainingConfig.__dataclass_fields__) - {"extra"}
+        known = set(LoraTrainingConfig.__dataclass_fields__)
         unknown = sorted(set(config) - known - {"type"})
         if unknown:
             raise ConfigError(

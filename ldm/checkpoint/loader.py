@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ldm.checkpoint.convert import from_diffusers, is_diffusers_folder, resolve_config
+from ldm.checkpoint.detect import DetectionError
 from ldm.checkpoint.ema import apply_ema, has_ema, strip_ema
 from ldm.checkpoint.lazy_build import assign_weights, parameters_on_meta
 from ldm.checkpoint.report import load_checked
@@ -136,6 +137,13 @@ def load_model(
         ckpt = LoadedCheckpoint(Path(path), sd, {"ldm_config": cfg}, {})
     else:
         ckpt = read_checkpoint(path, unsafe=unsafe)
+    if ckpt.extras.get("adapter"):
+        raise DetectionError(
+            f"{path} is a checkpoint of an adapter run ({ckpt.extras['adapter'].get('type')}): "
+            "it holds only the adapter's weights. Load the base model it was trained on and apply "
+            "the run's exported file: --lora <run>/adapters/<name>.safetensors or --embedding "
+            "<run>/adapters/<token>.pt (generate(loras=..., embeddings=...))."
+        )
     detection = resolve_config(ckpt, config, prediction)
     logger.info("Model config: %s", detection.reason)
     sd = ckpt.state_dict

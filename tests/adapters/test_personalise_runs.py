@@ -72,6 +72,8 @@ def test_lora_run_exports_a_kohya_file_and_resumes(base: Path, tmp_path: Path) -
         ).spec
     )
     assert resumed.global_step == 3
+    with pytest.raises(ValueError, match="checkpoint of an adapter run"):
+        load_model(str(result.last_ckpt))
     model = load_model(str(base), config=str(ROOT / "configs" / "txt2img.yaml"))
     with torch.no_grad():
         plain = model.generate(
