@@ -31,6 +31,7 @@ UNET_PRESETS: dict[str, str] = {
     "feedforward": r".*\.ff\.net\.(0\.proj|2)",
     "projection": r".*\.(proj_in|proj_out)",
     "resnet": r".*\.(in_layers\.2|out_layers\.3|skip_connection)",  # LoCon: ResBlock convs
+    "crossattn_kv": r".*\.attn2\.(to_k|to_v)",  # Custom Diffusion (Kumari et al. 2023)
 }
 DEFAULT_TARGETS = ("attention", "feedforward", "projection")  # kohya's networks.lora on the U-Net
 TEXT_PATTERN = r".*\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))"
