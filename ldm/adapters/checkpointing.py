@@ -35,21 +35,22 @@ def adapter_only(engine: nn.Module, state_dict: dict[str, Any]) -> dict[str, Any
 def fill_base(engine: nn.Module, checkpoint: dict[str, Any]) -> None:
     """Complete an adapter-only checkpoint with the engine's own (base) weights, in place."""
     state = checkpoint["state_dict"]
-    missing_adapter = [
-        k for k in engine.state_dict() if engine.adapter is not None and engine.adapter.owns(k)
-        and k not in state
-    ]  # fmt: skip
-    if engine.adapter is None or missing_adapter:
-        what = "no adapter is configured" if engine.adapter is None else (
-            f"it lacks {len(missing_adapter)} adapter weight(s), e.g. {missing_adapter[:3]}"
-        )  # fmt: skip
+    own = engine.state_dict()
+    adapter = engine.adapter
+    missing = [k for k in own if adapter is not None and adapter.owns(k) and k not in state]
+    if adapter is None or missing:
+        what = (
+            "no adapter is configured"
+            if adapter is None
+            else f"it lacks {len(missing)} adapter weight(s), e.g. {missing[:3]}"
+        )
         raise ValueError(
             f"This checkpoint holds only the weights of an adapter ({checkpoint.get('adapter')}), "
             f"but {what}. Resume it with the run's own config (its model.params.adapter and the "
             "base ckpt_path), or sample the base model with the exported adapter file "
             "(--lora / --embedding)."
         )
-    for key, value in engine.state_dict().items():
+    for key, value in own.items():
         state.setdefault(key, value)
 
 

@@ -204,7 +204,9 @@ def _save(tensors: dict[str, Any], path: Path) -> None:
     if path.suffix.lower() == ".safetensors":
         from safetensors.torch import save_file
 
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(path))
+        from ldm.checkpoint.prune import to_saveable
+
+        save_file(to_saveable({k: v.detach().cpu() for k, v in tensors.items()}), str(path))
     elif path.suffix.lower() in TORCH_SUFFIXES:
         torch.save(tensors, path)
     else:

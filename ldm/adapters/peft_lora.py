@@ -105,13 +105,20 @@ def hf_text_models(engine: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def _inject(root: nn.Module, names: list[str], rank: int, alpha: float, cfg: LoraTrainingConfig,
-            conv_rank: int, conv_alpha: float) -> None:  # fmt: skip
+def _inject(
+    root: nn.Module,
+    names: list[str],
+    rank: int,
+    alpha: float,
+    cfg: LoraTrainingConfig,
+    conv_rank: int,
+    conv_alpha: float,
+) -> None:
     """peft LoRA on exactly ``names`` (full names under ``root``); 3x3 convs get conv_rank."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    convs = [n for n in names if isinstance(root.get_submodule(n), nn.Conv2d)
-             and root.get_submodule(n).kernel_size != (1, 1)]  # fmt: skip
+    modules = {n: root.get_submodule(n) for n in names}
+    convs = [n for n, m in modules.items() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
     config = LoraConfig(
         r=int(rank),
         lora_alpha=float(alpha),
@@ -188,8 +195,8 @@ class LoraTraining:
             te_rank = int(cfg.text_encoder_rank or rank)
             for path, module in encoders.items():
                 te_names = matching_modules(module, [TEXT_PATTERN])
-                _inject(module, te_names, te_rank, float(cfg.alpha or te_rank), cfg, te_rank,
-                        float(te_rank))  # fmt: skip
+                te_alpha = float(cfg.alpha or te_rank)
+                _inject(module, te_names, te_rank, te_alpha, cfg, te_rank, float(te_rank))
                 self.roots[path + "."] = module
         n = sum(p.numel() for p in self.trainable_parameters())
         logger.info(

@@ -9,6 +9,7 @@ import logging
 import pytest
 import torch
 from lora_files import shapes_of
+from tiny_models import TINY_UNET
 from torch import nn
 
 from ldm.adapters.lora_apply import apply_loras, merge_into_state_dict
@@ -27,20 +28,8 @@ from diffusers.loaders.single_file_utils import (  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 logger = logging.getLogger(__name__)
 
-PARAMS = dict(  # SD v1 layout (conv proj_in, heads by num_heads) at a small width
-    image_size=8,
-    in_channels=4,
-    out_channels=4,
-    model_channels=32,
-    attention_resolutions=[1, 2],
-    num_res_blocks=1,
-    channel_mult=[1, 2],
-    num_heads=2,
-    use_spatial_transformer=True,
-    transformer_depth=1,
-    context_dim=24,
-    legacy=False,
-)
+# SD v1 layout (conv proj_in, heads by num_heads) at a small width
+PARAMS = {**TINY_UNET, "attention_resolutions": [1, 2], "context_dim": 24}
 U = "model.diffusion_model."
 # our key -> (rank, alpha): attention, proj_in / proj_out (1x1 conv), feed-forward, ResBlock convs.
 # to_out keeps the common alpha: diffusers' kohya converter names its alpha after the old
