@@ -20,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
+from ldm.data.bucket_sampler import BucketBatchSampler
 from ldm.util import ConfigError, config_path_of, instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -199,23 +200,54 @@ class DataModuleFromConfig(pl.LightningDataModule):
         unfinished = done.started != done.processed
         return trainer.current_epoch, consumed if (trainer.ckpt_path and unfinished) else 0
 
+    def _seed(self) -> int:
+        return self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+    def _bucket_dataloader(
+        self, split: str, dataset: Any, buckets: list[Any], init_fn: Any
+    ) -> DataLoader:
+        """Single-bucket batches (aspect-ratio bucketing), resumable and split over ranks."""
+        rank, world = self._ranks()
+        epoch, consumed = self._position() if split == "train" else (0, 0)
+        if consumed:
+            logger.info("resuming %s data at batch %d of epoch %d", split, consumed, epoch)
+        batch_sampler = BucketBatchSampler(
+            buckets,
+            self.batch_size,
+            shuffle=self.shuffle[split],
+            seed=self._seed(),
+            rank=rank,
+            world_size=world,
+            epoch=epoch,
+            skip=consumed,
+        )
+        return ResumableDataLoader(
+            dataset,
+            batch_sampler=batch_sampler,
+            num_workers=self.num_workers,
+            worker_init_fn=init_fn,
+            persistent_workers=self.num_workers > 0,
+        )
+
     def _dataloader(self, split: str) -> DataLoader:
         if split not in self.datasets:
             self.setup()
         dataset = self.datasets[split]
         iterable = isinstance(dataset, IterableDataset)
         init_fn = worker_init_fn if (iterable or self.use_worker_init_fn) else None
+        buckets = None if iterable else getattr(dataset, "item_buckets", None)
+        if buckets is not None:
+            return self._bucket_dataloader(split, dataset, buckets, init_fn)
         sampler = None
         if not iterable:
             rank, world = self._ranks()
             epoch, consumed = self._position() if split == "train" else (0, 0)
             if consumed:
                 logger.info("resuming %s data at batch %d of epoch %d", split, consumed, epoch)
-            seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
             sampler = ResumableSampler(
                 len(dataset),
                 shuffle=self.shuffle[split],
-                seed=seed,
+                seed=self._seed(),
                 rank=rank,
                 world_size=world,
                 epoch=epoch,

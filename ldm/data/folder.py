@@ -10,6 +10,7 @@ where a failing index is replaced deterministically by the next good one; both a
 
 from __future__ import annotations
 
+import bisect
 import csv
 import json
 import logging
@@ -20,7 +21,15 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from ldm.data.image_io import IMAGE_EXTENSIONS, BadImageError, SkipLog, load_rgb, verify_image
+from ldm.data.buckets import BucketSpec, Size, describe_buckets
+from ldm.data.image_io import (
+    IMAGE_EXTENSIONS,
+    BadImageError,
+    SkipLog,
+    displayed_size,
+    load_rgb,
+    verify_image,
+)
 from ldm.data.transforms import ImageTransform
 
 logger = logging.getLogger(__name__)
@@ -99,6 +108,7 @@ class ImageFolderDataset(Dataset):
         background: tuple[int, int, int] | list[int] = (255, 255, 255),
         return_path: bool = False,
         max_items: int | None = None,
+        buckets: Any = "auto",
     ):
         if caption_source not in CAPTION_SOURCES:
             raise ValueError(
@@ -146,6 +156,12 @@ class ImageFolderDataset(Dataset):
                 f"{'recursively ' if recursive else ''}for {looked}"
             )
         self._bad: set[int] = set()
+        self.bucket_spec = self._bucket_spec(buckets, size)
+        self.item_buckets: list[Size] | None = None
+        self._members: dict[Size, list[int]] | None = None  # bucket -> its items, sorted
+        if self.bucket_spec is not None:
+            self.item_buckets = self.bucket_spec.assign(self._sizes())
+            logger.info("image folder %s: %s", self.root, describe_buckets(self.item_buckets))
         logger.info(
             "image folder %s: %d images, captions from %s",
             self.root,
@@ -193,6 +209,40 @@ class ImageFolderDataset(Dataset):
             )
         return [p for p, _ in kept], [c for _, c in kept]
 
+    @staticmethod
+    def _bucket_spec(buckets: Any, size: int | None) -> BucketSpec | None:
+        """'auto' (default): buckets of area size**2 in steps of 64 px (size >= 256) or size / 4
+        (sizes 32..255, at least 8; below 32 none); false: square crops of `size`; true / a mapping: BucketSpec."""
+        if size is None or buckets is None or buckets is False:
+            return None
+        if buckets == "auto":
+            if size < 32:
+                return None  # too small to have more than one shape
+            return BucketSpec(resolution=int(size), step=64 if size >= 256 else max(8, size // 4))
+        if buckets is True:
+            return BucketSpec(resolution=int(size))
+        try:
+            cfg = dict(buckets)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"buckets: expected 'auto', true, false or a mapping (resolution, step, min_side, "
+                f"max_side, upscale), found {buckets!r}"
+            ) from None
+        cfg.setdefault("resolution", int(size))
+        return BucketSpec.from_config(cfg)
+
+    def _sizes(self) -> list[Size]:
+        """(h, w) of every image from its header (EXIF rotation applied); unreadable: (size, size)."""
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            return list(pool.map(self._size_of, self.paths, chunksize=64))
+
+    def _size_of(self, path: Path) -> Size:
+        try:
+            return displayed_size(path)
+        except BadImageError:  # found again (and skipped) when decoded
+            side = self.bucket_spec.resolution if self.bucket_spec else 256
+            return (side, side)
+
     def _check(self, path: Path, full: bool) -> str | None:
         if not full:
             return verify_image(path)
@@ -223,7 +273,8 @@ class ImageFolderDataset(Dataset):
 
     def _load(self, i: int) -> dict[str, Any]:
         img = load_rgb(self.paths[i], self.background)
-        out = self.transform.apply(img)
+        target = self.item_buckets[i] if self.item_buckets is not None else None
+        out = self.transform.apply(img, target=target)
         item: dict[str, Any] = {self.image_key: out.image}
         if self.captions[i] is not None:
             item[self.caption_key] = self.captions[i]
@@ -232,14 +283,26 @@ class ImageFolderDataset(Dataset):
             item["file_path_"] = str(self.paths[i])
         return item
 
+    def _candidates(self, i: int) -> list[int]:
+        """Item i and the items that may stand in for it: the next ones (in its bucket)."""
+        if self.item_buckets is None:
+            n = len(self.paths)
+            return [(i + k) % n for k in range(min(n, MAX_SUBSTITUTES))]
+        if self._members is None:
+            self._members = {}
+            for j, b in enumerate(self.item_buckets):
+                self._members.setdefault(b, []).append(j)
+        same = self._members[self.item_buckets[i]]
+        at = bisect.bisect_left(same, i)
+        return (same[at:] + same[:at])[:MAX_SUBSTITUTES]
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         """Item i, or (if file i fails to decode) the next decodable one, deterministically."""
         n = len(self.paths)
         if not -n <= i < n:
             raise IndexError(f"index {i} out of range for {n} images")
         i %= n
-        for k in range(min(n, MAX_SUBSTITUTES)):
-            j = (i + k) % n
+        for j in self._candidates(i):
             if j in self._bad:
                 continue
             try:

@@ -151,3 +151,24 @@ class SkipLog:
                 name,
                 reason,
             )
+
+
+EXIF_ORIENTATION = 0x0112
+TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # rotated by 90 / 270 degrees: width and height swap
+
+
+def displayed_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) of an image as `load_rgb` will return it (EXIF rotation applied), read from
+    the header only; raises `BadImageError` when the header cannot be read."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as img:
+                w, h = img.size
+                if img.getexif().get(EXIF_ORIENTATION) in TRANSPOSED_ORIENTATIONS:
+                    w, h = h, w
+    except Exception as exc:
+        raise BadImageError(f"{type(exc).__name__}: {exc}") from exc
+    if w == 0 or h == 0:
+        raise BadImageError(f"image has zero size {(w, h)}")
+    return h, w

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -75,7 +76,13 @@ class ImageTransform:
         """Transform an RGB PIL image into an H x W x 3 float32 array in [-1, 1]."""
         return self.apply(img, rng).image
 
-    def apply(self, img: Image.Image, rng: random.Random | None = None) -> TransformedImage:
+    def apply(
+        self,
+        img: Image.Image,
+        rng: random.Random | None = None,
+        target: tuple[int, int] | None = None,
+        flip: bool | None = None,
+    ) -> TransformedImage:
         """Transform `img` and report its micro-conditioning, as sgm / diffusers' SDXL scripts do.
 
         Original size: (h, w) of `img`. Crop offsets: (top, left) of the crop in the resized
@@ -85,6 +92,8 @@ class ImageTransform:
         as `__call__` always has (crop left, crop top, then flip).
         """
         rng = rng or random  # DataLoader reseeds `random` in every worker
+        if target is not None:
+            return self._apply_bucket(img, rng, target, flip)
         original = (img.height, img.width)
         top = left = 0
         if self.size is not None:
@@ -105,4 +114,30 @@ class ImageTransform:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             left = resized_w - left - img.width
         micro = MicroConditioning(original, (top, left), (img.height, img.width))
+        return TransformedImage(to_float_array(img), micro)
+
+    def _apply_bucket(
+        self, img: Image.Image, rng: Any, target: tuple[int, int], flip: bool | None
+    ) -> TransformedImage:
+        """Resize `img` to cover `target` (h, w) keeping its aspect, crop to it (center or random,
+        as `crop`; 'none' means center here), then flip (`flip`: decided by the caller; None: with
+        probability `flip_p` from `rng`). Micro-conditioning as in `apply`."""
+        th, tw = (int(v) for v in target)
+        original = (img.height, img.width)
+        scale = max(th / img.height, tw / img.width)
+        new = (max(tw, round(img.width * scale)), max(th, round(img.height * scale)))
+        if new != img.size:
+            img = img.resize(new, resample=self.interpolation)
+        w, h = img.size
+        if self.crop == "random":
+            left, top = rng.randint(0, w - tw), rng.randint(0, h - th)
+        else:
+            left, top = (w - tw) // 2, (h - th) // 2
+        img = img.crop((left, top, left + tw, top + th))
+        if flip is None:
+            flip = self.flip_p > 0 and rng.random() < self.flip_p
+        if flip:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            left = w - left - tw
+        micro = MicroConditioning(original, (top, left), (th, tw))
         return TransformedImage(to_float_array(img), micro)

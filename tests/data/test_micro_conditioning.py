@@ -99,13 +99,28 @@ def test_micro_conditioning_rejects_bad_values():
 def test_image_folder_items_and_batch(tmp_path):
     for n in range(3):
         _noise(seed=n).save(tmp_path / f"{n}.png")
-    ds = ImageFolderDataset(tmp_path, size=SIZE)
+    ds = ImageFolderDataset(tmp_path, size=SIZE, buckets=False)
     _check_item(ds[0], (200, 300), (0, 32), (128, 128))
     assert ds[0]["image"].shape == (128, 128, 3)
     batch = next(iter(DataLoader(ds, batch_size=3)))
     for key in MICRO_CONDITIONING_KEYS:
         assert batch[key].dtype == torch.long and batch[key].shape == (3, 2)
     assert batch["original_size_as_tuple"].tolist() == [[200, 300]] * 3
+
+
+def test_image_folder_bucket_items_record_the_bucket_crop(tmp_path):
+    _noise(seed=0).save(tmp_path / "0.png")  # 300 x 200 (w x h): aspect 1.5
+    ds = ImageFolderDataset(tmp_path, size=SIZE)  # buckets of area <= 128**2 in steps of 32
+    # nearest bucket 96 x 160 (aspect 1.67); resized to cover it: 160 x 107 (w x h); centre crop
+    # top (107 - 96) // 2 = 5, left 0
+    _check_item(ds[0], (200, 300), (5, 0), (96, 160))
+    assert ds[0]["image"].shape == (96, 160, 3)
+    flipped = ImageFolderDataset(tmp_path, size=SIZE, flip=1.0, crop="random")
+    top, left = flipped[0]["crop_coords_top_left"].tolist()
+    assert left == 0 and 0 <= top <= 11  # width fits exactly (flip: 160 - 0 - 160); top random
+    np.testing.assert_array_equal(
+        ImageFolderDataset(tmp_path, size=SIZE, flip=1.0)[0]["image"], ds[0]["image"][:, ::-1]
+    )
 
 
 def test_captioned_shapes_items_and_batch():
