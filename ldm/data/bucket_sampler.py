@@ -12,7 +12,7 @@ hands each batch to one worker, so every item is read once per epoch across rank
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 
 import torch
 from torch.utils.data import Sampler
@@ -55,6 +55,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         epoch: int = 0,
         skip: int = 0,
         drop_last: bool = False,
+        on_epoch: Callable[[int], None] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -64,6 +65,9 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.batch_size, self.shuffle, self.seed = int(batch_size), shuffle, int(seed)
         self.rank, self.world_size = rank, world_size
         self.epoch, self._skip, self.drop_last = int(epoch), int(skip), drop_last
+        self.on_epoch = on_epoch  # e.g. the data set's set_epoch (caption options)
+        if on_epoch is not None:
+            on_epoch(self.epoch)
         self._groups: dict[Hashable, list[int]] = {}
         for i, b in enumerate(self.buckets):
             self._groups.setdefault(b, []).append(i)
@@ -72,8 +76,10 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.sampler = EpochRelay(self)  # Lightning sets the epoch on batch_sampler.sampler
 
     def set_epoch(self, epoch: int) -> None:
-        """Set the epoch (shuffling changes with it); the data set's too when it has set_epoch."""
+        """Set the epoch (shuffling changes with it), and tell ``on_epoch``."""
         self.epoch = int(epoch)
+        if self.on_epoch is not None:
+            self.on_epoch(self.epoch)
 
     def epoch_batches(self) -> list[list[int]]:
         """Every rank's batches of the current epoch, in order (rank r takes every world-th)."""

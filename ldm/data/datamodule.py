@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import Iterator, Sized
+from collections.abc import Callable, Iterator, Sized
 from functools import partial
 from typing import Any
 
@@ -68,15 +68,21 @@ class ResumableSampler(Sampler[int]):
         world_size: int = 1,
         epoch: int = 0,
         skip: int = 0,
+        on_epoch: Callable[[int], None] | None = None,
     ) -> None:
         self.size, self.shuffle, self.seed = size, shuffle, seed
         self.rank, self.world_size = rank, world_size
         self.epoch, self._skip = epoch, skip
+        self.on_epoch = on_epoch  # e.g. the data set's set_epoch (caption options)
+        if on_epoch is not None:
+            on_epoch(epoch)
         self.num_samples = math.ceil(size / world_size)  # padded like DistributedSampler
 
     def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning at every epoch start."""
+        """Called by Lightning at every epoch start; tells ``on_epoch``."""
         self.epoch = epoch
+        if self.on_epoch is not None:
+            self.on_epoch(epoch)
 
     def indices(self) -> list[int]:
         """This rank's full index list for the current epoch."""
@@ -220,6 +226,7 @@ class DataModuleFromConfig(pl.LightningDataModule):
             world_size=world,
             epoch=epoch,
             skip=consumed,
+            on_epoch=getattr(dataset, "set_epoch", None),
         )
         return ResumableDataLoader(
             dataset,
@@ -252,10 +259,16 @@ class DataModuleFromConfig(pl.LightningDataModule):
                 world_size=world,
                 epoch=epoch,
                 skip=consumed * self.batch_size,
+                on_epoch=getattr(dataset, "set_epoch", None),
             )
+        batch_size: int | None = self.batch_size
+        if iterable and getattr(dataset, "yields_batches", False):  # bucketed stream
+            if getattr(dataset, "batch_size", None) is None:
+                dataset.batch_size = self.batch_size
+            batch_size = None
         return (ResumableDataLoader if sampler is not None else DataLoader)(
             dataset,
-            batch_size=self.batch_size,
+            batch_size=batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
             worker_init_fn=init_fn,

@@ -19,9 +19,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils.data import Dataset
 
 from ldm.data.buckets import BucketSpec, Size, describe_buckets
+from ldm.data.captions import caption_processor_from_config, item_rng
 from ldm.data.image_io import (
     IMAGE_EXTENSIONS,
     BadImageError,
@@ -109,6 +111,8 @@ class ImageFolderDataset(Dataset):
         return_path: bool = False,
         max_items: int | None = None,
         buckets: Any = "auto",
+        captions: Any = None,
+        seed: int | None = None,
     ):
         if caption_source not in CAPTION_SOURCES:
             raise ValueError(
@@ -156,6 +160,9 @@ class ImageFolderDataset(Dataset):
                 f"{'recursively ' if recursive else ''}for {looked}"
             )
         self._bad: set[int] = set()
+        self.caption_processor = caption_processor_from_config(captions)
+        self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else int(seed)
+        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()  # seen by workers
         self.bucket_spec = self._bucket_spec(buckets, size)
         self.item_buckets: list[Size] | None = None
         self._members: dict[Size, list[int]] | None = None  # bucket -> its items, sorted
@@ -276,12 +283,31 @@ class ImageFolderDataset(Dataset):
         target = self.item_buckets[i] if self.item_buckets is not None else None
         out = self.transform.apply(img, target=target)
         item: dict[str, Any] = {self.image_key: out.image}
-        if self.captions[i] is not None:
-            item[self.caption_key] = self.captions[i]
+        caption = self.caption(i)
+        if caption is not None:
+            item[self.caption_key] = caption
         item.update(out.micro.as_item())
         if self.return_path:
             item["file_path_"] = str(self.paths[i])
         return item
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch caption options draw for (shared with DataLoader workers)."""
+        self._epoch.fill_(int(epoch))
+
+    @property
+    def random_captions(self) -> bool:
+        """True when captions change between draws (shuffled / dropped tags)."""
+        return self.caption_processor is not None and self.caption_processor.is_random
+
+    def caption(self, i: int) -> str | None:
+        """Caption of item i this epoch: the caption options applied (``captions:``), seeded by
+        (seed, epoch, i) so it does not depend on workers or ranks."""
+        caption = self.captions[i]
+        if self.caption_processor is None:
+            return caption
+        epoch = int(self._epoch)
+        return self.caption_processor(caption or "", item_rng(self.seed, epoch, i), epoch)
 
     def _candidates(self, i: int) -> list[int]:
         """Item i and the items that may stand in for it: the next ones (in its bucket)."""

@@ -18,15 +18,17 @@ import json
 import logging
 import os
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import webdataset as wds
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
 from webdataset.shardlists import expand_urls
 
+from ldm.data.buckets import BucketSpec, assign_bucket
+from ldm.data.captions import caption_processor_from_config
 from ldm.data.folder import find_images, read_metadata
 from ldm.data.image_io import IMAGE_EXTENSIONS, BadImageError, SkipLog, load_rgb
 from ldm.data.transforms import ImageTransform
@@ -123,6 +125,9 @@ class WebDatasetShards(IterableDataset):
         default_caption: str | None = "",
         json_caption_keys: tuple[str, ...] | list[str] = JSON_CAPTION_KEYS,
         background: tuple[int, int, int] | list[int] = (255, 255, 255),
+        buckets: Any = None,
+        batch_size: int | None = None,
+        captions: Any = None,
     ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -155,6 +160,14 @@ class WebDatasetShards(IterableDataset):
         self.default_caption = default_caption
         self.json_caption_keys = tuple(json_caption_keys)
         self.background = tuple(background)
+        self.caption_processor = caption_processor_from_config(captions)
+        self.bucket_spec = BucketSpec.from_config(
+            {"resolution": size, **dict(buckets)} if isinstance(buckets, Mapping) else buckets
+        )
+        if self.bucket_spec is not None and self.transform.size is None:
+            raise ValueError("buckets need a size (the bucket area is size x size); got size=None")
+        self._bucket_sizes = self.bucket_spec.sizes() if self.bucket_spec else None
+        self.batch_size = batch_size  # bucketing: the stream yields batches of one bucket
         self.skipped = SkipLog(
             f"WebDataset {self.shards[0]}{' ...' if len(self.shards) > 1 else ''}"
         )
@@ -214,7 +227,14 @@ class WebDatasetShards(IterableDataset):
             if n % readers == reader:
                 yield sample
 
-    def _decode(self, sample: dict[str, Any]) -> dict[str, Any] | None:
+    @property
+    def yields_batches(self) -> bool:
+        """True with buckets: the stream yields collated single-bucket batches of batch_size."""
+        return self.bucket_spec is not None
+
+    def _decode(
+        self, sample: dict[str, Any], rng: random.Random | None = None, epoch: int = 0
+    ) -> dict[str, Any] | None:
         name = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
         if ext is None:
@@ -228,10 +248,20 @@ class WebDatasetShards(IterableDataset):
         except (BadImageError, ValueError) as exc:
             self.skipped.warn_once(name, str(exc))
             return None
-        out = self.transform.apply(img)
+        target = None
+        if self.bucket_spec is not None:
+            target = assign_bucket(
+                (img.height, img.width),
+                self._bucket_sizes,
+                self.bucket_spec.step,
+                self.bucket_spec.upscale,
+            )
+        out = self.transform.apply(img, target=target)
         item: dict[str, Any] = {self.image_key: out.image}
         if caption is None:
             caption = self.default_caption
+        if self.caption_processor is not None and rng is not None:
+            caption = self.caption_processor(caption or "", rng, epoch)
         if caption is not None:
             item[self.caption_key] = caption
         item.update(out.micro.as_item())
@@ -252,7 +282,7 @@ class WebDatasetShards(IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def _items(self) -> Iterator[dict[str, Any]]:
         epoch = self.epoch + self._passes
         self._passes += 1
         reader, readers, nworkers = self._reader()
@@ -266,7 +296,7 @@ class WebDatasetShards(IterableDataset):
         for sample in self._shuffled(self._raw_samples(epoch, reader, readers), rng):
             if limit is not None and count >= limit:
                 return
-            item = self._decode(sample)
+            item = self._decode(sample, rng, epoch)
             if item is None:
                 failed += 1
                 if failed >= MAX_CONSECUTIVE_FAILURES:
@@ -278,6 +308,26 @@ class WebDatasetShards(IterableDataset):
             failed = 0
             count += 1
             yield item
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        items = self._items()
+        if self.bucket_spec is None:
+            yield from items
+            return
+        if not self.batch_size:
+            raise ValueError(
+                "WebDataset buckets: batch_size is not set; the data module sets it from "
+                "data.params.batch_size (or pass batch_size=...)"
+            )
+        pending: dict[tuple[int, int], list[dict[str, Any]]] = {}
+        for item in items:
+            key = tuple(item[self.image_key].shape[:2])
+            group = pending.setdefault(key, [])
+            group.append(item)
+            if len(group) == self.batch_size:
+                yield default_collate(pending.pop(key))
+        for key in sorted(pending):  # the rest of each bucket, smaller batches
+            yield default_collate(pending[key])
 
 
 class SizedWebDatasetShards(WebDatasetShards):

@@ -90,7 +90,10 @@ def test_batches_are_single_bucket_and_every_image_once_across_workers_and_ranks
                 assert ds.item_buckets[n] == (h, w)
                 oh, ow = SHAPES[n % 7]
                 scale = max(h / oh, w / ow)  # resized to cover the bucket, centre crop
-                assert tuple(crop.tolist()) == ((round(oh * scale) - h) // 2, (round(ow * scale) - w) // 2)
+                assert tuple(crop.tolist()) == (
+                    (round(oh * scale) - h) // 2,
+                    (round(ow * scale) - w) // 2,
+                )
     assert len(seen) == 200 and set(seen.values()) == {1}
     # a new epoch: a new order, still each image once
     again = _epoch_items(ds, batch_size=8, epoch=1)
@@ -142,3 +145,52 @@ def test_datamodule_uses_the_bucket_sampler_and_resumes(folder, monkeypatch):
     resumed = [tuple(b["image"].shape[1:3]) for b in dm.train_dataloader()]
     assert resumed == shapes[3:]
     assert math.ceil(200 / 8) <= len(loader) <= 200 // 8 + 7
+
+
+def test_webdataset_shards_yield_single_bucket_batches(folder, tmp_path):
+    from ldm.data.webdataset import WebDatasetShards, folder_to_shards
+
+    shards = folder_to_shards(folder, tmp_path / "shards", samples_per_shard=50)
+    dm = DataModuleFromConfig(
+        batch_size=8,
+        num_workers=2,
+        train={
+            "target": "ldm.data.webdataset.WebDatasetShards",
+            "params": {"urls": str(tmp_path / "shards"), "size": 64, "buckets": {"step": 8}},
+        },
+    )
+    dm.setup("fit")
+    assert len(shards) == 4 and isinstance(dm.datasets["train"], WebDatasetShards)
+    total, shapes = 0, Counter()
+    for batch in dm.train_dataloader():
+        h, w = batch["image"].shape[1:3]
+        assert batch["target_size_as_tuple"].tolist() == [[h, w]] * len(batch["image"])
+        shapes[(h, w)] += len(batch["image"])
+        total += len(batch["image"])
+    assert total == 200 and len(shapes) == 7 and set(shapes.values()) <= {28, 29}
+
+
+def test_caption_options_change_per_epoch_and_match_across_workers(tmp_path):
+    for n in range(12):
+        Image.new("RGB", (40, 24), (n, 0, 0)).save(tmp_path / f"{n}.png")
+        (tmp_path / f"{n}.txt").write_text(f"tag{n}, red, square, small")
+    cfg = {"shuffle_tags": True, "keep_tokens": 1, "prefix": "photo, "}
+
+    def captions(workers, epoch):
+        dm = DataModuleFromConfig(
+            batch_size=4,
+            num_workers=workers,
+            seed=1,
+            train={
+                "target": "ldm.data.folder.ImageFolderDataset",
+                "params": {"root": str(tmp_path), "size": 32, "captions": cfg, "seed": 1},
+            },
+        )
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        loader.batch_sampler.sampler.set_epoch(epoch)
+        return sorted(c for b in loader for c in b["caption"])
+
+    first = captions(0, 0)
+    assert all(c.startswith("photo, tag") for c in first)  # prefix, then the kept first tag
+    assert captions(2, 0) == first and captions(0, 1) != first
