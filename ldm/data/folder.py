@@ -15,10 +15,12 @@ import csv
 import json
 import logging
 import os
+import random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -32,6 +34,8 @@ from ldm.data.image_io import (
     load_rgb,
     verify_image,
 )
+from ldm.data.latent_cache import MOMENTS_KEY, LatentStore, entry_key, file_digest
+from ldm.data.micro_conditioning import MicroConditioning
 from ldm.data.transforms import ImageTransform
 
 logger = logging.getLogger(__name__)
@@ -166,6 +170,8 @@ class ImageFolderDataset(Dataset):
         self.bucket_spec = self._bucket_spec(buckets, size)
         self.item_buckets: list[Size] | None = None
         self._members: dict[Size, list[int]] | None = None  # bucket -> its items, sorted
+        self._digests: dict[int, str] | None = None  # item -> SHA-256 of its file (latent cache)
+        self.latent_store: LatentStore | None = None
         if self.bucket_spec is not None:
             self.item_buckets = self.bucket_spec.assign(self._sizes())
             logger.info("image folder %s: %s", self.root, describe_buckets(self.item_buckets))
@@ -278,7 +284,63 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    # ------------------------------------------------------------------ latent cache
+    def cache_variants(self, i: int) -> list[tuple[str, bool]]:
+        """(cache key, flip) of every form item i takes: unflipped, and flipped when flips are on."""
+        if self.transform.crop == "random":
+            raise ValueError(
+                f"image folder {self.root}: caching latents with crop='random' would freeze one "
+                "crop; set crop: center (with buckets only the few pixels that do not fit are cut)"
+            )
+        if self._digests is None:
+            self._digests = {}
+        digest = self._digests.get(i)
+        if digest is None:
+            digest = self._digests[i] = file_digest(self.paths[i])
+        target = self.item_buckets[i] if self.item_buckets is not None else None
+        described = {
+            "size": self.transform.size,
+            "bucket": target,
+            "crop": self.transform.crop,
+            "interpolation": int(self.transform.interpolation),
+            "background": list(self.background),
+        }
+        flips = (False, True) if self.transform.flip_p > 0 else (False,)
+        return [(entry_key(digest, {**described, "flip": f}), f) for f in flips]
+
+    def cache_image(self, i: int, flip: bool) -> tuple[np.ndarray, MicroConditioning]:
+        """Item i's image as training sees it (with the given flip) and its micro-conditioning."""
+        target = self.item_buckets[i] if self.item_buckets is not None else None
+        out = self.transform.apply(load_rgb(self.paths[i], self.background), None, target, flip)
+        return out.image, out.micro
+
+    def use_latent_cache(self, store: LatentStore | None) -> None:
+        """Items carry cached encodings (``MOMENTS_KEY``) instead of images (None: images again)."""
+        self.latent_store = store
+
+    def _load_cached(self, i: int) -> dict[str, Any]:
+        flip = self.transform.flip_p > 0 and random.random() < self.transform.flip_p
+        key = dict((f, k) for k, f in self.cache_variants(i))[flip]
+        if key not in self.latent_store:
+            raise BadImageError("not in the latent cache (it failed to encode)")
+        stored = self.latent_store.get(key)
+        item: dict[str, Any] = {MOMENTS_KEY: stored["value"]}
+        caption = self.caption(i)
+        if caption is not None:
+            item[self.caption_key] = caption
+        micro = MicroConditioning(
+            tuple(stored["original"].tolist()),
+            tuple(stored["crop"].tolist()),
+            tuple(stored["target"].tolist()),
+        )
+        item.update(micro.as_item())
+        if self.return_path:
+            item["file_path_"] = str(self.paths[i])
+        return item
+
     def _load(self, i: int) -> dict[str, Any]:
+        if self.latent_store is not None:
+            return self._load_cached(i)
         img = load_rgb(self.paths[i], self.background)
         target = self.item_buckets[i] if self.item_buckets is not None else None
         out = self.transform.apply(img, target=target)

@@ -89,7 +89,8 @@ class ImageTransform:
         image's pixel grid; after a horizontal flip, left becomes `resized_w - left - target_w`
         (the crop's offset in the flipped resized image, as in diffusers'
         train_text_to_image_sdxl). Target size: (h, w) of the output. Draws from `rng` exactly
-        as `__call__` always has (crop left, crop top, then flip).
+        as `__call__` always has (crop left, crop top, then flip). `target` (h, w): resize to
+        cover it and crop to it (aspect-ratio buckets); `flip`: force the flip on or off.
         """
         rng = rng or random  # DataLoader reseeds `random` in every worker
         if target is not None:
@@ -110,7 +111,9 @@ class ImageTransform:
             else:
                 left, top = (w - self.size) // 2, (h - self.size) // 2
             img = img.crop((left, top, left + self.size, top + self.size))
-        if self.flip_p > 0 and rng.random() < self.flip_p:
+        if flip is None:
+            flip = self.flip_p > 0 and rng.random() < self.flip_p
+        if flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             left = resized_w - left - img.width
         micro = MicroConditioning(original, (top, left), (img.height, img.width))

@@ -42,6 +42,13 @@ from ldm.engine.embedders import build_conditioner
 from ldm.engine.first_stage import FirstStageMixin
 from ldm.engine.frozen import freeze
 from ldm.engine.init_weights import load_into
+from ldm.engine.latent_caching import (
+    MOMENTS_KEY,
+    batch_size_of,
+    cache_settings,
+    latents_from_cache,
+    prepare_latent_cache,
+)
 from ldm.engine.network import DiffusionWrapper, as_cond_dict
 from ldm.engine.prior_preservation import PRIOR_KEY, prior_preservation_loss
 from ldm.engine.schedule import TrainingSchedule
@@ -126,12 +133,14 @@ class DiffusionEngine(FirstStageMixin, CompVisSampling, pl.LightningModule):
         first_stage_fp32: bool = False,
         adapter: Mapping[str, Any] | None = None,
         prior_loss_weight: float = 1.0,
+        cache_latents: Any = None,
     ) -> None:
         super().__init__()
         denoiser_config = dict(plain(denoiser_config) or {})
         loss_config = dict(plain(loss_config) or {})
         self.sampling_defaults = check_sampling_defaults(plain(sampling_defaults))
         self.first_stage_key = first_stage_key
+        self.cache_latents = cache_settings(plain(cache_latents))
         self.image_size = image_size
         self.channels = channels
         self.log_every_t = log_every_t
@@ -360,6 +369,8 @@ class DiffusionEngine(FirstStageMixin, CompVisSampling, pl.LightningModule):
     # ------------------------------------------------------------------ batches and loss
     def image_input(self, batch: Mapping[str, Any], k: str) -> torch.Tensor:
         """batch[k] as B x H x W x C in [-1, 1] -> float B x C x H x W (CompVis data convention)."""
+        if k not in batch and k == self.first_stage_key and MOMENTS_KEY in batch:
+            return self.images_from_cache(batch)
         if k not in batch:
             raise KeyError(
                 f"batch has no key '{k}' (keys: {sorted(batch)}); set first_stage_key / "
@@ -379,15 +390,32 @@ class DiffusionEngine(FirstStageMixin, CompVisSampling, pl.LightningModule):
     ) -> tuple[torch.Tensor, Any, torch.Tensor]:
         """(z, c, x): latents of the images, their conditioning (raw when the conditioner trains:
         it is encoded with gradients in ``forward``), the images."""
-        x = self.image_input(batch, self.first_stage_key)
-        if bs is not None:
-            x = x[:bs]
-        x = x.to(self.device)
-        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+        if MOMENTS_KEY in batch:  # cache_latents: z drawn from the stored posterior
+            x = None
+            z = latents_from_cache(self, batch[MOMENTS_KEY][:bs]).detach()
+        else:
+            x = self.image_input(batch, self.first_stage_key)
+            if bs is not None:
+                x = x[:bs]
+            x = x.to(self.device)
+            z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
         c = None
         if self.conditioner is not None:
             c = self.conditioner.batch_condition(batch, x, bs, encode=not self.conditioner.trains)
         return z, c, x
+
+    @torch.no_grad()
+    def images_from_cache(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The images of a cached batch, decoded from the stored posterior means (image logs)."""
+        stored = batch[MOMENTS_KEY].to(self.device, torch.float32)
+        if stored.shape[1] == 2 * int(getattr(self.first_stage_model, "embed_dim", -1)):
+            stored = stored.chunk(2, dim=1)[0]
+        return self.decode_first_stage(self.scale_factor * stored).float().cpu()
+
+    def on_fit_start(self) -> None:
+        """cache_latents: fill the training set's latent cache and switch it to cached items."""
+        if self.cache_latents is not None:
+            prepare_latent_cache(self, self.trainer)
 
     def sample_timesteps(self, batch_size: int) -> torch.Tensor:
         """t ~ U{0, ..., T-1} [B]."""
@@ -453,7 +481,7 @@ class DiffusionEngine(FirstStageMixin, CompVisSampling, pl.LightningModule):
         loss, loss_dict = self.shared_step(batch)
         if self._trainer is None:  # called outside a Trainer (scripts, tests): nothing to log to
             return loss
-        bs = len(batch[self.first_stage_key])
+        bs = batch_size_of(batch, self.first_stage_key)
         self.log_dict(
             loss_dict, prog_bar=True, logger=True, on_step=True, on_epoch=True, batch_size=bs
         )
@@ -480,7 +508,7 @@ class DiffusionEngine(FirstStageMixin, CompVisSampling, pl.LightningModule):
         with self.ema_scope(), self._seeded(seed):
             _, loss_dict_ema = self.shared_step(batch)
         loss_dict_ema = {key + "_ema": value for key, value in loss_dict_ema.items()}
-        bs = len(batch[self.first_stage_key])
+        bs = batch_size_of(batch, self.first_stage_key)
         for logged in (loss_dict_no_ema, loss_dict_ema):
             self.log_dict(logged, on_step=False, on_epoch=True, batch_size=bs)
 

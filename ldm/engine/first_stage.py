@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ldm.engine.latent_caching import MOMENTS_KEY, latents_from_cache
 from ldm.util import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -107,8 +108,11 @@ class FirstStageMixin:
                 f"(found {float(self.scale_factor)})."
             )
         logger.info("### USING STD-RESCALING ###")
-        x = self.image_input(batch, self.first_stage_key).to(self.device)
-        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+        if MOMENTS_KEY in batch:  # cache_latents
+            z = latents_from_cache(self, batch[MOMENTS_KEY]).detach()
+        else:
+            x = self.image_input(batch, self.first_stage_key).to(self.device)
+            z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
         value = 1.0 / z.flatten().float().std()
         trainer = getattr(self, "_trainer", None)
         if trainer is not None and trainer.world_size > 1:

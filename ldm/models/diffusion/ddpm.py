@@ -140,6 +140,7 @@ def translate(kind: str, params: Mapping[str, Any]) -> dict[str, Any]:
         "sampling_defaults",
         "adapter",
         "prior_loss_weight",
+        "cache_latents",
     ):
         if k in p:
             out[k] = p[k]
@@ -287,6 +288,7 @@ DDPM_DEFAULTS: dict[str, Any] = {
     # of the class images' loss (items flagged ``prior``)
     "adapter": None,
     "prior_loss_weight": 1.0,
+    "cache_latents": None,  # ours: encode the training images once (ldm.engine.latent_caching)
 }
 LATENT_DEFAULTS: dict[str, Any] = {
     "first_stage_config": None,

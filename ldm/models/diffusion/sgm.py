@@ -64,6 +64,7 @@ OWN_PARAMS = (
     "load_ckpt_only_model",
     "adapter",  # ours: LoRA / textual inversion on the frozen model (ldm.adapters.training)
     "prior_loss_weight",  # ours: DreamBooth's class-image loss weight
+    "cache_latents",  # ours: encode the training images once (ldm.engine.latent_caching)
 )
 
 
@@ -273,6 +274,7 @@ def translate(params: Mapping[str, Any]) -> dict[str, Any]:
         "monitor": p.get("monitor"),
         "adapter": p.get("adapter"),
         "prior_loss_weight": float(p.get("prior_loss_weight", 1.0)),
+        "cache_latents": p.get("cache_latents"),
     }
     return out
 
