@@ -52,6 +52,7 @@ from ldm.engine.latent_caching import (
 from ldm.engine.network import DiffusionWrapper, as_cond_dict
 from ldm.engine.prior_preservation import PRIOR_KEY, prior_preservation_loss
 from ldm.engine.schedule import TrainingSchedule
+from ldm.engine.text_cache import enable_text_cache, text_cache_settings
 from ldm.optim import adamw
 from ldm.util import ConfigError, count_params, instantiate_from_config, plain
 
@@ -134,6 +135,7 @@ class DiffusionEngine(FirstStageMixin, CompVisSampling, pl.LightningModule):
         adapter: Mapping[str, Any] | None = None,
         prior_loss_weight: float = 1.0,
         cache_latents: Any = None,
+        cache_text_embeddings: Any = None,
     ) -> None:
         super().__init__()
         denoiser_config = dict(plain(denoiser_config) or {})
@@ -224,6 +226,8 @@ class DiffusionEngine(FirstStageMixin, CompVisSampling, pl.LightningModule):
         self.adapter_config = dict(plain(adapter) or {})
         if self.adapter_config:
             self._setup_adapter()
+        text_cache = text_cache_settings(plain(cache_text_embeddings))
+        self.text_memos = enable_text_cache(self, text_cache) if text_cache else []
 
     # ------------------------------------------------------------------ construction helpers
     def register_schedule(self) -> None:

@@ -170,3 +170,33 @@ def test_random_crop_and_bad_settings_are_refused(folder, tmp_path):
         cache_settings({"directory": "x"})
     with pytest.raises(ConfigError, match="batch_size"):
         cache_settings({"batch_size": 0})
+
+
+def test_frozen_text_encoder_encodes_each_prompt_once():
+    cfg = OmegaConf.load(ROOT / "configs" / "txt2img.yaml").model
+    cfg.params.cond_stage_trainable = False
+    cfg.params.scale_by_std = False
+    cfg.params.unet_config.params.model_channels = 32
+    cfg.params.unet_config.params.num_head_channels = 16
+    torch.manual_seed(0)
+    plain = instantiate_from_config(cfg)
+    cfg.params.cache_text_embeddings = {"max_entries": 3}
+    torch.manual_seed(0)
+    cached = instantiate_from_config(cfg)
+    (memo,) = cached.text_memos
+    calls = []
+    inner = memo.forward
+    memo.forward = lambda texts: calls.append(list(texts)) or inner(texts)
+    prompts = ["a red circle", "a blue square", "a red circle", ""]
+    torch.testing.assert_close(
+        cached.conditioner.encode_raw(prompts), plain.conditioner.encode_raw(prompts)
+    )
+    assert calls == [["a red circle", "a blue square", ""]]  # each distinct prompt once
+    again = cached.conditioner.encode_raw(["", "a blue square"])
+    torch.testing.assert_close(again, plain.conditioner.encode_raw(["", "a blue square"]))
+    assert len(calls) == 1 and memo.hits == 3
+    cached.conditioner.encode_raw(["a green star"])  # a 4th prompt: the least recent goes
+    assert len(memo.table) == 3 and "a red circle" not in memo.table
+    # a trainable text encoder is never memoised
+    cfg.params.cond_stage_trainable = True
+    assert instantiate_from_config(cfg).text_memos == []

@@ -141,6 +141,7 @@ def translate(kind: str, params: Mapping[str, Any]) -> dict[str, Any]:
         "adapter",
         "prior_loss_weight",
         "cache_latents",
+        "cache_text_embeddings",
     ):
         if k in p:
             out[k] = p[k]
@@ -289,6 +290,7 @@ DDPM_DEFAULTS: dict[str, Any] = {
     "adapter": None,
     "prior_loss_weight": 1.0,
     "cache_latents": None,  # ours: encode the training images once (ldm.engine.latent_caching)
+    "cache_text_embeddings": None,  # ours: frozen text encoders encode each prompt once
 }
 LATENT_DEFAULTS: dict[str, Any] = {
     "first_stage_config": None,

@@ -65,6 +65,7 @@ OWN_PARAMS = (
     "adapter",  # ours: LoRA / textual inversion on the frozen model (ldm.adapters.training)
     "prior_loss_weight",  # ours: DreamBooth's class-image loss weight
     "cache_latents",  # ours: encode the training images once (ldm.engine.latent_caching)
+    "cache_text_embeddings",  # ours: frozen text encoders encode each prompt once
 )
 
 
@@ -275,6 +276,7 @@ def translate(params: Mapping[str, Any]) -> dict[str, Any]:
         "adapter": p.get("adapter"),
         "prior_loss_weight": float(p.get("prior_loss_weight", 1.0)),
         "cache_latents": p.get("cache_latents"),
+        "cache_text_embeddings": p.get("cache_text_embeddings"),
     }
     return out
 
