@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from ldm.engine.context_length import align_outputs, match_context_lengths, sequence_parts
+
 KINDS = ("crossattn", "vector", "concat", "auto")
 NDIM_KINDS = {2: "vector", 3: "crossattn", 4: "concat", 5: "concat"}
 ZERO_KEY = "__zero_embedding__."  # batch key prefix: rows whose embedding is zeroed (dropout)
@@ -149,12 +151,41 @@ class Conditioner:
     def embed(self, inputs: Mapping[str, Any]) -> list[Any]:
         """Each embedder's output for ``inputs``, in order (rows marked by ``drop`` zeroed)."""
         self._check(inputs)
-        outs = []
-        for i, e in enumerate(self.entries):
-            out = e.encode(e.read(inputs))
+        outs = self.align([e.encode(e.read(inputs)) for e in self.entries])
+        for i in range(len(outs)):
             rows = inputs.get(ZERO_KEY + str(i))
-            outs.append(zero_rows(out, rows) if rows is not None else out)
+            if rows is not None:
+                outs[i] = zero_rows(outs[i], rows)
         return outs
+
+    # -- long prompts: contexts of different lengths (ldm.engine.context_length)
+    def _is_text(self, i: int) -> bool:
+        e = self.entries[i]
+        return isinstance(e.null, str) and e.kind in ("crossattn", "auto")
+
+    def empty_output(self, i: int) -> Any:
+        """Embedder i's output for the prompt "": one empty-window chunk."""
+        return self.entries[i].encode([""])
+
+    def align(self, outputs: list[Any]) -> list[Any]:
+        """Text embedders' outputs padded to a common context length (e.g. SDXL's two encoders,
+        should their tokenizers give different chunk counts) with empty-window chunks."""
+        text = [self._is_text(i) for i in range(len(outputs))]
+        if sum(text) < 2:
+            return outputs
+        return align_outputs(outputs, self.empty_output, text)
+
+    def empty_context(self) -> torch.Tensor | None:
+        """The assembled cross-attention context of one empty window ``[1, L, D]`` (each text
+        embedder's encoding of "", concatenated on the feature axis as ``assemble`` does)."""
+        parts = [p for i in range(len(self.entries)) if self._is_text(i)
+                 for p in sequence_parts(self.empty_output(i))]  # fmt: skip
+        return torch.cat(parts, dim=-1) if parts else None
+
+    def match_lengths(self, cond: Any, uncond: Any) -> tuple[Any, Any]:
+        """(cond, uncond) with the shorter cross-attention context padded with empty-window
+        chunks, so that guidance can batch them (a long prompt with a short negative prompt)."""
+        return match_context_lengths(cond, uncond, self.empty_context)
 
     def encode(self, inputs: Mapping[str, Any]) -> Any:
         """The conditioning of ``inputs`` (a batch dict with every embedder's input keys)."""
@@ -206,7 +237,7 @@ class Conditioner:
                 outs.append(repeat_cond(e.encode(values[:1]), n))
             else:
                 outs.append(e.encode(values))
-        return self.assemble(outs)
+        return self.assemble(self.align(outs))
 
 
 def repeat_cond(cond: Any, n: int) -> Any:

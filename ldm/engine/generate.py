@@ -277,6 +277,8 @@ def _generate(
         if not inputs:
             raise ValueError("guidance with a given cond= needs uncond= (or pass prompts / batch)")
         uncond = conditioner.uncond(inputs, n, negative_prompt, outputs)
+    if guider.needs_uncond and conditional:  # a long prompt and a short negative one, or so
+        cond, uncond = conditioner.match_lengths(cond, uncond)
     model_fn = guider.model_fn(model.apply_model, cond, uncond)
     if wrap_model_fn is not None:
         model_fn = wrap_model_fn(model_fn)

@@ -20,6 +20,12 @@ def cat_cond(a: Any, b: Any) -> Any:
     if a is None and b is None:
         return None
     if isinstance(a, torch.Tensor):
+        if a.ndim == 3 and b.ndim == 3 and a.shape[1] != b.shape[1]:
+            raise ValueError(
+                f"cond and uncond contexts differ in length ({a.shape[1]} vs {b.shape[1]} rows; "
+                "a long prompt is encoded in chunks): pad the shorter with empty-window chunks "
+                "first, e.g. model.conditioner.match_lengths(cond, uncond) (generate does)."
+            )
         return torch.cat([a, b])
     if isinstance(a, dict):
         if set(a) != set(b):

@@ -21,6 +21,7 @@ from ldm.modules.encoders.base import (
     load_weights_file,
     strip_prefixes,
 )
+from ldm.modules.encoders.long_prompt import DEFAULT_MAX_CHUNKS, LongPromptMixin
 from ldm.modules.encoders.tokenizer import CONTEXT_LENGTH, VOCAB_SIZE, get_tokenizer
 from ldm.util import ConfigError
 
@@ -85,11 +86,13 @@ def remap_clip_text_keys(model: Any, state_dict: dict[str, Any], prefix: str) ->
             state_dict[prefix + name] = model.get_buffer(name)
 
 
-class FrozenCLIPEmbedder(FrozenWeightsMixin, AbstractEncoder):
+class FrozenCLIPEmbedder(LongPromptMixin, FrozenWeightsMixin, AbstractEncoder):
     """CLIP text encoder (Radford et al. 2021) giving SD's cross-attention context ``[B, 77, D]``.
 
     ``layer``: ``"last"`` (final states after the last layer norm, SD v1), ``"pooled"`` (end-token
     state, ``[B, 1, D]``) or ``"hidden"`` (``hidden_states[layer_idx]``, no final norm, SD 2.x).
+    Long prompts are encoded in chunks of 77 (``[B, 77 * n, D]``, at most ``max_chunks``) and
+    ``emphasis`` parses ``(word:1.3)`` weights (``ldm.modules.encoders.long_prompt``).
     """
 
     LAYERS = ("last", "pooled", "hidden")
@@ -108,6 +111,8 @@ class FrozenCLIPEmbedder(FrozenWeightsMixin, AbstractEncoder):
         config: dict[str, Any] | None = None,
         tokenizer: str = "sd-v1",
         always_return_pooled: bool = False,
+        max_chunks: int = DEFAULT_MAX_CHUNKS,
+        emphasis: bool = True,
     ) -> None:
         super().__init__()
         if layer not in self.LAYERS:
@@ -121,6 +126,7 @@ class FrozenCLIPEmbedder(FrozenWeightsMixin, AbstractEncoder):
         self.layer_idx = layer_idx
         self.return_pooled = bool(always_return_pooled)  # sgm: (context, pooled end-token state)
         self.tokenizer = get_tokenizer(tokenizer, self.max_length)
+        self.init_long_prompts(max_chunks, emphasis)
 
         loaded = False
         from transformers import CLIPTextModel
@@ -197,7 +203,8 @@ class FrozenCLIPEmbedder(FrozenWeightsMixin, AbstractEncoder):
 
     # ------------------------------------------------------------------ encoding
     def tokenize(self, text: str | Sequence[str]) -> torch.Tensor:
-        """Token ids ``[B, max_length]`` as SD v1's Hugging Face tokenizer gives them."""
+        """Token ids ``[B, max_length]`` as SD v1's Hugging Face tokenizer gives them (truncated;
+        ``tokenize_chunks`` gives the chunks ``forward`` encodes)."""
         batch = self.tokenizer(
             text,
             truncation=True,
@@ -210,11 +217,13 @@ class FrozenCLIPEmbedder(FrozenWeightsMixin, AbstractEncoder):
     def forward(
         self, text: str | Sequence[str] | torch.Tensor
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Context ``[B, 77, D]`` (``[B, 1, D]`` for ``layer='pooled'``) for prompts or token ids;
-        with ``always_return_pooled`` also the pooled end-token state ``[B, D]``."""
+        """Context ``[B, 77 * n_chunks, D]`` (``[B, 1, D]`` for ``layer='pooled'``) for prompts or
+        token ids; with ``always_return_pooled`` also the first chunk's end-token state ``[B, D]``."""
         self.check_weights_loaded()
-        tokens = text if isinstance(text, torch.Tensor) else self.tokenize(text)
-        tokens = tokens.to(self._module_device())
+        return self.encode_prompts(text, self._encode_ids, self._module_device())
+
+    def _encode_ids(self, tokens: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The chosen layer ``[M, L, D]`` (and the pooled state) of token ids ``[M, L]``."""
         outputs = self.transformer(input_ids=tokens, output_hidden_states=self.layer == "hidden")
         if self.layer == "last":
             z = outputs.last_hidden_state

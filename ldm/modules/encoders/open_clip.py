@@ -25,6 +25,7 @@ from ldm.modules.encoders.base import (
     load_weights_file,
     strip_prefixes,
 )
+from ldm.modules.encoders.long_prompt import DEFAULT_MAX_CHUNKS, LongPromptMixin
 from ldm.modules.encoders.tokenizer import CONTEXT_LENGTH, end_token_positions, get_tokenizer
 from ldm.util import ConfigError
 
@@ -62,8 +63,13 @@ def build_text_only_clip(arch: str | dict[str, Any]) -> nn.Module:
     return model
 
 
-class FrozenOpenCLIPEmbedder(FrozenWeightsMixin, AbstractEncoder):
-    """OpenCLIP text encoder (Cherti et al. 2023) giving SD 2.x's context ``[B, 77, 1024]``."""
+class FrozenOpenCLIPEmbedder(LongPromptMixin, FrozenWeightsMixin, AbstractEncoder):
+    """OpenCLIP text encoder (Cherti et al. 2023) giving SD 2.x's context ``[B, 77, 1024]``.
+
+    Long prompts are encoded in chunks of 77 (``[B, 77 * n, D]``, at most ``max_chunks``, padded
+    with 0 as ``open_clip.tokenize`` pads) and ``emphasis`` parses ``(word:1.3)`` weights
+    (``ldm.modules.encoders.long_prompt``).
+    """
 
     LAYERS = ("last", "penultimate")
 
@@ -78,6 +84,8 @@ class FrozenOpenCLIPEmbedder(FrozenWeightsMixin, AbstractEncoder):
         weights: str | None = None,
         from_hub: bool = False,
         allow_random_weights: bool = False,
+        max_chunks: int = DEFAULT_MAX_CHUNKS,
+        emphasis: bool = True,
     ) -> None:
         super().__init__()
         if layer not in self.LAYERS:
@@ -90,6 +98,7 @@ class FrozenOpenCLIPEmbedder(FrozenWeightsMixin, AbstractEncoder):
         self.layer = layer
         self.layer_idx = {"last": 0, "penultimate": 1}[layer]  # blocks skipped at the end
         self.tokenizer = get_tokenizer("sd-v2", self.max_length)
+        self.init_long_prompts(max_chunks, emphasis)
         if from_hub:
             import open_clip
 
@@ -151,14 +160,14 @@ class FrozenOpenCLIPEmbedder(FrozenWeightsMixin, AbstractEncoder):
 
     # ------------------------------------------------------------------ encoding
     def tokenize(self, text: str | Sequence[str]) -> torch.Tensor:
-        """Token ids ``[B, max_length]`` as ``open_clip.tokenize`` gives them (padded with 0)."""
+        """Token ids ``[B, max_length]`` as ``open_clip.tokenize`` gives them (padded with 0,
+        truncated; ``tokenize_chunks`` gives the chunks ``forward`` encodes)."""
         return self.tokenizer.tokenize(text, self.max_length)
 
     def forward(self, text: str | Sequence[str] | torch.Tensor) -> torch.Tensor:
-        """Context ``[B, 77, width]`` for prompts or token ids."""
+        """Context ``[B, 77 * n_chunks, width]`` for prompts or token ids."""
         self.check_weights_loaded()
-        tokens = text if isinstance(text, torch.Tensor) else self.tokenize(text)
-        return self.encode_with_transformer(tokens.to(self._module_device()))
+        return self.encode_prompts(text, self.encode_with_transformer, self._module_device())
 
     def embed_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
         """(token embedding + positions in the transformer's layout, causal mask, batch_first)."""
@@ -208,7 +217,8 @@ class FrozenOpenCLIPEmbedder2(FrozenOpenCLIPEmbedder):
     stream, without ``ln_final``, and ``always_return_pooled`` adds the pooled text vector: the
     last layer after ``ln_final`` at the end token (the highest id of CLIP's vocabulary), times
     ``text_projection`` (CLIP's text embedding, Radford et al. 2021). Output ``(context [B, 77,
-    width], pooled [B, embed_dim])`` or the context alone.
+    width], pooled [B, embed_dim])`` or the context alone; a long prompt gives ``77 * n_chunks``
+    context rows and the pooled vector of its first chunk.
     """
 
     def __init__(
@@ -224,6 +234,8 @@ class FrozenOpenCLIPEmbedder2(FrozenOpenCLIPEmbedder):
         weights: str | None = None,
         from_hub: bool = False,
         allow_random_weights: bool = False,
+        max_chunks: int = DEFAULT_MAX_CHUNKS,
+        emphasis: bool = True,
     ) -> None:
         if always_return_pooled and legacy:
             raise ConfigError(
@@ -242,6 +254,8 @@ class FrozenOpenCLIPEmbedder2(FrozenOpenCLIPEmbedder):
             weights=weights,
             from_hub=from_hub,
             allow_random_weights=allow_random_weights,
+            max_chunks=max_chunks,
+            emphasis=emphasis,
         )
         if self.return_pooled:  # the projection is needed now; only logit_scale stays optional
             self.model._ldm_guard["optional"] = frozenset({"logit_scale", "logit_bias"})
@@ -249,12 +263,15 @@ class FrozenOpenCLIPEmbedder2(FrozenOpenCLIPEmbedder):
     def forward(
         self, text: str | Sequence[str] | torch.Tensor
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Context ``[B, 77, width]`` and, with ``always_return_pooled``, pooled ``[B, embed_dim]``."""
+        """Context ``[B, 77 * n_chunks, width]`` and, with ``always_return_pooled``, the first
+        chunk's pooled ``[B, embed_dim]``."""
         if self.legacy:
             return super().forward(text)
         self.check_weights_loaded()
-        tokens = text if isinstance(text, torch.Tensor) else self.tokenize(text)
-        tokens = tokens.to(self._module_device())
+        return self.encode_prompts(text, self._encode_ids, self._module_device())
+
+    def _encode_ids(self, tokens: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The chosen layer ``[M, L, width]`` (and the pooled vector) of token ids ``[M, L]``."""
         states = self.encode_states(tokens)
         z = states[self.layer]
         if not self.return_pooled:

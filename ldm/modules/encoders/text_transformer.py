@@ -15,11 +15,17 @@ import torch
 
 from ldm.modules.encoders.base import AbstractEncoder
 from ldm.modules.encoders.clip import build_clip_text_config
+from ldm.modules.encoders.long_prompt import DEFAULT_MAX_CHUNKS, LongPromptMixin
 from ldm.modules.encoders.tokenizer import CONTEXT_LENGTH, VOCAB_SIZE, get_tokenizer
 
 
-class CLIPTextEncoder(AbstractEncoder):
-    """Prompts -> ``[B, max_length, width]`` from a CLIP-style text transformer (key ``transformer.*``)."""
+class CLIPTextEncoder(LongPromptMixin, AbstractEncoder):
+    """Prompts -> ``[B, max_length, width]`` from a CLIP-style text transformer (key ``transformer.*``).
+
+    Long prompts are encoded in chunks of ``max_length`` (``[B, max_length * n, width]``, at most
+    ``max_chunks``; gradients flow through every chunk) and ``emphasis`` parses ``(word:1.3)``
+    weights (``ldm.modules.encoders.long_prompt``).
+    """
 
     def __init__(
         self,
@@ -34,6 +40,8 @@ class CLIPTextEncoder(AbstractEncoder):
         ucg_rate: float = 0.0,
         tokenizer: str = "sd-v1",
         gradient_checkpointing: bool = False,
+        max_chunks: int = DEFAULT_MAX_CHUNKS,
+        emphasis: bool = True,
     ) -> None:
         super().__init__()
         if width % heads:
@@ -62,6 +70,7 @@ class CLIPTextEncoder(AbstractEncoder):
         self.max_length = int(max_length)
         self.ucg_rate = float(ucg_rate)
         self.tokenizer = get_tokenizer(tokenizer, self.max_length)
+        self.init_long_prompts(max_chunks, emphasis)
 
     def drop_captions(
         self, text: Sequence[str], generator: torch.Generator | None = None
@@ -74,19 +83,22 @@ class CLIPTextEncoder(AbstractEncoder):
         return ["" if float(ui) < self.ucg_rate else t for t, ui in zip(text, u)]
 
     def tokenize(self, text: str | Sequence[str]) -> torch.Tensor:
-        """Token ids ``[B, max_length]``."""
+        """Token ids ``[B, max_length]`` (truncated; ``tokenize_chunks`` gives the chunks
+        ``forward`` encodes)."""
         return self.tokenizer(text, max_length=self.max_length)["input_ids"]
 
     def forward(
         self, text: str | Sequence[str] | torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Last hidden states ``[B, max_length, width]`` (captions dropped first when training)."""
-        if isinstance(text, torch.Tensor):
-            tokens = text
-        else:
-            texts = [text] if isinstance(text, str) else text
-            tokens = self.tokenize(self.drop_captions(texts, generator))
-        tokens = tokens.to(self.transformer.embeddings.token_embedding.weight.device)
+        """Last hidden states ``[B, max_length * n_chunks, width]`` (captions dropped first when
+        training)."""
+        if not isinstance(text, torch.Tensor):
+            text = self.drop_captions([text] if isinstance(text, str) else text, generator)
+        device = self.transformer.embeddings.token_embedding.weight.device
+        return self.encode_prompts(text, self._encode_ids, device)
+
+    def _encode_ids(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Last hidden states ``[M, L, width]`` of token ids ``[M, L]``."""
         return self.transformer(input_ids=tokens).last_hidden_state
 
     def get_unconditional_conditioning(self, batch_size: int, device: Any = None) -> list[str]:

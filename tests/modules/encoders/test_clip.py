@@ -56,7 +56,8 @@ def test_v1_inference_config_section_builds_offline(tsv_keys):
     ("layer", "layer_idx"), [("last", None), ("pooled", None), ("hidden", -2), ("hidden", 1)]
 )
 def test_output_equals_clip_text_model(hf_tokenizer, layer, layer_idx):
-    embedder = _tiny(layer=layer, layer_idx=layer_idx, allow_random_weights=True)
+    # max_chunks=1: the reference truncates at 77 (the long prompt's chunks: test_long_prompts)
+    embedder = _tiny(layer=layer, layer_idx=layer_idx, allow_random_weights=True, max_chunks=1)
     ref = _reference_model(embedder)
     ids = hf_tokenizer(
         PROMPTS, truncation=True, max_length=77, padding="max_length", return_tensors="pt"
