@@ -140,6 +140,11 @@ def translate(kind: str, params: Mapping[str, Any]) -> dict[str, Any]:
         "sampling_defaults",
         "adapter",
         "prior_loss_weight",
+        "optimizer_config",
+        "ema_device",
+        "ema_every",
+        "gradient_checkpointing",
+        "compile",
     ):
         if k in p:
             out[k] = p[k]
@@ -242,7 +247,7 @@ def _inpaint(kind: str, p: Mapping[str, Any], out: dict[str, Any]) -> dict[str, 
 
 
 #: The originals' parameters with their defaults, in their order (positional arguments bind in
-#: it); ``None`` for the required configs. DDPM's last seven are ours (min_snr_gamma, ...).
+#: it); ``None`` for the required configs. The entries from min_snr_gamma on are ours.
 DDPM_DEFAULTS: dict[str, Any] = {
     "unet_config": None,
     "timesteps": 1000,
@@ -287,6 +292,12 @@ DDPM_DEFAULTS: dict[str, Any] = {
     # of the class images' loss (items flagged ``prior``)
     "adapter": None,
     "prior_loss_weight": 1.0,
+    # ours: the optimizer and memory options (docs/optimizers.md)
+    "optimizer_config": None,
+    "ema_device": None,
+    "ema_every": 1,
+    "gradient_checkpointing": None,
+    "compile": False,
 }
 LATENT_DEFAULTS: dict[str, Any] = {
     "first_stage_config": None,
