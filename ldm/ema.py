@@ -74,14 +74,14 @@ class LitEma(nn.Module):
                 )
             self.m_name2s_name[name] = s_name
             self.register_buffer(s_name, self._copy(p))
-        if self.pinned_device is not None:
+        if self.pinned_device is not None and self.decay.device.type != "meta":
             self.decay = self.decay.to(self.pinned_device)
             self.num_updates = self.num_updates.to(self.pinned_device)
         self.collected_params: list[torch.Tensor] = []
 
     def _copy(self, p: torch.Tensor) -> torch.Tensor:
         """A detached copy of ``p`` where this EMA keeps its tensors."""
-        if self.pinned_device is None:
+        if self.pinned_device is None or p.device.type == "meta":  # a meta model stays meta
             return p.detach().clone()
         return p.detach().to(self.pinned_device, copy=True)
 
