@@ -31,8 +31,15 @@ setup(
             "ruff>=0.5",
             "lpips>=0.1.4",
             "peft>=0.12",
+            # the optimizer extra's packages: all install and run on a CPU-only machine
+            "lion-pytorch>=0.2",
+            "prodigyopt>=1.1",
+            "bitsandbytes>=0.50",
         ],
         "adapters": ["peft>=0.12"],
+        # optimizer_config types beyond torch's (docs/optimizers.md): lion, prodigy, adamw8bit /
+        # lion8bit (bitsandbytes >= 0.50 also steps on the CPU)
+        "optim": ["lion-pytorch>=0.2", "prodigyopt>=1.1", "bitsandbytes>=0.50"],
         "xformers": ["xformers"],
     },
     entry_points={

@@ -22,10 +22,18 @@ def can_fuse(params: list[torch.nn.Parameter]) -> bool:
     )
 
 
-def adamw(params: Iterable[torch.nn.Parameter], lr: float, **kwargs: Any) -> torch.optim.AdamW:
+def adamw(
+    params: Iterable[torch.nn.Parameter] | Iterable[dict[str, Any]], lr: float, **kwargs: Any
+) -> torch.optim.AdamW:
     """AdamW, with the fused kernel where it applies (one kernel instead of a loop over tensors:
-    the per-tensor loop is a sizeable share of a small model's step on a CPU)."""
+    the per-tensor loop is a sizeable share of a small model's step on a CPU). ``params``: the
+    parameters, or param groups (dicts with ``params``)."""
     params = list(params)
-    if "fused" not in kwargs and "foreach" not in kwargs and can_fuse(params):
+    flat = (
+        [p for g in params for p in g["params"]]
+        if params and isinstance(params[0], dict)
+        else params
+    )
+    if "fused" not in kwargs and "foreach" not in kwargs and can_fuse(flat):
         kwargs["fused"] = True
     return torch.optim.AdamW(params, lr=lr, **kwargs)

@@ -13,6 +13,9 @@
 - ``loss_config``: ``ldm.diffusion.objective.DiffusionLoss`` options plus ``learn_logvar`` /
   ``logvar_init``.
 - ``sampling_defaults``: the sampler, steps and guidance ``generate`` uses when given none.
+- ``optimizer_config`` (optimizer, per-name param groups, freeze: ``engine/optimization.py``),
+  ``ema_device`` / ``ema_every`` (``engine/ema_placement.py``), ``gradient_checkpointing``
+  (``engine/memory.py``), ``compile`` (``engine/compilation.py``); see docs/optimizers.md.
 
 The CompVis classes (``ldm.models.diffusion.ddpm``) translate their parameters into these.
 """
@@ -35,9 +38,11 @@ from ldm.diffusion.edm import SigmaTraining
 from ldm.diffusion.gaussian import PARAMETERIZATIONS, q_sample
 from ldm.diffusion.objective import DiffusionLoss
 from ldm.ema import LitEma
+from ldm.engine.compilation import compile_network, compile_options
 from ldm.engine.compvis_sampling import CompVisSampling
 from ldm.engine.conditioner import Conditioner
 from ldm.engine.defaults import check_sampling_defaults
+from ldm.engine.ema_placement import ema_options, ignore_pinned_ema_in_ddp
 from ldm.engine.embedders import build_conditioner
 from ldm.engine.first_stage import FirstStageMixin
 from ldm.engine.frozen import freeze
@@ -49,11 +54,13 @@ from ldm.engine.latent_caching import (
     latents_from_cache,
     prepare_latent_cache,
 )
+from ldm.engine.memory import apply_gradient_checkpointing, checkpointing_options
 from ldm.engine.network import DiffusionWrapper, as_cond_dict
+from ldm.engine.optimization import apply_freeze, engine_optimizer, without_frozen
 from ldm.engine.prior_preservation import PRIOR_KEY, prior_preservation_loss
 from ldm.engine.schedule import TrainingSchedule
 from ldm.engine.text_cache import enable_text_cache, text_cache_settings
-from ldm.optim import adamw
+from ldm.optimizers import OptimizerSpec
 from ldm.util import ConfigError, count_params, instantiate_from_config, plain
 
 logger = logging.getLogger(__name__)
@@ -136,8 +143,18 @@ class DiffusionEngine(FirstStageMixin, CompVisSampling, pl.LightningModule):
         prior_loss_weight: float = 1.0,
         cache_latents: Any = None,
         cache_text_embeddings: Any = None,
+        optimizer_config: Mapping[str, Any] | None = None,
+        ema_device: str | None = None,
+        ema_every: int = 1,
+        gradient_checkpointing: Mapping[str, bool] | bool | None = None,
+        compile: bool | Mapping[str, Any] = False,
     ) -> None:
         super().__init__()
+        # -- memory and optimizer options, checked before anything is built
+        self.optimizer_spec = OptimizerSpec.from_config(optimizer_config)
+        self.ema_options = ema_options(ema_device, ema_every)
+        checkpointing = checkpointing_options(plain(gradient_checkpointing))
+        self.compile_options = compile_options(plain(compile))
         denoiser_config = dict(plain(denoiser_config) or {})
         loss_config = dict(plain(loss_config) or {})
         self.sampling_defaults = check_sampling_defaults(plain(sampling_defaults))
@@ -191,7 +208,7 @@ class DiffusionEngine(FirstStageMixin, CompVisSampling, pl.LightningModule):
         count_params(self.model, verbose=True)
         self.use_ema = use_ema
         if self.use_ema:
-            self.model_ema = LitEma(self.model, decay=ema_decay)
+            self.model_ema = LitEma(self.model, decay=ema_decay, **self.ema_options)
             logger.info("Keeping EMAs of %d parameters.", len(self.model_ema.m_name2s_name))
         # -- first stage (frozen) and conditioner
         self.scale_by_std = scale_by_std
@@ -226,6 +243,12 @@ class DiffusionEngine(FirstStageMixin, CompVisSampling, pl.LightningModule):
         self.adapter_config = dict(plain(adapter) or {})
         if self.adapter_config:
             self._setup_adapter()
+        # -- what trains, activation recomputation, compilation (docs/optimizers.md)
+        apply_freeze(self, self.optimizer_spec)
+        ignore_pinned_ema_in_ddp(self)
+        apply_gradient_checkpointing(self, checkpointing)
+        compile_network(self.model.diffusion_model, self.compile_options)
+        # -- frozen text encoders: each distinct prompt encoded once (after any freezing)
         text_cache = text_cache_settings(plain(cache_text_embeddings))
         self.text_memos = enable_text_cache(self, text_cache) if text_cache else []
 
@@ -292,12 +315,16 @@ class DiffusionEngine(FirstStageMixin, CompVisSampling, pl.LightningModule):
                 "%s has no (complete) EMA weights: starting the EMA from the loaded weights.",
                 ckpt_path,
             )
-            self.model_ema = LitEma(self.model, decay=float(self.model_ema.decay))
+            self.model_ema = LitEma(
+                self.model, decay=float(self.model_ema.decay), **self.ema_options
+            )
         if reset_ema:
             if not self.use_ema:
                 raise ConfigError("reset_ema=True needs use_ema=True.")
             logger.info("Resetting EMA to the pure model weights of %s.", ckpt_path)
-            self.model_ema = LitEma(self.model, decay=float(self.model_ema.decay))
+            self.model_ema = LitEma(
+                self.model, decay=float(self.model_ema.decay), **self.ema_options
+            )
 
     def init_from_ckpt(
         self, path: str, ignore_keys: Sequence[str] = (), only_model: bool = False
@@ -330,7 +357,9 @@ class DiffusionEngine(FirstStageMixin, CompVisSampling, pl.LightningModule):
                 id(p) in te_params for p in (own.parameters() if own is not None else [])
             )
         if self.use_ema:
-            self.model_ema = LitEma(self.model, decay=float(self.model_ema.decay))
+            self.model_ema = LitEma(
+                self.model, decay=float(self.model_ema.decay), **self.ema_options
+            )
 
     # ------------------------------------------------------------------ EMA
     @contextmanager
@@ -353,8 +382,9 @@ class DiffusionEngine(FirstStageMixin, CompVisSampling, pl.LightningModule):
         """Adapter upkeep (textual inversion restores the other tokens), then the EMA update."""
         if self.adapter is not None:
             self.adapter.after_step()
-        if self.use_ema:
-            self.model_ema(self.model)
+        if self.use_ema:  # every ema_every optimizer steps (the trainer's count when there is one)
+            step = self.global_step if self._trainer is not None else None
+            self.model_ema.after_step(self.model, step)
 
     # ------------------------------------------------------------------ the network
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
@@ -532,18 +562,19 @@ class DiffusionEngine(FirstStageMixin, CompVisSampling, pl.LightningModule):
         """The network, trainable embedders, logvar when learned (with an adapter: its weights)."""
         if self.adapter is not None:
             params = list(self.adapter.trainable_parameters())
-            return params + ([self.logvar] if self.learn_logvar else [])
+            return without_frozen(self, params + ([self.logvar] if self.learn_logvar else []))
         params = list(self.model.parameters())
         if self.conditioner is not None and self.conditioner.trains:
             logger.info("%s: also optimizing conditioner params!", type(self).__name__)
             params += self.conditioner.trainable_parameters()
         if self.learn_logvar:
             params.append(self.logvar)
-        return params
+        return without_frozen(self, params)  # optimizer_config.freeze
 
     def configure_optimizers(self) -> Any:
-        """AdamW(lr = self.learning_rate) and, with scheduler_config, a per-step LambdaLR."""
-        opt = adamw(self.trainable_parameters(), lr=self.learning_rate)
+        """The optimizer of ``optimizer_config`` (default: AdamW) at lr = self.learning_rate and,
+        with scheduler_config, a per-step LambdaLR (scaling every param group's lr)."""
+        opt = engine_optimizer(self)
         if not self.use_scheduler:
             return opt
         scheduler = instantiate_from_config(self.scheduler_config)

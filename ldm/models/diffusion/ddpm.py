@@ -142,6 +142,11 @@ def translate(kind: str, params: Mapping[str, Any]) -> dict[str, Any]:
         "prior_loss_weight",
         "cache_latents",
         "cache_text_embeddings",
+        "optimizer_config",
+        "ema_device",
+        "ema_every",
+        "gradient_checkpointing",
+        "compile",
     ):
         if k in p:
             out[k] = p[k]
@@ -244,7 +249,7 @@ def _inpaint(kind: str, p: Mapping[str, Any], out: dict[str, Any]) -> dict[str, 
 
 
 #: The originals' parameters with their defaults, in their order (positional arguments bind in
-#: it); ``None`` for the required configs. DDPM's last seven are ours (min_snr_gamma, ...).
+#: it); ``None`` for the required configs. The entries from min_snr_gamma on are ours.
 DDPM_DEFAULTS: dict[str, Any] = {
     "unet_config": None,
     "timesteps": 1000,
@@ -291,6 +296,12 @@ DDPM_DEFAULTS: dict[str, Any] = {
     "prior_loss_weight": 1.0,
     "cache_latents": None,  # ours: encode the training images once (ldm.engine.latent_caching)
     "cache_text_embeddings": None,  # ours: frozen text encoders encode each prompt once
+    # ours: the optimizer and memory options (docs/optimizers.md)
+    "optimizer_config": None,
+    "ema_device": None,
+    "ema_every": 1,
+    "gradient_checkpointing": None,
+    "compile": False,
 }
 LATENT_DEFAULTS: dict[str, Any] = {
     "first_stage_config": None,

@@ -66,6 +66,10 @@ OWN_PARAMS = (
     "prior_loss_weight",  # ours: DreamBooth's class-image loss weight
     "cache_latents",  # ours: encode the training images once (ldm.engine.latent_caching)
     "cache_text_embeddings",  # ours: frozen text encoders encode each prompt once
+    "ema_device",  # ours: the optimizer and memory options (docs/optimizers.md)
+    "ema_every",
+    "gradient_checkpointing",
+    "compile",
 )
 
 
@@ -245,13 +249,8 @@ def translate(params: Mapping[str, Any]) -> dict[str, Any]:
         (False, True): "adm",
         (False, False): None,
     }[(has_context, has_vector)]
-    if p.get("optimizer_config") is not None:
-        logger.warning(
-            "sgm optimizer_config %s is not used: training uses AdamW at base_learning_rate.",
-            p["optimizer_config"].get("target"),
-        )
-    if p.get("compile_model"):
-        logger.warning("compile_model=True is ignored here (compilation is a run-time switch).")
+    if p.get("compile_model") and p.get("compile") is not None:
+        raise ConfigError("give compile_model (sgm) or compile (ours), not both.")
     latent = p.get("image_size", 128)  # SDXL: 1024 px -> 128 x 128 latents
     out: dict[str, Any] = {
         "network_config": net,
@@ -277,6 +276,12 @@ def translate(params: Mapping[str, Any]) -> dict[str, Any]:
         "prior_loss_weight": float(p.get("prior_loss_weight", 1.0)),
         "cache_latents": p.get("cache_latents"),
         "cache_text_embeddings": p.get("cache_text_embeddings"),
+        # sgm's {target, params} optimizer_config is ours too (ldm.optimizers)
+        "optimizer_config": p.get("optimizer_config"),
+        "ema_device": p.get("ema_device"),
+        "ema_every": p.get("ema_every", 1),
+        "gradient_checkpointing": p.get("gradient_checkpointing"),
+        "compile": p.get("compile", bool(p.get("compile_model", False))),
     }
     return out
 

@@ -86,6 +86,22 @@ def remap_clip_text_keys(model: Any, state_dict: dict[str, Any], prefix: str) ->
             state_dict[prefix + name] = model.get_buffer(name)
 
 
+def set_hf_checkpointing(model: Any, enable: bool = True) -> None:
+    """Activation recomputation in a transformers model's layers (non-reentrant; transformers
+    applies it only while the model is in training mode)."""
+    if enable:
+        on = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5
+        if on is not None:
+            on(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+    else:
+        off = getattr(model, "activation_checkpointing_disable", None)
+        (off or model.gradient_checkpointing_disable)()
+
+
 class FrozenCLIPEmbedder(LongPromptMixin, FrozenWeightsMixin, AbstractEncoder):
     """CLIP text encoder (Radford et al. 2021) giving SD's cross-attention context ``[B, 77, D]``.
 
@@ -202,6 +218,10 @@ class FrozenCLIPEmbedder(LongPromptMixin, FrozenWeightsMixin, AbstractEncoder):
         return "weights=<HF CLIP directory or state-dict file>, or version=<local HF directory>"
 
     # ------------------------------------------------------------------ encoding
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the transformer layers' activations in backward (when training)."""
+        set_hf_checkpointing(self.transformer, enable)
+
     def tokenize(self, text: str | Sequence[str]) -> torch.Tensor:
         """Token ids ``[B, max_length]`` as SD v1's Hugging Face tokenizer gives them (truncated;
         ``tokenize_chunks`` gives the chunks ``forward`` encodes)."""

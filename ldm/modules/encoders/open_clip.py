@@ -159,6 +159,11 @@ class FrozenOpenCLIPEmbedder(LongPromptMixin, FrozenWeightsMixin, AbstractEncode
         return "weights=<open_clip or SD 2.x checkpoint file>, or version=<local checkpoint file>"
 
     # ------------------------------------------------------------------ encoding
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the residual blocks' activations in backward (open_clip's switch on the
+        text transformer; ``CLIP.set_grad_checkpointing`` would reach for the deleted visual)."""
+        self.model.transformer.grad_checkpointing = enable
+
     def tokenize(self, text: str | Sequence[str]) -> torch.Tensor:
         """Token ids ``[B, max_length]`` as ``open_clip.tokenize`` gives them (padded with 0,
         truncated; ``tokenize_chunks`` gives the chunks ``forward`` encodes)."""

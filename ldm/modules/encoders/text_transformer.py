@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ldm.modules.encoders.base import AbstractEncoder
-from ldm.modules.encoders.clip import build_clip_text_config
+from ldm.modules.encoders.clip import build_clip_text_config, set_hf_checkpointing
 from ldm.modules.encoders.long_prompt import DEFAULT_MAX_CHUNKS, LongPromptMixin
 from ldm.modules.encoders.tokenizer import CONTEXT_LENGTH, VOCAB_SIZE, get_tokenizer
 
@@ -66,7 +66,7 @@ class CLIPTextEncoder(LongPromptMixin, AbstractEncoder):
         )
         self.transformer = CLIPTextModel(config)
         if gradient_checkpointing:
-            self.transformer.gradient_checkpointing_enable()
+            self.set_grad_checkpointing(True)
         self.max_length = int(max_length)
         self.ucg_rate = float(ucg_rate)
         self.tokenizer = get_tokenizer(tokenizer, self.max_length)
@@ -81,6 +81,10 @@ class CLIPTextEncoder(LongPromptMixin, AbstractEncoder):
             return text
         u = torch.rand(len(text), generator=generator)
         return ["" if float(ui) < self.ucg_rate else t for t, ui in zip(text, u)]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the transformer layers' activations in backward (when training)."""
+        set_hf_checkpointing(self.transformer, enable)
 
     def tokenize(self, text: str | Sequence[str]) -> torch.Tensor:
         """Token ids ``[B, max_length]`` (truncated; ``tokenize_chunks`` gives the chunks
