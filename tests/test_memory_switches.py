@@ -198,6 +198,6 @@ def test_compiled_unet_equals_eager_through_dynamo() -> None:
 
 @pytest.mark.slow
 def test_compiled_unet_equals_eager_with_inductor() -> None:
-    """About 2 minutes of compilation on 2 CPU cores."""
+    """About 2 minutes of compilation on 2 CPU cores (seconds with a warm inductor cache)."""
     torch._dynamo.reset()
     _compiled_equals_eager(None)

@@ -31,7 +31,8 @@ def apply_freeze(engine: Any, spec: OptimizerSpec | None) -> list[str]:
     if cond is not None and cond.trains:
         if not any(p.requires_grad for p in cond.trainable_parameters()):
             cond.trains = False  # all of it frozen: encode without gradients
-    numbers = sum(p.numel() for n, p in engine.named_parameters() if n in set(frozen))
+    names = set(frozen)
+    numbers = sum(p.numel() for n, p in engine.named_parameters() if n in names)
     logger.info(
         "optimizer_config.freeze: %d parameter tensors (%d numbers) frozen, %d of them had an EMA.",
         len(frozen),
