@@ -40,7 +40,11 @@ def main() -> None:
     from ldm.util import instantiate_from_config
 
     dtype = getattr(torch, args.dtype)
-    result: dict[str, object] = {"dtype": args.dtype, "size": args.size, "threads": torch.get_num_threads()}
+    result: dict[str, object] = {
+        "dtype": args.dtype,
+        "size": args.size,
+        "threads": torch.get_num_threads(),
+    }
     t = time.perf_counter()
     cfg = OmegaConf.load(ROOT / "configs" / "stable-diffusion" / "sdxl-base.yaml")
     model = instantiate_from_config(cfg.model).eval().requires_grad_(False)
