@@ -16,6 +16,9 @@
 - ``optimizer_config`` (optimizer, per-name param groups, freeze: ``engine/optimization.py``),
   ``ema_device`` / ``ema_every`` (``engine/ema_placement.py``), ``gradient_checkpointing``
   (``engine/memory.py``), ``compile`` (``engine/compilation.py``); see docs/optimizers.md.
+- ``cache_latents`` (first-stage encodings of the training images stored once:
+  ``engine/latent_caching.py``), ``cache_text_embeddings`` (frozen text encoders memoised by
+  prompt: ``engine/text_cache.py``).
 
 The CompVis classes (``ldm.models.diffusion.ddpm``) translate their parameters into these.
 """
