@@ -74,7 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         command = parse_command(argv)
         if command.sweep:
-            run_sweep(command.spec, command.sweep, backend=command.sweep_backend)
+            run_sweep(
+                command.spec,
+                command.sweep,
+                backend=command.sweep_backend,
+                address=command.ray_address,
+                resume=command.sweep_resume,
+            )
         else:
             with run_name_shared_with_child_ranks(command.spec) as spec:
                 run(spec)

@@ -83,7 +83,13 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", type=str, default=None, metavar="SWEEP.yaml",
                    help="run a sweep: grid or random sampling over config keys (see ldm/sweep.py)")  # fmt: skip
     p.add_argument("--sweep-backend", choices=("local", "ray"), default="local",
-                   help="'local': trials one after another here; 'ray': Ray Tune when installed")  # fmt: skip
+                   help="'local': trials one after another here; 'ray': Ray Tune (pip install -e '.[sweep]')")  # fmt: skip
+    p.add_argument("--ray-address", type=str, default=None, metavar="HOST:PORT",
+                   help="with --sweep-backend ray: join this Ray cluster (started with 'ray start "
+                        "--head'); default: a Ray instance on this machine")  # fmt: skip
+    p.add_argument("--sweep-resume", type=str, default=None, metavar="SWEEP_DIR",
+                   help="with --sweep: continue the interrupted sweep in this folder (its "
+                        "finished trials are kept, the others run)")  # fmt: skip
     return p
 
 
@@ -96,6 +102,10 @@ class Command:
     sweep: str | None = None
     #: ``--sweep-backend``: ``local`` or ``ray``.
     sweep_backend: str = "local"
+    #: ``--ray-address``: an existing Ray cluster to run the trials on.
+    ray_address: str | None = None
+    #: ``--sweep-resume``: the folder of an interrupted sweep to continue.
+    sweep_resume: str | None = None
 
 
 def parse_command(argv: Sequence[str]) -> Command:
@@ -126,4 +136,14 @@ def parse_command(argv: Sequence[str]) -> Command:
         no_test=opt.no_test,
         debug=opt.debug,
     )
-    return Command(spec, sweep=opt.sweep, sweep_backend=opt.sweep_backend)
+    if (opt.ray_address or opt.sweep_resume) and not opt.sweep:
+        parser.error("--ray-address and --sweep-resume go with --sweep SWEEP.yaml")
+    if opt.ray_address and opt.sweep_backend != "ray":
+        parser.error("--ray-address needs --sweep-backend ray")
+    return Command(
+        spec,
+        sweep=opt.sweep,
+        sweep_backend=opt.sweep_backend,
+        ray_address=opt.ray_address,
+        sweep_resume=opt.sweep_resume,
+    )

@@ -26,12 +26,13 @@ From Python: ``run_sweep(RunSpec(base=[...], train=True), "sweep.yaml")``. Each 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import itertools
+import json
 import logging
 import math
 import random
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +41,25 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from ldm.config import load_yaml
 from ldm.launch import config_overrides, run, timestamp
 from ldm.run_spec import RunSpec
+from ldm.sweep_ray import SCHEDULER_KEYS, SEARCH_KEYS
 from ldm.util import ConfigError, did_you_mean
 
 logger = logging.getLogger(__name__)
 
-SWEEP_KEYS = ("method", "trials", "seed", "metric", "mode", "parameters")
+SWEEP_KEYS = (
+    "method",
+    "trials",
+    "seed",
+    "metric",
+    "mode",
+    "parameters",
+    "cpus_per_trial",
+    "gpus_per_trial",
+    "max_concurrent",
+    "scheduler",
+    "search",
+)
+PROGRESS_FILE = "trials.jsonl"  # one line per finished trial: what --sweep-resume skips
 DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform")
 
 
@@ -60,6 +75,11 @@ class SweepSpec:
     mode: str = "min"
     source: str = "<sweep>"
     names: list[str] = field(default_factory=list)
+    cpus_per_trial: float = 1.0  # Ray backend: resources of one trial
+    gpus_per_trial: float = 0.0
+    max_concurrent: int | None = None
+    scheduler: Any = None  # Ray backend: asha (ldm.sweep_ray)
+    search: Any = None  # Ray backend: optuna
 
 
 def load_sweep(path: str | Path) -> SweepSpec:
@@ -90,7 +110,43 @@ def load_sweep(path: str | Path) -> SweepSpec:
         raise ConfigError(
             f"{src}: trials: random sampling needs an integer number of trials, found {trials!r}."
         )
-    return SweepSpec(parsed, method, trials, int(cfg.get("seed", 0)), cfg.get("metric"), mode, src)
+    out = SweepSpec(parsed, method, trials, int(cfg.get("seed", 0)), cfg.get("metric"), mode, src)
+    for key in ("cpus_per_trial", "gpus_per_trial"):
+        value = cfg.get(key, getattr(out, key))
+        if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"{src}: {key}: expected a number >= 0, found {value!r}.")
+        setattr(out, key, float(value))
+    concurrent = cfg.get("max_concurrent")
+    if concurrent is not None and (not isinstance(concurrent, int) or concurrent < 1):
+        raise ConfigError(f"{src}: max_concurrent: expected an integer >= 1, found {concurrent!r}.")
+    out.max_concurrent = concurrent
+    out.scheduler = _plain_choice(src, "scheduler", cfg.get("scheduler"), ("asha",), SCHEDULER_KEYS)
+    out.search = _plain_choice(src, "search", cfg.get("search"), ("optuna",), SEARCH_KEYS)
+    if out.search is not None and (out.trials is None or out.trials < 1):
+        raise ConfigError(f"{src}: search: optuna proposes `trials` trials; set trials: N.")
+    return out
+
+
+def _plain_choice(
+    src: str, key: str, value: Any, types: tuple[str, ...], keys: tuple[str, ...]
+) -> Any:
+    """``scheduler`` / ``search``: a type name or a mapping with ``type`` and options."""
+    if value is None:
+        return None
+    if isinstance(value, DictConfig):
+        value = OmegaConf.to_container(value)
+    kind = (
+        value if isinstance(value, str) else value.get("type") if isinstance(value, dict) else None
+    )
+    if kind not in types:
+        raise ConfigError(
+            f"{src}: {key}: expected one of {list(types)} (or {{type: ..., ...}}), found {value!r}."
+        )
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(keys))
+        if unknown:
+            raise ConfigError(f"{src}: {key}: unknown keys {unknown}; known: {list(keys)}.")
+    return value
 
 
 def _parse_param(src: str, key: str, value: Any, method: str) -> Any:
@@ -190,6 +246,19 @@ def _run_trial(
     return row
 
 
+def run_trial_reporting(
+    spec: RunSpec, trial: dict[str, Any], index: int, sweep_dir: Path, metric: str
+) -> dict[str, Any]:
+    """A trial inside Ray Tune: the run reports ``metric`` after every validation."""
+    report = [
+        "lightning.callbacks.tune_report.target=ldm.sweep_ray.TuneReport",
+        f"lightning.callbacks.tune_report.params.metric={metric}",
+    ]
+    return _run_trial(
+        replace(spec, overrides=[*spec.overrides, *report]), trial, index, sweep_dir, metric
+    )
+
+
 def _metric_name(sweep: SweepSpec, spec: RunSpec) -> str:
     if sweep.metric:
         return str(sweep.metric)
@@ -240,45 +309,99 @@ def write_summary(
 
 
 def run_sweep(
-    spec: RunSpec, sweep_file: str | Path, backend: str = "local"
+    spec: RunSpec,
+    sweep_file: str | Path,
+    backend: str = "local",
+    address: str | None = None,
+    resume: str | Path | None = None,
 ) -> list[dict[str, Any]]:
     """Run every trial of ``sweep_file`` around ``spec`` and write the ranked summary.
 
-    ``backend``: ``local`` (one trial after another here) or ``ray`` (Ray Tune when installed).
-    Returns the rows of the summary, best first.
+    ``backend``: ``local`` (one trial after another here) or ``ray`` (Ray Tune; ``address``: an
+    existing Ray cluster). ``resume``: the folder of an interrupted sweep: the trials it finished
+    (``trials.jsonl``) are kept and only the others run. Returns the rows of the summary, best
+    first.
     """
     if spec.resume:
         raise ConfigError("--sweep starts new runs; it cannot be combined with -r/--resume.")
     if backend not in ("local", "ray"):
         raise ConfigError(f"--sweep-backend: expected 'local' or 'ray', found {backend!r}.")
     sweep = load_sweep(sweep_file)
+    if backend == "local" and (sweep.scheduler or sweep.search):
+        raise ConfigError(
+            f"{sweep.source}: scheduler / search need --sweep-backend ray (Ray Tune runs them)."
+        )
     trials = sample_trials(sweep)
     metric = _metric_name(sweep, spec)
-    now = timestamp()
-    name = spec.name or Path(sweep_file).stem
-    parent = Path(spec.logdir) / spec.project if spec.project else Path(spec.logdir)
-    sweep_dir = (parent / f"{now}_{name}_sweep").resolve()
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    spec = replace(spec, base=[str(Path(b).resolve()) for b in spec.base])
+    sweep_dir, done = _sweep_folder(spec, sweep_file, resume)
+    todo = [i for i in range(len(trials)) if i not in {r["trial"] for r in done}]
     logger.info(
-        "sweep %s: %d %s trials ranked by %s (%s) in %s",
+        "sweep %s: %d %s trials ranked by %s (%s) in %s%s",
         sweep.source,
         len(trials),
         sweep.method,
         metric,
         sweep.mode,
         sweep_dir,
+        f" ({len(done)} already done, {len(todo)} to run)" if resume else "",
     )
+    record = partial(_record, sweep_dir / PROGRESS_FILE)
+    rows = list(done)
     if backend == "ray":
-        if importlib.util.find_spec("ray") is None:
-            logger.info(
-                "--sweep-backend ray: ray is not installed (pip install 'ray[tune]'); running the %d trials one after another here.",
-                len(trials),
-            )
-        else:
-            rows = _run_ray(spec, trials, sweep_dir, metric)
-            return _finish(rows, sweep, metric, sweep_dir)
-    rows = [_run_trial(spec, t, i, sweep_dir, metric) for i, t in enumerate(trials)]
+        from ldm.sweep_ray import run_ray
+
+        if sweep.search is not None:
+            todo = list(range(len(done), int(sweep.trials)))
+        rows += run_ray(
+            spec, sweep, trials, todo, sweep_dir, metric, address, record, run_trial_reporting
+        )
+    else:
+        for i in todo:
+            rows.append(_run_trial(spec, trials[i], i, sweep_dir, metric))
+            record(rows[-1])
     return _finish(rows, sweep, metric, sweep_dir)
+
+
+def _sweep_folder(
+    spec: RunSpec, sweep_file: str | Path, resume: str | Path | None
+) -> tuple[Path, list[dict[str, Any]]]:
+    """A new, never shared folder for the sweep; or the interrupted one and its finished trials."""
+    if resume is not None:
+        folder = Path(resume).resolve()
+        if not folder.is_dir():
+            raise ConfigError(f"--sweep-resume {resume}: no such sweep folder.")
+        progress = folder / PROGRESS_FILE
+        done = []
+        if progress.is_file():
+            for n, line in enumerate(progress.read_text().splitlines(), 1):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    logger.warning(
+                        "%s:%d: unreadable line skipped (that trial runs again)", progress, n
+                    )
+                    continue
+                if str(row.get("status", "")).startswith(("ok", "stopped")):
+                    done.append(row)
+        return folder, done
+    name = spec.name or Path(sweep_file).stem
+    parent = Path(spec.logdir) / spec.project if spec.project else Path(spec.logdir)
+    parent.mkdir(parents=True, exist_ok=True)
+    now = timestamp()
+    for n in range(1000):  # two sweeps started in the same second get their own folders
+        folder = (parent / f"{now}_{name}_sweep{'' if n == 0 else f'-{n}'}").resolve()
+        try:
+            folder.mkdir()
+            return folder, []
+        except FileExistsError:
+            continue
+    raise ConfigError(f"could not create a new sweep folder under {parent}")
+
+
+def _record(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row, default=str) + "\n")
 
 
 def _finish(
@@ -288,22 +411,3 @@ def _finish(
     csv_path, md_path = write_summary(ranked, list(spec.parameters), metric, sweep_dir)
     logger.info("sweep summary: %s and %s\n%s", csv_path, md_path, md_path.read_text())
     return ranked
-
-
-def _run_ray(
-    spec: RunSpec,
-    trials: list[dict[str, Any]],
-    sweep_dir: Path,
-    metric: str,
-) -> list[dict[str, Any]]:  # pragma: no cover - needs ray
-    """Each trial as a Ray Tune trial (multi-machine when a Ray cluster is connected)."""
-    from ray import tune
-
-    def trainable(cfg: dict[str, Any]) -> dict[str, Any]:
-        i = cfg["index"]
-        row = _run_trial(spec, trials[i], i, sweep_dir, metric)
-        return {"row": row}
-
-    tuner = tune.Tuner(trainable, param_space={"index": tune.grid_search(list(range(len(trials))))})
-    results = tuner.fit()
-    return [r.metrics["row"] for r in results]
