@@ -135,6 +135,13 @@ def scale_learning_rate(
     return lr, msg
 
 
+def _eval_ckpt(spec: RunSpec, ckpt_path: str | None) -> dict[str, Any]:
+    """Without training, validate / test the resumed checkpoint's weights (``-r``)."""
+    if spec.train or not ckpt_path:
+        return {}
+    return {"ckpt_path": ckpt_path, "weights_only": True}
+
+
 def config_overrides(spec: RunSpec) -> list[str]:
     """``spec.overrides`` with ``trainer.x=1`` and a bare Trainer argument ``x=1`` written as
     ``lightning.trainer.x=1`` (the command line does the same for ``--trainer.x 1``)."""
@@ -214,6 +221,14 @@ def run(spec: RunSpec) -> RunResult:
             if spec.debug and trainer.is_global_zero and sys.stdin.isatty():
                 pdb.post_mortem()
             raise
+    if spec.validate and not trainer.interrupted:
+        has_val = isinstance(data, DataModuleFromConfig) and "validation" in data.dataset_configs
+        if not (has_val and is_overridden("validation_step", model)):
+            raise UsageError(
+                "validate: the config has no validation split (data.params.validation) or the "
+                "model no validation_step."
+            )
+        trainer.validate(model, datamodule=data, **_eval_ckpt(spec, ckpt_path))
     has_test = isinstance(data, DataModuleFromConfig) and "test" in data.dataset_configs
     if (
         not spec.no_test
@@ -221,7 +236,7 @@ def run(spec: RunSpec) -> RunResult:
         and has_test
         and is_overridden("test_step", model)
     ):
-        trainer.test(model, datamodule=data)
+        trainer.test(model, datamodule=data, **_eval_ckpt(spec, ckpt_path))
     result = summarize(
         trainer, paths, time.time() - start, lr, interrupt, getattr(model, "monitor", None)
     )

@@ -58,6 +58,8 @@ class RunSpec:
     no_test: bool = False
     #: ``-d/--debug``: post-mortem debugger on errors, run moved to ``<logdir>/debug_runs``.
     debug: bool = False
+    #: ``python -m ldm validate``: run the validation split (after fitting, when ``train``).
+    validate: bool = False
     #: Timestamp part of the run directory's name. None: the current time, made unique (``-1``,
     #: ``-2``, ...) when taken. Given: used as is, so the processes of one run (DDP ranks) that
     #: are given the same value write to one directory.

@@ -351,8 +351,8 @@ def run_sweep(
     if backend == "ray":
         from ldm.sweep_ray import run_ray
 
-        if sweep.search is not None:
-            todo = list(range(len(done), int(sweep.trials)))
+        if sweep.search is not None:  # Optuna proposes the trials: only how many is known
+            todo, trials = list(range(len(done), int(sweep.trials))), []
         rows += run_ray(
             spec, sweep, trials, todo, sweep_dir, metric, address, record, run_trial_reporting
         )

@@ -105,6 +105,18 @@ def init_ray(address: str | None = None) -> bool:
     return True
 
 
+def claim_index(folder: Path, start: int = 0) -> int:
+    """The next free trial number in a sweep folder, claimed atomically (a marker file made with
+    O_EXCL), so trials proposed by a search algorithm on any node get distinct run names."""
+    n = start
+    while True:
+        try:
+            os.close(os.open(folder / f".trial-{n:04d}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return n
+        except FileExistsError:
+            n += 1
+
+
 def scheduler_from(cfg: Any, metric: str, mode: str) -> Any:
     """ASHA from the sweep file's ``scheduler`` (None: FIFO)."""
     if cfg is None:
@@ -190,7 +202,7 @@ def run_ray(
         if "index" in config:
             index, values = int(config["index"]), trials[int(config["index"])]
         else:
-            index = int(tune.get_context().get_trial_id().rsplit("_", 1)[-1]) + len(trials)
+            index = claim_index(sweep_dir, start=len(trials))
             values = {k: config[k] for k in sweep.parameters}
         row = run_one(spec, values, index, sweep_dir, metric)
         row["node"] = ray.get_runtime_context().get_node_id()[:12]
