@@ -26,6 +26,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.config import ConfigSources, explain, merge_configs, normalize_key
+from ldm.engine.sharding import STRATEGY_NAMES, fsdp2_strategy
 from ldm.run_spec import FINISHED, INTERRUPTED, RunResult, RunSpec, UsageError
 from ldm.util import ConfigError
 
@@ -344,7 +345,14 @@ def build_trainer(
     callbacks = [setup, *instantiate_callbacks(callbacks_cfg), interrupt, RNGStateCheckpoint()]
     kwargs = dict(trainer_kwargs)
     strategy = kwargs.get("strategy", "auto")
-    if isinstance(strategy, str) and not strategy.startswith(("deepspeed", "fsdp")):
+    if strategy in STRATEGY_NAMES:  # ours: FSDP2 through Lightning's ModelParallelStrategy
+        kwargs["strategy"] = fsdp2_strategy(kwargs.get("devices", 1), kwargs.get("num_nodes", 1))
+        logger.info(
+            "strategy %s: Lightning's ModelParallelStrategy (ldm.engine.sharding)", strategy
+        )
+    if isinstance(strategy, str) and not strategy.startswith(
+        ("deepspeed", "fsdp", "model_parallel")
+    ):
         kwargs["plugins"] = [*(kwargs.get("plugins") or []), AtomicCheckpointIO()]
     kwargs.setdefault("default_root_dir", str(paths.run_dir))
     # Frozen first and conditioning stages stay in eval mode on purpose (CompVis

@@ -62,6 +62,7 @@ from ldm.engine.network import DiffusionWrapper, as_cond_dict
 from ldm.engine.optimization import apply_freeze, engine_optimizer, without_frozen
 from ldm.engine.prior_preservation import PRIOR_KEY, prior_preservation_loss
 from ldm.engine.schedule import TrainingSchedule
+from ldm.engine.sharding import shard_engine, uses_fsdp2
 from ldm.engine.text_cache import enable_text_cache, text_cache_settings
 from ldm.optimizers import OptimizerSpec
 from ldm.util import ConfigError, count_params, instantiate_from_config, plain
@@ -448,6 +449,11 @@ class DiffusionEngine(FirstStageMixin, CompVisSampling, pl.LightningModule):
         if stored.shape[1] == 2 * int(getattr(self.first_stage_model, "embed_dim", -1)):
             stored = stored.chunk(2, dim=1)[0]
         return self.decode_first_stage(self.scale_factor * stored).float().cpu()
+
+    def configure_model(self) -> None:
+        """Under ``strategy: fsdp2``: shard the U-Net (and a training text encoder) and the EMA."""
+        if uses_fsdp2(self):
+            shard_engine(self)
 
     def on_fit_start(self) -> None:
         """cache_latents: fill the training set's latent cache and switch it to cached items."""
