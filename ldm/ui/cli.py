@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of LoRA .safetensors files for the LoRA picker")  # fmt: skip
     p.add_argument("--embedding-dir", dest="embedding_dir", type=str, default=None,
                    help="folder of textual-inversion files for the embedding picker")  # fmt: skip
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's; 1 suits small models on a busy "
+                   "CPU)")  # fmt: skip
     p.add_argument("--max-upload-mb", dest="max_upload_mb", type=float,
                    default=DEFAULT_MAX_UPLOAD_MB, help="largest upload accepted (MB)")  # fmt: skip
     return p
@@ -59,6 +62,12 @@ def configure(args: argparse.Namespace) -> dict[str, Any]:
         raise UiError(f"--port {args.port}: must be in 1..65535.")
     if args.max_upload_mb <= 0:
         raise UiError("--max-upload-mb must be positive.")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UiError("--threads must be at least 1.")
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.device:
         import torch
 

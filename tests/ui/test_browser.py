@@ -67,7 +67,8 @@ def server(shapes_ckpt: Path, tmp_path_factory) -> Iterator[dict[str, Any]]:
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
     argv = [sys.executable, "-m", "ldm.ui", "--ckpt", str(shapes_ckpt), "--port", str(port)]
-    argv += ["--outdir", str(outdir), "--device", "cpu"]
+    # one intra-op thread for the tiny model: no OpenMP spin-waiting on a busy 2-core machine
+    argv += ["--outdir", str(outdir), "--device", "cpu", "--threads", "1"]
     start = time.perf_counter()
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -195,6 +196,32 @@ def test_type_a_prompt_generate_and_read_the_png_metadata(
     )
     local = (server["url"] + "/", "data:", "blob:")
     assert [u for u in _requested_urls(browser) if not u.startswith(local)] == []
+
+
+def test_send_to_inpaint_paint_a_mask_and_generate(server: dict[str, Any], browser: Any) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    info = lambda: browser.find_element(By.ID, "info").text  # noqa: E731
+    _open(browser, server["url"])
+    browser.find_element(By.CSS_SELECTOR, "#prompt textarea").send_keys("a green triangle")
+    clicked = time.perf_counter()  # the model is warm now: the second image of the server
+    browser.find_element(By.ID, "txt2img-generate").click()
+    WebDriverWait(browser, 60).until(lambda d: "txt2img/00001.png" in info())
+    logger.info("click to image, warm model: %.2f s", time.perf_counter() - clicked)
+    browser.find_element(By.ID, "send-inpaint").click()
+    canvas = WebDriverWait(browser, 10).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#inpaint-editor canvas")
+    )[-1]
+    time.sleep(0.5)  # the editor draws the sent image first
+    stroke = ActionChains(browser).move_to_element(canvas).click_and_hold()
+    stroke.move_by_offset(30, 10).move_by_offset(10, 30).release().perform()
+    browser.find_element(By.ID, "inpaint-generate").click()
+    WebDriverWait(browser, 60).until(lambda d: "inpaint/00000.png" in info())
+    meta = read_params(server["outdir"] / "inpaint" / "00000.png")
+    assert meta["mode"] == "inpaint" and meta["prompt"] == "a green triangle"
+    assert meta["strength"] == 1.0
 
 
 def test_dropping_one_of_our_pngs_restores_its_settings(

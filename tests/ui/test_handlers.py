@@ -281,6 +281,8 @@ def test_listen_requires_auth(shapes_ckpt: Path, capsys) -> None:
     args = build_parser().parse_args(["--ckpt", str(shapes_ckpt), "--listen", "--auth", "a:b"])
     assert configure(args)["host"] == "0.0.0.0" and configure(args)["auth"] == ("a", "b")
     assert configure(build_parser().parse_args(["--ckpt", str(shapes_ckpt)]))["port"] == 7860
+    with pytest.raises(UiError, match="--threads"):
+        configure(build_parser().parse_args(["--ckpt", str(shapes_ckpt), "--threads", "0"]))
 
 
 def test_uploads_are_decoded_as_images_only(fake, tmp_path: Path) -> None:
