@@ -35,12 +35,17 @@ setup(
             "lion-pytorch>=0.2",
             "prodigyopt>=1.1",
             "bitsandbytes>=0.50",
+            # the web UI and its browser test (Chromium itself: apt, see .ci/run)
+            "gradio>=6,<7",
+            "selenium>=4.20",
         ],
         "adapters": ["peft>=0.12"],
         # optimizer_config types beyond torch's (docs/optimizers.md): lion, prodigy, adamw8bit /
         # lion8bit (bitsandbytes >= 0.50 also steps on the CPU)
         "optim": ["lion-pytorch>=0.2", "prodigyopt>=1.1", "bitsandbytes>=0.50"],
         "xformers": ["xformers"],
+        # python -m ldm.ui / ldm-ui (docs/ui.md); gradio needs no torch of its own
+        "ui": ["gradio>=6,<7"],
     },
     entry_points={
         "console_scripts": [
@@ -49,6 +54,7 @@ setup(
             "ldm-inpaint=ldm.commands.sample:inpaint_main",
             "ldm-convert=ldm.commands.convert:main",
             "ldm-lora=ldm.commands.lora:main",
+            "ldm-ui=ldm.ui.cli:main",
         ]
     },
 )

@@ -19,12 +19,15 @@ def randn_like(x: torch.Tensor, generator: torch.Generator | None = None) -> tor
 
 @dataclass
 class SamplerContext:
-    """Noise generator, per-step ``callback(dict)`` and tqdm switch (``disable=None``: off when not a TTY)."""
+    """Noise generator, per-step ``callback(dict)`` and tqdm switch (``disable=None``: off when not a TTY).
+
+    ``total``: the number of solver steps of the call, sent with every report (progress bars)."""
 
     generator: torch.Generator | None = None
     callback: Callable[[dict[str, Any]], None] | None = None
     disable: bool | None = None
     name: str = "sampling"
+    total: int | None = None
 
     def randn(self, like: torch.Tensor) -> torch.Tensor:
         """Fresh N(0, I) noise shaped like ``like`` from the call's generator."""
@@ -35,6 +38,8 @@ class SamplerContext:
         return trange(n, disable=self.disable, desc=self.name, leave=False)
 
     def report(self, **info: Any) -> None:
-        """Send step info (i, x, sigma or t, denoised) to the user's callback."""
+        """Send step info (i, x, sigma or t, denoised; total when known) to the user's callback."""
         if self.callback is not None:
+            if self.total is not None:
+                info.setdefault("total", self.total)
             self.callback(info)

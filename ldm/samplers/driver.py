@@ -268,7 +268,9 @@ def run_solver(
         ladder = ladder.until(denoising_end, denoiser.schedule.num_timesteps)
     if ladder.steps < 1:
         return x0.clone() if x0 is not None else x_T.clone()
-    ctx = SamplerContext(generator=generator, callback=callback, disable=disable, name=spec.name)
+    ctx = SamplerContext(
+        generator=generator, callback=callback, disable=disable, name=spec.name, total=ladder.steps
+    )
     known = KnownRegion(x0, mask, ctx) if mask is not None else None
     bound = BoundDenoiser(denoiser, model_fn, known, clip_denoised)
     first = ladder.levels[0]
