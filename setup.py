@@ -38,6 +38,9 @@ setup(
             # the web UI and its browser test (Chromium itself: apt, see .ci/run)
             "gradio>=6,<7",
             "selenium>=4.20",
+            # Ray Tune sweeps (ASHA, Optuna, a simulated two-node cluster)
+            "ray[tune]>=2.9",
+            "optuna>=3",
         ],
         "adapters": ["peft>=0.12"],
         # optimizer_config types beyond torch's (docs/optimizers.md): lion, prodigy, adamw8bit /
@@ -46,6 +49,8 @@ setup(
         "xformers": ["xformers"],
         # python -m ldm.ui / ldm-ui (docs/ui.md); gradio needs no torch of its own
         "ui": ["gradio>=6,<7"],
+        # --sweep-backend ray (ldm/sweep_ray.py): Ray Tune trials, ASHA, Optuna search
+        "sweep": ["ray[tune]>=2.9", "optuna>=3"],
     },
     entry_points={
         "console_scripts": [
