@@ -58,9 +58,8 @@ def test_fsdp2_matches_ddp_writes_a_loadable_checkpoint_and_resumes(tmp_path: Pa
     )
     import ldm
 
-    model = ldm.load_model(
-        str(fsdp_dir / "checkpoints" / "last.ckpt"), config=str(ROOT / "configs" / "txt2img.yaml")
-    )
+    (project,) = (fsdp_dir / "configs").glob("*-project.yaml")
+    model = ldm.load_model(str(fsdp_dir / "checkpoints" / "last.ckpt"), config=str(project))
     key = "model.diffusion_model.out.2.weight"
     torch.testing.assert_close(model.state_dict()[key], fsdp[key])
     # resume the sharded run for 2 more steps
