@@ -84,13 +84,26 @@ def _load_pickle(path: Path) -> Any:
 
 
 def _load(path: Path) -> dict[str, Any]:
+    from ldm.checkpoint.integrity import LOAD_ERRORS, check_checkpoint_file, damaged
+
     suffix = path.suffix.lower()
+    if suffix == ".safetensors" or suffix in TORCH_SUFFIXES:
+        check_checkpoint_file(path)
     if suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        data: Any = load_file(str(path), device="cpu")
+        try:
+            data: Any = load_file(str(path), device="cpu")
+        except SafetensorError as err:
+            raise damaged(path, err) from None
     elif suffix in TORCH_SUFFIXES:
-        data = _load_pickle(path)
+        try:
+            data = _load_pickle(path)
+        except UnsafeCheckpointError:
+            raise
+        except LOAD_ERRORS as err:
+            raise damaged(path, err) from err
     else:
         raise ValueError(
             f"Embedding file {path}: unknown suffix '{path.suffix}'; expected .safetensors or "
@@ -200,19 +213,22 @@ def _read_diffusers(
 
 # ---------------------------------------------------------------------------------- writing
 def _save(tensors: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() == ".safetensors":
-        from safetensors.torch import save_file
+    from ldm.atomic_output import atomic_path
 
-        from ldm.checkpoint.prune import to_saveable
-
-        save_file(to_saveable({k: v.detach().cpu() for k, v in tensors.items()}), str(path))
-    elif path.suffix.lower() in TORCH_SUFFIXES:
-        torch.save(tensors, path)
-    else:
+    suffix = path.suffix.lower()
+    if suffix != ".safetensors" and suffix not in TORCH_SUFFIXES:
         raise ValueError(
             f"Embedding file {path}: unknown suffix '{path.suffix}'; use .safetensors, .pt or .bin."
         )
+    with atomic_path(path) as tmp:
+        if suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            from ldm.checkpoint.prune import to_saveable
+
+            save_file(to_saveable({k: v.detach().cpu() for k, v in tensors.items()}), str(tmp))
+        else:
+            torch.save(tensors, tmp)
 
 
 def _check_parts(token: str, vectors: Mapping[str, torch.Tensor]) -> None:

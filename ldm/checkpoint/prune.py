@@ -44,9 +44,22 @@ def save_state_dict(
     extras: dict[str, Any] | None = None,
 ) -> Path:
     """Write `.safetensors` (config as JSON metadata `ldm_config`) or `.ckpt` (`state_dict` + `ldm_config`)."""
+    from ldm.atomic_output import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".safetensors":
+    with atomic_path(path) as tmp:
+        _write(state_dict, path.suffix, tmp, config, extras)
+    return path
+
+
+def _write(
+    state_dict: dict[str, torch.Tensor],
+    suffix: str,
+    path: Path,
+    config: dict[str, Any] | None,
+    extras: dict[str, Any] | None,
+) -> None:
+    if suffix == ".safetensors":
         from safetensors.torch import save_file
 
         meta = {"format": "pt"}
@@ -64,7 +77,6 @@ def save_state_dict(
         if config is not None:
             obj[CONFIG_KEY] = config
         torch.save(obj, path)
-    return path
 
 
 def prune_checkpoint(

@@ -1,0 +1,60 @@
+"""Errors raised inside ``trainer.fit`` that are the user's setting or the machine's fault, not
+ours: Lightning's misconfiguration errors -> ConfigError; a full or read-only disk (checkpoint,
+log or image writes) -> RunFailure naming the directory."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ldm.disk_errors import is_disk_fault, write_failure
+from ldm.util import ConfigError
+
+__all__ = ["checkpoint_bytes", "disk_fault_of", "fit_errors"]
+
+
+def disk_fault_of(err: BaseException | None) -> OSError | None:
+    """The disk-fault OSError behind ``err`` (torch.save wraps it in a RuntimeError), if any."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if is_disk_fault(err):
+            return err  # type: ignore[return-value]
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@contextmanager
+def fit_errors(paths: Any) -> Iterator[None]:
+    """Translate the errors of a fit of the run at ``paths`` (a :class:`~ldm.launch.RunPaths`)."""
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    from ldm.errors import RunFailure
+
+    try:
+        yield
+    except RunFailure:
+        raise
+    except MisconfigurationException as err:
+        raise ConfigError(f"lightning: Lightning rejected the settings: {err}") from err
+    except Exception as err:
+        fault = disk_fault_of(err)
+        if fault is None:
+            raise
+        where = Path(fault.filename).parent if fault.filename else Path(paths.run_dir)
+        raise write_failure(fault, where, "the run's logs", flag="-l/--logdir") from err
+
+
+def checkpoint_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a checkpoint dict (what writing it needs, roughly)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(checkpoint_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(checkpoint_bytes(v) for v in obj)
+    return 0
