@@ -13,7 +13,14 @@ from pathlib import Path
 from ldm.checkpoint.integrity import human_size
 from ldm.errors import RunFailure
 
-__all__ = ["check_writable", "free_bytes", "is_disk_fault", "write_failure", "writing"]
+__all__ = [
+    "check_writable",
+    "disk_fault_of",
+    "free_bytes",
+    "is_disk_fault",
+    "write_failure",
+    "writing",
+]
 
 _FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
 _DENIED = {errno.EROFS, errno.EACCES, errno.EPERM}
@@ -22,6 +29,17 @@ _DENIED = {errno.EROFS, errno.EACCES, errno.EPERM}
 def is_disk_fault(err: BaseException) -> bool:
     """An OSError of a full or unwritable disk (not a missing file or a bug)."""
     return isinstance(err, OSError) and err.errno in _FULL | _DENIED
+
+
+def disk_fault_of(err: BaseException | None) -> OSError | None:
+    """The disk-fault OSError behind ``err`` (torch.save wraps it in a RuntimeError), if any."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if is_disk_fault(err):
+            return err  # type: ignore[return-value]
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _existing(path: Path) -> Path:
@@ -80,7 +98,8 @@ def writing(directory: str | os.PathLike, what: str, flag: str = "--outdir") -> 
     """Disk faults raised inside become a :class:`RunFailure` naming ``flag directory``."""
     try:
         yield
-    except OSError as err:
-        if is_disk_fault(err):
-            raise write_failure(err, directory, what, flag=flag) from err
+    except Exception as err:
+        fault = disk_fault_of(err)
+        if fault is not None:
+            raise write_failure(fault, directory, what, flag=flag) from err
         raise

@@ -31,9 +31,9 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 
-from ldm.disk_errors import write_failure
+from ldm.disk_errors import disk_fault_of, write_failure
 from ldm.errors import RunFailure
-from ldm.fit_errors import checkpoint_bytes, disk_fault_of
+from ldm.fit_errors import checkpoint_bytes
 
 logger = logging.getLogger(__name__)
 

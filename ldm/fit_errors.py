@@ -9,21 +9,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ldm.disk_errors import is_disk_fault, write_failure
+from ldm.disk_errors import disk_fault_of, write_failure
 from ldm.util import ConfigError
 
 __all__ = ["checkpoint_bytes", "disk_fault_of", "fit_errors"]
-
-
-def disk_fault_of(err: BaseException | None) -> OSError | None:
-    """The disk-fault OSError behind ``err`` (torch.save wraps it in a RuntimeError), if any."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if is_disk_fault(err):
-            return err  # type: ignore[return-value]
-        err = err.__cause__ or err.__context__
-    return None
 
 
 @contextmanager

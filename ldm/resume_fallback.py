@@ -28,7 +28,8 @@ class ResumeError(UsageError):
 def checkpoint_problem(path: Path) -> str | None:
     """None when ``path`` is a readable training checkpoint, else what is wrong with it.
 
-    Reads the file's structure and pickle (memory-mapped: the tensors are not read). A file that
+    Reads the file's structure and pickle and compares its tensor data with the CRC-32 checksums
+    stored in the file (one pass over the file, as a damaged resume would train on). A file that
     safe loading refuses for its pickled objects counts as readable: that is not damage, and the
     resume reports it on its own.
     """
@@ -41,7 +42,7 @@ def checkpoint_problem(path: Path) -> str | None:
     if not path.is_file():
         return "does not exist"
     try:
-        ckpt = read_checkpoint(path)
+        ckpt = read_checkpoint(path, verify=True)  # the tensors' checksums too
     except UnsafeCheckpointError:
         return None
     except CheckpointFormatError as err:

@@ -228,7 +228,8 @@ def _save(tensors: dict[str, Any], path: Path) -> None:
 
             save_file(to_saveable({k: v.detach().cpu() for k, v in tensors.items()}), str(tmp))
         else:
-            torch.save(tensors, tmp)
+            with open(tmp, "wb") as f:
+                torch.save(tensors, f)
 
 
 def _check_parts(token: str, vectors: Mapping[str, torch.Tensor]) -> None:

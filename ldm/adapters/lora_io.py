@@ -200,8 +200,8 @@ def write_file(path: Path, sd: dict[str, Tensor], metadata: dict[str, str], fmt:
             "name the output *.safetensors."
         )
     logger.warning("%s: a torch pickle has no header; the metadata is not written.", path)
-    with atomic_path(path) as tmp:
-        torch.save(sd, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(sd, f)
     return path
 
 

@@ -128,7 +128,7 @@ def to_diffusers(
     unsafe: bool = False,
 ) -> Path:
     """Write a diffusers Stable Diffusion folder from an SD/our checkpoint (EMA weights if use_ema)."""
-    ckpt = src if isinstance(src, LoadedCheckpoint) else read_checkpoint(src, unsafe=unsafe)
+    ckpt = src if isinstance(src, LoadedCheckpoint) else read_checkpoint(src, unsafe=unsafe, verify=True)
     cfg = resolve_config(ckpt, config, prediction).config
     sd = apply_ema(ckpt.state_dict) if use_ema and has_ema(ckpt.state_dict) else ckpt.state_dict
     if is_sdxl_config(cfg):

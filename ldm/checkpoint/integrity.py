@@ -131,11 +131,14 @@ def _is_safetensors_start(head: bytes, size: int) -> bool:
     return head[8:9] == b"{" and 2 <= n <= MAX_SAFETENSORS_HEADER
 
 
-def check_checkpoint_file(path: str | os.PathLike) -> None:
+def check_checkpoint_file(path: str | os.PathLike, verify: bool = False) -> None:
     """Raise :class:`CorruptCheckpointError` when ``path`` is empty, not a checkpoint, or cut off.
 
-    Reads only the start of the file and its headers. A file that passes may still fail to load
-    (damaged data inside a legacy pickle); :func:`damaged` turns that error into a message.
+    Reads the start of the file and its headers, and for a torch zip file the pickle, checked
+    against its CRC-32 (so a changed byte among its names, shapes and numbers is found).
+    ``verify``: check the CRC-32 of the tensor data of a torch zip file too (reads the whole
+    file). A file that passes may still fail to load (damaged data inside a legacy pickle);
+    :func:`damaged` turns that error into a message.
     """
     path = Path(path)
     size = path.stat().st_size
@@ -151,7 +154,7 @@ def check_checkpoint_file(path: str | os.PathLike) -> None:
                     "a zip archive (a torch .ckpt file?), not a .safetensors file",
                     "If it is a torch checkpoint, rename it to .ckpt.",
                 )
-            _check_torch_zip(path, f, size)
+            _check_torch_zip(path, f, size, verify)
             return
         if _is_safetensors_start(head, size):
             if suffix != SAFETENSORS_SUFFIX:
@@ -343,10 +346,14 @@ def _expected_zip_size(f: BinaryIO) -> int | None:
     return f.tell() + sum(lister.storages.values())
 
 
-def _check_torch_zip(path: Path, f: BinaryIO, size: int) -> None:
+def _check_torch_zip(path: Path, f: BinaryIO, size: int, verify: bool) -> None:
     try:
         with zipfile.ZipFile(f) as z:
             names = z.namelist()
+            pickles = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
+            _check_crcs(path, z, names if verify else pickles)
+    except CorruptCheckpointError:
+        raise
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
         expected = _expected_zip_size(f)
         if expected is not None and expected > size:
@@ -358,13 +365,34 @@ def _check_torch_zip(path: Path, f: BinaryIO, size: int) -> None:
             f"truncated or damaged: its zip directory, at the end of the file, is missing "
             f"or unreadable ({err}; the file has {human_size(size)})",
         ) from None
-    if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+    if not pickles:
         shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
         raise _error(
             path,
             f"not a checkpoint: a zip archive without a torch data.pkl (it holds {shown or 'nothing'})",
             "Unpack it first if it contains the checkpoint.",
         )
+
+
+def _check_crcs(path: Path, z: zipfile.ZipFile, names: list[str]) -> None:
+    """Read ``names`` through the zip reader, which compares each record with its CRC-32."""
+    import zlib
+
+    for name in names:
+        info = z.getinfo(name)
+        if info.CRC == 0 and info.file_size:  # written without checksums
+            continue
+        try:
+            with z.open(info) as record:
+                while record.read(1 << 24):
+                    pass
+        except zipfile.BadZipFile as err:
+            what = "fails its CRC-32 checksum" if "CRC" in str(err) else f"is damaged ({err})"
+            raise _error(
+                path, f"damaged: its record {name!r} {what}: bytes changed after it was written"
+            ) from None
+        except (OSError, EOFError, zlib.error, ValueError, NotImplementedError) as err:
+            raise _error(path, f"damaged: its record {name!r} cannot be read ({err})") from None
 
 
 # ------------------------------------------------------------------------------ load errors

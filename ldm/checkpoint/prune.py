@@ -76,7 +76,8 @@ def _write(
         obj["state_dict"] = state_dict
         if config is not None:
             obj[CONFIG_KEY] = config
-        torch.save(obj, path)
+        with open(path, "wb") as f:  # a Python file: a full disk raises OSError(ENOSPC)
+            torch.save(obj, f)
 
 
 def prune_checkpoint(
@@ -90,7 +91,7 @@ def prune_checkpoint(
     """Keep only weights (+ our config); `ema`: 'auto'/'use' (EMA-only model), 'keep', 'drop'."""
     if ema not in ("auto", "use", "keep", "drop"):
         raise ValueError(f"ema must be 'auto', 'use', 'keep' or 'drop', got {ema!r}.")
-    ckpt = read_checkpoint(src, unsafe=unsafe)
+    ckpt = read_checkpoint(src, unsafe=unsafe, verify=True)
     sd = ckpt.state_dict
     if ema in ("auto", "use") and has_ema(sd):
         sd = apply_ema(sd)

@@ -305,9 +305,18 @@ def _read_safetensors(
 
 
 def read_checkpoint(
-    path: str | os.PathLike, *, unsafe: bool = False, map_location: Any = "cpu"
+    path: str | os.PathLike,
+    *,
+    unsafe: bool = False,
+    map_location: Any = "cpu",
+    verify: bool = False,
 ) -> LoadedCheckpoint:
-    """Read `.ckpt/.pt/.pth/.bin` (weights-only pickle) or `.safetensors` into a LoadedCheckpoint."""
+    """Read `.ckpt/.pt/.pth/.bin` (weights-only pickle) or `.safetensors` into a LoadedCheckpoint.
+
+    The file is checked first (:mod:`ldm.checkpoint.integrity`): an empty, cut-off or foreign
+    file raises :class:`~ldm.checkpoint.integrity.CorruptCheckpointError` naming what is wrong.
+    ``verify``: also compare the tensor data of a torch zip file with its CRC-32 checksums.
+    """
     path = Path(path)
     if not path.is_file():
         hint = (
@@ -324,7 +333,7 @@ def read_checkpoint(
             f"Unknown checkpoint suffix {suffix!r} for {path}; expected one of "
             f"{', '.join(TORCH_SUFFIXES + (SAFETENSORS_SUFFIX,))}."
         )
-    check_checkpoint_file(path)
+    check_checkpoint_file(path, verify=verify)
     if suffix == SAFETENSORS_SUFFIX:
         return LoadedCheckpoint(path, *_read_safetensors(path, map_location))
     obj = _torch_load(path, unsafe, map_location)

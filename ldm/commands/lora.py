@@ -103,7 +103,7 @@ def _weights(path: str, unsafe: bool) -> tuple[dict[str, torch.Tensor], Any]:
     from ldm.checkpoint.ema import apply_ema, has_ema
     from ldm.checkpoint.safe_load import read_checkpoint
 
-    ckpt = read_checkpoint(path, unsafe=unsafe)
+    ckpt = read_checkpoint(path, unsafe=unsafe, verify=True)
     if has_ema(ckpt.state_dict):
         logger.info("%s: using its EMA weights (as ldm.load_model does)", path)
         return apply_ema(ckpt.state_dict), ckpt
@@ -140,7 +140,7 @@ def run_merge(args: argparse.Namespace, sign: int) -> Path:
     from ldm.checkpoint.prune import save_state_dict
     from ldm.checkpoint.safe_load import read_checkpoint
 
-    ckpt = read_checkpoint(args.ckpt, unsafe=args.unsafe)
+    ckpt = read_checkpoint(args.ckpt, unsafe=args.unsafe, verify=True)
     shapes = {k: v.shape for k, v in ckpt.state_dict.items()}
     files = resolve(args.lora, shapes)
     sd = merge_into_state_dict(ckpt.state_dict, files, sign)
