@@ -59,7 +59,7 @@ def run_name_shared_with_child_ranks(spec: RunSpec) -> Iterator[RunSpec]:
     now = paths.now
     os.environ[RUN_NOW_ENV] = now
     try:
-        with nullcontext() if spec.resume else removed_if_unused(paths.run_dir):
+        with nullcontext() if spec.resume else removed_if_unused(paths.run_dir, spec.logdir):
             yield dataclasses.replace(spec, now=now)
     finally:
         os.environ.pop(RUN_NOW_ENV, None)

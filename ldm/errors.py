@@ -25,6 +25,7 @@ class RunFailure(RuntimeError):
 
 def usage_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean "what the user gave is wrong" in every command."""
+    from ldm.adapters.embeddings_errors import EmbeddingError
     from ldm.adapters.lora_weights import LoraError
     from ldm.checkpoint.detect import DetectionError
     from ldm.checkpoint.diffusers_config import ConversionError
@@ -39,6 +40,7 @@ def usage_errors() -> tuple[type[BaseException], ...]:
         CheckpointMismatchError,
         ConversionError,
         DetectionError,
+        EmbeddingError,
         LoraError,
         UnsafeCheckpointError,
         BadImageError,

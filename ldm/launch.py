@@ -172,7 +172,7 @@ def run(spec: RunSpec) -> RunResult:
     paths = resolve_paths(spec)
     if spec.now is not None or spec.resume:  # not claimed here (main.py claimed it)
         return _run(spec, paths)
-    with removed_if_unused(paths.run_dir):
+    with removed_if_unused(paths.run_dir, spec.logdir):
         return _run(spec, paths)
 
 
@@ -229,7 +229,7 @@ def _run(spec: RunSpec, paths: RunPaths) -> RunResult:
             logger.info("resuming from %s", ckpt_path)
             fit_kwargs.update(ckpt_path=ckpt_path, weights_only=True)
         try:
-            with fit_errors(paths):
+            with fit_errors(paths.run_dir, ckpt_path):
                 trainer.fit(model, **fit_kwargs)
         except pickle.UnpicklingError as err:
             raise ConfigError(

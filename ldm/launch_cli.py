@@ -105,7 +105,8 @@ def parse_command(argv: Sequence[str]) -> Command:
 
     parser = get_parser()
     own = [s for a in parser._actions for s in a.option_strings]
-    rest, overrides = split_cli(list(argv), own, trainer_cli_args())
+    one_value = [s for a in parser._actions if a.nargs is None and a.type for s in a.option_strings]
+    rest, overrides = split_cli(list(argv), own, trainer_cli_args(), one_value)
     opt, unknown = parser.parse_known_args(rest)
     if unknown:
         bad = unknown[0]
