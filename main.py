@@ -13,12 +13,14 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from ldm.callbacks import CUDACallback, ImageLogger, SetupCallback
 from ldm.data.datamodule import DataModuleFromConfig, WrappedDataset
+from ldm.errors import FAILURE, USAGE, RunFailure
 from ldm.launch import resolve_paths, run
 from ldm.launch_cli import get_parser, parse_command
+from ldm.run_dir import removed_if_unused
 from ldm.run_spec import RunSpec
 from ldm.sweep import run_sweep
 from ldm.util import ConfigError
@@ -53,16 +55,19 @@ def run_name_shared_with_child_ranks(spec: RunSpec) -> Iterator[RunSpec]:
     if inherited:
         yield dataclasses.replace(spec, now=inherited)
         return
-    now = resolve_paths(spec).now
+    paths = resolve_paths(spec)  # a new run's directory is created (claimed) here
+    now = paths.now
     os.environ[RUN_NOW_ENV] = now
     try:
-        yield dataclasses.replace(spec, now=now)
+        with nullcontext() if spec.resume else removed_if_unused(paths.run_dir, spec.logdir):
+            yield dataclasses.replace(spec, now=now)
     finally:
         os.environ.pop(RUN_NOW_ENV, None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python main.py``; user mistakes print one readable error, exit code 2."""
+    """Entry point of ``python main.py``; user mistakes print one readable error, exit code 2; a
+    full or read-only disk (or another fault outside the flags), exit code 1."""
     argv = sys.argv[1:] if argv is None else argv
     debug = any(a in ("-d", "--debug") for a in argv)
     logging.basicConfig(
@@ -89,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
             logger.exception("%s", err)
         else:
             logger.error("%s", err)
-        return 2
+        return USAGE
+    except RunFailure as err:
+        logger.error("%s", err, exc_info=debug)
+        return FAILURE
     return 0
 
 

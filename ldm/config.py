@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -98,19 +99,29 @@ def normalize_key(key: str, trainer_args: Iterable[str] = ()) -> str:
 
 
 def split_cli(
-    argv: Sequence[str], own_flags: Iterable[str], trainer_args: Iterable[str] = ()
+    argv: Sequence[str],
+    own_flags: Iterable[str],
+    trainer_args: Iterable[str] = (),
+    value_flags: Iterable[str] = (),
 ) -> tuple[list[str], list[str]]:
     """Separate overrides (``a.b=1``, ``--a.b=1``, ``--a.b 1``) from the launcher's own flags.
 
-    Returns ``(argv for argparse, dotlist overrides)``. A flag with no value means ``true``.
+    Returns ``(argv for argparse, dotlist overrides)``. A flag with no value means ``true``. The
+    token after one of ``value_flags`` is that flag's value even when it holds ``=`` (``-r
+    logs/run/checkpoints/epoch=000001-step=000100.ckpt``).
     """
     own = set(own_flags)
     trainer = set(trainer_args)
+    takes_value = set(value_flags)
     rest: list[str] = []
     overrides: list[str] = []
     i = 0
     while i < len(argv):
         tok = argv[i]
+        if tok in takes_value and i + 1 < len(argv):
+            rest += [tok, argv[i + 1]]
+            i += 2
+            continue
         if not tok.startswith("-") and "=" in tok:
             key, _, val = tok.partition("=")
             if not _KEY_RE.match(key):
@@ -242,8 +253,13 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
             )
     try:
         return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"command line: cannot parse overrides {list(overrides)}: {err}") from err
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
+        shown = overrides[0] if len(overrides) == 1 else list(overrides)
+        reason = " ".join(str(err).split())
+        raise ConfigError(
+            f"command line: cannot parse the override {shown!r}: {reason}. Values are YAML: "
+            "quote text with special characters, e.g. key='{a'."
+        ) from err
 
 
 def _drop_replaced_components(base: DictConfig, new: DictConfig, path: str = "") -> None:

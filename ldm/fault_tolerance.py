@@ -31,6 +31,10 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 
+from ldm.disk_errors import disk_fault_of, write_failure
+from ldm.errors import RunFailure
+from ldm.fit_errors import checkpoint_bytes
+
 logger = logging.getLogger(__name__)
 
 
@@ -49,6 +53,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path):  # remote file systems: no atomic rename, use Lightning's writer
             super().save_checkpoint(checkpoint, path)
             return
+        try:
+            self._write(checkpoint, target)
+        except Exception as err:
+            fault = disk_fault_of(err)
+            if fault is None:
+                raise
+            failure = write_failure(
+                fault, target.parent, f"checkpoint {target.name}", need=checkpoint_bytes(checkpoint)
+            )
+            previous = "is unchanged" if target.exists() else "did not exist"
+            raise RunFailure(f"{failure} The previous {target.name} {previous}.") from err
+
+    @staticmethod
+    def _write(checkpoint: dict[str, Any], target: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         try:
@@ -171,6 +189,9 @@ class InterruptCheckpoint(Callback):
     ) -> None:
         if self._start_step is None or trainer.global_step <= self._start_step:
             return  # nothing trained in this launch: keep the checkpoint we resumed from
+        if isinstance(exception, RunFailure) or disk_fault_of(exception) is not None:
+            logger.warning("not saving %s: the disk fault that stopped the run", self.last_path)
+            return
         from pytorch_lightning.utilities.exceptions import SIGTERMException
 
         every_rank = isinstance(exception, SIGTERMException)  # Lightning broadcast it to all

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import itertools
 import logging
+import math
 import pdb
 import pickle
 import shutil
@@ -27,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.config import ConfigSources, explain, merge_configs, normalize_key
 from ldm.engine.sharding import STRATEGY_NAMES, fsdp2_strategy
+from ldm.fit_errors import fit_errors
 from ldm.run_spec import FINISHED, INTERRUPTED, RunResult, RunSpec, UsageError
 from ldm.util import ConfigError
 
@@ -91,8 +93,8 @@ def resolve_paths(spec: RunSpec) -> RunPaths:
         else:
             run_dir = target
             ckpt = target / "checkpoints" / "last.ckpt"
-            if not ckpt.is_file():
-                found = sorted(p.name for p in (target / "checkpoints").glob("*.ckpt"))
+            found = sorted(p.name for p in (target / "checkpoints").glob("*.ckpt"))
+            if not ckpt.is_file() and not found:  # else the newest other one (resume_fallback)
                 raise UsageError(
                     f"-r {spec.resume}: {ckpt} does not exist (checkpoints there: "
                     f"{', '.join(found) or 'none'}). Pass one of them: -r {target}/checkpoints/NAME."
@@ -112,10 +114,12 @@ def resolve_paths(spec: RunSpec) -> RunPaths:
         name = ""
     parent = Path(spec.logdir) / spec.project if spec.project else Path(spec.logdir)
     nowname = now + name + spec.postfix
-    if not joining:  # a new run never reuses a directory
+    if not joining:  # a new run never reuses a directory: claimed by creating it
+        from ldm.run_dir import claim
+
         base = now
         for i in itertools.count(1):
-            if not (parent / nowname).exists():
+            if claim(parent / nowname):
                 break
             now = f"{base}-{i}"
             nowname = now + name + spec.postfix
@@ -168,20 +172,42 @@ def run(spec: RunSpec) -> RunResult:
     """Run ``spec``: merge configs, build model/data/Trainer, fit (and test), log a summary.
 
     The single entry of the library for training and evaluation runs (``main.py``, sweeps and
-    Python code call it). User mistakes raise :class:`~ldm.util.ConfigError`.
+    Python code call it). User mistakes raise :class:`~ldm.util.ConfigError`; a disk that is
+    full or read-only, :class:`~ldm.errors.RunFailure`.
     """
+    from ldm.run_dir import removed_if_unused
+
+    paths = resolve_paths(spec)
+    if spec.now is not None or spec.resume:  # not claimed here (main.py claimed it)
+        return _run(spec, paths)
+    with removed_if_unused(paths.run_dir, spec.logdir):
+        return _run(spec, paths)
+
+
+def _run(spec: RunSpec, paths: RunPaths) -> RunResult:
     from pytorch_lightning.utilities.model_helpers import is_overridden
 
     from ldm.data.datamodule import DataModuleFromConfig
+    from ldm.disk_errors import check_writable
+    from ldm.resume_fallback import resume_checkpoint
     from ldm.trainer_setup import translate_trainer_config
 
-    paths = resolve_paths(spec)
     config, sources = load_config(spec, paths)
-    lightning_config = config.pop("lightning", OmegaConf.create())
+    lightning_config = config.pop("lightning", None)
+    if lightning_config is None:
+        lightning_config = OmegaConf.create()
+    if not isinstance(lightning_config, DictConfig):
+        raise ConfigError(
+            f"lightning{sources.where('lightning')}: expected a mapping (trainer, callbacks, "
+            f"...), found {lightning_config!r}."
+        )
     trainer_kwargs, legacy_ckpt = translate_trainer_config(
         lightning_config.get("trainer", {}), sources
     )
-    ckpt_path = str(paths.ckpt) if paths.ckpt else legacy_ckpt
+    ckpt_path = str(resume_checkpoint(paths.ckpt)) if paths.ckpt else legacy_ckpt
+    if spec.train:
+        flag = "-r" if spec.resume else "-l/--logdir"
+        check_writable(paths.run_dir, "the run's logs and checkpoints", flag=flag)
     pl.seed_everything(spec.seed, workers=True)
     try:
         if "model" not in config:
@@ -211,7 +237,8 @@ def run(spec: RunSpec) -> RunResult:
             logger.info("resuming from %s", ckpt_path)
             fit_kwargs.update(ckpt_path=ckpt_path, weights_only=True)
         try:
-            trainer.fit(model, **fit_kwargs)
+            with fit_errors(paths.run_dir, ckpt_path):
+                trainer.fit(model, **fit_kwargs)
         except pickle.UnpicklingError as err:
             raise ConfigError(
                 f"-r: {ckpt_path} holds pickled Python objects that safe loading (weights_only) "
@@ -287,7 +314,7 @@ def _build(config: DictConfig, section: str, sources: ConfigSources) -> Any:
         return instantiate_from_config(config[section])
     except ConfigError:
         raise
-    except (ValueError, AssertionError) as err:
+    except (ValueError, AssertionError, RuntimeError) as err:  # e.g. a negative layer size
         target = OmegaConf.select(config, f"{section}.target")
         raise ConfigError(
             f"{section}{sources.where(section + '.params')}: building {target} failed: "
@@ -358,9 +385,13 @@ def build_trainer(
     # Frozen first and conditioning stages stay in eval mode on purpose (CompVis
     # `disabled_train`); Lightning's start-of-fit warning about them would only alarm users.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
     try:
         trainer = pl.Trainer(logger=loggers, callbacks=callbacks, **kwargs)
-    except (ValueError, TypeError) as err:  # Lightning's MisconfigurationException is a ValueError
+    except ImportError as err:  # an accelerator or strategy whose package is not installed
+        raise ConfigError(f"lightning.trainer: {err}") from err
+    except (ValueError, TypeError, MisconfigurationException) as err:
         raise ConfigError(
             f"lightning.trainer: Lightning rejected the Trainer arguments {kwargs}: {err}"
         ) from err
@@ -377,9 +408,14 @@ def set_learning_rate(
             "model.base_learning_rate is not set; the model keeps its own learning rate."
         )
         return None
-    if isinstance(base_lr, bool) or not isinstance(base_lr, int | float):
+    if (
+        isinstance(base_lr, bool)
+        or not isinstance(base_lr, int | float)
+        or not math.isfinite(base_lr)
+        or base_lr < 0
+    ):
         raise ConfigError(
-            f"model.base_learning_rate: expected a number like 1.0e-04, found {base_lr!r}."
+            f"model.base_learning_rate: expected a number >= 0 like 1.0e-04, found {base_lr!r}."
         )
     batch_size = OmegaConf.select(config, "data.params.batch_size", default=1) or 1
     lr, msg = scale_learning_rate(

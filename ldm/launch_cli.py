@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ldm.commands.validation import int_in, non_empty
 from ldm.config import split_cli
 from ldm.run_spec import RunSpec
 from ldm.util import did_you_mean
@@ -68,9 +69,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="group runs under <logdir>/<project>/ and name the W&B project")  # fmt: skip
     p.add_argument("-f", "--postfix", type=str, default="",
                    help="appended to the run directory name")  # fmt: skip
-    p.add_argument("-l", "--logdir", type=str, default="logs",
+    p.add_argument("-l", "--logdir", type=non_empty, default="logs",
                    help="parent folder of run directories (default: logs)")  # fmt: skip
-    p.add_argument("-s", "--seed", type=int, default=23,
+    p.add_argument("-s", "--seed", type=int_in(0, 2**32 - 1), default=23,
                    help="seed for seed_everything (default: 23)")  # fmt: skip
     p.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=True,
                    help="lr = accumulate_grad_batches * devices * num_nodes * batch_size * "
@@ -114,7 +115,8 @@ def parse_command(argv: Sequence[str]) -> Command:
 
     parser = get_parser()
     own = [s for a in parser._actions for s in a.option_strings]
-    rest, overrides = split_cli(list(argv), own, trainer_cli_args())
+    one_value = [s for a in parser._actions if a.nargs is None and a.type for s in a.option_strings]
+    rest, overrides = split_cli(list(argv), own, trainer_cli_args(), one_value)
     opt, unknown = parser.parse_known_args(rest)
     if unknown:
         bad = unknown[0]

@@ -161,6 +161,9 @@ def _check_types(out: dict[str, Any], sources: ConfigSources) -> None:
             raise _fail(key, sources, f"expected a number, found {value!r}. Fix: {key}: 1.0")
         if key in BOOL_ARGS and not isinstance(value, bool):
             raise _fail(key, sources, f"expected true or false, found {value!r}.")
+    from ldm.config_ranges import check_trainer_ranges
+
+    check_trainer_ranges(out, sources)
     if "precision" in out:
         p = str(out["precision"])
         if p in PRECISION_ALIASES:
@@ -224,12 +227,23 @@ def build_loggers(
 
 def instantiate_callbacks(callbacks_cfg: DictConfig) -> list[pl.Callback]:
     """``lightning.callbacks``: name -> {target, params}; a null entry disables a default."""
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
     out = []
     for name in callbacks_cfg:
         entry = callbacks_cfg[name]
         if entry is None or name == "setup_callback":
             continue
-        out.append(instantiate_from_config(entry))
+        try:
+            out.append(instantiate_from_config(entry))
+        except MisconfigurationException as err:  # Lightning's callbacks check their arguments
+            key = f"lightning.callbacks.{name}"
+            if name == "checkpoint_callback":
+                key = "lightning.modelcheckpoint (or lightning.callbacks.checkpoint_callback)"
+            raise ConfigError(
+                f"{key}: {entry.get('target')} rejected its parameters: {err} "
+                "Fix the values under its params."
+            ) from err
     return out
 
 

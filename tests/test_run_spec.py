@@ -108,7 +108,7 @@ def test_new_run_names_are_unique_a_given_now_joins(
     spec = RunSpec(base=["configs/toy.yaml"], logdir=tmp_path)
     first = resolve_paths(spec)
     assert first.run_dir == tmp_path / f"{NOW}_toy" and first.now == NOW
-    first.run_dir.mkdir()
+    assert first.run_dir.is_dir()  # claimed at once: a launch in the same second cannot take it
     second = resolve_paths(spec)  # same second, directory taken: a new one
     assert second.run_dir == tmp_path / f"{NOW}-1_toy" and second.now == f"{NOW}-1"
     joined = resolve_paths(dataclasses.replace(spec, now=NOW))  # another process of the first run

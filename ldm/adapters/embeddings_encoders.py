@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ldm.adapters.embeddings_errors import EmbeddingError
 from ldm.modules.encoders.tokenizer import EOS_ID, CLIPTokenizer
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def token_embedding(module: nn.Module) -> nn.Embedding:
         return module.transformer.get_input_embeddings()
     if kind == "open_clip":
         return module.model.token_embedding
-    raise TypeError(
+    raise EmbeddingError(
         f"{type(module).__name__} is not a text encoder with a CLIP tokenizer and a token "
         "embedding (expected FrozenCLIPEmbedder, CLIPTextEncoder or FrozenOpenCLIPEmbedder[2])."
     )
@@ -121,7 +122,7 @@ def text_encoders(engine: nn.Module) -> list[TextEncoder]:
         for (i, m, k), name in zip(pairs, names, strict=True):
             found.append(TextEncoder(name if unique else f"embedders.{i}", m, k))
     if not found:
-        raise ValueError(
+        raise EmbeddingError(
             f"{type(engine).__name__} has no text encoder with a CLIP tokenizer: looked at "
             f"cond_stage_model ({type(cond).__name__}) and conditioner.embedders. Textual "
             "inversion needs FrozenCLIPEmbedder, CLIPTextEncoder or FrozenOpenCLIPEmbedder[2]."
@@ -152,14 +153,14 @@ def add_token_rows(encoder: nn.Module, token: str, rows: torch.Tensor, owner: in
     kind = encoder_kind(encoder)
     table = token_embedding(encoder)
     if rows.ndim != 2 or rows.shape[0] < 1 or rows.shape[1] != table.embedding_dim:
-        raise ValueError(
+        raise EmbeddingError(
             f"'{token}': vectors of shape {tuple(rows.shape)} do not fit the token-embedding "
             f"table of {type(encoder).__name__} (width {table.embedding_dim}); expected "
             f"[n, {table.embedding_dim}]."
         )
     tokenizer = encoder.tokenizer
     if tokenizer.vocab_size != table.num_embeddings:
-        raise ValueError(
+        raise EmbeddingError(
             f"{type(encoder).__name__}: the tokenizer knows {tokenizer.vocab_size} ids but the "
             f"token-embedding table has {table.num_embeddings} rows, so new ids would not point at "
             "new rows. Textual inversion needs a table with exactly one row per tokenizer id "
@@ -189,7 +190,7 @@ def set_token_rows(encoder: nn.Module, token: str, rows: torch.Tensor) -> None:
     ids = encoder.tokenizer.added_tokens[token]
     weight = token_embedding(encoder).weight
     if tuple(rows.shape) != (len(ids), weight.shape[1]):
-        raise ValueError(
+        raise EmbeddingError(
             f"'{token}': got vectors of shape {tuple(rows.shape)}, the token has "
             f"{len(ids)} x {weight.shape[1]}."
         )

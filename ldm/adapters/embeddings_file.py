@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ldm.adapters.embeddings_errors import EmbeddingError
 from ldm.checkpoint.safe_load import UnsafeCheckpointError, safe_globals
 
 logger = logging.getLogger(__name__)
@@ -84,27 +85,42 @@ def _load_pickle(path: Path) -> Any:
 
 
 def _load(path: Path) -> dict[str, Any]:
+    from ldm.checkpoint.integrity import LOAD_ERRORS, check_checkpoint_file, damaged
+
     suffix = path.suffix.lower()
+    if suffix == ".safetensors" or suffix in TORCH_SUFFIXES:
+        check_checkpoint_file(path)
     if suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        data: Any = load_file(str(path), device="cpu")
+        try:
+            data: Any = load_file(str(path), device="cpu")
+        except SafetensorError as err:
+            raise damaged(path, err) from None
     elif suffix in TORCH_SUFFIXES:
-        data = _load_pickle(path)
+        try:
+            data = _load_pickle(path)
+        except UnsafeCheckpointError:
+            raise
+        except LOAD_ERRORS as err:
+            raise damaged(path, err) from err
     else:
-        raise ValueError(
+        raise EmbeddingError(
             f"Embedding file {path}: unknown suffix '{path.suffix}'; expected .safetensors or "
             f"one of {', '.join(TORCH_SUFFIXES)}."
         )
     if not isinstance(data, dict):
-        raise ValueError(f"Embedding file {path} holds a {type(data).__name__}, expected a dict.")
+        raise EmbeddingError(
+            f"Embedding file {path} holds a {type(data).__name__}, expected a dict."
+        )
     return data
 
 
 def _matrix(value: Any, path: Path, key: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor) or value.ndim not in (1, 2) or value.numel() == 0:
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-        raise ValueError(
+        raise EmbeddingError(
             f"Embedding file {path}: '{key}' is {shape}; expected a tensor [n_vectors, width]."
         )
     return value.detach().reshape(-1, value.shape[-1])  # [d] -> [1, d]
@@ -142,7 +158,7 @@ def read_embeddings(path: str | os.PathLike, token: str | None = None) -> list[E
         params = data["string_to_param"]
         params = getattr(params, "_parameters", params)  # nn.ParameterDict of older files
         if not isinstance(params, Mapping) or len(params) != 1:
-            raise ValueError(
+            raise EmbeddingError(
                 f"Embedding file {path}: 'string_to_param' must hold exactly one entry (found "
                 f"{list(params) if isinstance(params, Mapping) else type(params).__name__})."
             )
@@ -159,7 +175,7 @@ def read_embeddings(path: str | os.PathLike, token: str | None = None) -> list[E
         return [EmbeddingFile(name, vectors, "a1111-sdxl", [path])]
     if data and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
         return _read_diffusers(path, data, token)
-    raise ValueError(
+    raise EmbeddingError(
         f"Embedding file {path} is not a textual-inversion embedding: top-level keys "
         f"{sorted(map(str, data))[:10]}. Expected 'string_to_param' (A1111 .pt), 'emb_params' "
         "(A1111 .safetensors), 'clip_l'/'clip_g' (SDXL) or token -> tensor (diffusers)."
@@ -170,7 +186,7 @@ def _read_diffusers(
     path: Path, data: dict[str, torch.Tensor], token: str | None
 ) -> list[EmbeddingFile]:
     if token is not None and len(data) != 1:
-        raise ValueError(
+        raise EmbeddingError(
             f"Embedding file {path} holds {len(data)} tokens {sorted(data)}; a token name "
             "override needs a file with exactly one."
         )
@@ -179,7 +195,7 @@ def _read_diffusers(
     if other != path and other.is_file():
         second = _load(other)
         if set(second) != set(data):
-            raise ValueError(
+            raise EmbeddingError(
                 f"diffusers SDXL embedding: {path} holds tokens {sorted(data)} but {other} holds "
                 f"{sorted(map(str, second))}; the two files must hold the same tokens."
             )
@@ -200,24 +216,28 @@ def _read_diffusers(
 
 # ---------------------------------------------------------------------------------- writing
 def _save(tensors: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() == ".safetensors":
-        from safetensors.torch import save_file
+    from ldm.atomic_output import atomic_path
 
-        from ldm.checkpoint.prune import to_saveable
-
-        save_file(to_saveable({k: v.detach().cpu() for k, v in tensors.items()}), str(path))
-    elif path.suffix.lower() in TORCH_SUFFIXES:
-        torch.save(tensors, path)
-    else:
-        raise ValueError(
+    suffix = path.suffix.lower()
+    if suffix != ".safetensors" and suffix not in TORCH_SUFFIXES:
+        raise EmbeddingError(
             f"Embedding file {path}: unknown suffix '{path.suffix}'; use .safetensors, .pt or .bin."
         )
+    with atomic_path(path) as tmp:
+        if suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            from ldm.checkpoint.prune import to_saveable
+
+            save_file(to_saveable({k: v.detach().cpu() for k, v in tensors.items()}), str(tmp))
+        else:
+            with open(tmp, "wb") as f:
+                torch.save(tensors, f)
 
 
 def _check_parts(token: str, vectors: Mapping[str, torch.Tensor]) -> None:
     if set(vectors) != {ANY_ENCODER} and not (vectors and set(vectors) <= set(SDXL_PARTS)):
-        raise ValueError(
+        raise EmbeddingError(
             f"'{token}': parts {sorted(vectors)}; an embedding file holds either one set of "
             f"vectors ('{ANY_ENCODER}') or SDXL's {list(SDXL_PARTS)}."
         )
@@ -231,7 +251,9 @@ def write_embeddings(
 ) -> list[Path]:
     """Write ``{token: {part: [n, d]}}`` as A1111 or diffusers files; returns the files written."""
     if format not in FORMATS:
-        raise ValueError(f"write_embeddings: format={format!r}; expected one of {list(FORMATS)}.")
+        raise EmbeddingError(
+            f"write_embeddings: format={format!r}; expected one of {list(FORMATS)}."
+        )
     path = Path(path)
     for token, vectors in embeddings.items():
         _check_parts(token, vectors)
@@ -248,7 +270,7 @@ def write_embeddings(
         _write_a1111(path, token, vectors, step)
         return [path]
     if path.suffix:
-        raise ValueError(
+        raise EmbeddingError(
             f"write_embeddings: A1111 files hold one embedding each, but {len(embeddings)} tokens "
             f"go to the file {path}. Pass a folder (one <token>.safetensors each) or use "
             "format='diffusers'."
@@ -256,7 +278,7 @@ def write_embeddings(
     written = []
     for token, vectors in embeddings.items():
         if os.sep in token or (os.altsep and os.altsep in token):
-            raise ValueError(f"'{token}' cannot be a file name; save it with an explicit path.")
+            raise EmbeddingError(f"'{token}' cannot be a file name; save it with an explicit path.")
         written.append(path / f"{token}.safetensors")
         _write_a1111(written[-1], token, vectors, step)
     return written
@@ -288,7 +310,7 @@ def _write_diffusers(
 ) -> list[Path]:
     kinds = {frozenset(v) for v in embeddings.values()}
     if len(kinds) != 1:
-        raise ValueError(
+        raise EmbeddingError(
             "diffusers format: all tokens of one file must be for the same encoders; found "
             f"{sorted(sorted(k) for k in kinds)}. Save them separately."
         )
@@ -297,7 +319,7 @@ def _write_diffusers(
         _save({t: v[ANY_ENCODER].detach().cpu() for t, v in embeddings.items()}, path)
         return [path]
     if parts != sorted(SDXL_PARTS):
-        raise ValueError(
+        raise EmbeddingError(
             f"diffusers format for SDXL needs both {list(SDXL_PARTS)} for every token, found "
             f"{parts}."
         )

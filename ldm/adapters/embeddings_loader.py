@@ -26,6 +26,7 @@ from ldm.adapters.embeddings_encoders import (
     text_encoders,
     token_owner,
 )
+from ldm.adapters.embeddings_errors import EmbeddingError
 from ldm.adapters.embeddings_file import (
     ANY_ENCODER,
     SDXL_PARTS,
@@ -60,7 +61,7 @@ def match_parts(
                 )
             return {fits[0].name: rows}
         why = "fits several of them, which is ambiguous" if fits else "fits none of them"
-        raise ValueError(
+        raise EmbeddingError(
             f"{source} was made for {made_for}; it {why}. This model's text encoders: "
             f"{_model_text(encoders)}. Use an embedding made for this model family."
         )
@@ -70,14 +71,14 @@ def match_parts(
         if rows is None:
             continue
         if rows.shape[-1] != enc.width:
-            raise ValueError(
+            raise EmbeddingError(
                 f"{source} was made for {made_for}: its '{enc.name}' vectors have width "
                 f"{rows.shape[-1]}, but this model's encoder has {enc.width}. This model's text "
                 f"encoders: {_model_text(encoders)}."
             )
         out[enc.name] = rows
     if not out:
-        raise ValueError(
+        raise EmbeddingError(
             f"{source} was made for {made_for} (parts {sorted(vectors)}), but no text encoder of "
             f"this model is named so. This model's text encoders: {_model_text(encoders)}. Use "
             "an embedding made for this model family."
@@ -99,7 +100,7 @@ def file_parts(per_encoder: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     if len(per_encoder) == 1:
         return {ANY_ENCODER: next(iter(per_encoder.values()))}
     if not set(per_encoder) <= set(SDXL_PARTS):
-        raise ValueError(
+        raise EmbeddingError(
             f"Encoders {sorted(per_encoder)}: embedding files name only SDXL's {list(SDXL_PARTS)} "
             "when there are several text encoders."
         )
@@ -153,7 +154,7 @@ def load_embeddings(
     path_list = _as_list(paths)
     names = [None] * len(path_list) if tokens is None else _as_list(tokens)
     if len(names) != len(path_list):
-        raise ValueError(
+        raise EmbeddingError(
             f"load_embeddings: {len(path_list)} paths but {len(names)} token names; give one "
             "name (or None) per path."
         )

@@ -185,13 +185,14 @@ def training_metadata(modules: list[LoraModule], family: Family) -> dict[str, st
 
 def write_file(path: Path, sd: dict[str, Tensor], metadata: dict[str, str], fmt: str) -> Path:
     """Write a LoRA state dict: .safetensors with its header, or a torch pickle (kohya only)."""
+    from ldm.atomic_output import atomic_path
     from ldm.checkpoint.prune import to_saveable
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == SAFETENSORS_SUFFIX:
         from safetensors.torch import save_file
 
-        save_file(to_saveable(sd), str(path), metadata={"format": "pt", **metadata})
+        with atomic_path(path) as tmp:
+            save_file(to_saveable(sd), str(tmp), metadata={"format": "pt", **metadata})
         return path
     if fmt == DIFFUSERS:
         raise LoraError(
@@ -199,7 +200,8 @@ def write_file(path: Path, sd: dict[str, Tensor], metadata: dict[str, str], fmt:
             "name the output *.safetensors."
         )
     logger.warning("%s: a torch pickle has no header; the metadata is not written.", path)
-    torch.save(sd, path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(sd, f)
     return path
 
 

@@ -128,7 +128,11 @@ def to_diffusers(
     unsafe: bool = False,
 ) -> Path:
     """Write a diffusers Stable Diffusion folder from an SD/our checkpoint (EMA weights if use_ema)."""
-    ckpt = src if isinstance(src, LoadedCheckpoint) else read_checkpoint(src, unsafe=unsafe)
+    ckpt = (
+        src
+        if isinstance(src, LoadedCheckpoint)
+        else read_checkpoint(src, unsafe=unsafe, verify=True)
+    )
     cfg = resolve_config(ckpt, config, prediction).config
     sd = apply_ema(ckpt.state_dict) if use_ema and has_ema(ckpt.state_dict) else ckpt.state_dict
     if is_sdxl_config(cfg):
@@ -178,7 +182,9 @@ def resolve_config(
     if isinstance(config, (str, os.PathLike)):
         from omegaconf import OmegaConf
 
-        cfg = OmegaConf.to_container(OmegaConf.load(config), resolve=True)
+        from ldm.config import load_yaml
+
+        cfg = OmegaConf.to_container(load_yaml(config), resolve=True)  # ConfigError if not YAML
         reason = f"config file {config}"
     else:
         from ldm.checkpoint.safe_load import _to_plain

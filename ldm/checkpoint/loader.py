@@ -17,7 +17,7 @@ from ldm.checkpoint.detect import DetectionError
 from ldm.checkpoint.ema import apply_ema, has_ema, strip_ema
 from ldm.checkpoint.lazy_build import assign_weights, parameters_on_meta
 from ldm.checkpoint.report import load_checked
-from ldm.checkpoint.safe_load import LoadedCheckpoint, read_checkpoint
+from ldm.checkpoint.safe_load import CheckpointFormatError, LoadedCheckpoint, read_checkpoint
 from ldm.util import file_hash  # noqa: F401  (re-exported: commands and tests import it here)
 
 logger = logging.getLogger(__name__)
@@ -151,7 +151,10 @@ def load_model(
         use_ema = has_ema(sd)
     if use_ema:
         if not has_ema(sd):
-            raise ValueError(f"use_ema=True but {path} has no EMA weights (no `model_ema.*` keys).")
+            raise CheckpointFormatError(
+                f"{path}: no EMA weights (no `model_ema.*` keys), but use_ema=True (--use-ema) "
+                "asks for them. Leave out --use-ema."
+            )
         sd = apply_ema(sd)
     else:
         sd = strip_ema(sd)

@@ -44,9 +44,22 @@ def save_state_dict(
     extras: dict[str, Any] | None = None,
 ) -> Path:
     """Write `.safetensors` (config as JSON metadata `ldm_config`) or `.ckpt` (`state_dict` + `ldm_config`)."""
+    from ldm.atomic_output import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".safetensors":
+    with atomic_path(path) as tmp:
+        _write(state_dict, path.suffix, tmp, config, extras)
+    return path
+
+
+def _write(
+    state_dict: dict[str, torch.Tensor],
+    suffix: str,
+    path: Path,
+    config: dict[str, Any] | None,
+    extras: dict[str, Any] | None,
+) -> None:
+    if suffix == ".safetensors":
         from safetensors.torch import save_file
 
         meta = {"format": "pt"}
@@ -63,8 +76,8 @@ def save_state_dict(
         obj["state_dict"] = state_dict
         if config is not None:
             obj[CONFIG_KEY] = config
-        torch.save(obj, path)
-    return path
+        with open(path, "wb") as f:  # a Python file: a full disk raises OSError(ENOSPC)
+            torch.save(obj, f)
 
 
 def prune_checkpoint(
@@ -78,7 +91,7 @@ def prune_checkpoint(
     """Keep only weights (+ our config); `ema`: 'auto'/'use' (EMA-only model), 'keep', 'drop'."""
     if ema not in ("auto", "use", "keep", "drop"):
         raise ValueError(f"ema must be 'auto', 'use', 'keep' or 'drop', got {ema!r}.")
-    ckpt = read_checkpoint(src, unsafe=unsafe)
+    ckpt = read_checkpoint(src, unsafe=unsafe, verify=True)
     sd = ckpt.state_dict
     if ema in ("auto", "use") and has_ema(sd):
         sd = apply_ema(sd)

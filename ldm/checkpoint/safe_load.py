@@ -178,20 +178,41 @@ def _refuse(path: Path, err: Exception) -> UnsafeCheckpointError:
     )
 
 
+_OPERAND_RE = re.compile(r"Unsupported operand (\d+)")
+
+
+def _is_damage(err: pickle.UnpicklingError) -> bool:
+    """A weights-only refusal caused by bytes that are no pickle opcode at all (a damaged file),
+    rather than by an opcode or global the allow-list refuses."""
+    import pickletools
+
+    match = _OPERAND_RE.search(str(err))
+    return match is not None and chr(int(match.group(1))) not in pickletools.code2op
+
+
 def _torch_load(path: Path, unsafe: bool, map_location: Any) -> Any:
-    if unsafe:
-        logger.warning("Loading %s with unsafe=True: code inside the pickle may run.", path)
-        return torch.load(path, map_location=map_location, weights_only=False)
-    with torch.serialization.safe_globals(safe_globals()):
-        try:
+    from ldm.checkpoint.integrity import LOAD_ERRORS, damaged
+
+    try:
+        if unsafe:
+            logger.warning("Loading %s with unsafe=True: code inside the pickle may run.", path)
+            return torch.load(path, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals(safe_globals()):
             try:
-                return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
-            except RuntimeError as err:  # legacy (non-zip) format: no mmap
-                if "mmap" not in str(err):
-                    raise
-                return torch.load(path, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise _refuse(path, err) from None
+                try:
+                    return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+                except RuntimeError as err:  # legacy (non-zip) format: no mmap
+                    if "mmap" not in str(err):
+                        raise
+                    return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as err:
+                if _is_damage(err):
+                    raise damaged(path, err) from None
+                raise _refuse(path, err) from None
+    except (UnsafeCheckpointError, CheckpointFormatError, FileNotFoundError, PermissionError):
+        raise
+    except LOAD_ERRORS as err:
+        raise damaged(path, err) from err
 
 
 @dataclass
@@ -252,10 +273,50 @@ def _split(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     return tensors, extras
 
 
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
+    """Names -> shapes of a `.safetensors` file (its header only: no tensor is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    from ldm.checkpoint.integrity import check_checkpoint_file, damaged
+
+    check_checkpoint_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: torch.Size(f.get_slice(k).get_shape()) for k in f.keys()}
+    except SafetensorError as err:
+        raise damaged(path, err) from None
+
+
+def _read_safetensors(
+    path: Path, map_location: Any
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    from ldm.checkpoint.integrity import damaged
+
+    device = "cpu" if map_location is None else str(map_location)
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            metadata = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as err:
+        raise damaged(path, err) from None
+    return state, {}, metadata
+
+
 def read_checkpoint(
-    path: str | os.PathLike, *, unsafe: bool = False, map_location: Any = "cpu"
+    path: str | os.PathLike,
+    *,
+    unsafe: bool = False,
+    map_location: Any = "cpu",
+    verify: bool = False,
 ) -> LoadedCheckpoint:
-    """Read `.ckpt/.pt/.pth/.bin` (weights-only pickle) or `.safetensors` into a LoadedCheckpoint."""
+    """Read `.ckpt/.pt/.pth/.bin` (weights-only pickle) or `.safetensors` into a LoadedCheckpoint.
+
+    The file is checked first (:mod:`ldm.checkpoint.integrity`): an empty, cut-off or foreign
+    file raises :class:`~ldm.checkpoint.integrity.CorruptCheckpointError` naming what is wrong.
+    ``verify``: also compare the tensor data of a torch zip file with its CRC-32 checksums.
+    """
     path = Path(path)
     if not path.is_file():
         hint = (
@@ -264,20 +325,17 @@ def read_checkpoint(
             else ""
         )
         raise FileNotFoundError(f"Checkpoint not found: {path}{hint}")
-    suffix = path.suffix.lower()
-    if suffix == SAFETENSORS_SUFFIX:
-        from safetensors import safe_open
+    from ldm.checkpoint.integrity import check_checkpoint_file
 
-        device = "cpu" if map_location is None else str(map_location)
-        with safe_open(str(path), framework="pt", device=device) as f:
-            metadata = dict(f.metadata() or {})
-            state = {k: f.get_tensor(k) for k in f.keys()}
-        return LoadedCheckpoint(path, state, {}, metadata)
-    if suffix not in TORCH_SUFFIXES:
+    suffix = path.suffix.lower()
+    if suffix != SAFETENSORS_SUFFIX and suffix not in TORCH_SUFFIXES:
         raise CheckpointFormatError(
             f"Unknown checkpoint suffix {suffix!r} for {path}; expected one of "
             f"{', '.join(TORCH_SUFFIXES + (SAFETENSORS_SUFFIX,))}."
         )
+    check_checkpoint_file(path, verify=verify)
+    if suffix == SAFETENSORS_SUFFIX:
+        return LoadedCheckpoint(path, *_read_safetensors(path, map_location))
     obj = _torch_load(path, unsafe, map_location)
     state, extras = _split(obj, path)
     return LoadedCheckpoint(path, state, extras, {})

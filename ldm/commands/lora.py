@@ -14,6 +14,8 @@ from typing import Any
 import torch
 
 from ldm.adapters.sampling import split_scale
+from ldm.commands.validation import float_in, int_in
+from ldm.disk_errors import writing
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("extract", help="LoRA approximating tuned - base by truncated SVD")
     e.add_argument("--base", required=True, help="the original checkpoint")
     e.add_argument("--tuned", required=True, help="the fine-tuned checkpoint")
-    e.add_argument("--rank", type=int, required=True, help="rank of linear and 1x1 modules")
-    e.add_argument("--conv-rank", type=int, default=None, help="rank of 3x3 convs (default: none)")
+    e.add_argument("--rank", type=int_in(1), required=True, help="rank of linear and 1x1 modules")
+    e.add_argument(
+        "--conv-rank", type=int_in(1), default=None, help="rank of 3x3 convs (default: none)"
+    )
     e.add_argument("--format", choices=["kohya", "diffusers"], default="kohya")
     e.add_argument(
-        "--clamp-quantile", type=float, default=0.99, help="clamp factors (sd-scripts); 1 = off"
+        "--clamp-quantile",
+        type=float_in(0.0, 1.0, low_open=True),
+        default=0.99,
+        help="clamp factors (sd-scripts); 1 = off",
     )
     e.add_argument(
-        "--min-diff", type=float, default=0.01, help="text encoders changed less are skipped"
+        "--min-diff",
+        type=float_in(0.0),
+        default=0.01,
+        help="text encoders changed less are skipped",
     )
     e.add_argument("--out", required=True, help="LoRA file (.safetensors)")
     e.add_argument("--unsafe", action="store_true", help="allow arbitrary pickles (trusted)")
@@ -75,15 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def checkpoint_shapes(path: str, unsafe: bool = False) -> dict[str, torch.Size]:
     """State-dict shapes of a checkpoint (a .safetensors header only: no tensor is read)."""
-    from ldm.checkpoint.safe_load import SAFETENSORS_SUFFIX, read_checkpoint
+    from ldm.checkpoint.safe_load import (
+        SAFETENSORS_SUFFIX,
+        read_checkpoint,
+        read_safetensors_header,
+    )
 
     if Path(path).suffix.lower() == SAFETENSORS_SUFFIX:
-        from safetensors import safe_open
-
         if not Path(path).is_file():
             raise FileNotFoundError(f"Checkpoint not found: {path}")
-        with safe_open(path, framework="pt") as f:
-            return {k: torch.Size(f.get_slice(k).get_shape()) for k in f.keys()}
+        return read_safetensors_header(path)
     return {k: v.shape for k, v in read_checkpoint(path, unsafe=unsafe).state_dict.items()}
 
 
@@ -92,7 +103,7 @@ def _weights(path: str, unsafe: bool) -> tuple[dict[str, torch.Tensor], Any]:
     from ldm.checkpoint.ema import apply_ema, has_ema
     from ldm.checkpoint.safe_load import read_checkpoint
 
-    ckpt = read_checkpoint(path, unsafe=unsafe)
+    ckpt = read_checkpoint(path, unsafe=unsafe, verify=True)
     if has_ema(ckpt.state_dict):
         logger.info("%s: using its EMA weights (as ldm.load_model does)", path)
         return apply_ema(ckpt.state_dict), ckpt
@@ -129,7 +140,7 @@ def run_merge(args: argparse.Namespace, sign: int) -> Path:
     from ldm.checkpoint.prune import save_state_dict
     from ldm.checkpoint.safe_load import read_checkpoint
 
-    ckpt = read_checkpoint(args.ckpt, unsafe=args.unsafe)
+    ckpt = read_checkpoint(args.ckpt, unsafe=args.unsafe, verify=True)
     shapes = {k: v.shape for k, v in ckpt.state_dict.items()}
     files = resolve(args.lora, shapes)
     sd = merge_into_state_dict(ckpt.state_dict, files, sign)
@@ -221,31 +232,41 @@ def run(argv: list[str] | None = None) -> str:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "info":
         return describe(args.path)
-    if args.command in ("merge", "unmerge"):
-        out = run_merge(args, 1 if args.command == "merge" else -1)
-    elif args.command == "extract":
-        out = run_extract(args)
-    else:
-        out = run_convert(args)
+    out_dir = _out_dir(args.out)
+    with writing(out_dir, f"{Path(args.out).name}", flag="--out"):
+        if args.command in ("merge", "unmerge"):
+            out = run_merge(args, 1 if args.command == "merge" else -1)
+        elif args.command == "extract":
+            out = run_extract(args)
+        else:
+            out = run_convert(args)
     return f"Wrote {out}\n"
 
 
+def _out_dir(out: str) -> Path:
+    """The folder ``--out`` goes to; a file in the way is a usage error."""
+    parent = Path(out).parent
+    probe = parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise NotADirectoryError(f"--out {out}: {probe} is a file, not a folder.")
+    if Path(out).is_dir():
+        raise IsADirectoryError(f"--out {out}: a folder; give a file name (.safetensors).")
+    return parent
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `ldm-lora`; 2 with a message on stderr for a user error."""
-    from ldm.adapters.lora_weights import LoraError
-    from ldm.checkpoint.safe_load import CheckpointFormatError, UnsafeCheckpointError
+    """Entry point of `ldm-lora`; 2 with a message on stderr for a user error, 1 for a disk fault."""
+    from ldm.errors import exit_code, report
 
     try:
         text = run(argv)
-    except (
-        LoraError,
-        FileNotFoundError,
-        UnsafeCheckpointError,
-        CheckpointFormatError,
-        ValueError,
-    ) as err:
-        sys.stderr.write(f"{PROG}: error: {err}\n")
-        return 2
+    except Exception as err:
+        code = exit_code(err, (ValueError,))
+        if code is None:
+            raise
+        return report(PROG, err, code)
     sys.stdout.write(text)
     return 0
 

@@ -5,19 +5,25 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ldm.commands.memory_advice import is_out_of_memory, out_of_memory_message
 from ldm.commands.pngmeta import save_png, to_pil
+from ldm.commands.sample_checks import (
+    CommandError,
+    check_inputs,
+    check_size,
+    device_from_flag,
+    read_prompts,
+)
+from ldm.commands.validation import MAX_SEED, finite_float, float_in, int_in
+from ldm.disk_errors import writing
+from ldm.errors import RunFailure, exit_code, report
 
 logger = logging.getLogger(__name__)
-
-
-class CommandError(Exception):
-    """A user mistake on the command line: printed without a traceback."""
 
 
 def build_parser(mode: str) -> argparse.ArgumentParser:
@@ -36,13 +42,13 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         "--negative-prompt", "--negative_prompt", dest="negative_prompt", type=str, default=""
     )
     p.add_argument("--outdir", type=str, default=f"outputs/{mode}-samples")
-    p.add_argument("--n_samples", type=int, default=3, help="batch size")
-    p.add_argument("--n_iter", type=int, default=2, help="batches per prompt")
+    p.add_argument("--n_samples", type=int_in(1), default=3, help="batch size")
+    p.add_argument("--n_iter", type=int_in(1), default=2, help="batches per prompt")
     p.add_argument(
         "--steps",
         "--ddim_steps",
         dest="steps",
-        type=int,
+        type=int_in(1),
         default=None,
         help="sampling steps (default: the model's recorded defaults, else 50)",
     )
@@ -55,21 +61,24 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     p.add_argument("--plms", action="store_true", help="same as --sampler plms")
     p.add_argument("--dpm_solver", action="store_true", help="same as --sampler dpmpp_2m")
     p.add_argument("--karras", action="store_true", help="Karras sigmas for sigma-based samplers")
-    p.add_argument("--ddim_eta", "--eta", dest="ddim_eta", type=float, default=None)
+    p.add_argument("--ddim_eta", "--eta", dest="ddim_eta", type=float_in(0.0), default=None)
     p.add_argument(
         "--scale",
-        type=float,
+        type=finite_float,
         default=None,
         help="guidance scale (default: the model's recorded one, else "
         f"{7.5 if mode == 'txt2img' else 5.0})",
     )
-    p.add_argument("--H", type=int, default=None, help="image height (default: the model's size)")
-    p.add_argument("--W", type=int, default=None, help="image width (default: the model's size)")
-    p.add_argument("--C", type=int, default=None, help="latent channels (default: the model's)")
+    size = int_in(1, 16384)
+    p.add_argument("--H", type=size, default=None, help="image height (default: the model's size)")
+    p.add_argument("--W", type=size, default=None, help="image width (default: the model's size)")
     p.add_argument(
-        "--f", type=int, default=None, help="downsampling factor (default: the autoencoder's)"
+        "--C", type=int_in(1), default=None, help="latent channels (default: the model's)"
     )
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--f", type=int_in(1), default=None, help="downsampling factor (default: the autoencoder's)"
+    )
+    p.add_argument("--seed", type=int_in(0, MAX_SEED), default=42)
     p.add_argument("--precision", choices=["full", "autocast"], default="autocast")
     p.add_argument(
         "--config", type=str, default=None, help="model config (default: detected / embedded)"
@@ -80,7 +89,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     p.add_argument("--skip_grid", action="store_true")
     p.add_argument("--skip_save", action="store_true")
     p.add_argument("--fixed_code", action="store_true", help="same start noise for every batch")
-    p.add_argument("--n_rows", type=int, default=0, help="grid rows (default n_samples)")
+    p.add_argument("--n_rows", type=int_in(0), default=0, help="grid rows (default n_samples)")
     p.add_argument("--device", type=str, default=None, help="default: cuda, else mps, else cpu")
     p.add_argument(
         "--use-ema",
@@ -109,9 +118,9 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--attention-slice",
         dest="attention_slice",
-        type=int,
+        type=int_in(0),
         default=None,
-        help="attention in slices of this many queries (less memory)",
+        help="attention in slices of this many queries (less memory; 0: unsliced)",
     )
     adapters = p.add_argument_group("adapters (LoRA, textual inversion)")
     adapters.add_argument(
@@ -136,7 +145,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         "--original-size",
         "--original_size",
         dest="original_size",
-        type=int,
+        type=size,
         nargs=2,
         metavar=("H", "W"),
         default=None,
@@ -146,7 +155,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         "--crop",
         "--crops-coords-top-left",
         dest="crop",
-        type=int,
+        type=int_in(0),
         nargs=2,
         metavar=("TOP", "LEFT"),
         default=None,
@@ -156,7 +165,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         "--target-size",
         "--target_size",
         dest="target_size",
-        type=int,
+        type=size,
         nargs=2,
         metavar=("H", "W"),
         default=None,
@@ -166,7 +175,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         "--aesthetic-score",
         "--aesthetic_score",
         dest="aesthetic_score",
-        type=float,
+        type=finite_float,
         default=None,
         help="refiner: the aesthetic score to condition on (default 6.0; unconditional 2.5)",
     )
@@ -181,7 +190,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         "--refiner-switch",
         "--refiner_switch",
         dest="refiner_switch",
-        type=float,
+        type=float_in(0.0, 1.0, low_open=True, high_open=True),
         default=0.8,
         help="fraction of the noise levels the base model runs before the refiner takes over "
         "(diffusers' denoising_end / denoising_start; default 0.8)",
@@ -193,7 +202,13 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         p.add_argument(
             "--init-img", "--init_img", "--image", dest="init_img", type=str, required=True
         )
-        p.add_argument("--strength", type=float, default=0.75 if mode == "img2img" else 1.0)
+        p.add_argument(
+            "--strength",
+            type=float_in(0.0, 1.0, low_open=mode == "img2img"),
+            default=0.75 if mode == "img2img" else 1.0,
+            help="how much of the noise schedule to run over the image"
+            + (" (0 < s <= 1)" if mode == "img2img" else " (0 <= s <= 1)"),
+        )
     if mode == "inpaint":
         p.add_argument("--mask", type=str, required=True, help="white = repaint, black = keep")
     return p
@@ -249,18 +264,16 @@ def micro_conditioning(
 
 
 def pick_device(name: str | None) -> torch.device:
-    from ldm.checkpoint.loader import default_device
-
-    return torch.device(name) if name else default_device()
+    """``--device`` (checked: a device this machine has), else cuda, mps, cpu."""
+    return device_from_flag(name)
 
 
 def prompts(args: argparse.Namespace) -> list[list[str]]:
     """Batches of prompts: n_samples copies of --prompt, or chunks of --from-file lines."""
     if args.from_file:
-        path = Path(args.from_file)
-        if not path.is_file():
-            raise CommandError(f"--from-file {path}: no such file.")
-        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        if not Path(args.from_file).is_file():
+            raise CommandError(f"--from-file {args.from_file}: no such file.")
+        lines = read_prompts(args.from_file)
         return [lines[i : i + args.n_samples] for i in range(0, len(lines), args.n_samples)]
     return [[args.prompt] * args.n_samples]
 
@@ -280,42 +293,39 @@ def run(mode: str, argv: list[str] | None = None) -> list[Path]:
     """
     args = build_parser(mode).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if not Path(args.ckpt).exists():
-        raise CommandError(f"--ckpt {args.ckpt}: no such file or folder.")
-    if args.config and not Path(args.config).is_file():
-        raise CommandError(f"--config {args.config}: no such file.")
-    if args.refiner_config and not args.refiner:
-        raise CommandError("--refiner-config needs --refiner.")
-    if not 0.0 < args.refiner_switch < 1.0:
-        raise CommandError(f"--refiner-switch {args.refiner_switch}: must be in (0, 1).")
-    for flag in ("init_img", "mask", "refiner", "refiner_config"):
-        value = getattr(args, flag, None)
-        if value is not None and not Path(value).is_file():
-            raise CommandError(f"--{flag.replace('_', '-')} {value}: no such file.")
+    check_inputs(args)
     name = sampler_name(args)
     device = pick_device(args.device)
+    try:
+        return _sample(mode, args, name, device)
+    except Exception as err:
+        if not is_out_of_memory(err):
+            raise
+        raise RunFailure(out_of_memory_message(err, args, device, f"running ldm-{mode}")) from err
+
+
+def _load(args: argparse.Namespace, flag: str, device: torch.device, **kwargs: Any) -> Any:
+    """``load_model`` of a flag's file; a damaged or foreign file names the flag."""
     from ldm.checkpoint import load_model
+    from ldm.checkpoint.safe_load import CheckpointFormatError
+
+    path = getattr(args, flag.lstrip("-").replace("-", "_"))
+    try:
+        return load_model(path, device=device, use_ema=args.use_ema, unsafe=args.unsafe, **kwargs)
+    except CheckpointFormatError as err:
+        raise CommandError(f"{flag} {err}") from err
+
+
+def _sample(mode: str, args: argparse.Namespace, name: str | None, device: torch.device) -> list:
     from ldm.checkpoint.loader import file_hash
     from ldm.engine.defaults import resolve_sampling
     from ldm.modules.attention_backends import attention_slicing
 
-    model = load_model(
-        args.ckpt,
-        config=args.config,
-        device=device,
-        use_ema=args.use_ema,
-        prediction=args.prediction,
-        unsafe=args.unsafe,
-    )
+    model = _load(args, "--ckpt", device, config=args.config, prediction=args.prediction)
+    check_size(args, model)
     refiner = None
     if args.refiner:
-        refiner = load_model(
-            args.refiner,
-            config=args.refiner_config,
-            device=device,
-            use_ema=args.use_ema,
-            unsafe=args.unsafe,
-        )
+        refiner = _load(args, "--refiner", device, config=args.refiner_config)
     from ldm.adapters.sampling import adapters_applied, describe, parse_lora
 
     loras = [parse_lora(spec) for spec in args.lora]
@@ -339,7 +349,8 @@ def run(mode: str, argv: list[str] | None = None) -> list[Path]:
     model_hash = file_hash(args.ckpt)
     outdir = Path(args.outdir)
     sample_dir = outdir / "samples"
-    sample_dir.mkdir(parents=True, exist_ok=True)
+    with writing(outdir, "the images"):
+        sample_dir.mkdir(parents=True, exist_ok=True)
     base = len(list(sample_dir.glob("*.png")))
     written, grid_items = [], []
     params_common = {
@@ -413,7 +424,9 @@ def run(mode: str, argv: list[str] | None = None) -> list[Path]:
                         **params_common,
                     }
                     if not args.skip_save:
-                        written.append(save_png(to_pil(img), sample_dir / f"{base:05}.png", params))
+                        with writing(outdir, "the images"):
+                            png = save_png(to_pil(img), sample_dir / f"{base:05}.png", params)
+                        written.append(png)
                         base += 1
                 grid_items.append((x, batch))
     if not args.skip_grid and grid_items:
@@ -428,30 +441,22 @@ def run(mode: str, argv: list[str] | None = None) -> list[Path]:
             "seed": args.seed,
             **params_common,
         }
-        written.append(save_png(to_pil(grid), outdir / f"grid-{grid_count:04}.png", params))
+        with writing(outdir, "the grid"):
+            written.append(save_png(to_pil(grid), outdir / f"grid-{grid_count:04}.png", params))
     logger.info("Wrote %d image(s) to %s", len(written), outdir)
     return written
 
 
 def main(mode: str, argv: list[str] | None = None) -> int:
-    """Console entry: user mistakes print one line to stderr and exit 2."""
-    from ldm.adapters.lora_weights import LoraError
-    from ldm.checkpoint.detect import DetectionError
-    from ldm.checkpoint.report import CheckpointMismatchError
-    from ldm.checkpoint.safe_load import UnsafeCheckpointError
-
+    """Console entry: a user mistake prints one line to stderr and exits 2; a fault outside the
+    flags (out of memory, disk full) exits 1; argparse exits 2 on its own."""
     try:
         run(mode, argv)
-    except (
-        CommandError,
-        FileNotFoundError,
-        DetectionError,
-        CheckpointMismatchError,
-        UnsafeCheckpointError,
-        LoraError,
-    ) as err:
-        sys.stderr.write(f"ldm-{mode}: error: {err}\n")
-        return 2
+    except Exception as err:
+        code = exit_code(err, (CommandError,))
+        if code is None:
+            raise
+        return report(f"ldm-{mode}", err, code)
     return 0
 
 

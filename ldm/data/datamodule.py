@@ -138,6 +138,13 @@ class DataModuleFromConfig(pl.LightningDataModule):
             raise ConfigError(
                 f"data.params.batch_size: expected a positive integer, found {batch_size!r}."
             )
+        if num_workers is not None and (
+            not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0
+        ):
+            raise ConfigError(
+                f"data.params.num_workers: expected a whole number >= 0 (0: load in the main "
+                f"process), found {num_workers!r}."
+            )
         self.batch_size = batch_size
         cpus = os.cpu_count() or 1
         self.num_workers = num_workers if num_workers is not None else min(batch_size * 2, cpus)

@@ -11,8 +11,6 @@ where a failing index is replaced deterministically by the next good one; both a
 from __future__ import annotations
 
 import bisect
-import csv
-import json
 import logging
 import os
 import random
@@ -35,6 +33,7 @@ from ldm.data.image_io import (
     verify_image,
 )
 from ldm.data.latent_cache import MOMENTS_KEY, LatentStore, entry_key, file_digest
+from ldm.data.metadata_file import read_rows
 from ldm.data.micro_conditioning import MicroConditioning
 from ldm.data.transforms import ImageTransform
 
@@ -54,21 +53,6 @@ def find_images(root: Path, extensions: tuple[str, ...], recursive: bool = True)
     return sorted(p for p in root.glob(pattern) if p.suffix.lower() in exts and p.is_file())
 
 
-def _read_metadata_file(path: Path) -> list[dict[str, Any]]:
-    if path.suffix == ".jsonl":
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise ValueError(f"{path}:{n}: not a JSON object ({exc})") from exc
-        return rows
-    with open(path, encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def read_metadata(
     root: Path, recursive: bool = True, caption_column: str | None = None
 ) -> dict[Path, str]:
@@ -76,17 +60,17 @@ def read_metadata(
     captions: dict[Path, str] = {}
     for name in METADATA_FILES:
         for meta in sorted(root.glob(f"**/{name}" if recursive else name)):
-            for n, row in enumerate(_read_metadata_file(meta), 1):
+            for n, row in read_rows(meta):
                 if "file_name" not in row:
                     raise ValueError(
-                        f"{meta} row {n}: no 'file_name' column (found {sorted(row)}); the Hugging "
+                        f"{meta}:{n}: no 'file_name' column (found {sorted(row)}); the Hugging "
                         "Face imagefolder convention is one row per image with 'file_name' and 'text'"
                     )
                 columns = (caption_column,) if caption_column else CAPTION_COLUMNS
                 text = next((row[c] for c in columns if c in row and row[c] is not None), None)
                 if text is None:
                     raise ValueError(
-                        f"{meta} row {n}: no caption column; expected one of {list(columns)}, "
+                        f"{meta}:{n}: no caption column; expected one of {list(columns)}, "
                         f"found {sorted(row)}"
                     )
                 captions[(meta.parent / row["file_name"]).resolve()] = str(text).strip()

@@ -31,6 +31,7 @@ from ldm.data.buckets import BucketSpec, assign_bucket
 from ldm.data.captions import caption_processor_from_config
 from ldm.data.folder import find_images, read_metadata
 from ldm.data.image_io import IMAGE_EXTENSIONS, BadImageError, SkipLog, load_rgb
+from ldm.data.shard_ends import all_but_last, is_cut
 from ldm.data.transforms import ImageTransform
 
 logger = logging.getLogger(__name__)
@@ -219,13 +220,34 @@ class WebDatasetShards(IterableDataset):
             random.Random(f"{self.seed}-{epoch}").shuffle(shards)  # same order on all readers
         by_sample = self.split == "sample" or (self.split == "auto" and len(shards) < readers)
         if not by_sample:
-            src = [{"url": u} for u in shards[reader::readers]]
-            yield from wds.tarfile_samples(src, handler=self._handler)
+            for url in shards[reader::readers]:
+                yield from self._shard_samples(url)
             return
-        src = [{"url": u} for u in shards]
-        for n, sample in enumerate(wds.tarfile_samples(src, handler=self._handler)):
-            if n % readers == reader:
-                yield sample
+        n = 0
+        for url in shards:
+            for sample in self._shard_samples(url):
+                if n % readers == reader:
+                    yield sample
+                n += 1
+
+    def _shard_samples(self, url: str) -> Iterator[dict[str, Any]]:
+        """The samples of one shard; a cut-off shard's last (maybe incomplete) sample is dropped
+        and the shard counted once as skipped (:mod:`ldm.data.shard_ends`)."""
+        if not is_cut(url):
+            yield from wds.tarfile_samples([{"url": url}], handler=self._handler)
+            return
+
+        def quiet(exc: Exception) -> bool:  # the cut's read errors: counted once, below
+            import tarfile
+
+            return True if isinstance(exc, tarfile.ReadError) else self._handler(exc)
+
+        def dropped(last: dict[str, Any] | None, n: int) -> None:
+            key = f", dropped its last sample {last.get('__key__')}" if last else ""
+            self.skipped.warn_once(url, f"shard cut off after {n} complete sample(s){key}")
+
+        samples = wds.tarfile_samples([{"url": url}], handler=quiet)
+        yield from all_but_last(samples, dropped)
 
     @property
     def yields_batches(self) -> bool:

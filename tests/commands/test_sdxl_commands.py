@@ -78,7 +78,9 @@ def test_flags_a_model_does_not_take_are_refused(files, tmp_path: Path, capsys) 
     assert main("txt2img", flags) == 2
     assert "--original-size" in capsys.readouterr().err
     assert main("txt2img", _flags(files, tmp_path / "d", "--aesthetic-score", "5")) == 2
-    assert main("txt2img", _flags(files, tmp_path / "e", "--refiner-switch", "1.5")) == 2
+    with pytest.raises(SystemExit) as exit_:  # out of range: refused when the flags are parsed
+        main("txt2img", _flags(files, tmp_path / "e", "--refiner-switch", "1.5"))
+    assert exit_.value.code == 2 and "--refiner-switch" in capsys.readouterr().err
 
 
 def test_img2img_with_sdxl(files, tmp_path: Path) -> None:

@@ -1,0 +1,97 @@
+"""Resuming a run whose ``last.ckpt`` is damaged: the newest readable checkpoint of the run.
+
+A run killed while the disk filled up, a copy of a run directory that stopped halfway, a file
+system that lost the last write: ``last.ckpt`` can be truncated or unreadable even though the
+checkpoint writes are atomic. Then ``-r RUN_DIR`` says so and resumes from the newest (by
+modification time) readable checkpoint in ``RUN_DIR/checkpoints/``; when none is readable it
+stops with the list of what it tried. It never starts from scratch silently.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ldm.run_spec import UsageError
+
+__all__ = ["ResumeError", "checkpoint_problem", "resume_checkpoint"]
+
+logger = logging.getLogger("ldm.main")
+
+LAST = "last.ckpt"
+
+
+class ResumeError(UsageError):
+    """No checkpoint of the run can be resumed from (the message lists each one and why)."""
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """None when ``path`` is a readable training checkpoint, else what is wrong with it.
+
+    Reads the file's structure and pickle and compares its tensor data with the CRC-32 checksums
+    stored in the file (one pass over the file, as a damaged resume would train on). A file that
+    safe loading refuses for its pickled objects counts as readable: that is not damage, and the
+    resume reports it on its own.
+    """
+    from ldm.checkpoint.safe_load import (
+        CheckpointFormatError,
+        UnsafeCheckpointError,
+        read_checkpoint,
+    )
+
+    if not path.is_file():
+        return "does not exist"
+    try:
+        ckpt = read_checkpoint(path, verify=True)  # the tensors' checksums too
+    except UnsafeCheckpointError:
+        return None
+    except CheckpointFormatError as err:
+        text = str(err)
+        return text[len(str(path)) + 2 :] if text.startswith(f"{path}: ") else text
+    if "global_step" not in ckpt.extras and "loops" not in ckpt.extras:
+        return "holds weights only (no training state to resume)"
+    return None
+
+
+def _candidates(ckptdir: Path, exclude: Path) -> list[Path]:
+    """The run's other checkpoints, newest first (temporary files of unfinished writes excluded)."""
+    found = [
+        p
+        for p in ckptdir.glob("*.ckpt")
+        if p.is_file() and not p.name.startswith(".") and p.resolve() != exclude.resolve()
+    ]
+    return sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
+
+
+def resume_checkpoint(ckpt: Path, flag: str = "-r") -> Path:
+    """``ckpt`` when readable; for a damaged or missing ``last.ckpt`` the newest readable one of
+    its folder (logged); else a :class:`ResumeError` listing every file tried and why."""
+    ckpt = Path(ckpt)
+    problem = checkpoint_problem(ckpt)
+    if problem is None:
+        return ckpt
+    if ckpt.name != LAST:
+        raise ResumeError(
+            f"{flag} {ckpt}: cannot resume from it: {problem}. Pass another checkpoint of the run "
+            f"(in {ckpt.parent}) or the run directory."
+        )
+    logger.warning(
+        "%s %s: cannot resume from it: %s. Looking for the newest readable checkpoint in %s.",
+        flag,
+        ckpt,
+        problem,
+        ckpt.parent,
+    )
+    tried = [(ckpt, problem)]
+    for path in _candidates(ckpt.parent, ckpt):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            logger.warning("resuming from %s instead of the unreadable %s", path, ckpt.name)
+            return path
+        logger.warning("%s: cannot resume from it: %s", path, problem)
+        tried.append((path, problem))
+    lines = "; ".join(f"{p.name}: {why}" for p, why in tried)
+    raise ResumeError(
+        f"{flag} {ckpt.parent.parent}: no readable checkpoint to resume from (tried {len(tried)}: "
+        f"{lines}). Start a new run, or restore the run's checkpoints from a backup."
+    )
