@@ -26,6 +26,8 @@ setup(
     extras_require={
         "test": [
             "pytest>=8",
+            # property-based fault injection (tests/reliability)
+            "hypothesis>=6.100",
             "diffusers>=0.30",
             "accelerate>=0.30",
             "ruff>=0.5",

@@ -230,10 +230,26 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 
 class RNGStateCheckpoint(Callback):
-    """Keep torch/numpy/python RNG states in the checkpoint; restore them when training resumes."""
+    """Keep torch/numpy/python RNG states in the checkpoint; restore them when training resumes.
+
+    Validation during fit leaves the random streams as it found them: a run resumed from a
+    checkpoint saved after the last batch of an epoch does not repeat that epoch's validation
+    (Lightning goes on with the next epoch), and must draw the same training noise as the run
+    that did validate.
+    """
 
     def __init__(self) -> None:
         self._pending: dict[str, Any] | None = None
+        self._before_validation: dict[str, Any] | None = None
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.training or (trainer.state.fn == "fit" and not trainer.sanity_checking):
+            self._before_validation = rng_states()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._before_validation is not None:
+            states, self._before_validation = self._before_validation, None
+            set_rng_states(states)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng_states": rng_states()}

@@ -47,7 +47,8 @@ def checkpoint_problem(path: Path) -> str | None:
         return None
     except CheckpointFormatError as err:
         text = str(err)
-        return text[len(str(path)) + 2 :] if text.startswith(f"{path}: ") else text
+        text = text[len(str(path)) + 2 :] if text.startswith(f"{path}: ") else text
+        return text.split(". ")[0].rstrip(".")  # what is wrong, without the advice
     if "global_step" not in ckpt.extras and "loops" not in ckpt.extras:
         return "holds weights only (no training state to resume)"
     return None

@@ -76,7 +76,11 @@ def measure(model: Any, n: int = 512, batch_size: int = 64) -> dict[str, Any]:
     return result
 
 
-def main() -> None:
+def main() -> int:
+    """Export and measure; a bad file or flag is one message on stderr (exit 2), not a traceback."""
+    from ldm.commands.validation import int_in
+    from ldm.errors import exit_code, report
+
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -84,14 +88,30 @@ def main() -> None:
     ap.add_argument("--config", default="configs/autoencoder/shapes-kl-f4.yaml")
     ap.add_argument("--out", default="checkpoints/shapes-kl-f4.safetensors")
     ap.add_argument("--fp32", action="store_true", help="store fp32 instead of fp16")
-    ap.add_argument("-n", type=int, default=512, help="images per split for the measurement")
+    ap.add_argument("-n", type=int_in(1), default=512, help="images per split for the measurement")
     args = ap.parse_args()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    try:
+        export(args)
+    except Exception as err:
+        code = exit_code(err, (ValueError,))
+        if code is None:
+            raise
+        return report("export_first_stage.py", err, code)
+    return 0
+
+
+def export(args: argparse.Namespace) -> None:
+    """Write the stripped weights (whole or not at all) and print the measurements."""
+    from ldm.atomic_output import atomic_path
+    from ldm.config import load_yaml
+
+    load_yaml(args.config)  # a missing or broken config is named before any work
     sd = strip(args.ckpt, torch.float32 if args.fp32 else torch.float16)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, args.out, metadata={"source": Path(args.ckpt).name, "config": args.config})
+    with atomic_path(args.out) as tmp:
+        save_file(sd, str(tmp), metadata={"source": Path(args.ckpt).name, "config": args.config})
     logger.info(
         "wrote %s (%d tensors, %.2f MB)", args.out, len(sd), Path(args.out).stat().st_size / 1e6
     )
@@ -99,4 +119,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -107,7 +107,23 @@ class ResumableSampler(Sampler[int]):
 
 class ResumableDataLoader(DataLoader):
     """A DataLoader Lightning treats as resumable: the position lives in the trainer's loop state,
-    and :class:`ResumableSampler` skips the consumed prefix (see ``DataModuleFromConfig``)."""
+    and :class:`ResumableSampler` skips the consumed prefix (see ``DataModuleFromConfig``).
+
+    Starting an iteration draws the workers' base seed from a generator seeded by (``seed``,
+    epoch), not from the global random stream: how many loaders were iterated before (a
+    validation that a resumed run does not repeat) does not change the training noise.
+    """
+
+    def __init__(self, *args: Any, seed: int = 0, **kwargs: Any) -> None:
+        kwargs.setdefault("generator", torch.Generator())
+        super().__init__(*args, **kwargs)
+        self.seed = seed
+
+    def __iter__(self) -> Any:
+        order = self.batch_sampler if hasattr(self.batch_sampler, "epoch") else self.sampler
+        epoch = int(getattr(order, "epoch", 0))
+        self.generator.manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
+        return super().__iter__()
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -209,9 +225,17 @@ class DataModuleFromConfig(pl.LightningDataModule):
             return 0, 0
         loop = trainer.fit_loop
         done = loop.epoch_progress.current
-        consumed = loop.epoch_loop.batch_progress.current.processed
+        batches = loop.epoch_loop.batch_progress
+        consumed = batches.current.processed
         unfinished = done.started != done.processed
-        return trainer.current_epoch, consumed if (trainer.ckpt_path and unfinished) else 0
+        if not (trainer.ckpt_path and unfinished):
+            return trainer.current_epoch, 0
+        if batches.is_last_batch:
+            # saved after the last batch of its epoch: Lightning counts that epoch as done when
+            # it restores the loops (after this is called) and goes on with the next one, whose
+            # iteration must not skip anything
+            return trainer.current_epoch + 1, 0
+        return trainer.current_epoch, consumed
 
     def _seed(self) -> int:
         return self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
@@ -238,6 +262,7 @@ class DataModuleFromConfig(pl.LightningDataModule):
         return ResumableDataLoader(
             dataset,
             batch_sampler=batch_sampler,
+            seed=self._seed(),
             num_workers=self.num_workers,
             worker_init_fn=init_fn,
             persistent_workers=self.num_workers > 0,
@@ -273,6 +298,7 @@ class DataModuleFromConfig(pl.LightningDataModule):
             if getattr(dataset, "batch_size", None) is None:
                 dataset.batch_size = self.batch_size
             batch_size = None
+        resumable = {"seed": self._seed()} if sampler is not None else {}
         return (ResumableDataLoader if sampler is not None else DataLoader)(
             dataset,
             batch_size=batch_size,
@@ -280,4 +306,5 @@ class DataModuleFromConfig(pl.LightningDataModule):
             num_workers=self.num_workers,
             worker_init_fn=init_fn,
             persistent_workers=self.num_workers > 0,
+            **resumable,
         )

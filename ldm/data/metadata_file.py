@@ -47,7 +47,7 @@ def _jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
 def _csv(path: Path) -> list[tuple[int, dict[str, Any]]]:
     import io
 
-    reader = csv.DictReader(io.StringIO(_text(path), newline=""))
+    reader = csv.DictReader(io.StringIO(_text(path), newline=""), strict=True)
     rows = []
     try:
         for row in reader:

@@ -140,3 +140,25 @@ def test_a_flipped_byte_in_the_tensors_is_found_before_resuming(runs, tmp_path, 
     with caplog.at_level(logging.WARNING, logger="ldm.main"):
         assert _resume(run_dir).global_step == 8
     assert "fails its CRC-32 checksum" in caplog.text
+
+
+@pytest.mark.parametrize("model", ["toy_model.ToyModel", "noisy_validation.NoisyValidationToy"])
+def test_resume_from_the_last_batch_of_an_epoch_is_bit_exact(model, tmp_path, figures) -> None:
+    """A checkpoint saved after an epoch's last batch (step 8 of 8), before that epoch's
+    validation: the resumed run goes on with the next epoch, whose data must not be skipped, and
+    draws the same training noise although it does not repeat the validation."""
+    argv = ["-b", TOY, *COMMON, f"model.target={model}"]
+    full = run(
+        parse_command([*argv, "-l", str(tmp_path / "full"), "--trainer.max_steps", "12"]).spec
+    )
+    short = run(
+        parse_command([*argv, "-l", str(tmp_path / "short"), "--trainer.max_steps", "10"]).spec
+    )
+    step8 = _ckpt(short.run_dir, 8)
+    resumed = run(parse_command(["-r", str(step8), *COMMON, "--trainer.max_steps", "12"]).spec)
+    assert resumed.global_step == 12
+    names = sorted(p.name for p in (short.run_dir / "checkpoints").glob("epoch=*.ckpt"))
+    assert "epoch=000001-step=000000012.ckpt" in names  # the epoch count did not jump
+    a, b = _weights(full.last_ckpt), _weights(resumed.last_ckpt)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    figures["resume from an epoch's last batch: bit-equal"] += 1
