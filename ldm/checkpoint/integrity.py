@@ -30,7 +30,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ldm.checkpoint.safe_load import SAFETENSORS_SUFFIX, TORCH_SUFFIXES, CheckpointFormatError
+from ldm.checkpoint.formats import SAFETENSORS_SUFFIX, TORCH_SUFFIXES, CheckpointFormatError
 
 __all__ = [
     "CorruptCheckpointError",

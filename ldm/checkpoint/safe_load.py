@@ -24,19 +24,15 @@ from typing import Any
 
 import torch
 
+from ldm.checkpoint.formats import SAFETENSORS_SUFFIX, TORCH_SUFFIXES, CheckpointFormatError
+
 logger = logging.getLogger(__name__)
 
-TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-SAFETENSORS_SUFFIX = ".safetensors"
 CONFIG_KEY = "ldm_config"  # top-level key (.ckpt) / metadata entry (.safetensors) with our config
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
     """A pickle needs a global outside the allow-list; loading it could run code from the file."""
-
-
-class CheckpointFormatError(ValueError):
-    """The file is not a checkpoint we can read (unknown suffix, no state dict inside)."""
 
 
 # Globals that Lightning checkpoints reference only as names (dict keys, inert containers).

@@ -1,0 +1,11 @@
+"""Checkpoint file kinds by suffix, and the error for a file that is not one we can read
+(shared by the safe loader and the integrity checks)."""
+
+from __future__ import annotations
+
+TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+SAFETENSORS_SUFFIX = ".safetensors"
+
+
+class CheckpointFormatError(ValueError):
+    """The file is not a checkpoint we can read (unknown suffix, no state dict inside)."""
