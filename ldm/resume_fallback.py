@@ -10,6 +10,7 @@ stops with the list of what it tried. It never starts from scratch silently.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from ldm.run_spec import UsageError
@@ -19,6 +20,8 @@ __all__ = ["ResumeError", "checkpoint_problem", "resume_checkpoint"]
 logger = logging.getLogger("ldm.main")
 
 LAST = "last.ckpt"
+#: environment variables that give a process's rank (Lightning's launcher, torchrun, SLURM)
+_RANK_VARS = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
 
 
 class ResumeError(UsageError):
@@ -54,6 +57,33 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
+def remove_partial_writes(ckptdir: Path) -> int:
+    """Delete the temporary files of checkpoint writes that a kill interrupted (``.NAME.*.tmp``,
+    see :class:`~ldm.fault_tolerance.AtomicCheckpointIO`); the number removed. Only the first
+    process of a run does it, before training starts: no write of this run is under way then
+    (the other ranks never write checkpoints of a DDP run)."""
+    from ldm.checkpoint.integrity import human_size
+
+    if any(os.environ.get(var, "0") not in ("", "0") for var in _RANK_VARS):
+        return 0
+    removed, size = 0, 0
+    for tmp in ckptdir.glob(".*.ckpt.*.tmp"):
+        try:
+            size += tmp.stat().st_size
+            tmp.unlink()
+            removed += 1
+        except OSError:
+            continue
+    if removed:
+        logger.info(
+            "removed %d partial checkpoint file(s) (%s) left in %s by an interrupted write",
+            removed,
+            human_size(size),
+            ckptdir,
+        )
+    return removed
+
+
 def _candidates(ckptdir: Path, exclude: Path) -> list[Path]:
     """The run's other checkpoints, newest first (temporary files of unfinished writes excluded)."""
     found = [
@@ -68,6 +98,7 @@ def resume_checkpoint(ckpt: Path, flag: str = "-r") -> Path:
     """``ckpt`` when readable; for a damaged or missing ``last.ckpt`` the newest readable one of
     its folder (logged); else a :class:`ResumeError` listing every file tried and why."""
     ckpt = Path(ckpt)
+    remove_partial_writes(ckpt.parent)
     problem = checkpoint_problem(ckpt)
     if problem is None:
         return ckpt
