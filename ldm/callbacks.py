@@ -116,8 +116,14 @@ class ImageLogger(Callback):
         save_dir: str | None = None,
     ) -> None:
         super().__init__()
-        if batch_frequency < 1:
-            raise ValueError(f"ImageLogger: batch_frequency must be >= 1, found {batch_frequency}.")
+        for name, value, low in (
+            ("batch_frequency", batch_frequency, 1),
+            ("max_images", max_images, 0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"ImageLogger: {name} must be a whole number, found {value!r}.")
+            if value < low:
+                raise ValueError(f"ImageLogger: {name} must be >= {low}, found {value}.")
         self.batch_freq, self.max_images = batch_frequency, max_images
         self.clamp, self.rescale, self.disabled = clamp, rescale, disabled
         self.log_on_batch_idx, self.log_first_step = log_on_batch_idx, log_first_step

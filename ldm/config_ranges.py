@@ -28,6 +28,15 @@ INT_MIN = {
     "num_sanity_val_steps": -1,
     "reload_dataloaders_every_n_epochs": 0,
 }
+#: Trainer arguments that take no null (their Lightning default is a number)
+NOT_NULL = {
+    "accumulate_grad_batches",
+    "num_nodes",
+    "max_steps",
+    "reload_dataloaders_every_n_epochs",
+}
+#: larger integers overflow inside Lightning (int32 counters, tensors)
+INT_MAX = 2**31 - 1
 #: "an int counts batches, a float is a fraction of them" Trainer arguments
 FRACTION_OR_COUNT = {
     "limit_train_batches",
@@ -47,14 +56,22 @@ def _fail(key: str, sources: ConfigSources, expected: str, value: Any) -> Config
 
 
 def _check(key: str, value: Any, sources: ConfigSources) -> None:
+    if value is None and key in NOT_NULL:
+        raise _fail(key, sources, "a whole number (leave the key out for the default)", value)
     if value is None or isinstance(value, bool):
         return
     if isinstance(value, float) and not math.isfinite(value):
         raise _fail(key, sources, "a finite number", value)
-    if key in INT_MIN and isinstance(value, int) and value < INT_MIN[key]:
+    if key in INT_MIN and isinstance(value, int) and not INT_MIN[key] <= value <= INT_MAX:
         low = INT_MIN[key]
         extra = " (-1: no limit)" if low == -1 else ""
-        raise _fail(key, sources, f"a whole number >= {low}{extra}", value)
+        raise _fail(key, sources, f"a whole number in [{low}, {INT_MAX}]{extra}", value)
+    if (
+        isinstance(value, int)
+        and abs(value) > INT_MAX
+        and key in FRACTION_OR_COUNT | {"val_check_interval"}
+    ):
+        raise _fail(key, sources, f"a count up to {INT_MAX}", value)
     if key in FRACTION_OR_COUNT:
         if isinstance(value, int) and value < 0:
             raise _fail(key, sources, "a batch count >= 0 or a fraction in [0, 1]", value)

@@ -237,7 +237,7 @@ def _run(spec: RunSpec, paths: RunPaths) -> RunResult:
             logger.info("resuming from %s", ckpt_path)
             fit_kwargs.update(ckpt_path=ckpt_path, weights_only=True)
         try:
-            with fit_errors(paths.run_dir, ckpt_path):
+            with fit_errors(paths.run_dir, ckpt_path, trainer):
                 trainer.fit(model, **fit_kwargs)
         except pickle.UnpicklingError as err:
             raise ConfigError(
@@ -347,6 +347,11 @@ def build_trainer(
         lightning_config, paths.run_dir, paths.nowname, version, spec.debug, spec.project
     )
     monitor = getattr(model, "monitor", None)
+    if monitor is not None and not isinstance(monitor, str):
+        raise ConfigError(
+            f"model.params.monitor: expected the name of a logged metric like val/loss, found "
+            f"{monitor!r}."
+        )
     if monitor:
         logger.info("monitoring %s for the best checkpoints", monitor)
     defaults = OmegaConf.create(default_callback_configs(paths.ckptdir, monitor))

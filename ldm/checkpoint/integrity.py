@@ -354,7 +354,16 @@ def _check_torch_zip(path: Path, f: BinaryIO, size: int, verify: bool) -> None:
             _check_crcs(path, z, names if verify else pickles)
     except CorruptCheckpointError:
         raise
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+    except (
+        zipfile.BadZipFile,
+        OSError,
+        ValueError,
+        EOFError,
+        NotImplementedError,  # a version or compression field that is damaged
+        struct.error,
+        KeyError,
+        IndexError,
+    ) as err:
         expected = _expected_zip_size(f)
         if expected is not None and expected > size:
             raise _error(
@@ -410,6 +419,7 @@ LOAD_ERRORS: tuple[type[BaseException], ...] = (
     zipfile.BadZipFile,
     UnicodeDecodeError,
     OverflowError,
+    AssertionError,  # torch's legacy loader asserts on storage keys a damaged pickle lacks
     pickle.UnpicklingError,
 )
 

@@ -42,7 +42,7 @@ KEYS = [
     "trainer.limit_val_batches", "trainer.log_every_n_steps", "trainer.gradient_clip_val",
     "trainer.precision", "trainer.devices", "trainer.accelerator", "trainer.num_sanity_val_steps",
     "trainer.gpus", "trainer.strategy", "trainer.num_nodes", "trainer.deterministic",
-    "model.base_learning_rate", "model.params.hidden", "model.params.in_dim", "model.params.noise",
+    "model.base_learning_rate", "model.params.hidden", "model.params.in_dim",
     "model.params.monitor", "model.target", "model.params", "data.params.batch_size",
     "data.params.num_workers", "data.params.train.params.n", "data.params.validation",
     "data.target", "lightning.modelcheckpoint.params.every_n_train_steps",
@@ -147,12 +147,14 @@ def _with_copies(argv: list[str], runs: dict[str, str], scratch: Path) -> list[s
 
 
 def _run_and_check_dirs(argv: list[str], figures: Counter, tag: str, logdir: Path) -> None:
-    """A launch that fails leaves no new run directory behind."""
+    """A launch that fails before training starts leaves no run directory behind (one that
+    fails later keeps the configs and logs it wrote, for a look at what happened)."""
     before = set(logdir.iterdir()) if logdir.is_dir() else set()
     code = _run(argv, figures, tag)
     after = set(logdir.iterdir()) if logdir.is_dir() else set()
     if code != 0:
-        assert after == before, f"exit {code} left {sorted(p.name for p in after - before)}"
+        empty = [p.name for p in after - before if p.is_dir() and not any(p.rglob("*.yaml"))]
+        assert empty == [], f"exit {code} left run directories without configs: {empty}"
 
 
 def test_flags_and_overrides_fail_cleanly(runs, figures, tmp_path, monkeypatch) -> None:
@@ -172,7 +174,7 @@ def test_flags_and_overrides_fail_cleanly(runs, figures, tmp_path, monkeypatch) 
 def test_flags_and_overrides_fail_cleanly_when_training(runs, figures, tmp_path) -> None:
     logdir = tmp_path / "logs"
 
-    @settings(FAST, max_examples=150, derandomize=False)
+    @settings(FAST, max_examples=400, derandomize=False)
     @given(main_argv(runs, logdir, slow=True))
     def case(argv: list[str]) -> None:
         argv = _with_copies(argv, runs, tmp_path / "copies")
