@@ -400,7 +400,15 @@ def _check_crcs(path: Path, z: zipfile.ZipFile, names: list[str]) -> None:
             raise _error(
                 path, f"damaged: its record {name!r} {what}: bytes changed after it was written"
             ) from None
-        except (OSError, EOFError, zlib.error, ValueError, NotImplementedError) as err:
+        except (
+            OSError,
+            EOFError,
+            zlib.error,
+            ValueError,
+            NotImplementedError,
+            RuntimeError,
+        ) as err:
+            # RuntimeError: a flag bit that now says "encrypted"
             raise _error(path, f"damaged: its record {name!r} cannot be read ({err})") from None
 
 

@@ -15,6 +15,7 @@ from ldm.commands.pngmeta import save_png, to_pil
 from ldm.commands.sample_checks import (
     CommandError,
     check_inputs,
+    check_mode,
     check_size,
     device_from_flag,
     read_prompts,
@@ -226,6 +227,9 @@ def sampler_name(args: argparse.Namespace) -> str | None:
     return name
 
 
+#: sampler option -> the flag that sets it
+OPTION_FLAGS = {"eta": "--ddim_eta", "karras": "--karras"}
+
 #: generate() argument -> its command-line flag (the batch keys: ARGUMENTS)
 MICRO_FLAGS = {
     "original_size": "--original-size",
@@ -296,8 +300,16 @@ def run(mode: str, argv: list[str] | None = None) -> list[Path]:
     check_inputs(args)
     name = sampler_name(args)
     device = pick_device(args.device)
+    from ldm.samplers.options import SamplerOptionError
+
     try:
         return _sample(mode, args, name, device)
+    except SamplerOptionError as err:
+        flags = [OPTION_FLAGS.get(o, o) for o in err.unknown]
+        raise CommandError(
+            f"{', '.join(flags)}: {err}. Leave {'them' if len(flags) > 1 else 'it'} out or choose "
+            "another --sampler."
+        ) from err
     except Exception as err:
         if not is_out_of_memory(err):
             raise
@@ -322,10 +334,12 @@ def _sample(mode: str, args: argparse.Namespace, name: str | None, device: torch
     from ldm.modules.attention_backends import attention_slicing
 
     model = _load(args, "--ckpt", device, config=args.config, prediction=args.prediction)
+    check_mode(mode, model, "--ckpt", args.ckpt)
     check_size(args, model)
     refiner = None
     if args.refiner:
         refiner = _load(args, "--refiner", device, config=args.refiner_config)
+        check_mode(mode, refiner, "--refiner", args.refiner)
     from ldm.adapters.sampling import adapters_applied, describe, parse_lora
 
     loras = [parse_lora(spec) for spec in args.lora]

@@ -11,7 +11,14 @@ import torch
 
 from ldm.commands.validation import check_image_file
 
-__all__ = ["CommandError", "check_inputs", "check_size", "device_from_flag", "read_prompts"]
+__all__ = [
+    "CommandError",
+    "check_inputs",
+    "check_mode",
+    "check_size",
+    "device_from_flag",
+    "read_prompts",
+]
 
 
 class CommandError(Exception):
@@ -98,6 +105,17 @@ def read_prompts(path: str) -> list[str]:
     if not lines:
         raise CommandError(f"--from-file {path}: no prompts (the file has no non-empty line).")
     return lines
+
+
+def check_mode(mode: str, model: Any, flag: str, path: str) -> None:
+    """An inpainting model (conditioned on a mask) is sampled with ldm-inpaint only."""
+    conditioner = getattr(model, "conditioner", None)
+    keys = set(getattr(conditioner, "input_keys", None) or ())
+    if mode != "inpaint" and {"mask", "masked_image"} & keys:
+        raise CommandError(
+            f"{flag} {path}: an inpainting model (conditioned on a mask and the masked image); "
+            "use ldm-inpaint with --init-img and --mask, or a text-to-image checkpoint."
+        )
 
 
 def check_size(args: argparse.Namespace, model: Any) -> None:

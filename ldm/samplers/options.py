@@ -9,6 +9,14 @@ from typing import Any
 import torch
 
 
+class SamplerOptionError(ValueError):
+    """An option the chosen sampler does not take (a user's choice of flags, not a bug)."""
+
+    def __init__(self, message: str, unknown: list[str]) -> None:
+        super().__init__(message)
+        self.unknown = unknown
+
+
 def split_solver_options(
     sampler: str, solver: Callable[..., Any], options: dict[str, Any], common: tuple[str, ...]
 ) -> dict[str, Any]:
@@ -17,9 +25,10 @@ def split_solver_options(
     accepted = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
-        raise ValueError(
+        raise SamplerOptionError(
             f"sampler {sampler!r} got unknown option(s) {unknown}; valid options are "
-            f"{sorted(set(accepted) | set(common))}"
+            f"{sorted(set(accepted) | set(common))}",
+            unknown,
         )
     return options
 
