@@ -1,12 +1,12 @@
 """``python -m ldm fit|validate|test --config FILE``: the LightningCLI-style front door
-(``ldm.lightning_cli``); ``main.py`` takes the CompVis flags for the same runs."""
+(``ldm.lightning_cli``); ``main.py`` takes the CompVis flags for the same runs. Errors are
+reported as by the other commands (``ldm.errors``): exit 2 for usage, 1 for failures."""
 
 from __future__ import annotations
 
-import logging
 import sys
 
-from ldm.util import ConfigError
+from ldm.errors import exit_code, report
 
 
 def main() -> int:
@@ -14,9 +14,11 @@ def main() -> int:
 
     try:
         return cli_main()
-    except ConfigError as err:
-        logging.getLogger("ldm").error("%s", err)
-        return 2
+    except Exception as err:
+        code = exit_code(err)
+        if code is None:
+            raise  # a bug of ours: the traceback is wanted
+        return report("python -m ldm", err, code)
 
 
 if __name__ == "__main__":

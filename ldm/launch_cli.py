@@ -109,21 +109,31 @@ class Command:
     sweep_resume: str | None = None
 
 
-def parse_command(argv: Sequence[str]) -> Command:
-    """Split overrides from flags, parse flags into a RunSpec; unknown flags get a suggestion."""
+def parse_flags(
+    parser: argparse.ArgumentParser, argv: Sequence[str], hint: str
+) -> tuple[argparse.Namespace, list[str]]:
+    """(the parser's flags, the config overrides) of a command line; an unknown flag is an
+    argparse error with a suggestion and ``hint``."""
     from ldm.trainer_setup import trainer_cli_args
 
-    parser = get_parser()
     own = [s for a in parser._actions for s in a.option_strings]
     one_value = [s for a in parser._actions if a.nargs is None and a.type for s in a.option_strings]
     rest, overrides = split_cli(list(argv), own, trainer_cli_args(), one_value)
     opt, unknown = parser.parse_known_args(rest)
     if unknown:
         bad = unknown[0]
-        parser.error(
-            f"unrecognized argument {bad!r}{did_you_mean(bad, own)}. Config overrides need a dotted "
-            "key (model.params.x=1 or --model.params.x 1)."
-        )
+        parser.error(f"unrecognized argument {bad!r}{did_you_mean(bad, own)}{hint}")
+    return opt, overrides
+
+
+def parse_command(argv: Sequence[str]) -> Command:
+    """Split overrides from flags, parse flags into a RunSpec; unknown flags get a suggestion."""
+    parser = get_parser()
+    opt, overrides = parse_flags(
+        parser,
+        argv,
+        ". Config overrides need a dotted key (model.params.x=1 or --model.params.x 1).",
+    )
     spec = RunSpec(
         base=opt.base,
         overrides=overrides,

@@ -26,11 +26,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from ldm.config import merge_configs, split_cli
+from ldm.config import merge_configs
 from ldm.launch import config_overrides
-from ldm.launch_cli import str2bool
+from ldm.launch_cli import parse_flags, str2bool
 from ldm.run_spec import RunSpec
-from ldm.util import did_you_mean
 
 SUBCOMMANDS = ("fit", "validate", "test")
 SECTION_KEYS = ("target", "params", "base_learning_rate")
@@ -73,18 +72,12 @@ def get_parser() -> argparse.ArgumentParser:
 
 def parse(argv: Sequence[str]) -> tuple[RunSpec, bool]:
     """(the run, whether to print the config instead of running)."""
-    from ldm.trainer_setup import trainer_cli_args
-
     parser = get_parser()
-    own = [s for a in parser._actions for s in a.option_strings]
-    rest, overrides = split_cli(list(argv), own, trainer_cli_args())
-    opt, unknown = parser.parse_known_args(rest)
-    if unknown:
-        bad = unknown[0]
-        parser.error(
-            f"unrecognized argument {bad!r}{did_you_mean(bad, own)}; config keys go as "
-            "--trainer.X, --model.X or --data.X (or key.path=value)."
-        )
+    opt, overrides = parse_flags(
+        parser,
+        argv,
+        "; config keys go as --trainer.X, --model.X or --data.X (or key.path=value).",
+    )
     if not opt.config:
         parser.error(
             "--config FILE is required (a CompVis-style YAML such as configs/txt2img.yaml)"
