@@ -84,6 +84,32 @@ def remove_partial_writes(ckptdir: Path) -> int:
     return removed
 
 
+def _replace_last(last: Path, good: Path) -> None:
+    """The damaged ``last.ckpt`` kept as ``last.ckpt.damaged``; ``last.ckpt`` becomes (a hard
+    link to, else a copy of) the checkpoint resumed from, so that the run has a readable
+    ``last.ckpt`` even if the resumed launch has no step left to train. First process only."""
+    import shutil
+
+    if any(os.environ.get(var, "0") not in ("", "0") for var in _RANK_VARS):
+        return
+    tmp = last.parent / f".{last.name}.restore.tmp"
+    try:
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(good, tmp)
+        except OSError:
+            shutil.copyfile(good, tmp)
+        if last.exists():
+            os.replace(last, last.parent / f"{last.name}.damaged")
+        os.replace(tmp, last)
+        logger.warning(
+            "%s now holds %s; the damaged file is %s.damaged", last, good.name, last.name
+        )
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        logger.warning("could not replace the damaged %s (%s); resuming anyway", last, err)
+
+
 def _candidates(ckptdir: Path, exclude: Path) -> list[Path]:
     """The run's other checkpoints, newest first (temporary files of unfinished writes excluded)."""
     found = [
@@ -119,6 +145,7 @@ def resume_checkpoint(ckpt: Path, flag: str = "-r") -> Path:
         problem = checkpoint_problem(path)
         if problem is None:
             logger.warning("resuming from %s instead of the unreadable %s", path, ckpt.name)
+            _replace_last(ckpt, path)
             return path
         logger.warning("%s: cannot resume from it: %s", path, problem)
         tried.append((path, problem))

@@ -223,19 +223,20 @@ class DataModuleFromConfig(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is None:
             return 0, 0
+        if not trainer.ckpt_path:
+            return trainer.current_epoch, 0
         loop = trainer.fit_loop
         done = loop.epoch_progress.current
         batches = loop.epoch_loop.batch_progress
-        consumed = batches.current.processed
-        unfinished = done.started != done.processed
-        if not (trainer.ckpt_path and unfinished):
-            return trainer.current_epoch, 0
         if batches.is_last_batch:
             # saved after the last batch of its epoch: Lightning counts that epoch as done when
             # it restores the loops (after this is called) and goes on with the next one, whose
             # iteration must not skip anything
-            return trainer.current_epoch + 1, 0
-        return trainer.current_epoch, consumed
+            unfinished = done.started != done.processed
+            return trainer.current_epoch + int(unfinished), 0
+        # mid-epoch: the batches processed in it. (Not the epoch counters: after a resume from
+        # an epoch's last batch Lightning leaves them saying "finished" for the whole next epoch.)
+        return trainer.current_epoch, batches.current.processed
 
     def _seed(self) -> int:
         return self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))

@@ -65,10 +65,10 @@ def _main(args: list[str]) -> subprocess.CompletedProcess:
     )
 
 
-def _chaos(seed: int, record: Path) -> list[str]:
+def _chaos(seed: int, record: Path, max_offset: int = STEPS) -> list[str]:
     key = "lightning.callbacks.chaos"
     return [f"{key}.target=chaos.ChaosKill", f"{key}.params.seed={seed}",
-            f"{key}.params.max_offset={STEPS}", f"{key}.params.record={record}"]  # fmt: skip
+            f"{key}.params.max_offset={max_offset}", f"{key}.params.record={record}"]  # fmt: skip
 
 
 def kill_and_resume(
@@ -86,7 +86,7 @@ def kill_and_resume(
             figures["kill-and-resume: restarts (killed before the first checkpoint)"] += 1
         start = ["-r", str(run_dirs[0])] if resumable else ["-b", TOY, "-l", str(logdir)]
         proc = _main([*start, *COMMON, "--trainer.max_steps", str(STEPS),
-                      *_chaos(rng.randrange(2**31), record)])  # fmt: skip
+                      *_chaos(rng.randrange(2**31), record, STEPS // 3)])  # fmt: skip
         assert proc.returncode in (0, -signal.SIGKILL), proc.stderr[-3000:]
         (run_dir,) = logdir.iterdir()
         _count_checkpoints(run_dir, figures, cut)
@@ -178,7 +178,8 @@ def _phase(seed: int) -> tuple[str, int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(10))
 def test_kill_and_resume_loop(seed, uninterrupted, tmp_path, figures) -> None:
-    run_dir = kill_and_resume(tmp_path / "logs", seed, rounds=8, figures=figures, damage=0.3)
+    """Kills 0-5 steps after each (re)start: several kills per loop before 16 steps are done."""
+    run_dir = kill_and_resume(tmp_path / "logs", seed, rounds=12, figures=figures, damage=0.3)
     _assert_bit_equal(run_dir, uninterrupted, figures)

@@ -83,6 +83,7 @@ def test_damaged_last_ckpt_resumes_from_the_newest_readable(
     used = 4 if damaged_steps else 6
     assert "last.ckpt: cannot resume from it: truncated" in caplog.text
     assert f"resuming from {_ckpt(run_dir, used)}" in caplog.text
+    assert (run_dir / "checkpoints" / "last.ckpt.damaged").is_file()  # kept, out of the way
     assert result.global_step == 8
     a, b = _weights(runs["full"]), _weights(run_dir / "checkpoints" / "last.ckpt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -155,7 +156,13 @@ def test_resume_from_the_last_batch_of_an_epoch_is_bit_exact(model, tmp_path, fi
         parse_command([*argv, "-l", str(tmp_path / "short"), "--trainer.max_steps", "10"]).spec
     )
     step8 = _ckpt(short.run_dir, 8)
-    resumed = run(parse_command(["-r", str(step8), *COMMON, "--trainer.max_steps", "12"]).spec)
+    # two hops: 8 -> 10, then 10 -> 12 (the second from a checkpoint the first resume wrote,
+    # whose epoch counters Lightning leaves saying "finished": its data position must be used)
+    first = run(parse_command(["-r", str(step8), *COMMON, "--trainer.max_steps", "10"]).spec)
+    assert first.global_step == 10
+    resumed = run(
+        parse_command(["-r", str(short.run_dir), *COMMON, "--trainer.max_steps", "12"]).spec
+    )
     assert resumed.global_step == 12
     names = sorted(p.name for p in (short.run_dir / "checkpoints").glob("epoch=*.ckpt"))
     assert "epoch=000001-step=000000012.ckpt" in names  # the epoch count did not jump
