@@ -85,9 +85,10 @@ def remove_partial_writes(ckptdir: Path) -> int:
 
 
 def _replace_last(last: Path, good: Path) -> None:
-    """The damaged ``last.ckpt`` kept as ``last.ckpt.damaged``; ``last.ckpt`` becomes (a hard
-    link to, else a copy of) the checkpoint resumed from, so that the run has a readable
-    ``last.ckpt`` even if the resumed launch has no step left to train. First process only."""
+    """The damaged ``last.ckpt`` kept as ``last.ckpt.damaged``; ``last.ckpt`` becomes a copy of
+    the checkpoint resumed from (a copy, not a link: damage to one file must not reach the
+    other), so that the run has a readable ``last.ckpt`` even if the resumed launch has no step
+    left to train. First process only."""
     import shutil
 
     if any(os.environ.get(var, "0") not in ("", "0") for var in _RANK_VARS):
@@ -95,10 +96,9 @@ def _replace_last(last: Path, good: Path) -> None:
     tmp = last.parent / f".{last.name}.restore.tmp"
     try:
         tmp.unlink(missing_ok=True)
-        try:
-            os.link(good, tmp)
-        except OSError:
-            shutil.copyfile(good, tmp)
+        shutil.copyfile(good, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         if last.exists():
             os.replace(last, last.parent / f"{last.name}.damaged")
         os.replace(tmp, last)
