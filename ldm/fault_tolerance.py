@@ -62,8 +62,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             failure = write_failure(
                 fault, target.parent, f"checkpoint {target.name}", need=checkpoint_bytes(checkpoint)
             )
-            previous = "is unchanged" if target.exists() else "did not exist"
-            raise RunFailure(f"{failure} The previous {target.name} {previous}.") from err
+            kept = sorted({p.name for p in (target, target.parent / "last.ckpt") if p.exists()})
+            note = (
+                f"The checkpoints written before are unchanged ({', '.join(kept)}): resume with "
+                "-r once there is space."
+                if kept
+                else "No earlier checkpoint of this run exists."
+            )
+            raise RunFailure(f"{failure} {note}") from err
 
     @staticmethod
     def _write(checkpoint: dict[str, Any], target: Path) -> None:
