@@ -114,7 +114,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         "--tiled-decode",
         dest="tiled_decode",
         action="store_true",
-        help="decode the VAE in overlapping tiles",
+        help="decode the VAE in strips: the same image with less memory",
     )
     p.add_argument(
         "--attention-slice",

@@ -153,7 +153,7 @@ def _generate(
     of the call; without it (and without ``generator``) the global RNG is used. Extra keywords go
     to the sampler (``eta``, ``karras``, ``order``, ...); ``solver_options`` too (for names that are
     also arguments here, e.g. a latent ``mask`` with ``x0``). ``decode``: "full", "sliced" (one image
-    at a time), "tiled" (overlapping latent tiles), or "auto" (sliced from 256 x 256 pixels up).
+    at a time), "tiled" (exact strips: the same image, less memory), or "auto" (sliced from 256 x 256 pixels up).
 
     SDXL: ``original_size``, ``crops_coords_top_left``, ``target_size`` (pairs in pixels, default:
     the size generated and (0, 0)) and ``aesthetic_score`` (refiner, default 6.0) feed the size
@@ -313,7 +313,8 @@ def _generate(
 
 
 def decode_latents(model: Any, z: torch.Tensor, mode: str = "auto") -> torch.Tensor:
-    """D(z) in [-1, 1]: whole batch, one sample at a time, or in overlapping latent tiles."""
+    """D(z) in [-1, 1]: whole batch, one sample at a time, or one sample at a time in exact
+    strips (tiled: the same image, less memory)."""
     from ldm.engine.decode import decode_sliced, decode_tiled
 
     f = latent_factor(model)
@@ -322,7 +323,7 @@ def decode_latents(model: Any, z: torch.Tensor, mode: str = "auto") -> torch.Ten
     if mode == "full":
         return model.decode_latent(z)
     if mode == "tiled":
-        return decode_tiled(lambda t: decode_sliced(model.decode_latent, t), z)
+        return decode_tiled(model, z)
     return decode_sliced(model.decode_latent, z)
 
 
