@@ -27,9 +27,7 @@ def decode_sliced(decode: Decode, z: torch.Tensor) -> torch.Tensor:
     return torch.cat([decode(z[i : i + 1]) for i in range(z.shape[0])])
 
 
-def decode_tiled(
-    model: Any, z: torch.Tensor, strip_bytes: int = STRIP_BYTES
-) -> torch.Tensor:
+def decode_tiled(model: Any, z: torch.Tensor, strip_bytes: int = STRIP_BYTES) -> torch.Tensor:
     """``model.decode_latent(z)`` one sample at a time with the first stage's decoder in exact
     strips (``ldm.modules.autoencoder_tiled``); a first stage without a ``Decoder`` decodes as is."""
     decoder = getattr(getattr(model, "first_stage_model", None), "decoder", None)
