@@ -3,7 +3,7 @@
     python benchmarks/bench_precision.py speed [--latent 32] [--repeats 3]
     python benchmarks/bench_precision.py psnr --ckpt logs/<run>/checkpoints/last.ckpt [--n 16]
 
-speed: the SD-v1 U-Net (random weights, batch 2, text context 77 x 768) forward with no grad,
+speed: the SD-v1 U-Net (random weights N(0, 0.02), batch 2, text context 77 x 768) forward with no grad,
 three ways in one process, interleaved, each repeated: fp32; ``torch.autocast(cpu, bfloat16)``
 around fp32 weights (what ``generate`` does); and the U-Net's weights cast to bfloat16 with bf16
 inputs. Prints the median seconds and the ratio to fp32 of the same run.
@@ -35,8 +35,13 @@ def speed(latent: int, repeats: int) -> None:
 
     from ldm.modules.unet import UNetModel
 
-    torch.manual_seed(0)
-    unet = UNetModel(**SD_V1_UNET).eval()
+    with torch.device("meta"):
+        unet = UNetModel(**SD_V1_UNET)
+    unet = unet.to_empty(device="cpu").eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # as bench_unet.py: every parameter N(0, 0.02)
+        for p in unet.parameters():
+            p.normal_(0.0, 0.02, generator=gen)
     unet_bf16 = copy.deepcopy(unet).to(torch.bfloat16)
     x = torch.randn(2, 4, latent, latent)
     t = torch.tensor([500, 500])

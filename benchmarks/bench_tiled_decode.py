@@ -68,7 +68,8 @@ def child(size: int, mode: str, out: str) -> None:
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
     torch.save(x, out)
-    print(json.dumps({"size": size, "mode": mode, "base_mb": base, "peak_mb": peak, "s": seconds}))
+    row = {"size": size, "mode": mode, "base_mb": base, "peak_mb": peak, "s": seconds, "image": out}
+    print(json.dumps(row))
 
 
 def run(size: int, mode: str, tmp: Path) -> dict:
@@ -81,9 +82,7 @@ def run(size: int, mode: str, tmp: Path) -> dict:
     )
     if proc.returncode:
         raise RuntimeError(f"{mode} {size}: exit {proc.returncode}\n{proc.stderr[-2000:]}")
-    row = json.loads(proc.stdout.strip().splitlines()[-1])
-    row["image"] = out
-    return row
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -91,20 +90,35 @@ def main() -> None:
     p.add_argument("--tiled", default="128,256", help="latent sizes decoded tiled")
     p.add_argument("--full", default="64,96,128", help="latent sizes decoded untiled")
     p.add_argument("--out", default=None, help="also write the markdown table here")
+    p.add_argument(
+        "--results",
+        default=None,
+        help="JSON lines of runs made before (the lines this script prints, or "
+        "`--child SIZE MODE IMAGE.pt` runs): tabulate those instead of running",
+    )
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         child(int(args.child[0]), args.child[1], args.child[2])
         return
-    tiled = [int(s) for s in args.tiled.split(",") if s]
-    full = [int(s) for s in args.full.split(",") if s]
     rows: dict[tuple[int, str], dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for size in sorted(set(tiled) | set(full)):
-            for mode in ("full", "tiled"):
-                if size in (full if mode == "full" else tiled):
-                    rows[size, mode] = run(size, mode, Path(tmp))
-                    print(json.dumps({k: v for k, v in rows[size, mode].items() if k != "image"}))
+        if args.results:
+            for line in Path(args.results).read_text().splitlines():
+                if line.strip().startswith("{"):
+                    row = json.loads(line)
+                    rows[row["size"], row["mode"]] = row
+        else:
+            for size in sorted({int(s) for s in (args.tiled + "," + args.full).split(",") if s}):
+                for mode in ("full", "tiled"):
+                    if str(size) in (args.full if mode == "full" else args.tiled).split(","):
+                        rows[size, mode] = run(size, mode, Path(tmp))
+                        print(json.dumps(rows[size, mode]))
+        tiled = sorted(s for s, m in rows if m == "tiled")
+        full = sorted(s for s, m in rows if m == "full")
+        both = [
+            s for s in tiled if s in full and all("image" in rows[s, m] for m in ("full", "tiled"))
+        ]
         diffs = {
             size: (
                 torch.load(rows[size, "full"]["image"]) - torch.load(rows[size, "tiled"]["image"])
@@ -112,7 +126,7 @@ def main() -> None:
             .abs()
             .max()
             .item()
-            for size in set(tiled) & set(full)
+            for size in both
         }
     largest = max(full) if full else None
     lines = [

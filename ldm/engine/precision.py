@@ -84,4 +84,4 @@ def model_dtype(model: object, precision: str | None = None) -> torch.dtype:
     recorded default, else ``$LDM_PRECISION``, else autocast, on the model's device."""
     if precision is None:
         precision = (getattr(model, "sampling_defaults", None) or {}).get("precision")
-    return resolve_dtype(precision, model.device)
+    return resolve_dtype(precision, getattr(model, "device", None) or torch.device("cpu"))

@@ -155,6 +155,38 @@ def conv_strips(
     return out
 
 
+def _upconv_rows(conv: nn.Conv2d, x: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """Rows [r0, r1) of conv(nearest_2x(x)), from the source rows they need."""
+    height = 2 * x.shape[2]
+    lo, hi = max(r0 - 1, 0), min(r1 + 1, height)  # upsampled rows with the halo
+    s0, s1 = lo // 2, (hi - 1) // 2 + 1  # source rows
+    src = x[:, :, s0:s1].repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    src = src[:, :, lo - 2 * s0 : hi - 2 * s0]  # [B, C, hi - lo, 2W]
+    return _conv_rows(conv, src, r0 == 0, r1 == height, None)
+
+
+class UpsampledRows:
+    """conv(nearest_2x(x)) that is never stored: ``self[:, :, r0:r1]`` computes those rows.
+
+    Stands in for the activation where it is read only in row ranges (GroupNorm statistics, a
+    conv with its halo, the shortcut), trading three computations of the upsampling conv for
+    the largest activation of the decoder."""
+
+    def __init__(self, up: Upsample, x: torch.Tensor) -> None:
+        self.conv, self.x = up.conv, x
+        b, _, h, w = x.shape
+        self.shape = torch.Size((b, up.conv.out_channels, 2 * h, 2 * w))
+        self.dtype, self.device = x.dtype, x.device
+
+    def __getitem__(self, key: tuple) -> torch.Tensor:
+        rows = key[2]
+        r0, r1, _ = rows.indices(self.shape[2])
+        return _upconv_rows(self.conv, self.x, r0, r1)
+
+    def new_empty(self, *size: int) -> torch.Tensor:
+        return self.x.new_empty(*size)
+
+
 def upsample_conv_strips(
     up: Upsample, x: torch.Tensor, strip_bytes: int, stats: GroupStats | None = None
 ) -> torch.Tensor:
@@ -166,15 +198,10 @@ def upsample_conv_strips(
         return y
     conv = up.conv
     b, c, h, w = x.shape
-    height = 2 * h
-    out = x.new_empty(b, conv.out_channels, height, 2 * w)
+    out = x.new_empty(b, conv.out_channels, 2 * h, 2 * w)
     rows = max(2, _rows(out, max(c, conv.out_channels) * 3, strip_bytes))
-    for r0, r1 in _spans(height, rows):
-        lo, hi = max(r0 - 1, 0), min(r1 + 1, height)  # upsampled rows with the halo
-        s0, s1 = lo // 2, (hi - 1) // 2 + 1  # source rows
-        src = x[:, :, s0:s1].repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
-        src = src[:, :, lo - 2 * s0 : hi - 2 * s0]  # [B, C, hi - lo, 2W]
-        y = _conv_rows(conv, src, r0 == 0, r1 == height, None)
+    for r0, r1 in _spans(2 * h, rows):
+        y = _upconv_rows(conv, x, r0, r1)
         out[:, :, r0:r1] = y
         if stats is not None:
             stats.add(y)
@@ -250,9 +277,16 @@ def _attn(module: nn.Module, x: torch.Tensor, strip_bytes: int) -> torch.Tensor:
 
 @torch.no_grad()
 def decoder_forward_tiled(
-    decoder: Any, z: torch.Tensor, strip_bytes: int = STRIP_BYTES
+    decoder: Any,
+    z: torch.Tensor,
+    strip_bytes: int = STRIP_BYTES,
+    recompute_last_upsample: bool = True,
 ) -> torch.Tensor:
-    """``Decoder.forward`` computed in strips; equal to it to float tolerance (module docstring)."""
+    """``Decoder.forward`` computed in strips; equal to it to float tolerance (module docstring).
+
+    ``recompute_last_upsample``: the last upsampling conv's output (the decoder's largest
+    activation: SD's 256 channels at full resolution) is not stored but computed in row ranges
+    where the next ResNet block reads it, three times over (about a third more compute)."""
     h = conv_strips(decoder.conv_in, z, strip_bytes)
     h = resnet_block(decoder.mid.block_1, h, strip_bytes)
     h = _attn(decoder.mid.attn_1, h, strip_bytes)
@@ -265,7 +299,9 @@ def decoder_forward_tiled(
             stats = None
             if len(up.attn) > 0:
                 h = _attn(up.attn[i_block], h, strip_bytes)
-        if i_level != 0:
+        if i_level == 1 and up.upsample.with_conv and recompute_last_upsample:
+            h = UpsampledRows(up.upsample, h)  # read by the next ResNet block in row ranges
+        elif i_level != 0:
             nxt = decoder.up[i_level - 1].block[0].norm1
             stats = GroupStats(nxt, h.shape[0], h.device)
             h = upsample_conv_strips(up.upsample, h, strip_bytes, stats)
