@@ -50,6 +50,11 @@ def test_default_is_bf16_on_a_bf16_cpu_else_fp32(monkeypatch, no_env, fast: bool
     want = torch.bfloat16 if fast else torch.float32
     for name in (None, "autocast", "auto"):
         assert P.resolve_dtype(name, cpu) == want
+    # a small network stays in fp32 on the CPU (bf16 measured slower there), not on CUDA
+    assert P.resolve_dtype(None, cpu, params=P.BF16_MIN_PARAMS - 1) == torch.float32
+    assert P.resolve_dtype(None, cpu, params=P.BF16_MIN_PARAMS) == want
+    assert P.resolve_dtype("bf16", cpu, params=10) == torch.bfloat16
+    assert P.resolve_dtype(None, torch.device("cuda"), params=10) == torch.float16
     assert P.resolve_dtype(None, torch.device("cuda")) == torch.float16
     assert P.resolve_dtype(None, torch.device("mps")) == torch.float32
     for name, dtype in (("full", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)):
@@ -151,6 +156,8 @@ def test_recorded_precision_is_the_default(model, tmp_path) -> None:
 
 def test_command_default_precision_and_full_flag(ckpt, model, tmp_path, monkeypatch, no_env):
     monkeypatch.setattr(P, "cpu_has_fast_bf16", lambda: True)
+    assert P.model_dtype(model) == torch.float32  # the tiny model is below the size floor
+    monkeypatch.setattr(P, "BF16_MIN_PARAMS", 0)  # as if it were SD-sized
     flags = [
         "--ckpt",
         str(ckpt),
