@@ -1,6 +1,7 @@
 """Peak memory and time of the SD VAE decoder, untiled vs exact tiled (strips), per image size.
 
     python benchmarks/bench_tiled_decode.py [--tiled 128,256] [--full 64,96,128] [--out table.md]
+    python benchmarks/bench_tiled_decode.py --results runs.jsonl --estimate 256   # tabulate only
 
 The model: the KL-f8 autoencoder of configs/stable-diffusion/v1-inference.yaml (ch 128, ch_mult
 1 2 4 4, 2 ResNet blocks per level, mid-block attention), random weights, float32, batch 1, on
@@ -96,6 +97,11 @@ def main() -> None:
         help="JSON lines of runs made before (the lines this script prints, or "
         "`--child SIZE MODE IMAGE.pt` runs): tabulate those instead of running",
     )
+    p.add_argument(
+        "--estimate",
+        default="",
+        help="latent sizes to extrapolate (both modes) from the largest measured, by L^2",
+    )
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -129,6 +135,8 @@ def main() -> None:
             for size in both
         }
     largest = max(full) if full else None
+    largest_tiled = max(tiled) if tiled else None
+    estimate = {int(e) for e in args.estimate.split(",") if e}
     lines = [
         f"SD VAE decoder (KL-f8), random weights, fp32, batch 1, CPU, {torch.get_num_threads()} "
         "threads; peak RSS of a fresh process, added = peak minus RSS after building.",
@@ -137,7 +145,7 @@ def main() -> None:
         "| added: tiled / untiled | max abs diff |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for size in sorted(set(tiled) | set(full)):
+    for size in sorted(set(tiled) | set(full) | estimate):
         f, t = rows.get((size, "full")), rows.get((size, "tiled"))
         if f:
             f_added = f["peak_mb"] - f["base_mb"]
@@ -149,12 +157,16 @@ def main() -> None:
             f_s = "-"
         else:
             f_added, f_txt, f_s = None, "-", "-"
-        t_txt, t_s, ratio = "-", "-", "-"
+        t_txt, t_s, ratio, t_added = "-", "-", "-", None
         if t:
             t_added = t["peak_mb"] - t["base_mb"]
             t_txt, t_s = f"{t['peak_mb']:.0f} / {t_added:.0f}", f"{t['s']:.1f}"
-            if f_added:
-                ratio = f"{t_added / f_added:.2f}"
+        elif size in estimate and largest_tiled:
+            ref = rows[largest_tiled, "tiled"]
+            t_added = (ref["peak_mb"] - ref["base_mb"]) * (size / largest_tiled) ** 2
+            t_txt = f"{ref['base_mb'] + t_added:.0f} / {t_added:.0f} (estimate)"
+        if t_added and f_added:
+            ratio = f"{t_added / f_added:.2f}"
         diff = f"{diffs[size]:.1e}" if size in diffs else "-"
         lines.append(
             f"| {8 * size}x{8 * size} | {f_txt} | {f_s} | {t_txt} | {t_s} | {ratio} | {diff} |"
