@@ -84,7 +84,8 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         choices=["full", "fp32", "bf16", "fp16", "autocast", "auto"],
         default=None,
         help="float type of the denoiser: full (= fp32), bf16, fp16, or autocast (the device's "
-        "best: fp16 on CUDA, bf16 on a CPU with AMX / AVX512-BF16, else fp32). Default: the "
+        "best: fp16 on CUDA, bf16 on a CPU with AMX / AVX512-BF16 for networks of 50M "
+        "parameters or more, else fp32). Default: the "
         "model's recorded one, else autocast. The VAE always decodes in fp32.",
     )
     p.add_argument(

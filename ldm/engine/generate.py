@@ -155,7 +155,8 @@ def _generate(
     of the call; without it (and without ``generator``) the global RNG is used. Extra keywords go
     to the sampler (``eta``, ``karras``, ``order``, ...); ``solver_options`` too (for names that are
     also arguments here, e.g. a latent ``mask`` with ``x0``). ``decode``: "full", "sliced" (one image
-    at a time), "tiled" (exact strips: the same image, less memory), or "auto" (sliced from 256 x 256 pixels up).
+    at a time), "tiled" (exact strips: the same image, less memory), or "auto" (sliced from
+    256 x 256 pixels up).
 
     SDXL: ``original_size``, ``crops_coords_top_left``, ``target_size`` (pairs in pixels, default:
     the size generated and (0, 0)) and ``aesthetic_score`` (refiner, default 6.0) feed the size
@@ -164,8 +165,8 @@ def _generate(
     latent (a refiner; diffusers' semantics, see ``ldm.samplers.driver.run_solver``).
 
     ``precision``: the float type the denoiser samples in, "full" (fp32), "bf16", "fp16" or
-    "autocast" (the device's best: bf16 on a CPU with AMX / AVX512-BF16, fp16 on CUDA, else
-    fp32); None: the model's recorded default, else ``$LDM_PRECISION``, else "autocast"
+    "autocast" (the device's best: bf16 on a CPU with AMX / AVX512-BF16 for a network of 50M
+    parameters or more, fp16 on CUDA, else fp32); None: the model's recorded default, else ``$LDM_PRECISION``, else "autocast"
     (``ldm.engine.precision``). The first stage always decodes in float32.
     """
     if output not in OUTPUTS:
