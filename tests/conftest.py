@@ -6,6 +6,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the suite pins fp32 numbers (parity, golden images); sampling would otherwise default to bf16 on
+# a CPU with AMX / AVX512-BF16. tests/engine/test_precision.py tests that default itself.
+os.environ.setdefault("LDM_PRECISION", "full")
 
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402

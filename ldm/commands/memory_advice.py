@@ -33,7 +33,7 @@ def memory_switches(args: argparse.Namespace, device: torch.device) -> list[str]
     n = getattr(args, "n_samples", 1) or 1
     if n > 1:
         out.append(f"--n_samples {max(1, n // 2)} (fewer images per batch; --n_iter for more)")
-    if device.type == "cuda" and getattr(args, "precision", None) == "full":
+    if device.type == "cuda" and getattr(args, "precision", None) in ("full", "fp32"):
         out.append("--precision autocast (half precision)")
     out.append("a smaller --H/--W")
     if getattr(args, "refiner", None):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -80,7 +79,15 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         "--f", type=int_in(1), default=None, help="downsampling factor (default: the autoencoder's)"
     )
     p.add_argument("--seed", type=int_in(0, MAX_SEED), default=42)
-    p.add_argument("--precision", choices=["full", "autocast"], default="autocast")
+    p.add_argument(
+        "--precision",
+        choices=["full", "fp32", "bf16", "fp16", "autocast", "auto"],
+        default=None,
+        help="float type of the denoiser: full (= fp32), bf16, fp16, or autocast (the device's "
+        "best: fp16 on CUDA, bf16 on a CPU with AMX / AVX512-BF16 for networks of 50M "
+        "parameters or more, else fp32). Default: the "
+        "model's recorded one, else autocast. The VAE always decodes in fp32.",
+    )
     p.add_argument(
         "--config", type=str, default=None, help="model config (default: detected / embedded)"
     )
@@ -114,7 +121,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         "--tiled-decode",
         dest="tiled_decode",
         action="store_true",
-        help="decode the VAE in overlapping tiles",
+        help="decode the VAE in strips: the same image with less memory",
     )
     p.add_argument(
         "--attention-slice",
@@ -282,12 +289,6 @@ def prompts(args: argparse.Namespace) -> list[list[str]]:
     return [[args.prompt] * args.n_samples]
 
 
-def _autocast(args: argparse.Namespace, device: torch.device) -> Any:
-    if args.precision == "autocast" and device.type == "cuda":
-        return torch.autocast(device.type, dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
 def run(mode: str, argv: list[str] | None = None) -> list[Path]:
     """Parse flags, load the model, ``model.generate`` each batch, write samples/NNNNN.png and a grid.
 
@@ -331,6 +332,7 @@ def _load(args: argparse.Namespace, flag: str, device: torch.device, **kwargs: A
 def _sample(mode: str, args: argparse.Namespace, name: str | None, device: torch.device) -> list:
     from ldm.checkpoint.loader import file_hash
     from ldm.engine.defaults import resolve_sampling
+    from ldm.engine.precision import NAMES, model_dtype
     from ldm.modules.attention_backends import attention_slicing
 
     model = _load(args, "--ckpt", device, config=args.config, prediction=args.prediction)
@@ -360,6 +362,9 @@ def _sample(mode: str, args: argparse.Namespace, name: str | None, device: torch
     if scale is None and "guidance_scale" not in (model.sampling_defaults or {}):
         scale = 7.5 if mode == "txt2img" else 5.0
     sampler, steps, scale, options = resolve_sampling(model, name, args.steps, scale, options)
+    precision = args.precision  # None: the model's recorded one, else autocast
+    dtype = model_dtype(model, precision)
+    logger.info("sampling in %s on %s (the VAE decodes in fp32)", NAMES[dtype], device)
     model_hash = file_hash(args.ckpt)
     outdir = Path(args.outdir)
     sample_dir = outdir / "samples"
@@ -376,6 +381,7 @@ def _sample(mode: str, args: argparse.Namespace, name: str | None, device: torch
         "model": Path(args.ckpt).name,
         "model_hash": model_hash,
         "mode": mode,
+        "precision": NAMES[dtype],
     }
     if mode != "txt2img":
         params_common["strength"] = args.strength
@@ -384,7 +390,7 @@ def _sample(mode: str, args: argparse.Namespace, name: str | None, device: torch
     params_common.update({k: v for k, v in micro["base"].items() if v is not None})
     params_common.update(describe(loras, args.embedding))
     k = 0
-    with adapters, attention_slicing(args.attention_slice), _autocast(args, device):
+    with adapters, attention_slicing(args.attention_slice):
         for n in range(args.n_iter):
             for batch in prompts(args):
                 seed = args.seed if args.fixed_code else args.seed + k
@@ -399,6 +405,7 @@ def _sample(mode: str, args: argparse.Namespace, name: str | None, device: torch
                     "guidance_scale": scale if text else 1.0,
                     "seed": seed,
                     "decode": "tiled" if args.tiled_decode else "auto",
+                    "precision": precision,
                     **options,
                 }
                 x = model.generate(

@@ -1,18 +1,23 @@
-"""Decoding latents to images: one sample at a time (sliced), overlapping latent tiles (tiled),
-and tensors to 8-bit PIL images.
+"""Decoding latents to images: one sample at a time (sliced), in exact strips (tiled), and
+tensors to 8-bit PIL images.
 
-Tiles of the latent are decoded separately and blended with linear ramps over the overlap, so the
-decoder's activations scale with the tile, not the image (peak memory of SD's decoder at 512x512
-is dominated by [1, 128, 512, 512] feature maps). Seams vanish as the overlap grows; the output
-differs from a full decode only where the decoder's receptive field crosses tile borders.
+Tiled decoding is exact: the decoder runs layer by layer with GroupNorm statistics over the whole
+activation and the convolutions in strips with their halo (``ldm.modules.autoencoder_tiled``), so
+the image equals the untiled decode to float tolerance while the peak memory drops (README,
+"Tiled decoding"; ``benchmarks/bench_tiled_decode.py``).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from ldm.modules.autoencoder_tiled import STRIP_BYTES, tiled_decoding
+
+logger = logging.getLogger(__name__)
 
 Decode = Callable[[torch.Tensor], torch.Tensor]
 
@@ -22,50 +27,15 @@ def decode_sliced(decode: Decode, z: torch.Tensor) -> torch.Tensor:
     return torch.cat([decode(z[i : i + 1]) for i in range(z.shape[0])])
 
 
-def _ramp(n: int, overlap: int, start: bool, end: bool) -> torch.Tensor:
-    """1-D blend weights: linear ramps of `overlap` pixels at inner borders."""
-    w = torch.ones(n)
-    if overlap > 0:
-        r = torch.linspace(0, 1, overlap + 2)[1:-1]
-        if not start:
-            w[:overlap] = r
-        if not end:
-            w[-overlap:] = r.flip(0)
-    return w
-
-
-def _starts(size: int, tile: int, stride: int) -> list[int]:
-    if size <= tile:
-        return [0]
-    s = list(range(0, size - tile, stride))
-    return s + [size - tile]
-
-
-def decode_tiled(
-    decode: Decode, z: torch.Tensor, tile: int = 64, overlap: int = 16
-) -> torch.Tensor:
-    """Decode latent tiles of `tile` with `overlap` latent pixels of linear blending."""
-    b, _, h, w = z.shape
-    if h <= tile and w <= tile:
-        return decode(z)
-    stride = tile - overlap
-    out = weight = None
-    for y in _starts(h, tile, stride):
-        for x in _starts(w, tile, stride):
-            piece = decode(z[:, :, y : y + tile, x : x + tile])  # [B, C, th*f, tw*f]
-            f = piece.shape[-1] // min(tile, w - x)
-            if out is None:
-                out = torch.zeros(
-                    b, piece.shape[1], h * f, w * f, dtype=piece.dtype, device=piece.device
-                )
-                weight = torch.zeros(1, 1, h * f, w * f, dtype=piece.dtype, device=piece.device)
-            th, tw = piece.shape[-2], piece.shape[-1]
-            wy = _ramp(th, overlap * f, y == 0, y + tile >= h).to(piece)
-            wx = _ramp(tw, overlap * f, x == 0, x + tile >= w).to(piece)
-            m = wy[:, None] * wx[None, :]  # [th, tw]
-            out[:, :, y * f : y * f + th, x * f : x * f + tw] += piece * m
-            weight[:, :, y * f : y * f + th, x * f : x * f + tw] += m
-    return out / weight
+def decode_tiled(model: Any, z: torch.Tensor, strip_bytes: int = STRIP_BYTES) -> torch.Tensor:
+    """``model.decode_latent(z)`` one sample at a time with the first stage's decoder in exact
+    strips (``ldm.modules.autoencoder_tiled``); a first stage without a ``Decoder`` decodes as is."""
+    decoder = getattr(getattr(model, "first_stage_model", None), "decoder", None)
+    if decoder is None or not hasattr(decoder, "tiled_strip_bytes"):
+        logger.info("tiled decode: the first stage has no tileable decoder; decoding whole")
+        return decode_sliced(model.decode_latent, z)
+    with tiled_decoding(decoder, strip_bytes):
+        return decode_sliced(model.decode_latent, z)
 
 
 def to_pil(x: torch.Tensor) -> Any:

@@ -10,7 +10,7 @@ from typing import Any
 
 #: What ``generate`` uses when neither the call nor the model says (the CompVis command's defaults).
 FALLBACK = {"sampler": "ddim", "steps": 50, "guidance_scale": 7.5}
-KEYS = ("sampler", "steps", "guidance_scale", "options")
+KEYS = ("sampler", "steps", "guidance_scale", "options", "precision")
 
 
 def check_sampling_defaults(
@@ -34,6 +34,10 @@ def check_sampling_defaults(
             )
     if "options" in out:
         out["options"] = dict(out["options"] or {})
+    if "precision" in out:
+        from ldm.engine.precision import check_precision
+
+        out["precision"] = check_precision(out["precision"], f"{where}.precision")
     return out
 
 
@@ -99,7 +103,11 @@ def defaults_from_run_dir(ckpt_path: str | Path) -> dict[str, Any]:
             sampling = json.loads(scores.read_text()).get("sampling") or {}
         except (OSError, ValueError):
             sampling = {}
-        out = {k: sampling[k] for k in ("sampler", "steps", "guidance_scale") if k in sampling}
+        out = {
+            k: sampling[k]
+            for k in ("sampler", "steps", "guidance_scale", "precision")
+            if k in sampling
+        }
         extra = {k: v for k, v in sampling.items() if k not in (*out, "seed", "use_ema")}
         if extra:
             out["options"] = extra

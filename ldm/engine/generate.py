@@ -20,6 +20,7 @@ import torch
 
 from ldm.engine.defaults import resolve_sampling
 from ldm.engine.micro_conditioning import fill_micro_conditioning
+from ldm.engine.precision import model_dtype, sampling_precision
 from ldm.samplers import sample
 from ldm.samplers.guiders import guider_for
 
@@ -142,6 +143,7 @@ def _generate(
     aesthetic_score: float | None = None,
     denoising_start: float | None = None,
     denoising_end: float | None = None,
+    precision: str | None = None,
     **sampler_options: Any,
 ) -> Any:
     """Images for ``prompt`` (or the conditioning inputs of a data ``batch``, or a ready ``cond``).
@@ -153,13 +155,19 @@ def _generate(
     of the call; without it (and without ``generator``) the global RNG is used. Extra keywords go
     to the sampler (``eta``, ``karras``, ``order``, ...); ``solver_options`` too (for names that are
     also arguments here, e.g. a latent ``mask`` with ``x0``). ``decode``: "full", "sliced" (one image
-    at a time), "tiled" (overlapping latent tiles), or "auto" (sliced from 256 x 256 pixels up).
+    at a time), "tiled" (exact strips: the same image, less memory), or "auto" (sliced from
+    256 x 256 pixels up).
 
     SDXL: ``original_size``, ``crops_coords_top_left``, ``target_size`` (pairs in pixels, default:
     the size generated and (0, 0)) and ``aesthetic_score`` (refiner, default 6.0) feed the size
     embedders; ``denoising_end`` stops at that fraction of the noise levels and returns the noisy
     latent (use ``output="latent"``), ``denoising_start`` continues from it with ``x_T`` = that
     latent (a refiner; diffusers' semantics, see ``ldm.samplers.driver.run_solver``).
+
+    ``precision``: the float type the denoiser samples in, "full" (fp32), "bf16", "fp16" or
+    "autocast" (the device's best: bf16 on a CPU with AMX / AVX512-BF16 for a network of 50M
+    parameters or more, fp16 on CUDA, else fp32); None: the model's recorded default, else ``$LDM_PRECISION``, else "autocast"
+    (``ldm.engine.precision``). The first stage always decodes in float32.
     """
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {list(OUTPUTS)}, got {output!r}")
@@ -173,6 +181,7 @@ def _generate(
         model, sampler, steps, guidance_scale, {**sampler_options, **(solver_options or {})}
     )
     device = model.device
+    dtype = model_dtype(model, precision)
     if generator is None and seed is not None:
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
     inputs: dict[str, Any] = {}
@@ -293,7 +302,7 @@ def _generate(
     was_training = model.training
     model.eval()
     try:
-        with scope:
+        with scope, sampling_precision(dtype, device):
             z = sample(
                 model_fn,
                 x_T,
@@ -307,23 +316,27 @@ def _generate(
             )
     finally:
         model.train(was_training)
+    z = z.float()
     if output == "latent":
         return z
     return _to_output(decode_latents(model, z, decode), output)
 
 
 def decode_latents(model: Any, z: torch.Tensor, mode: str = "auto") -> torch.Tensor:
-    """D(z) in [-1, 1]: whole batch, one sample at a time, or in overlapping latent tiles."""
+    """D(z) in [-1, 1]: whole batch, one sample at a time, or one sample at a time in exact
+    strips (tiled: the same image, less memory)."""
     from ldm.engine.decode import decode_sliced, decode_tiled
 
     f = latent_factor(model)
     if mode == "auto":
         mode = "sliced" if z.shape[-2] * z.shape[-1] * f * f >= 256 * 256 else "full"
-    if mode == "full":
-        return model.decode_latent(z)
-    if mode == "tiled":
-        return decode_tiled(lambda t: decode_sliced(model.decode_latent, t), z)
-    return decode_sliced(model.decode_latent, z)
+    z = z.float()
+    with torch.autocast(device_type=z.device.type, enabled=False):  # the VAE decodes in fp32
+        if mode == "full":
+            return model.decode_latent(z)
+        if mode == "tiled":
+            return decode_tiled(model, z)
+        return decode_sliced(model.decode_latent, z)
 
 
 def _batch_size(cond: Any) -> int:

@@ -194,9 +194,16 @@ class Decoder(nn.Module):
         self.norm_out = Normalize(block_in, norm_num_groups)
         self.conv_out = nn.Conv2d(block_in, out_ch, kernel_size=3, stride=1, padding=1)
 
+    #: set by ``ldm.modules.autoencoder_tiled.tiled_decoding``: forward runs the exact tiled walk
+    tiled_strip_bytes: int | None = None
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """[B, z_channels, h, w] -> [B, out_ch, h*f, w*f]."""
         self.last_z_shape = z.shape
+        if self.tiled_strip_bytes:
+            from ldm.modules.autoencoder_tiled import decoder_forward_tiled
+
+            return decoder_forward_tiled(self, z, self.tiled_strip_bytes)
         h = self.mid(self.conv_in(z))
         for i_level in reversed(range(self.num_resolutions)):
             up = self.up[i_level]

@@ -115,6 +115,7 @@ def generate_images(
     sampling commands' PNG metadata; ``progress(done, total)`` after every solver step."""
     from ldm.adapters.sampling import adapters_applied, describe
     from ldm.engine.defaults import resolve_sampling
+    from ldm.engine.precision import NAMES, model_dtype
     from ldm.samplers import SAMPLERS
 
     if settings.sampler is not None and settings.sampler not in SAMPLERS:
@@ -151,6 +152,7 @@ def generate_images(
             "model": name,
             "model_hash": ctx.models.file_hash(name),
             "mode": settings.mode,
+            "precision": NAMES[model_dtype(model)],  # generate()'s default, as the commands
         }
         if settings.strength is not None:
             common["strength"] = settings.strength
