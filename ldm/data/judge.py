@@ -9,9 +9,11 @@ line to the shape's anchor; colour: the coverage-weighted mean colour, normalise
 brightest channel, nearest palette entry. An image without a blob gives "none" everywhere.
 
 Form (`best_iou`, analysis by synthesis with the data set's own generator): the caption's shape
-is rendered by `ldm.data.shapes.coverage` at every position and scale the generator can draw for
-that caption (a fine grid over its uniform jitter), and the best soft IoU
-(sum min / sum max of coverages) with the whole image's foreground coverage is kept. The shape
+is rendered by `ldm.data.shapes.coverage` over the positions and scales the generator can draw
+for that caption (a grid over its uniform jitter, blurred by up to MAX_BLUR for the decoder's
+soft edges, then a local search with halving steps), and the best soft IoU (sum of minima / sum
+of maxima of the coverages) with the image's foreground is kept; the foreground holds every
+blob above half the peak, so a second copy anywhere counts. The shape
 readout counts as right only when the template fit names the caption's shape *and* that IoU
 reaches `IOU_THRESHOLD` (at the size and position the judge read), so concave squares and
 doubled shapes fail; a whole caption needs every attribute right, hence the IoU at the
@@ -38,9 +40,9 @@ FLOOR = 0.08  # background level (relative to the shape's peak) subtracted from 
 BLURS = (0.0, 0.5, 0.8, 1.1, 1.5)  # Gaussian sigmas (pixels) tried for blurry (generated) images
 RIM = 2  # pixels around the blob that still belong to it (anti-aliasing and blur)
 MIN_AREA_FRACTION = 3.0 / 1024  # below ~3 px at 32x32 the image counts as empty
-IOU_THRESHOLD = (
-    0.87  # 1st percentile of the first stage's reconstructions: scripts/calibrate_judge.py
-)
+# form criterion: the 1st percentile of the best IoU of the shipped first stage's reconstructions
+# of data set images (scripts/calibrate_judge.py; README "What the main job does")
+IOU_THRESHOLD = 0.87
 MAX_BLUR = 1.0  # largest Gaussian sigma (pixels at 32 px) a template is blurred by (decoder blur)
 SEARCH_SUPERSAMPLE = 8  # sub-samples per pixel axis of the templates: a smoother search landscape
 REFINE_ROUNDS = 3  # local-search rounds (step halved each) after the coarse grid
