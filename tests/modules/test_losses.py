@@ -112,6 +112,53 @@ def test_lpips_vgg_slices_follow_torchvision_indices(tmp_path, monkeypatch) -> N
     torch.testing.assert_close(lp.lin4.model[1].weight, heads["lin4.model.1.weight"])
 
 
+def test_lpips_value_is_eq1_on_torchvision_vgg16_features(tmp_path, monkeypatch) -> None:
+    """Zhang et al. 2018, Eq. 1 written out on torchvision's own VGG16: unit-normalise relu1_2,
+    relu2_2, relu3_3, relu4_3, relu5_3 (indices 3, 8, 15, 22, 29) of both images after the LPIPS
+    input scaling, square the difference, weight channels by w_l, average space, sum layers."""
+    from torchvision.models.vgg import cfgs, make_layers
+
+    vgg_file = _fake_vgg_file(tmp_path / "vgg16.pth")
+    g = torch.Generator().manual_seed(5)
+    heads = {
+        f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g)
+        for i, c in enumerate((64, 128, 256, 512, 512))
+    }
+    torch.save(heads, tmp_path / "heads.pth")
+    monkeypatch.setenv("LDM_VGG16_WEIGHTS", str(vgg_file))
+    monkeypatch.setenv("LDM_LPIPS_WEIGHTS", str(tmp_path / "heads.pth"))
+    ours = LPIPS().eval()
+
+    features = make_layers(cfgs["D"])  # torchvision's vgg16 trunk
+    features.load_state_dict(
+        {k.removeprefix("features."): v for k, v in torch.load(vgg_file).items()}
+    )
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+
+    def taps(x: torch.Tensor) -> list[torch.Tensor]:
+        out, h = [], (x - shift) / scale
+        for i, layer in enumerate(features[:30]):  # the last max-pool is not used
+            h = layer(h)
+            if i in (3, 8, 15, 22, 29):
+                out.append(h)
+        return out
+
+    x = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
+    y = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
+    with torch.no_grad():
+        expect = torch.zeros(2)
+        for i, (a, b) in enumerate(zip(taps(x), taps(y))):
+            a = a / (a.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            b = b / (b.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            w = heads[f"lin{i}.model.1.weight"].view(1, -1, 1, 1)
+            expect += (w * (a - b).pow(2)).sum(1).mean(dim=(1, 2))
+        got = ours(x, y)
+    assert got.shape == (2, 1, 1, 1)
+    torch.testing.assert_close(got.flatten(), expect, rtol=1e-5, atol=1e-6)
+    assert torch.count_nonzero(ours(x, x)) == 0  # d(x, x) = 0
+
+
 def test_perceptual_weight_zero_needs_no_files(no_lpips_files) -> None:
     loss = LPIPSWithDiscriminator(disc_start=0, perceptual_weight=0.0)
     assert loss.perceptual_loss is None
