@@ -3,6 +3,7 @@ adaptive weight, and construction from the CompVis target paths."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -213,12 +214,44 @@ def test_adaptive_weight_is_finite_positive_and_the_gradient_ratio() -> None:
 def test_gan_losses() -> None:
     real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.0])
     torch.testing.assert_close(hinge_d_loss(real, fake), torch.tensor(0.5 * (0.25 + 0.5)))
-    sp = torch.nn.functional.softplus
-    torch.testing.assert_close(
-        vanilla_d_loss(real, fake), 0.5 * (sp(-real).mean() + sp(fake).mean())
-    )
+    # softplus(u) = log(1 + e^u), by hand: 1/2 (mean softplus(-real) + mean softplus(fake))
+    sp_real = (math.log1p(math.exp(-2.0)) + math.log1p(math.exp(-0.5))) / 2
+    sp_fake = (math.log1p(math.exp(-2.0)) + math.log(2.0)) / 2
+    torch.testing.assert_close(vanilla_d_loss(real, fake), torch.tensor(0.5 * (sp_real + sp_fake)))
     loss = LPIPSWithDiscriminator(disc_start=0, perceptual_weight=0.0, disc_loss="vanilla")
     assert loss.disc_loss is vanilla_d_loss
+
+
+@pytest.mark.parametrize("kind", ["kl", "vq"])
+def test_generator_loss_with_the_discriminator_on(kind: str) -> None:
+    """VQGAN Eq. 7 / the KL loss: total = rec + lambda * (-E[D(x_rec)]) (+ kl_w * KL | + w * q);
+    the discriminator step: hinge 1/2 (E[relu(1 - D(x))] + E[relu(1 + D(x_rec))])."""
+    x, xrec, post, w = _kl_inputs()
+    if kind == "kl":
+        loss = LPIPSWithDiscriminator(disc_start=0, perceptual_weight=0.0, kl_weight=1e-3)
+        total, log = loss(x, xrec, post, 0, global_step=5, last_layer=w)
+        nll = (xrec - x).abs().sum() / 2  # logvar = 0: sum over pixels / batch
+        rest = 1e-3 * post.kl().sum() / 2
+    else:
+        loss = VQLPIPSWithDiscriminator(disc_start=0, perceptual_weight=0.0, codebook_weight=2.0)
+        q = torch.tensor(0.3)
+        total, log = loss(q, x, xrec, 0, global_step=5, last_layer=w)
+        nll = (xrec - x).abs().mean()
+        rest = 2.0 * q
+    with torch.no_grad():
+        d_fake = loss.discriminator(xrec)
+        d_real = loss.discriminator(x)
+    g = -d_fake.mean()
+    torch.testing.assert_close(log["train/g_loss"], g)
+    lam = log["train/d_weight"]
+    assert lam > 0
+    torch.testing.assert_close(total, nll + rest + lam * g, rtol=1e-5, atol=1e-6)
+    if kind == "kl":
+        d_loss, _ = loss(x, xrec, post, 1, global_step=5)
+    else:
+        d_loss, _ = loss(q, x, xrec, 1, global_step=5)
+    expect = 0.5 * ((1 - d_real).clamp_min(0).mean() + (1 + d_fake).clamp_min(0).mean())
+    torch.testing.assert_close(d_loss, expect)
 
 
 def test_vq_loss_terms() -> None:
