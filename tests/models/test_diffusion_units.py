@@ -136,8 +136,9 @@ def test_snr_weight_floor_gives_clamped_x0_weights():
 def test_vlb_weights_eps_match_compvis_and_x0_v_are_consistent():
     model = tiny(original_elbo_weight=1.0)
     b = model.betas.double()
-    ac = model.alphas_cumprod.double()
-    var = model.posterior_variance.double()
+    ac = torch.cumprod(1 - b, 0)
+    ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+    var = b * (1 - ac_prev) / (1 - ac)  # beta_tilde (DDPM Eq. 7), v_posterior = 0
     w_eps = b**2 / (2 * var * (1 - b) * (1 - ac))
     w_eps[0] = w_eps[1]
     torch.testing.assert_close(model.lvlb_weights.double(), w_eps, rtol=1e-5, atol=0)
@@ -560,7 +561,14 @@ def test_compvis_conversion_helpers_round_trip():
     )
     torch.testing.assert_close(model.predict_eps_from_z_and_v(x_t, t, v), eps, atol=1e-5, rtol=1e-5)
     mean, var, logvar = model.q_posterior(x0, x_t, t)
-    c1 = model.posterior_mean_coef1[t].view(-1, 1, 1, 1)
-    c2 = model.posterior_mean_coef2[t].view(-1, 1, 1, 1)
-    torch.testing.assert_close(mean, c1 * x0 + c2 * x_t, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(var.flatten(), model.posterior_variance[t], rtol=1e-5, atol=1e-8)
+    # DDPM Eq. 7 from the betas alone: mu = b sqrt(a_prev) / (1 - a) x0 + (1 - a_prev) sqrt(alpha)
+    # / (1 - a) x_t; CompVis v_posterior mixes beta_tilde with beta: (1 - v) beta_tilde + v beta
+    b = model.betas.double()
+    a = torch.cumprod(1 - b, 0)
+    a_prev = torch.cat([torch.ones(1, dtype=torch.float64), a[:-1]])
+    c1 = (b * a_prev.sqrt() / (1 - a))[t].view(-1, 1, 1, 1)
+    c2 = ((1 - a_prev) * (1 - b).sqrt() / (1 - a))[t].view(-1, 1, 1, 1)
+    expect_var = (0.9 * b * (1 - a_prev) / (1 - a) + 0.1 * b)[t]
+    torch.testing.assert_close(mean.double(), c1 * x0 + c2 * x_t, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(var.flatten().double(), expect_var, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(logvar.flatten().double(), expect_var.log(), rtol=1e-5, atol=1e-6)
