@@ -45,7 +45,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     ),
     "first_stage": (
         ["ldm/engine/first_stage.py"],
-        ["tests/engine/test_engine.py"],
+        ["tests/engine/test_first_stage.py", "tests/engine/test_engine.py"],
     ),
     "keymaps": (
         [
