@@ -41,6 +41,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
         [
             "tests/samplers/test_sampler_guidance.py",
             "tests/modules/encoders/test_long_prompt_guidance.py",
+            "tests/engine/test_engine.py",
         ],
     ),
     "first_stage": (
