@@ -98,3 +98,33 @@ def test_scale_by_std_sets_one_over_the_std_of_the_first_batch_latents() -> None
     assert float(off.scale_factor) == 1.0
     with pytest.raises(ConfigError, match="set scale_factor: 1.0"):
         _Engine(_VQLike(), 0.18215, scale_by_std=True).on_train_batch_start({"image": x}, 0)
+
+
+def test_scale_by_std_from_cached_latents_and_broadcast_from_rank_zero() -> None:
+    from types import SimpleNamespace
+
+    from ldm.engine.latent_caching import MOMENTS_KEY
+
+    engine = _Engine(_VQLike(), 1.0, scale_by_std=True)
+    cached = torch.randn(3, 4, 2, 2)  # stored latents (no embed_dim: used as they are)
+    engine.on_train_batch_start({MOMENTS_KEY: cached}, 0)
+    torch.testing.assert_close(engine.scale_factor, 1.0 / cached.flatten().std())
+
+    sent: list[tuple[torch.Tensor, int]] = []
+
+    def broadcast(value: torch.Tensor, src: int) -> torch.Tensor:
+        sent.append((value, src))
+        return torch.tensor(0.125)  # what rank 0 measured
+
+    for world, expect in ((2, 0.125), (1, None)):
+        engine = _Engine(_VQLike(), 1.0, scale_by_std=True)
+        engine._trainer = SimpleNamespace(
+            world_size=world, strategy=SimpleNamespace(broadcast=broadcast)
+        )
+        engine.on_train_batch_start({MOMENTS_KEY: cached}, 0)
+        if expect is None:
+            torch.testing.assert_close(engine.scale_factor, 1.0 / cached.flatten().std())
+        else:
+            assert float(engine.scale_factor) == expect
+    assert len(sent) == 1 and sent[0][1] == 0
+    torch.testing.assert_close(sent[0][0], 1.0 / cached.flatten().std())
