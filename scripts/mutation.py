@@ -66,7 +66,11 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     ),
     "conditioner": (
         ["ldm/engine/conditioner.py"],
-        ["tests/models/test_diffusion_units.py", "tests/engine/test_engine.py"],
+        [
+            "tests/engine/test_conditioner_dropout.py",
+            "tests/models/test_diffusion_units.py",
+            "tests/engine/test_engine.py",
+        ],
     ),
     "diffusion_math": (
         [
