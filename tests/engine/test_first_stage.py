@@ -128,3 +128,14 @@ def test_scale_by_std_from_cached_latents_and_broadcast_from_rank_zero() -> None
             assert float(engine.scale_factor) == expect
     assert len(sent) == 1 and sent[0][1] == 0
     torch.testing.assert_close(sent[0][0], 1.0 / cached.flatten().std())
+
+
+def test_latent_and_scale_keep_their_dtypes() -> None:
+    engine = _Engine(_Linear().to(torch.bfloat16), 0.5)
+    x = torch.randn(1, 1, 2, 2)
+    z = engine.encode_latent(x, generator=torch.Generator().manual_seed(0))
+    assert z.dtype == torch.bfloat16  # the noise follows the posterior's dtype
+    engine = _Engine(_VQLike(), 1.0, scale_by_std=True)
+    engine.scale_factor = torch.tensor(1.0, dtype=torch.float64)  # a float64 buffer stays float64
+    engine.on_train_batch_start({"image": torch.randn(2, 3, 3, 1)}, 0)
+    assert engine.scale_factor.dtype == torch.float64
