@@ -133,3 +133,18 @@ def test_guiders_pass_scale_rescale_and_batching() -> None:
         g = guider_for(scale, rescale)
         assert isinstance(g, ClassifierFreeGuidance)
         assert (g.scale, g.rescale) == (scale, rescale)
+
+
+def test_no_and_multi_guidance_pass_the_timestep() -> None:
+    from ldm.samplers.guiders import MultiGuidance, NoGuidance
+
+    def net(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return x * c + t.view(-1, 1)
+
+    x, t = torch.tensor([[1.0, 2.0]]), torch.tensor([0.25])
+    c, u = torch.tensor([[2.0]]), torch.tensor([[0.5]])
+    torch.testing.assert_close(NoGuidance().model_fn(net, c)(x, t), x * 2 + 0.25)
+    out_u, out_c = x * 0.5 + 0.25, x * 2 + 0.25
+    torch.testing.assert_close(
+        MultiGuidance([3.0]).model_fn(net, c, u)(x, t), out_u + 3.0 * (out_c - out_u)
+    )
