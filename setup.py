@@ -43,6 +43,8 @@ setup(
             # Ray Tune sweeps (ASHA, Optuna, a simulated two-node cluster)
             "ray[tune]>=2.9",
             "optuna>=3",
+            # mutation testing of the core (scripts/mutation.py, docs/mutation.md)
+            "mutmut>=3.8",
         ],
         "adapters": ["peft>=0.12"],
         # optimizer_config types beyond torch's (docs/optimizers.md): lion, prodigy, adamw8bit /

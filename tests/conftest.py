@@ -34,3 +34,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def diffusers():
+    """diffusers, the test-time reference (the `test` extra): only the tests that compare with it
+    take this fixture, so they alone skip where it is missing."""
+    return pytest.importorskip("diffusers")
+
+
+@pytest.fixture(scope="session")
+def single_file_utils(diffusers):
+    """diffusers' single-file converters (the reference key maps)."""
+    return pytest.importorskip("diffusers.loaders.single_file_utils")

@@ -115,11 +115,20 @@ def test_image_logger_writes_grids_and_captions(tmp_path: Path) -> None:
     assert len(module.calls) == 1
 
 
-def test_cuda_callback_is_harmless_on_cpu() -> None:
+def test_cuda_callback_logs_the_epoch_time_and_no_memory_on_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import ldm.callbacks as callbacks
+
+    clock = iter([100.0, 102.5, 999.0])  # start, end, the unused getattr default
+    monkeypatch.setattr(callbacks.time, "time", lambda: next(clock))
+    messages: list[str] = []
+    monkeypatch.setattr(callbacks, "rank_zero_info", messages.append)
     cb, module = CUDACallback(), _Module()
-    trainer = SimpleNamespace(current_epoch=0)
+    trainer = SimpleNamespace(current_epoch=3)
     cb.on_train_epoch_start(trainer, module)
     cb.on_train_epoch_end(trainer, module)
+    assert messages == ["epoch 3: 2.50 s"]  # 102.5 - 100.0; a CPU has no peak-memory figure
 
 
 def test_atomic_checkpoint_survives_a_crash_while_saving(

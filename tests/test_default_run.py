@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 
+from ldm.data.judge import score
 from ldm.evaluation import ATTRIBUTES, captioned_grid, format_table
 from ldm.launch import run
 from ldm.launch_cli import parse_command
@@ -33,6 +36,20 @@ SHORT = [
 ]
 
 
+def _grid_cells(path: Path, n: int, columns: int, scale: int) -> np.ndarray:
+    """The images of a `captioned_grid` PNG: [n, h, w, 3] uint8 (each cell's top-left pixels)."""
+    grid = np.asarray(Image.open(path).convert("RGB"))
+    cell = grid.shape[1] // columns  # cw + 4
+    side = (cell - 4) // scale
+    rows_h = grid.shape[0] // ((n + columns - 1) // columns)  # ch + 36 + 4
+    out = []
+    for i in range(n):
+        x0, y0 = (i % columns) * cell, (i // columns) * rows_h
+        tile = grid[y0 : y0 + side * scale : scale, x0 : x0 + side * scale : scale]
+        out.append(tile)
+    return np.stack(out)
+
+
 def test_shortened_default_run_writes_grid_and_scores(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -50,7 +67,6 @@ def test_shortened_default_run_writes_grid_and_scores(
     assert set(record["scores"]) == {"seen", "heldout"}
     for scores in record["scores"].values():
         assert set(ATTRIBUTES) <= set(scores) and scores["n"] == 2
-        assert all(0.0 <= scores[a] <= 1.0 for a in ATTRIBUTES)
     # held-out prompts use only the held-out colour-shape pairs, seen prompts never do
     from ldm.data.shapes import HELDOUT_PAIRS, parse_caption
 
@@ -63,6 +79,11 @@ def test_shortened_default_run_writes_grid_and_scores(
     assert grid.is_file() and Path(record["grid"]) == grid
     captions = (logdir / "images" / "final" / "captions_gs-000003.txt").read_text().splitlines()
     assert captions == record["prompts"]["seen"] + record["prompts"]["heldout"]
+    # the recorded scores are the judge's verdicts on the very images in the grid: cut the cells
+    # out (8 columns, each image upscaled 4x nearest), judge them against their prompts
+    cells = _grid_cells(grid, n=len(captions), columns=8, scale=4)
+    assert record["scores"]["seen"] == score(cells[:2], captions[:2])
+    assert record["scores"]["heldout"] == score(cells[2:], captions[2:])
     # sample grids with captions were logged while training
     train = logdir / "images" / "train"
     assert list(train.glob("samples_cfg_scale_*_gs-000002_*.png"))

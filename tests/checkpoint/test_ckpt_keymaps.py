@@ -13,7 +13,6 @@ from ldm.checkpoint.keymap_text import hf_to_openclip, openclip_to_hf
 from ldm.checkpoint.keymap_unet import unet_to_diffusers, unet_to_ldm
 from ldm.checkpoint.keymap_vae import vae_to_diffusers, vae_to_ldm
 
-su = pytest.importorskip("diffusers.loaders.single_file_utils")
 CONFIGS = Path(__file__).parents[2] / "configs" / "stable-diffusion"
 
 
@@ -22,7 +21,8 @@ def _strip(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("version,config", [("v1", "v1-inference"), ("v2", "v2-inference-v")])
-def test_unet_and_vae_maps_match_diffusers(version: str, config: str) -> None:
+def test_unet_and_vae_maps_match_diffusers(version: str, config: str, single_file_utils) -> None:
+    su = single_file_utils
     sd = sd_key_state_dict(version)
     cfg = yaml.safe_load((CONFIGS / f"{config}.yaml").read_text())
     ref_unet = su.convert_ldm_unet_checkpoint(sd, su.create_unet_diffusers_config_from_ldm(cfg, sd))
@@ -44,7 +44,8 @@ def test_unet_and_vae_maps_match_diffusers(version: str, config: str) -> None:
     }
 
 
-def test_openclip_map_matches_diffusers_and_round_trips() -> None:
+def test_openclip_map_matches_diffusers_and_round_trips(single_file_utils) -> None:
+    su = single_file_utils
     transformers = pytest.importorskip("transformers")
     g = torch.Generator().manual_seed(0)
     # a 2-layer OpenCLIP text tower in the SD v2 layout, real key names, small width

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from tiny_models import TINY_DDCONFIG, tsv_state_dict
 
 from ldm.checkpoint import diffusers_config_sdxl as xcfg
@@ -26,9 +27,6 @@ from ldm.checkpoint.loader import match_clip_layout
 from ldm.checkpoint.safe_load import LoadedCheckpoint, read_checkpoint
 from ldm.checkpoint.sdxl_layout import network_params
 
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
-
 CLIP0 = "conditioner.embedders.0.transformer."
 BIGG1 = "conditioner.embedders.1.model."
 
@@ -43,7 +41,7 @@ def base_sd() -> dict[str, torch.Tensor]:
     return tsv_state_dict("sdxl-base.tsv")
 
 
-def _refiner_sd(base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _refiner_sd(base: dict[str, torch.Tensor], diffusers) -> dict[str, torch.Tensor]:
     """Refiner 1.0 keys/shapes: U-Net from diffusers' model of our unet config, bigG as embedder 0."""
     cfg = load_builtin_config("sdxl-refiner")
     with torch.device("meta"):
@@ -72,8 +70,8 @@ def test_detect_sdxl_base(base_sd) -> None:
     assert detect_sd(nested).name == "sdxl-base"
 
 
-def test_detect_sdxl_refiner(base_sd) -> None:
-    det = detect_sd(_refiner_sd(base_sd))
+def test_detect_sdxl_refiner(base_sd, diffusers) -> None:
+    det = detect_sd(_refiner_sd(base_sd, diffusers))
     assert det.name == "sdxl-refiner"
     assert network_params(det.config)["adm_in_channels"] == 2560
 
@@ -88,7 +86,7 @@ def test_detect_sdxl_like_but_different(base_sd) -> None:
         detect_sd(no_clip)
 
 
-def test_full_size_key_maps_match_diffusers_models(base_sd) -> None:
+def test_full_size_key_maps_match_diffusers_models(base_sd, diffusers) -> None:
     cfg = load_builtin_config("sdxl-base")
     comps, extras, meta = split_sdxl(base_sd, cfg)
     assert set(extras) == {BIGG1 + "logit_scale"}
@@ -261,7 +259,7 @@ def test_round_trip_other_clip_layout(reduced, tmp_path: Path) -> None:
     _assert_same(back, other)
 
 
-def test_refiner_layout_round_trip(reduced, tmp_path: Path) -> None:
+def test_refiner_layout_round_trip(reduced, tmp_path: Path, diffusers) -> None:
     *_, sd = reduced
     cfg = _reduced_config()
     embs = cfg["model"]["params"]["conditioner_config"]["params"]["emb_models"]
@@ -288,7 +286,7 @@ def test_refiner_layout_round_trip(reduced, tmp_path: Path) -> None:
     assert len(config["model"]["params"]["conditioner_config"]["params"]["emb_models"]) == 4
 
 
-def test_unet_matches_diffusers(reduced, folder: Path) -> None:
+def test_unet_matches_diffusers(reduced, folder: Path, diffusers) -> None:
     from ldm.modules.timestep import timestep_embedding
 
     unet, *_ = reduced
@@ -355,7 +353,7 @@ def test_text_encoder_matches_clip(reduced, folder: Path) -> None:
 
 
 def test_diffusers_pipeline_loads_and_foreign_folder_converts(
-    reduced, folder: Path, tmp_path: Path
+    reduced, folder: Path, tmp_path: Path, diffusers
 ) -> None:
     *_, sd = reduced
     pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder)

@@ -229,3 +229,33 @@ def test_img2img_uses_the_init_image_reproducibly(ckpt: Path, tmp_path: Path) ->
     a, a_again, b = out(init, "a"), out(init, "a2"), out(other, "b")
     assert np.array_equal(a, a_again)
     assert np.abs(a - b).mean() > 1.0
+
+
+def _pngs(folder: Path) -> list[np.ndarray]:
+    return [np.asarray(Image.open(p)) for p in sorted((folder / "samples").glob("*.png"))]
+
+
+def test_txt2img_negative_prompt_and_scale_reach_the_engine(ckpt: Path, tmp_path: Path) -> None:
+    """The command's images are the engine's `generate` with the same negative prompt and
+    guidance scale; dropping either changes the images."""
+    from ldm.checkpoint import load_model
+    from ldm.commands.pngmeta import to_pil
+
+    run("txt2img", _flags(ckpt, tmp_path / "neg", "--n_samples", "1"))
+    flags = _flags(ckpt, tmp_path / "none", "--n_samples", "1")
+    i = flags.index("--negative-prompt")
+    del flags[i : i + 2]
+    run("txt2img", flags)
+    run("txt2img", _flags(ckpt, tmp_path / "s1", "--n_samples", "1", "--scale", "1.0"))
+    model = load_model(ckpt, device="cpu")
+    kw = dict(sampler="dpmpp_2m", steps=3, seed=7, height=16, width=16, output="tensor")
+    for folder, extra in (
+        ("neg", dict(negative_prompt="blurry", guidance_scale=7.5)),
+        ("none", dict(guidance_scale=7.5)),
+        ("s1", dict(negative_prompt="blurry", guidance_scale=1.0)),
+    ):
+        x = model.generate(["a red square"], **kw, **extra)
+        (png,) = _pngs(tmp_path / folder)
+        assert np.array_equal(png, np.asarray(to_pil(x[0]))), folder
+    neg, none, s1 = (_pngs(tmp_path / f)[0].astype(int) for f in ("neg", "none", "s1"))
+    assert np.abs(neg - none).sum() > 0 and np.abs(neg - s1).sum() > 0

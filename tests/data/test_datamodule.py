@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -85,14 +87,17 @@ def test_shuffle_options_wrap_and_iterable() -> None:
 
 
 class _NumpyNoise(Dataset):
+    """Each item: (its worker's seed, a numpy draw, a `random` draw)."""
+
     def __len__(self) -> int:
-        return 4
+        return 6
 
-    def __getitem__(self, i: int) -> float:
-        return float(np.random.rand())
+    def __getitem__(self, i: int) -> tuple[int, float, float]:
+        seed = torch.utils.data.get_worker_info().seed
+        return seed, float(np.random.rand()), random.random()
 
 
-def test_worker_init_fn_seeds_numpy_per_worker() -> None:
+def test_worker_init_fn_seeds_numpy_and_random_from_the_worker_seed() -> None:
     dm = DataModuleFromConfig(
         batch_size=1,
         train={"target": "tests.data.test_datamodule._NumpyNoise"},
@@ -101,9 +106,17 @@ def test_worker_init_fn_seeds_numpy_per_worker() -> None:
     )
     dm.datasets["train"] = _NumpyNoise()
     torch.manual_seed(0)
-    values = [float(b) for b in dm.train_dataloader()]
-    # without seeding, forked workers share numpy's state and return identical numbers
-    assert len(set(values)) == 4
+    draws: dict[int, list[tuple[float, float]]] = {}
+    for seed, a, b in dm.train_dataloader():
+        draws.setdefault(int(seed), []).append((float(a), float(b)))
+    assert len(draws) == 2 and all(len(v) == 3 for v in draws.values())
+    for seed, values in draws.items():
+        # the streams np.random.seed(seed mod 2^32) and random.seed(seed mod 2^32) give; the
+        # DataLoader's own numpy seeding (a SeedSequence of the base seed) gives other numbers
+        expect_np = np.random.RandomState(seed % 2**32).rand(3)
+        expect_py = random.Random(seed % 2**32)
+        assert [a for a, _ in values] == pytest.approx(list(expect_np), abs=0, rel=1e-12)
+        assert [b for _, b in values] == [expect_py.random() for _ in range(3)]
 
 
 def test_errors_are_readable() -> None:

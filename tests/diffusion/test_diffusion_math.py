@@ -24,8 +24,6 @@ from ldm.diffusion import (
 )
 from ldm.diffusion.gaussian import posterior_coefficients
 
-diffusers = pytest.importorskip("diffusers")
-
 
 def sd_ac() -> torch.Tensor:
     return alphas_cumprod_from_betas(make_beta_schedule("linear", 1000, 0.00085, 0.012))
@@ -40,7 +38,7 @@ def sd_ac() -> torch.Tensor:
         ("squaredcos_cap_v2", "squaredcos_cap_v2"),
     ],
 )
-def test_betas_match_diffusers(ours, theirs):
+def test_betas_match_diffusers(ours, theirs, diffusers):
     start, end = (0.00085, 0.012) if "linear" in theirs else (1e-4, 2e-2)
     b = make_beta_schedule(ours, 1000, start, end)
     ref = diffusers.DDPMScheduler(beta_start=start, beta_end=end, beta_schedule=theirs).betas
@@ -72,7 +70,7 @@ def test_given_betas_and_errors():
         make_beta_schedule("quadratic", 10)
 
 
-def test_zero_terminal_snr_matches_diffusers_and_keeps_first_alpha():
+def test_zero_terminal_snr_matches_diffusers_and_keeps_first_alpha(diffusers):
     from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as ref_fn
 
     betas = make_beta_schedule("linear", 1000, 0.00085, 0.012)
@@ -84,7 +82,7 @@ def test_zero_terminal_snr_matches_diffusers_and_keeps_first_alpha():
     assert torch.all(ac_new[1:] < ac_new[:-1])
 
 
-def test_q_sample_and_snr():
+def test_q_sample_and_snr(diffusers):
     ac = sd_ac()
     x0, noise = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
     t = torch.tensor([0, 500, 999])
@@ -97,7 +95,7 @@ def test_q_sample_and_snr():
     torch.testing.assert_close(xt, ref.add_noise(x0, noise, t), rtol=1e-5, atol=1e-5)
 
 
-def test_posterior_matches_bayes_and_diffusers_variance():
+def test_posterior_matches_bayes_and_diffusers_variance(diffusers):
     ac = sd_ac()
     c = posterior_coefficients(ac)
     ref = diffusers.DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -124,7 +122,7 @@ def test_posterior_matches_bayes_and_diffusers_variance():
     torch.testing.assert_close(c1["posterior_variance"][1:], 1 - ac[1:] / ac[:-1])
 
 
-def test_conversions_round_trip():
+def test_conversions_round_trip(diffusers):
     ac = sd_ac()
     x0, eps = (
         torch.randn(4, 3, 5, 5, dtype=torch.float64),

@@ -155,20 +155,58 @@ def test_vq_training_step_updates_both_and_logs_code_statistics() -> None:
     assert 1.0 <= float(logged["train/perplexity"]) <= 16.0
 
 
+def _skimage_metrics(x: torch.Tensor, xrec: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-image PSNR and SSIM of scikit-image (data range 2, 7x7 window, channels first)."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    a, b = x.double().numpy(), xrec.double().clamp(-1, 1).numpy()
+    p = [peak_signal_noise_ratio(u, v, data_range=2.0) for u, v in zip(a, b)]
+    s = [structural_similarity(u, v, data_range=2.0, channel_axis=0) for u, v in zip(a, b)]
+    return p, s
+
+
 def test_validation_metrics_and_image_logs() -> None:
+    torch.manual_seed(0)
     model = _kl(disc_start=1000)
     trainer = pl.Trainer(
         accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
     )
     metrics = trainer.validate(model, _loader(4, 2), verbose=False)[0]
     assert {"val/rec_loss", "val/psnr", "val/ssim", "val/rec_l1"} <= set(metrics)
-    assert 0 < metrics["val/psnr"] < 60 and -1 <= metrics["val/ssim"] <= 1
+    # the epoch values: scikit-image's PSNR / SSIM and the L1 of the posterior-mode reconstruction
+    model.eval()
+    p, s, l1 = [], [], []
+    with torch.no_grad():
+        for batch in _loader(4, 2):
+            x = batch["image"].permute(0, 3, 1, 2).float()  # [B, H, W, 3] -> [B, 3, H, W]
+            xrec = model.decode(model.encode(x).mode())
+            bp, bs = _skimage_metrics(x, xrec)
+            p, s = p + bp, s + bs
+            l1.append((x - xrec.clamp(-1, 1)).abs().mean().item())
+    assert metrics["val/psnr"] == pytest.approx(sum(p) / len(p), rel=1e-4)
+    assert metrics["val/ssim"] == pytest.approx(sum(s) / len(s), rel=1e-4, abs=1e-6)
+    assert metrics["val/rec_l1"] == pytest.approx(sum(l1) / len(l1), rel=1e-4)
+    # image logs: the inputs themselves, D(z) of a posterior sample z = mean + std * eps, and D(z)
+    # of a prior draw z ~ N(0, I) (the draws in order: eps, an unused posterior sample, the prior)
     batch = next(iter(_loader(4, 4)))
+    x = batch["image"].permute(0, 3, 1, 2).float()[:3].contiguous()
+    torch.manual_seed(1)
     logs = model.log_images(batch, N=3)
     assert set(logs) == {"inputs", "reconstructions", "samples"}
-    assert all(v.shape == (3, 3, 32, 32) for v in logs.values())
-    vq_logs = _vq().log_images(batch, N=2)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        post = model.encode(x)
+        z_post = post.mean + post.std * torch.randn_like(post.mean)
+        torch.randn_like(post.mean)
+        z_prior = torch.randn_like(post.mean)
+        torch.testing.assert_close(logs["inputs"], x)
+        torch.testing.assert_close(logs["reconstructions"], model.decode(z_post))
+        torch.testing.assert_close(logs["samples"], model.decode(z_prior))
+    vq = _vq().eval()
+    vq_logs = vq.log_images(batch, N=2)
     assert set(vq_logs) == {"inputs", "reconstructions"}
+    with torch.no_grad():
+        torch.testing.assert_close(vq_logs["reconstructions"], vq(x[:2])[0])
 
 
 def test_inference_config_with_identity_loss(tmp_path) -> None:

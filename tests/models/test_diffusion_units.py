@@ -109,6 +109,33 @@ def test_min_snr_gamma_weights():
     torch.testing.assert_close(loss, expected)
 
 
+@pytest.mark.parametrize("loss_type", ["l1", "l2"])
+def test_loss_type_and_the_elbo_term(loss_type):
+    """L = l_simple_weight * mean_b(mean |eps|^p) + elbo_weight * mean_b(w_t mean |eps|^p), with
+    w_t = beta_t^2 / (2 sigma_t^2 alpha_t (1 - a_t)) (DDPM Eq. 5 -> 12; w_0 := w_1), for an eps
+    model that outputs zeros (so the error is the noise itself)."""
+    model = tiny(loss_type=loss_type, l_simple_weight=0.5, original_elbo_weight=2.0)
+    model.apply_model = Recorder()
+    x0, noise = torch.randn(4, 2, 2, 2), torch.randn(4, 2, 2, 2)
+    t = torch.tensor([0, 100, 400, 999])
+    loss, log = model.p_losses(x0, None, t, noise)
+    err = noise.abs() if loss_type == "l1" else noise**2
+    per_item = err.double().mean(dim=(1, 2, 3))  # [B]
+    b = model.betas.double()
+    a = torch.cumprod(1 - b, 0)
+    a_prev = torch.cat([torch.ones(1, dtype=torch.float64), a[:-1]])
+    var = b * (1 - a_prev) / (1 - a)
+    w = b**2 / (2 * var * (1 - b) * (1 - a))
+    w[0] = w[1]
+    vlb = (w[t] * per_item).mean()
+    torch.testing.assert_close(
+        log["train/loss_simple"].double(), per_item.mean(), rtol=1e-5, atol=0
+    )
+    torch.testing.assert_close(log["train/loss_vlb"].double(), vlb, rtol=1e-4, atol=0)
+    expected = 0.5 * per_item.mean() + 2.0 * vlb
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=0)
+
+
 def test_snr_weight_floor_gives_clamped_x0_weights():
     snr = torch.tensor([0.001, 0.1, 1.0, 3.0, 50.0])
     x0_weight = {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}
@@ -136,8 +163,9 @@ def test_snr_weight_floor_gives_clamped_x0_weights():
 def test_vlb_weights_eps_match_compvis_and_x0_v_are_consistent():
     model = tiny(original_elbo_weight=1.0)
     b = model.betas.double()
-    ac = model.alphas_cumprod.double()
-    var = model.posterior_variance.double()
+    ac = torch.cumprod(1 - b, 0)
+    ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+    var = b * (1 - ac_prev) / (1 - ac)  # beta_tilde (DDPM Eq. 7), v_posterior = 0
     w_eps = b**2 / (2 * var * (1 - b) * (1 - ac))
     w_eps[0] = w_eps[1]
     torch.testing.assert_close(model.lvlb_weights.double(), w_eps, rtol=1e-5, atol=0)
@@ -560,7 +588,14 @@ def test_compvis_conversion_helpers_round_trip():
     )
     torch.testing.assert_close(model.predict_eps_from_z_and_v(x_t, t, v), eps, atol=1e-5, rtol=1e-5)
     mean, var, logvar = model.q_posterior(x0, x_t, t)
-    c1 = model.posterior_mean_coef1[t].view(-1, 1, 1, 1)
-    c2 = model.posterior_mean_coef2[t].view(-1, 1, 1, 1)
-    torch.testing.assert_close(mean, c1 * x0 + c2 * x_t, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(var.flatten(), model.posterior_variance[t], rtol=1e-5, atol=1e-8)
+    # DDPM Eq. 7 from the betas alone: mu = b sqrt(a_prev) / (1 - a) x0 + (1 - a_prev) sqrt(alpha)
+    # / (1 - a) x_t; CompVis v_posterior mixes beta_tilde with beta: (1 - v) beta_tilde + v beta
+    b = model.betas.double()
+    a = torch.cumprod(1 - b, 0)
+    a_prev = torch.cat([torch.ones(1, dtype=torch.float64), a[:-1]])
+    c1 = (b * a_prev.sqrt() / (1 - a))[t].view(-1, 1, 1, 1)
+    c2 = ((1 - a_prev) * (1 - b).sqrt() / (1 - a))[t].view(-1, 1, 1, 1)
+    expect_var = (0.9 * b * (1 - a_prev) / (1 - a) + 0.1 * b)[t]
+    torch.testing.assert_close(mean.double(), c1 * x0 + c2 * x_t, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(var.flatten().double(), expect_var, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(logvar.flatten().double(), expect_var.log(), rtol=1e-5, atol=1e-6)

@@ -3,6 +3,7 @@ adaptive weight, and construction from the CompVis target paths."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -112,6 +113,53 @@ def test_lpips_vgg_slices_follow_torchvision_indices(tmp_path, monkeypatch) -> N
     torch.testing.assert_close(lp.lin4.model[1].weight, heads["lin4.model.1.weight"])
 
 
+def test_lpips_value_is_eq1_on_torchvision_vgg16_features(tmp_path, monkeypatch) -> None:
+    """Zhang et al. 2018, Eq. 1 written out on torchvision's own VGG16: unit-normalise relu1_2,
+    relu2_2, relu3_3, relu4_3, relu5_3 (indices 3, 8, 15, 22, 29) of both images after the LPIPS
+    input scaling, square the difference, weight channels by w_l, average space, sum layers."""
+    from torchvision.models.vgg import cfgs, make_layers
+
+    vgg_file = _fake_vgg_file(tmp_path / "vgg16.pth")
+    g = torch.Generator().manual_seed(5)
+    heads = {
+        f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g)
+        for i, c in enumerate((64, 128, 256, 512, 512))
+    }
+    torch.save(heads, tmp_path / "heads.pth")
+    monkeypatch.setenv("LDM_VGG16_WEIGHTS", str(vgg_file))
+    monkeypatch.setenv("LDM_LPIPS_WEIGHTS", str(tmp_path / "heads.pth"))
+    ours = LPIPS().eval()
+
+    features = make_layers(cfgs["D"])  # torchvision's vgg16 trunk
+    features.load_state_dict(
+        {k.removeprefix("features."): v for k, v in torch.load(vgg_file).items()}
+    )
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+
+    def taps(x: torch.Tensor) -> list[torch.Tensor]:
+        out, h = [], (x - shift) / scale
+        for i, layer in enumerate(features[:30]):  # the last max-pool is not used
+            h = layer(h)
+            if i in (3, 8, 15, 22, 29):
+                out.append(h)
+        return out
+
+    x = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
+    y = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
+    with torch.no_grad():
+        expect = torch.zeros(2)
+        for i, (a, b) in enumerate(zip(taps(x), taps(y))):
+            a = a / (a.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            b = b / (b.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            w = heads[f"lin{i}.model.1.weight"].view(1, -1, 1, 1)
+            expect += (w * (a - b).pow(2)).sum(1).mean(dim=(1, 2))
+        got = ours(x, y)
+    assert got.shape == (2, 1, 1, 1)
+    torch.testing.assert_close(got.flatten(), expect, rtol=1e-5, atol=1e-6)
+    assert torch.count_nonzero(ours(x, x)) == 0  # d(x, x) = 0
+
+
 def test_perceptual_weight_zero_needs_no_files(no_lpips_files) -> None:
     loss = LPIPSWithDiscriminator(disc_start=0, perceptual_weight=0.0)
     assert loss.perceptual_loss is None
@@ -166,12 +214,44 @@ def test_adaptive_weight_is_finite_positive_and_the_gradient_ratio() -> None:
 def test_gan_losses() -> None:
     real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.0])
     torch.testing.assert_close(hinge_d_loss(real, fake), torch.tensor(0.5 * (0.25 + 0.5)))
-    sp = torch.nn.functional.softplus
-    torch.testing.assert_close(
-        vanilla_d_loss(real, fake), 0.5 * (sp(-real).mean() + sp(fake).mean())
-    )
+    # softplus(u) = log(1 + e^u), by hand: 1/2 (mean softplus(-real) + mean softplus(fake))
+    sp_real = (math.log1p(math.exp(-2.0)) + math.log1p(math.exp(-0.5))) / 2
+    sp_fake = (math.log1p(math.exp(-2.0)) + math.log(2.0)) / 2
+    torch.testing.assert_close(vanilla_d_loss(real, fake), torch.tensor(0.5 * (sp_real + sp_fake)))
     loss = LPIPSWithDiscriminator(disc_start=0, perceptual_weight=0.0, disc_loss="vanilla")
     assert loss.disc_loss is vanilla_d_loss
+
+
+@pytest.mark.parametrize("kind", ["kl", "vq"])
+def test_generator_loss_with_the_discriminator_on(kind: str) -> None:
+    """VQGAN Eq. 7 / the KL loss: total = rec + lambda * (-E[D(x_rec)]) (+ kl_w * KL | + w * q);
+    the discriminator step: hinge 1/2 (E[relu(1 - D(x))] + E[relu(1 + D(x_rec))])."""
+    x, xrec, post, w = _kl_inputs()
+    if kind == "kl":
+        loss = LPIPSWithDiscriminator(disc_start=0, perceptual_weight=0.0, kl_weight=1e-3)
+        total, log = loss(x, xrec, post, 0, global_step=5, last_layer=w)
+        nll = (xrec - x).abs().sum() / 2  # logvar = 0: sum over pixels / batch
+        rest = 1e-3 * post.kl().sum() / 2
+    else:
+        loss = VQLPIPSWithDiscriminator(disc_start=0, perceptual_weight=0.0, codebook_weight=2.0)
+        q = torch.tensor(0.3)
+        total, log = loss(q, x, xrec, 0, global_step=5, last_layer=w)
+        nll = (xrec - x).abs().mean()
+        rest = 2.0 * q
+    with torch.no_grad():
+        d_fake = loss.discriminator(xrec)
+        d_real = loss.discriminator(x)
+    g = -d_fake.mean()
+    torch.testing.assert_close(log["train/g_loss"], g)
+    lam = log["train/d_weight"]
+    assert lam > 0
+    torch.testing.assert_close(total, nll + rest + lam * g, rtol=1e-5, atol=1e-6)
+    if kind == "kl":
+        d_loss, _ = loss(x, xrec, post, 1, global_step=5)
+    else:
+        d_loss, _ = loss(q, x, xrec, 1, global_step=5)
+    expect = 0.5 * ((1 - d_real).clamp_min(0).mean() + (1 + d_fake).clamp_min(0).mean())
+    torch.testing.assert_close(d_loss, expect)
 
 
 def test_vq_loss_terms() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from ldm.modules.quantize import VectorQuantizer, codebook_perplexity, codebook_usage
@@ -36,6 +37,30 @@ def test_non_legacy_loss_order_puts_beta_on_commitment() -> None:
     assert vq.embedding.weight.grad is not None and vq.embedding.weight.grad.abs().sum() > 0
     diff = (zq.detach() - z.detach()).pow(2).mean()
     torch.testing.assert_close(loss, 1.25 * diff)
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_loss_gradients_put_beta_on_the_right_term(legacy: bool) -> None:
+    """VQ-VAE (van den Oord et al. 2017, Eq. 3): codebook term ||sg(z) - e||^2 moves only the
+    codes, commitment term ||z - sg(e)||^2 only the encoder output. taming's legacy order weighs
+    them (beta, 1), the paper's order (1, beta); the loss value is the same, the gradients not."""
+    beta = 0.25
+    w_codebook, w_commit = (beta, 1.0) if legacy else (1.0, beta)
+    torch.manual_seed(0)
+    vq = VectorQuantizer(8, 2, beta=beta, legacy=legacy)
+    z = torch.randn(1, 2, 3, 3, requires_grad=True)
+    _, loss, (_, _, ind) = vq(z)
+    loss.backward()
+    flat = z.detach().permute(0, 2, 3, 1).reshape(-1, 2)  # [9, 2]
+    codes = vq.embedding.weight.detach()
+    n = flat.numel()
+    # d/dz of w_commit * mean((z - e)^2) = w_commit * 2 (z - e) / n
+    grad_z = w_commit * 2 * (flat - codes[ind]) / n
+    torch.testing.assert_close(z.grad.permute(0, 2, 3, 1).reshape(-1, 2), grad_z)
+    # d/de_k of w_codebook * mean((e - z)^2) = w_codebook * sum_{i -> k} 2 (e_k - z_i) / n
+    grad_e = torch.zeros_like(codes)
+    grad_e.index_add_(0, ind, w_codebook * 2 * (codes[ind] - flat) / n)
+    torch.testing.assert_close(vq.embedding.weight.grad, grad_e)
 
 
 def test_perplexity_and_usage() -> None:

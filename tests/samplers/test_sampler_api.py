@@ -201,13 +201,12 @@ def test_sigma_solvers_pass_fractional_t_from_log_sigma():
     assert all(v == round(v) for v in seen)
 
 
-diffusers = pytest.importorskip("diffusers")
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 
 @pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
 @pytest.mark.parametrize("steps", [7, 20, 50])
-def test_timestep_spacings_match_diffusers(spacing, steps):
+def test_timestep_spacings_match_diffusers(spacing, steps, diffusers):
     e = diffusers.EulerDiscreteScheduler(**SD, timestep_spacing=spacing, steps_offset=1)
     e.set_timesteps(steps)
     np.testing.assert_allclose(
@@ -224,7 +223,7 @@ def test_timestep_spacings_match_diffusers(spacing, steps):
         assert vp_timesteps(steps, 1000, spacing, 1) == s.timesteps.tolist()
 
 
-def test_karras_and_linspace_sigmas_match_diffusers():
+def test_karras_and_linspace_sigmas_match_diffusers(diffusers):
     for karras in (False, True):
         e = diffusers.EulerDiscreteScheduler(**SD, use_karras_sigmas=karras)
         e.set_timesteps(15)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -78,3 +80,71 @@ def test_guided_sampling_end_to_end():
         alphas_cumprod=ac,
     )
     assert torch.isfinite(g5).all() and (g5 - plain).abs().max() > 1e-2
+
+
+def test_cat_cond_none_only_with_none() -> None:
+    from ldm.samplers.guidance import cat_cond
+
+    t = torch.ones(1, 2)
+    assert cat_cond(None, None) is None
+    for a, b in ((None, t), (t, None)):
+        with pytest.raises(TypeError):
+            cat_cond(a, b)
+
+
+def test_guidance_rescale_by_hand() -> None:
+    """Lin et al. 2023 eq. 15-16: x_rescaled = phi * x_cfg * std(x_c) / std(x_cfg) + (1 - phi) x_cfg,
+    here with std(x_cfg) < 1 (std over all but the batch dimension, unbiased)."""
+    guided = torch.tensor([[0.1, -0.2, 0.3, 0.0]])
+    cond = torch.tensor([[0.05, 0.0, -0.05, 0.1]])
+    std = lambda v: math.sqrt(sum((x - sum(v) / 4) ** 2 for x in v) / 3)  # noqa: E731
+    ratio = std(cond[0].tolist()) / std(guided[0].tolist())
+    expect = 0.7 * guided * ratio + 0.3 * guided
+    torch.testing.assert_close(rescale_guidance(guided, cond, 0.7), expect)
+
+
+def test_guiders_pass_scale_rescale_and_batching() -> None:
+    from ldm.samplers.guiders import ClassifierFreeGuidance, NoGuidance, guider_for
+
+    calls: list[int] = []
+
+    def net(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        calls.append(len(x))
+        return x * c
+
+    x = torch.tensor([[1.0, 2.0, 3.0, 5.0]])
+    t = torch.zeros(1)
+    c, u = torch.tensor([[2.0]]), torch.tensor([[0.5]])
+    out_c, out_u = x * 2.0, x * 0.5
+    cfg = out_u + 3.0 * (out_c - out_u)
+    d = [1, 2, 3, 5]
+    m = sum(d) / 4
+    sd = math.sqrt(sum((v - m) ** 2 for v in d) / 3)
+    ratio = (2.0 * sd) / (5.0 * sd)  # std(x_c) / std(x_cfg): x_c = 2 x, x_cfg = 5 x
+    expect = 0.5 * cfg * ratio + 0.5 * cfg
+    g = ClassifierFreeGuidance(3.0, rescale=0.5, batched=False)
+    torch.testing.assert_close(g.model_fn(net, c, u)(x, t), expect)
+    assert calls == [1, 1]  # two single passes, not one batched pass
+    calls.clear()
+    torch.testing.assert_close(ClassifierFreeGuidance(3.0).model_fn(net, c, u)(x, t), cfg)
+    assert calls == [2]
+    assert isinstance(guider_for(1.0), NoGuidance)
+    for scale, rescale in ((2.0, 0.0), (1.0, 0.5), (3.0, 0.7)):
+        g = guider_for(scale, rescale)
+        assert isinstance(g, ClassifierFreeGuidance)
+        assert (g.scale, g.rescale) == (scale, rescale)
+
+
+def test_no_and_multi_guidance_pass_the_timestep() -> None:
+    from ldm.samplers.guiders import MultiGuidance, NoGuidance
+
+    def net(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return x * c + t.view(-1, 1)
+
+    x, t = torch.tensor([[1.0, 2.0]]), torch.tensor([0.25])
+    c, u = torch.tensor([[2.0]]), torch.tensor([[0.5]])
+    torch.testing.assert_close(NoGuidance().model_fn(net, c)(x, t), x * 2 + 0.25)
+    out_u, out_c = x * 0.5 + 0.25, x * 2 + 0.25
+    torch.testing.assert_close(
+        MultiGuidance([3.0]).model_fn(net, c, u)(x, t), out_u + 3.0 * (out_c - out_u)
+    )
