@@ -1,18 +1,25 @@
 """Benchmark: our UNetModel vs diffusers' UNet2DConditionModel at the SD v1 (or v2) size on CPU.
 
 Same weights (ours converted with diffusers' own single-file converters), same input, same thread
-count, one process. Times forward (no grad) and forward+backward, and reports the per-phase peak
-resident-memory increase (sampled from /proc) plus the process peak (getrusage).
+count, one process, fp32 and bf16 (weights cast), forward (no grad) and forward+backward, repeats
+interleaved (AB BA ...). Prints wall time and process CPU time (the better measure on a shared
+machine) with the ratios ours/diffusers, the per-phase peak resident-memory increase (sampled from
+/proc) and the process peak (getrusage). `--channels-last` adds ours with channels-last
+activations; `--compile` adds torch.compile(ours) (and of diffusers, `--compile-diffusers`), with
+the compilation (warm-up) time reported separately.
 
-    python benchmarks/bench_unet.py --latent 32 --repeats 3
+    python benchmarks/bench_unet.py                       # SD v1, batch 2, 64x64 latents
+    python benchmarks/bench_unet.py --latent 32 --repeats 3 --dtypes bf16
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import gc
 import logging
 import os
+import platform
 import resource
 import statistics
 import sys
@@ -115,19 +122,46 @@ def _bench(cases: dict[str, Callable[[], None]], repeats: int, warmup: int) -> d
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in cases}
+    cpu: dict[str, list[float]] = {name: [] for name in cases}
     for r in range(repeats):
         order = list(cases.items()) if r % 2 == 0 else list(cases.items())[::-1]
         for name, fn in order:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
+            cpu[name].append(time.process_time() - c0)
             times[name].append(time.perf_counter() - t0)
     result = {}
     for name, fn in cases.items():
         with PeakRSS() as mem:
             fn()
         ts = times[name]
-        result[name] = {"s": statistics.median(ts), "min": min(ts), "mem": mem.peak_delta}
+        result[name] = {
+            "s": statistics.median(ts),
+            "min": min(ts),
+            "cpu": statistics.median(cpu[name]),
+            "mem": mem.peak_delta,
+        }
     return result
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else platform.processor()."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine_line(threads: int) -> str:
+    """One line naming the machine, for the benchmark tables."""
+    return (
+        f"{cpu_model()}, {threads} threads (of {os.cpu_count()} CPUs), torch {torch.__version__}, "
+        f"{datetime.date.today().isoformat()}"
+    )
 
 
 def _to_diffusers(unet: UNetModel, params: dict):
@@ -161,82 +195,150 @@ def _reexec_with_fixed_mmap_threshold() -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
-def main() -> None:
-    _reexec_with_fixed_mmap_threshold()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="v1", help="SD U-Net size")
-    parser.add_argument("--latent", type=int, default=64, help="latent side (64 = SD v1 512px)")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--backend", default=None, help="our attention backend (default sdpa)")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    params = CONFIGS[args.config]
-
+def build_ours(params: dict, backend: str | None, seed: int = 0) -> UNetModel:
+    """Our U-Net at `params` with N(0, 0.02) random weights (built on meta, then filled)."""
     with torch.device("meta"):
-        ours = UNetModel(**params, attn_backend=args.backend)
+        ours = UNetModel(**params, attn_backend=backend)
     ours = ours.to_empty(device="cpu")
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in ours.parameters():
             p.normal_(0.0, 0.02, generator=gen)
-    x = torch.randn(args.batch, 4, args.latent, args.latent)
+    return ours
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _report(phase: str, res: dict[str, dict], reference: str = "diffusers") -> None:
+    ref_r = res[reference]
+    for name, r in res.items():
+        if name == reference:
+            continue
+        logger.info(
+            "  %-17s %-22s %.3f s (cpu %.3f, +%.0f MiB) vs %s %.3f s (cpu %.3f, +%.0f MiB): "
+            "ratio wall %.3f  cpu %.3f  memory %.2f",
+            phase,
+            name,
+            r["s"],
+            r["cpu"],
+            r["mem"] / 2**20,
+            reference,
+            ref_r["s"],
+            ref_r["cpu"],
+            ref_r["mem"] / 2**20,
+            r["s"] / ref_r["s"],
+            r["cpu"] / ref_r["cpu"],
+            r["mem"] / max(ref_r["mem"], 1),
+        )
+
+
+def run_dtype(args: argparse.Namespace, params: dict, dtype_name: str) -> None:
+    """All phases and cases for one dtype; models are rebuilt per dtype (weights cast in place)."""
+    dtype = DTYPES[dtype_name]
+    torch.manual_seed(0)
+    ours = build_ours(params, args.backend).to(dtype)
+    ref = _to_diffusers(ours, params)  # assign=True: diffusers shares our weight storage
+    x = torch.randn(args.batch, 4, args.latent, args.latent).to(dtype)
     t = torch.full((args.batch,), 501.0)
-    ctx = torch.randn(args.batch, 77, params["context_dim"])
+    ctx = torch.randn(args.batch, 77, params["context_dim"]).to(dtype)
     logger.info(
-        "SD %s U-Net, %.1f M params, batch %d, latent %dx%d, fp32, %d threads, torch %s",
+        "== %s: SD %s U-Net, %.1f M params, batch %d, latent %dx%d",
+        dtype_name,
         args.config,
         sum(p.numel() for p in ours.parameters()) / 1e6,
         args.batch,
         args.latent,
         args.latent,
-        args.threads,
-        torch.__version__,
     )
-
-    ref = _to_diffusers(
-        ours, params
-    )  # assign=True: diffusers shares our weight storage (no 2nd copy)
     with torch.no_grad():
-        diff = (ours(x, t, context=ctx) - ref(x, t, encoder_hidden_states=ctx).sample).abs().max()
-    logger.info("max |ours - diffusers| = %.3g", diff.item())
-
-    def call_ours() -> torch.Tensor:
-        return ours(x, t, context=ctx)
-
-    def call_ref() -> torch.Tensor:
-        return ref(x, t, encoder_hidden_states=ctx).sample
-
-    results = {}
-    for phase, wrap in (
-        ("forward", lambda c, m: _fwd(c)),
-        ("forward+backward", lambda c, m: _fwd_bwd(c, list(m.parameters()))),
-    ):
-        res = _bench(
-            {"ours": wrap(call_ours, ours), "diffusers": wrap(call_ref, ref)},
-            args.repeats,
-            args.warmup,
-        )
-        results[phase] = res
-        ours_r, ref_r = res["ours"], res["diffusers"]
+        a = ours(x, t, context=ctx).float()
+        b = ref(x, t, encoder_hidden_states=ctx).sample.float()
         logger.info(
-            "%-17s ours %.3f s (min %.3f, +%.0f MiB)  diffusers %.3f s (min %.3f, +%.0f MiB)  "
-            "time ratio %.3f (of minima %.3f)  memory ratio %.2f",
-            phase,
-            ours_r["s"],
-            ours_r["min"],
-            ours_r["mem"] / 2**20,
-            ref_r["s"],
-            ref_r["min"],
-            ref_r["mem"] / 2**20,
-            ours_r["s"] / ref_r["s"],
-            ours_r["min"] / ref_r["min"],
-            ours_r["mem"] / max(ref_r["mem"], 1),
+            "  max |ours - diffusers| = %.3g (relative to max |diffusers| %.3g: %.3g)",
+            (a - b).abs().max().item(),
+            b.abs().max().item(),
+            ((a - b).abs().max() / b.abs().max()).item(),
         )
+
+    def call(model: torch.nn.Module, channels_last: bool = False) -> Callable[[], torch.Tensor]:
+        if isinstance(model, UNetModel):
+
+            def run() -> torch.Tensor:
+                model.channels_last = channels_last
+                return model(x, t, context=ctx)
+
+            return run
+        return lambda: model(x, t, encoder_hidden_states=ctx).sample
+
+    cases = {"ours": (call(ours), ours), "diffusers": (call(ref), ref)}
+    if args.channels_last:
+        cases["ours channels-last"] = (call(ours, channels_last=True), ours)
+    phases = {
+        "forward": lambda c, m: _fwd(c),
+        "forward+backward": lambda c, m: _fwd_bwd(c, list(m.parameters())),
+    }
+    for phase in args.phases.split(","):
+        wrap = phases[phase]
+        res = _bench({n: wrap(c, m) for n, (c, m) in cases.items()}, args.repeats, args.warmup)
+        _report(phase, res)
+    if args.compile:  # compiled wrappers; the eager modules stay callable for the reference
+        models = {"ours compiled": (torch.compile(ours), ours)}
+        if args.compile_diffusers:
+            models["diffusers compiled"] = (torch.compile(ref), ref)
+        for phase in args.phases.split(","):
+            fns = {}
+            for name, (compiled, model) in models.items():
+                if isinstance(model, UNetModel):
+                    model.channels_last = False
+
+                    def run(c=compiled) -> torch.Tensor:
+                        return c(x, t, context=ctx)
+                else:
+
+                    def run(c=compiled) -> torch.Tensor:
+                        return c(x, t, encoder_hidden_states=ctx).sample
+
+                fns[name] = phases[phase](run, model)
+                t0 = time.perf_counter()
+                fns[name]()  # compiles (warm-up, reported separately)
+                logger.info(
+                    "  %-17s %-22s warm-up (compilation) %.1f s",
+                    phase,
+                    name,
+                    time.perf_counter() - t0,
+                )
+            fns["diffusers"] = phases[phase](call(ref), ref)
+            _report(phase, _bench(fns, args.repeats, args.warmup))
+    del ours, ref
+    gc.collect()
+
+
+def main() -> None:
+    _reexec_with_fixed_mmap_threshold()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="v1", help="SD U-Net size")
+    parser.add_argument("--latent", type=int, default=64, help="latent side (64 = SD v1 512px)")
+    parser.add_argument("--batch", type=int, default=2, help="2 = one prompt with guidance")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16")
+    parser.add_argument("--phases", default="forward,forward+backward")
+    parser.add_argument("--backend", default=None, help="our attention backend (default sdpa)")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="also time ours with channels_last=True"
+    )
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile(ours)")
+    parser.add_argument(
+        "--compile-diffusers", action="store_true", help="with --compile: compile diffusers too"
+    )
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(args.threads)
+    logger.info("machine: %s", machine_line(args.threads))
+    for dtype_name in args.dtypes.split(","):
+        run_dtype(args, CONFIGS[args.config], dtype_name)
     logger.info("(ratios are ours/diffusers: < 1 means ours is faster / uses less memory)")
     logger.info(
         "process peak RSS (getrusage): %.0f MiB",

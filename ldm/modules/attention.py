@@ -226,16 +226,28 @@ class SpatialTransformer(nn.Module):
         b, c, h, w = x.shape
         x_in = x
         x = self.norm(x)
-        if not self.use_linear:
-            x = self.proj_in(x)
-        x = x.permute(0, 2, 3, 1).reshape(b, h * w, -1)  # [B, C, H, W] -> [B, HW, C]
-        if self.use_linear:
-            x = self.proj_in(x)
+        # [B, C, H, W] -> [B, HW, C]: a view when x is channels-last (the U-Net's layout); the
+        # 1x1 proj_in / proj_out convolutions run as matmuls on the token layout (same weights)
+        x = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        x = self.proj_in(x) if self.use_linear else _conv1x1_as_linear(self.proj_in, x, h, w)
         for block, ctx in zip(self.transformer_blocks, contexts):
             x = block(x, context=ctx)
-        if self.use_linear:
-            x = self.proj_out(x)
-        x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2)  # [B, HW, C] -> [B, C, H, W]
-        if not self.use_linear:
-            x = self.proj_out(x.contiguous())
-        return x_in + x  # x_in first: the sum keeps its contiguous NCHW layout
+        x = self.proj_out(x) if self.use_linear else _conv1x1_as_linear(self.proj_out, x, h, w)
+        x = x.reshape(b, h, w, c).permute(0, 3, 1, 2)  # [B, HW, C] -> [B, C, H, W] (channels-last)
+        if (
+            x.dtype != x_in.dtype
+            or not x_in.is_contiguous(memory_format=torch.channels_last)
+            or (torch.is_grad_enabled() and (x.requires_grad or x_in.requires_grad))
+        ):
+            return x_in + x  # x_in first: the sum takes x_in's layout
+        return x.add_(x_in)  # channels-last, no autograd graph: reuse the projection's buffer
+
+
+def _conv1x1_as_linear(conv: nn.Module, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """A 1x1 Conv2d applied to tokens [B, HW, C_in] -> [B, HW, C_out] (weight [C_out, C_in, 1, 1]);
+    a wrapped conv (e.g. a PEFT LoRA layer) runs its own forward on the channels-last image."""
+    if type(conv) is nn.Conv2d:
+        return F.linear(x, conv.weight.flatten(1), conv.bias)
+    b, _, c = x.shape
+    y = conv(x.reshape(b, h, w, c).permute(0, 3, 1, 2))
+    return y.permute(0, 2, 3, 1).reshape(b, h * w, -1)

@@ -101,6 +101,7 @@ class UNetModel(nn.Module):
         attn_backend: str | None = None,
         position_embedding: bool | str = False,
         pooled_context: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         channel_mult = _as_list(channel_mult)
@@ -195,6 +196,12 @@ class UNetModel(nn.Module):
         self.num_heads_upsample = num_heads_upsample
         self.predict_codebook_ids = n_embed is not None
         self.attn_backend = attn_backend
+        # ours, off by default: run the 2-D torso on channels-last activations (NHWC strides; the
+        # weights and the state dict keep their layout). The SpatialTransformer's [B, C, H, W] <->
+        # [B, HW, C] rearranges are then copy-free and oneDNN convolutions skip their activation
+        # reorders, but each convolution converts its weight (a copy that costs more than it saves
+        # at low resolution; see benchmarks/README.md). The output is NCHW again.
+        self.channels_last = bool(channels_last) and dims == 2
 
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(
@@ -427,6 +434,8 @@ class UNetModel(nn.Module):
 
         dtype = self._torso_dtype(x.device.type)
         h = x.to(dtype)
+        if self.channels_last:
+            h = h.contiguous(memory_format=torch.channels_last)
         if not autocast:
             emb = emb.to(dtype)
             if isinstance(context, torch.Tensor):
@@ -445,4 +454,4 @@ class UNetModel(nn.Module):
             h = module(h, emb, context)
         head = self.id_predictor if self.predict_codebook_ids else self.out
         h = h.to(x.dtype if autocast else head[0].weight.dtype)
-        return head(h)
+        return head(h).contiguous()

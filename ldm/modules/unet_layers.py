@@ -40,15 +40,29 @@ def zero_module(module: nn.Module) -> nn.Module:
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in fp32 for half-precision inputs (guided-diffusion `GroupNorm32`)."""
+    """GroupNorm computed in fp32 for half-precision inputs (guided-diffusion `GroupNorm32`).
+
+    On CPU, bf16 goes through the native kernel, which already accumulates the statistics and
+    normalizes in fp32 (opmath) and rounds once; the explicit upcast would only add two copies.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         if x.dtype in (torch.float16, torch.bfloat16):
             weight = None if self.weight is None else self.weight.float()
             bias = None if self.bias is None else self.bias.float()
             out = F.group_norm(x.float(), self.num_groups, weight, bias, self.eps)
             return out.to(x.dtype)
         return super().forward(x)
+
+
+def norm_silu(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """SiLU(norm(x)); in place when no gradient is recorded (saves one activation-sized buffer)."""
+    h = norm(x)
+    if torch.is_grad_enabled() and h.requires_grad:
+        return F.silu(h)
+    return F.silu(h, inplace=True)
 
 
 def normalization(channels: int) -> nn.Module:
@@ -197,19 +211,24 @@ class ResBlock(TimestepBlock):
         return checkpoint(self._forward, x, emb, enabled=self.use_checkpoint)
 
     def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        in_norm, in_conv = self.in_layers[0], self.in_layers[-1]
         if self.updown:
-            in_rest, in_conv = self.in_layers[:-1], self.in_layers[-1]
-            h = self.h_upd(in_rest(x))
+            h = self.h_upd(norm_silu(in_norm, x))
             x = self.x_upd(x)
             h = in_conv(h)
         else:
-            h = self.in_layers(x)
+            h = in_conv(norm_silu(in_norm, x))
         emb_out = self.emb_layers(emb).type(h.dtype)
         emb_out = emb_out.reshape(*emb_out.shape, *([1] * (h.ndim - 2)))  # [B, C] -> [B, C, 1, ...]
+        out_norm, out_rest = self.out_layers[0], self.out_layers[2:]  # [1] is the SiLU
         if self.use_scale_shift_norm:
-            out_norm, out_rest = self.out_layers[0], self.out_layers[1:]
             scale, shift = emb_out.chunk(2, dim=1)
-            h = out_rest(torch.addcmul(shift, out_norm(h), 1 + scale))
+            h = out_rest(F.silu(torch.addcmul(shift, out_norm(h), 1 + scale)))
         else:
-            h = self.out_layers(h + emb_out)
-        return self.skip_connection(x) + h
+            h = out_rest(norm_silu(out_norm, h + emb_out))
+        skip = self.skip_connection(x)
+        if h.dtype != skip.dtype or (
+            torch.is_grad_enabled() and (h.requires_grad or skip.requires_grad)
+        ):
+            return skip + h
+        return h.add_(skip)  # no autograd graph: reuse h's buffer
