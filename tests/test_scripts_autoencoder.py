@@ -149,3 +149,85 @@ def test_eval_autoencoder_reports_scikit_image_psnr_ssim(tmp_path):
     assert result["psnr_db"] == pytest.approx(p, abs=2e-3)
     assert result["ssim"] == pytest.approx(s, abs=2e-4)
     # (a script that ignored --ckpt would score a differently seeded init and miss these values)
+
+
+def inference_build(config: Path, weights: str | None = None) -> torch.nn.Module:
+    """The config's AutoencoderKL without its training loss (what export_first_stage reloads)."""
+    cfg = OmegaConf.load(config)
+    cfg.model.params.lossconfig = {"target": "torch.nn.Identity"}
+    if weights is not None:
+        cfg.model.params.ckpt_path = weights
+    return instantiate_from_config(cfg.model).eval()
+
+
+def test_export_first_stage_keeps_exactly_the_inference_weights(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from ldm.data.judge import score
+    from ldm.data.shapes import CaptionedShapes
+
+    config = tiny_config(tmp_path)
+    ckpt, model = random_ckpt(tmp_path, config)
+    out = tmp_path / "first-stage.safetensors"
+    n = 2
+    fp32 = False  # the default fp16 export: the case where rounding must be the only change
+    args = ["--ckpt", str(ckpt), "--config", str(config), "--out", str(out), "-n", str(n)]
+    r = run("export_first_stage.py", *args, *(["--fp32"] if fp32 else []))
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout[r.stdout.index("{") :])
+
+    # exactly the keys the inference model has (none missing, no loss/discriminator keys) ...
+    exported = load_file(str(out))
+    expected_keys = set(inference_build(config).state_dict())
+    assert set(exported) == expected_keys
+    full = model.state_dict()
+    assert any(k.startswith("loss.") for k in full)  # the source did carry training-only keys
+    assert expected_keys == {k for k in full if k.startswith(KEEP)}
+    # ... holding the source tensors, cast to the chosen dtype
+    dtype = torch.float32 if fp32 else torch.float16
+    for k, v in exported.items():
+        assert v.dtype == dtype, k
+        assert torch.equal(v, full[k].to(dtype)), k
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["source"] == ckpt.name
+
+    # our loader reads it back to the same decoder: decode equals the source model's, with the
+    # source weights rounded to the exported dtype
+    reloaded = inference_build(config, str(out))
+    rounded = inference_build(config)
+    rounded.load_state_dict({k: v.to(dtype).float() for k, v in full.items() if k.startswith(KEEP)})
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(reloaded.decode(z), rounded.decode(z))
+        if not fp32:  # fp16 rounding changed the weights, so the decode differs from fp32 a bit
+            assert not torch.equal(reloaded.decode(z), model.decode(z))
+
+    # the reported numbers are PSNR (scikit-image) and the judge on the reloaded model's
+    # reconstructions of the first n items of each split
+    for split in ("validation", "heldout"):
+        ds = CaptionedShapes(split=split, length=n)
+        items = [ds[j] for j in range(n)]
+        x = torch.stack([torch.from_numpy(it["image"]) for it in items]).permute(0, 3, 1, 2)
+        with torch.no_grad():
+            xrec = rounded.reconstruct(x)[0].clamp(-1, 1)
+        p, _ = skimage_scores(x, xrec)
+        assert report[split]["psnr_db"] == pytest.approx(p, abs=6e-3)
+        judged = score(xrec, [it["caption"] for it in items])
+        for k, v in judged.items():
+            assert report[split][k] == pytest.approx(v), (split, k)
+        on_inputs = score([ds.image(j) for j in range(n)], [it["caption"] for it in items])
+        assert report[split]["judge_on_inputs_caption"] == on_inputs["caption"]
+
+
+def test_export_first_stage_missing_checkpoint_is_named_with_exit_2(tmp_path):
+    config = tiny_config(tmp_path)
+    missing = tmp_path / "no-such-run" / "last.ckpt"
+    out = tmp_path / "x.safetensors"
+    r = run(
+        "export_first_stage.py", "--ckpt", str(missing), "--config", str(config), "--out", str(out)
+    )
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert str(missing) in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists()
