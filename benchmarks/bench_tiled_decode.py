@@ -30,19 +30,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-DDCONFIG = dict(
-    double_z=True,
-    z_channels=4,
-    resolution=256,
-    in_channels=3,
-    out_ch=3,
-    ch=128,
-    ch_mult=[1, 2, 4, 4],
-    num_res_blocks=2,
-    attn_resolutions=[],
-    dropout=0.0,
-)
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_unet import SD_V1_DDCONFIG as DDCONFIG  # noqa: E402
 
 
 def _rss_mb() -> float:

@@ -23,14 +23,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_txt2img import (  # noqa: E402
-    SD_V1_DDCONFIG,
     build_model,
     diffusers_pipeline,
     interleaved,
     report,
     sd_v1_config,
+    sd_v1_sizes,
 )
-from bench_unet import SD_V1_UNET, machine_line  # noqa: E402
+from bench_unet import machine_line  # noqa: E402
 
 logger = logging.getLogger("bench_train_step_diffusers")
 
@@ -45,11 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
-    unet_params, ddconfig = dict(SD_V1_UNET), dict(SD_V1_DDCONFIG)
-    if args.tiny:
-        unet_params.update(model_channels=32, num_heads=2, channel_mult=[1, 2], context_dim=768)
-        unet_params["attention_resolutions"] = [1]
-        ddconfig.update(ch=32, ch_mult=[1, 2, 2, 2], num_res_blocks=1)
+    unet_params, ddconfig = sd_v1_sizes(args.tiny)
     logger.info("machine: %s", machine_line(args.threads))
     model = build_model(sd_v1_config(unet_params, ddconfig))
     pipe = diffusers_pipeline(model, unet_params, ddconfig)

@@ -26,25 +26,22 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_unet import SD_V1_UNET, _to_diffusers, machine_line  # noqa: E402
+from bench_unet import SD_V1_DDCONFIG, SD_V1_UNET, _to_diffusers, machine_line  # noqa: E402
 
 from ldm.modules.encoders.clip import KNOWN_CLIP_TEXT_CONFIGS  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
 logger = logging.getLogger("bench_txt2img")
 
-SD_V1_DDCONFIG = dict(  # configs v1-inference.yaml first_stage_config.params.ddconfig
-    double_z=True,
-    z_channels=4,
-    resolution=256,
-    in_channels=3,
-    out_ch=3,
-    ch=128,
-    ch_mult=[1, 2, 4, 4],
-    num_res_blocks=2,
-    attn_resolutions=[],
-    dropout=0.0,
-)
+
+def sd_v1_sizes(tiny: bool = False) -> tuple[dict, dict]:
+    """U-Net params and VAE ddconfig at SD v1 sizes, or tiny widths for a smoke test."""
+    unet_params, ddconfig = dict(SD_V1_UNET), dict(SD_V1_DDCONFIG)
+    if tiny:
+        unet_params.update(model_channels=32, num_heads=2, channel_mult=[1, 2], context_dim=768)
+        unet_params["attention_resolutions"] = [1]
+        ddconfig.update(ch=32, ch_mult=[1, 2, 2, 2], num_res_blocks=1)
+    return unet_params, ddconfig
 
 
 def sd_v1_config(unet: dict | None = None, ddconfig: dict | None = None) -> dict:
@@ -211,11 +208,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
-    unet_params, ddconfig = dict(SD_V1_UNET), dict(SD_V1_DDCONFIG)
-    if args.tiny:
-        unet_params.update(model_channels=32, num_heads=2, channel_mult=[1, 2], context_dim=768)
-        unet_params["attention_resolutions"] = [1]
-        ddconfig.update(ch=32, ch_mult=[1, 2, 2, 2], num_res_blocks=1)
+    unet_params, ddconfig = sd_v1_sizes(args.tiny)
     logger.info("machine: %s", machine_line(args.threads))
     model = build_model(sd_v1_config(unet_params, ddconfig))
     pipe = diffusers_pipeline(model, unet_params, ddconfig)

@@ -48,6 +48,19 @@ SD_V1_UNET = dict(  # configs v1-inference.yaml unet_config.params
     legacy=False,
 )
 
+SD_V1_DDCONFIG = dict(  # configs v1-inference.yaml first_stage_config.params.ddconfig
+    double_z=True,
+    z_channels=4,
+    resolution=256,
+    in_channels=3,
+    out_ch=3,
+    ch=128,
+    ch_mult=[1, 2, 4, 4],
+    num_res_blocks=2,
+    attn_resolutions=[],
+    dropout=0.0,
+)
+
 SD_V2_UNET = dict(  # configs v2-inference(-v).yaml unet_config.params (use_fp16 off: fp32 CPU run)
     image_size=32,
     in_channels=4,
