@@ -23,14 +23,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_txt2img import (  # noqa: E402
-    build_model,
-    diffusers_pipeline,
     interleaved,
     report,
-    sd_v1_config,
-    sd_v1_sizes,
+    setup_pair,
 )
-from bench_unet import machine_line  # noqa: E402
 
 logger = logging.getLogger("bench_train_step_diffusers")
 
@@ -43,12 +39,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--tiny", action="store_true", help="tiny widths (a smoke test)")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    torch.set_num_threads(args.threads)
-    unet_params, ddconfig = sd_v1_sizes(args.tiny)
-    logger.info("machine: %s", machine_line(args.threads))
-    model = build_model(sd_v1_config(unet_params, ddconfig))
-    pipe = diffusers_pipeline(model, unet_params, ddconfig)
+    model, pipe = setup_pair(args.threads, args.tiny)
     from diffusers import DDPMScheduler
 
     noise_sched = DDPMScheduler(

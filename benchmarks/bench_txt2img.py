@@ -44,6 +44,16 @@ def sd_v1_sizes(tiny: bool = False) -> tuple[dict, dict]:
     return unet_params, ddconfig
 
 
+def setup_pair(threads: int, tiny: bool) -> tuple[Any, Any]:
+    """Logging, threads, then our SD v1 model and diffusers' pipeline on the same random weights."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(threads)
+    unet_params, ddconfig = sd_v1_sizes(tiny)
+    logger.info("machine: %s", machine_line(threads))
+    model = build_model(sd_v1_config(unet_params, ddconfig))
+    return model, diffusers_pipeline(model, unet_params, ddconfig)
+
+
 def sd_v1_config(unet: dict | None = None, ddconfig: dict | None = None) -> dict:
     """A LatentDiffusion config at SD v1 sizes (text encoder: CLIP ViT-L/14, random weights)."""
     return {
@@ -206,12 +216,7 @@ def main() -> None:
     parser.add_argument("--prompt", default="a red square above a blue circle")
     parser.add_argument("--tiny", action="store_true", help="tiny widths (a smoke test)")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    torch.set_num_threads(args.threads)
-    unet_params, ddconfig = sd_v1_sizes(args.tiny)
-    logger.info("machine: %s", machine_line(args.threads))
-    model = build_model(sd_v1_config(unet_params, ddconfig))
-    pipe = diffusers_pipeline(model, unet_params, ddconfig)
+    model, pipe = setup_pair(args.threads, args.tiny)
     side = args.size
     logger.info(
         "txt2img %dx%d, %d DPM++ 2M steps, guidance %.1f, fp32, batch 1",
