@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,15 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         dest="tiled_decode",
         action="store_true",
         help="decode the VAE in strips: the same image with less memory",
+    )
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        default=None,
+        metavar="BACKEND",
+        help="run the U-Net through torch.compile (default backend inductor); the first "
+        "batch pays the compilation, its time is logged apart",
     )
     p.add_argument(
         "--attention-slice",
@@ -364,6 +374,19 @@ def _sample(mode: str, args: argparse.Namespace, name: str | None, device: torch
     sampler, steps, scale, options = resolve_sampling(model, name, args.steps, scale, options)
     precision = args.precision  # None: the model's recorded one, else autocast
     dtype = model_dtype(model, precision)
+    if args.compile:
+        from torch._dynamo import list_backends
+
+        from ldm.engine.compilation import compile_network
+
+        if args.compile not in list_backends(exclude_tags=()):
+            raise CommandError(
+                f"--compile {args.compile}: unknown torch.compile backend; "
+                f"expected one of {list_backends()} (no value: inductor)."
+            )
+
+        for net in [model] + ([refiner] if refiner is not None else []):
+            compile_network(net.model.diffusion_model, {"backend": args.compile})
     logger.info("sampling in %s on %s (the VAE decodes in fp32)", NAMES[dtype], device)
     model_hash = file_hash(args.ckpt)
     outdir = Path(args.outdir)
@@ -383,6 +406,8 @@ def _sample(mode: str, args: argparse.Namespace, name: str | None, device: torch
         "mode": mode,
         "precision": NAMES[dtype],
     }
+    if args.compile:
+        params_common["compile"] = args.compile
     if mode != "txt2img":
         params_common["strength"] = args.strength
     if refiner is not None:
@@ -395,6 +420,7 @@ def _sample(mode: str, args: argparse.Namespace, name: str | None, device: torch
             for batch in prompts(args):
                 seed = args.seed if args.fixed_code else args.seed + k
                 k += 1
+                started = time.perf_counter()
                 text = model.conditioner is not None and model.conditioner.text_key() is not None
                 common = {
                     "negative_prompt": args.negative_prompt
@@ -433,6 +459,13 @@ def _sample(mode: str, args: argparse.Namespace, name: str | None, device: torch
                         mask=getattr(args, "mask", None),
                         **micro["refiner"],
                         **common,
+                    )
+                if args.compile:
+                    logger.info(
+                        "batch %d: %.1f s%s",
+                        k,
+                        time.perf_counter() - started,
+                        " (includes compiling the U-Net)" if k == 1 else "",
                     )
                 for i, img in enumerate(x):
                     params = {
