@@ -6,7 +6,9 @@ interleaved (AB BA ...). Prints wall time and process CPU time (the better measu
 machine) with the ratios ours/diffusers, the per-phase peak resident-memory increase (sampled from
 /proc) and the process peak (getrusage). `--channels-last` adds ours with channels-last
 activations; `--compile` adds torch.compile(ours) (and of diffusers, `--compile-diffusers`), with
-the compilation (warm-up) time reported separately.
+the compilation (warm-up) time reported separately; `--freeze` compiles with inductor's freezing
+(weights folded in as constants, for inference: what the sampling commands' `--compile` does; it
+has no effect on forward+backward).
 
     python benchmarks/bench_unet.py                       # SD v1, batch 2, 64x64 latents
     python benchmarks/bench_unet.py --latent 32 --repeats 3 --dtypes bf16
@@ -346,7 +348,14 @@ def main() -> None:
     parser.add_argument(
         "--compile-diffusers", action="store_true", help="with --compile: compile diffusers too"
     )
+    parser.add_argument(
+        "--freeze", action="store_true", help="with --compile: inductor freezing (inference)"
+    )
     args = parser.parse_args()
+    if args.freeze:
+        from torch._inductor import config as inductor_config
+
+        inductor_config.freezing = True
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     logger.info("machine: %s", machine_line(args.threads))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -339,6 +340,18 @@ def _load(args: argparse.Namespace, flag: str, device: torch.device, **kwargs: A
         raise CommandError(f"{flag} {err}") from err
 
 
+def _compile_settings(backend: str | None) -> contextlib.AbstractContextManager:
+    """Inductor's freezing while sampling: the weights never change there, so the compiled graph
+    folds them in as constants (prepacked convolution and matmul weights). SD v1 U-Net forward at
+    fp32 (benchmarks/bench_unet.py --compile --freeze): 0.63x of eager diffusers' CPU time, where
+    our eager U-Net takes 0.91x. Training never freezes (its weights change)."""
+    if backend != "inductor":
+        return contextlib.nullcontext()
+    from torch._inductor import config as inductor_config
+
+    return inductor_config.patch(freezing=True)
+
+
 def _sample(mode: str, args: argparse.Namespace, name: str | None, device: torch.device) -> list:
     from ldm.checkpoint.loader import file_hash
     from ldm.engine.defaults import resolve_sampling
@@ -415,7 +428,7 @@ def _sample(mode: str, args: argparse.Namespace, name: str | None, device: torch
     params_common.update({k: v for k, v in micro["base"].items() if v is not None})
     params_common.update(describe(loras, args.embedding))
     k = 0
-    with adapters, attention_slicing(args.attention_slice):
+    with adapters, attention_slicing(args.attention_slice), _compile_settings(args.compile):
         for n in range(args.n_iter):
             for batch in prompts(args):
                 seed = args.seed if args.fixed_code else args.seed + k

@@ -72,3 +72,15 @@ def test_compile_flag_default_backend_and_unknown_backend(ckpt, tmp_path, monkey
     with pytest.raises(sample.CommandError, match=r"--compile inductr: unknown torch.compile"):
         sample.run("txt2img", [*_flags(ckpt, tmp_path / "bad"), "--compile", "inductr"])
     assert not (tmp_path / "bad").exists()
+
+
+def test_inductor_freezes_the_weights_only_while_sampling() -> None:
+    from torch._inductor import config as inductor_config
+
+    before = inductor_config.freezing
+    with sample._compile_settings("inductor"):
+        assert inductor_config.freezing is True
+    assert inductor_config.freezing == before
+    for backend in ("eager", None):
+        with sample._compile_settings(backend):
+            assert inductor_config.freezing == before
