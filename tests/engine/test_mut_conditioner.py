@@ -311,3 +311,17 @@ def test_drop_entries_keeps_the_entries_dtype() -> None:
     assert got.dtype == torch.long and got.tolist() == [7, 7, 7]
     half = drop_entries(torch.ones(2, 1, dtype=torch.float16), 1.0, 0.5)
     assert half.dtype == torch.float16 and half.tolist() == [[0.5], [0.5]]
+
+
+def test_uncond_goes_on_after_an_embedder_without_a_null() -> None:
+    text = FakeText()
+    cond = Conditioner(
+        [
+            Embedder("mask", encode=lambda m: m * 2, kind="concat"),
+            Embedder("txt", encode=text, null=""),
+        ],
+        assemble=list,
+    )
+    outs = cond.uncond({"mask": torch.tensor([[1.0]]), "txt": ["abc"]}, 1)
+    assert len(outs) == 2 and outs[0].tolist() == [[2.0]]
+    assert torch.equal(outs[1], text_value("")[None]) and text.calls == [[""]]
