@@ -113,6 +113,15 @@ def test_every_validation_and_counting_calls() -> None:
     other = LitEma(model, decay=0.5, use_num_upates=False, every=2)
     assert other.after_step(model, 0) is True
     assert other.after_step(model, 0) is False
+    # counted calls are numbered 1, 2, 3 like the trainer's steps: step 3 given after the 3rd
+    # counted call is the same step, not updated twice
+    third = LitEma(model, decay=0.5, use_num_upates=False, every=3)
+    assert [third.after_step(model) for _ in range(3)] + [third.after_step(model, 3)] == [
+        False,
+        False,
+        True,
+        False,
+    ]
     one = LitEma(model, decay=0.5, use_num_upates=False)
     assert one.after_step(model) is True and one.after_step(model, 7) is True
 
@@ -205,10 +214,10 @@ def test_ema_key_has_ema_and_strip() -> None:
 
 def test_apply_ema_replaces_model_weights(caplog: pytest.LogCaptureFixture) -> None:
     sd = {
+        "cond.x": torch.full((1,), 3.0),  # a non-model key first: the loop goes on past it
         "model.a.w": torch.zeros(2),
         "model.b": torch.zeros(1),
         "model.c": torch.zeros(1),
-        "cond.x": torch.full((1,), 3.0),
         "model_ema.aw": torch.ones(2),
         "model_ema.b": torch.full((1,), 2.0),
         "model_ema.decay": torch.tensor(0.9),
@@ -226,6 +235,13 @@ def test_apply_ema_replaces_model_weights(caplog: pytest.LogCaptureFixture) -> N
     assert apply_ema(full, strict=True)["model.b"].tolist() == [2.0]
     with pytest.raises(ValueError, match="has shape \\[3\\], but model.b has \\[1\\]"):
         apply_ema({**sd, "model_ema.b": torch.ones(3)})
+    caplog.clear()
+    many = {f"model.p{i}": torch.zeros(1) for i in range(5)}
+    with caplog.at_level(logging.WARNING, logger="ldm.checkpoint.ema"):
+        apply_ema(many)
+    assert "5 `model.*` weight(s) have no EMA copy (e.g. ['model.p0', 'model.p1', 'model.p2'])" in (
+        caplog.text
+    )
 
 
 def test_make_ema_entries() -> None:
@@ -242,3 +258,21 @@ def test_make_ema_entries() -> None:
     assert out["model_ema.num_updates"].item() == 0
     assert out["model_ema.num_updates"].dtype == torch.int32
     assert make_ema_entries({})["model_ema.decay"].item() == pytest.approx(0.9999)
+
+
+def test_decay_is_float32_whatever_the_default_dtype() -> None:
+    """SD checkpoints hold a float32 `model_ema.decay`, also when built under float64 defaults."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert LitEma(Two()).decay.dtype == torch.float32
+        assert make_ema_entries({})["model_ema.decay"].dtype == torch.float32
+    finally:
+        torch.set_default_dtype(old)
+
+
+def test_reset_num_updates_keeps_the_device() -> None:
+    with torch.device("meta"):
+        ema = LitEma(Two())
+    ema.reset_num_updates()
+    assert ema.num_updates.device.type == "meta" and ema.num_updates.dtype == torch.int32
