@@ -32,6 +32,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
         ["ldm/ema.py", "ldm/checkpoint/ema.py"],
         [
             "tests/test_ema.py",
+            "tests/test_mut_ema.py",
             "tests/test_ema_placement.py",
             "tests/checkpoint/test_ckpt_load_model.py",
         ],
@@ -68,6 +69,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
         ["ldm/engine/conditioner.py"],
         [
             "tests/engine/test_conditioner_dropout.py",
+            "tests/engine/test_mut_conditioner.py",
             "tests/models/test_diffusion_units.py",
             "tests/engine/test_engine.py",
         ],

@@ -86,7 +86,7 @@ def zero_rows(out: Any, rows: torch.Tensor) -> Any:
     """An embedder output with the batch rows where ``rows`` is True set to zero."""
     if isinstance(out, tuple | list):
         return type(out)(zero_rows(o, rows) for o in out)
-    keep = (~rows.to(out.device)).to(out.dtype).view(-1, *([1] * (out.ndim - 1)))
+    keep = ~rows.to(out.device).view(-1, *([1] * (out.ndim - 1)))  # bool: out * keep keeps dtype
     return out * keep
 
 
