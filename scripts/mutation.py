@@ -55,7 +55,11 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
             "ldm/checkpoint/keymap_unet.py",
             "ldm/checkpoint/keymap_vae.py",
         ],
-        ["tests/checkpoint/test_ckpt_keymaps.py", "tests/checkpoint/test_ckpt_diffusers.py"],
+        [
+            "tests/checkpoint/test_ckpt_keymaps.py",
+            "tests/checkpoint/test_ckpt_diffusers.py",
+            "tests/checkpoint/test_mut_keymaps.py",
+        ],
     ),
     "buckets": (
         ["ldm/data/buckets.py", "ldm/data/bucket_sampler.py"],

@@ -65,7 +65,7 @@ def num_res_blocks_diffusers(keys: list[str]) -> int:
     return max(idx) + 1
 
 
-def _unet_key_to_diffusers(key: str, n: int, text_time: bool = False) -> str:
+def _unet_key_to_diffusers(key: str, n: int, text_time: bool) -> str:
     top = _sub(key, _ADD_EMBED) if text_time else None
     if top is not None:
         return top
