@@ -67,7 +67,9 @@ def make_buckets(
         raise ValueError(
             f"no bucket of area <= {area} with sides in [{min_side}, {max_side}] (step {step})"
         )
-    return sorted(buckets, key=lambda b: (b[1] / b[0], b[0] * b[1]))
+    # no two buckets share an aspect ratio (each width has one height, the tallest that fits),
+    # so the ratio alone orders them
+    return sorted(buckets, key=lambda b: b[1] / b[0])
 
 
 def nearest_bucket(size: Size, buckets: Sequence[Size]) -> Size:

@@ -92,9 +92,9 @@ class ResumableSampler(Sampler[int]):
             order = torch.randperm(self.size, generator=gen).tolist()
         else:
             order = list(range(self.size))
-        total = self.num_samples * self.world_size
-        order += order[: total - len(order)]  # pad so every rank gets the same count
-        return order[self.rank : total : self.world_size]
+        # pad by cycling so every rank gets the same count (also with fewer items than ranks)
+        order = [order[k % self.size] for k in range(self.num_samples * self.world_size)]
+        return order[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[int]:
         order = self.indices()
