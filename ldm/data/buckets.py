@@ -21,8 +21,8 @@ from dataclasses import dataclass
 Size = tuple[int, int]  # (height, width)
 
 
-def _down(value: float, step: int) -> int:
-    return int(value // step) * step
+def _down(value: int, step: int) -> int:
+    return value // step * step
 
 
 def make_buckets(
@@ -42,7 +42,7 @@ def make_buckets(
         base = resolution
     else:
         h, w = (int(v) for v in resolution)
-        area, base = h * w, int(math.sqrt(h * w))
+        area, base = h * w, math.isqrt(h * w)
     if step < 1:
         raise ValueError(f"bucket step must be a positive number of pixels, got {step}")
     if base < step:
@@ -55,7 +55,7 @@ def make_buckets(
             f"got min_side={min_side}, max_side={max_side}"
         )
     buckets: set[Size] = set()
-    square = _down(math.sqrt(area), step)
+    square = _down(math.isqrt(area), step)
     if min_side <= square <= max_side:
         buckets.add((square, square))
     for w in range(min_side, max_side + 1, step):

@@ -54,9 +54,13 @@ def test_make_buckets_512_exact_list_in_aspect_order() -> None:
 
 @pytest.mark.parametrize("resolution", [64, 100, 256, 333, 512, (192, 320), (768, 1024)])
 @pytest.mark.parametrize("step", [8, 32, 64])
-def test_no_two_buckets_share_an_aspect_ratio(resolution: object, step: int) -> None:
+def test_no_two_buckets_share_an_aspect_ratio_and_sides_are_ints(
+    resolution: object, step: int
+) -> None:
     buckets = make_buckets(resolution, step)
     assert len({w / h for h, w in buckets}) == len(buckets)
+    # pixel counts for the resize and crop: ints, not floats equal to them
+    assert {type(v) for b in buckets for v in b} == {int}
 
 
 def test_make_buckets_256_exact() -> None:
@@ -197,6 +201,7 @@ def test_assign_bucket_upscale_and_own_size() -> None:
     # one pixel short in height (nearest bucket 384 x 640): its own size rounded down
     assert assign_bucket((383, 700), SD512, 64) == (320, 640)
     assert assign_bucket((700, 383), SD512, 64) == (640, 320)
+    assert {type(v) for v in assign_bucket((700, 383), SD512, 64)} == {int}
     assert assign_bucket((383, 700), SD512, 64, upscale=True) == (384, 640)
     # tiny: never below one step
     assert assign_bucket((50, 30), SD512, 64) == (64, 64)

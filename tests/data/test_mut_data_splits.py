@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 import ldm.data.datamodule as dmod
@@ -53,6 +54,27 @@ class _Bucketed(_Items):
     def __init__(self) -> None:
         super().__init__(6)
         self.item_buckets = ["b", "a", "b", "a", "a", "c"]
+
+
+class _BucketedNoEpochHook(Dataset):
+    """Bucketed items without a ``set_epoch``."""
+
+    item_buckets = ["a", "b", "a"]
+
+    def __len__(self) -> int:
+        return 3
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+class _BatchStream(IterableDataset):
+    """Yields its own batches; has no ``batch_size`` attribute until told one."""
+
+    yields_batches = True
+
+    def __iter__(self):
+        return iter([[0, 1]])
 
 
 class _Stream(IterableDataset):
@@ -160,6 +182,8 @@ def test_resumable_sampler_skip_once_and_epoch_hook() -> None:
     plain = ResumableSampler(4, False)
     plain.set_epoch(1)
     assert plain.epoch == 1 and list(plain) == [0, 1, 2, 3]
+    seed0 = torch.randperm(9, generator=torch.Generator().manual_seed(0)).tolist()
+    assert list(ResumableSampler(9, True)) == seed0  # default seed 0
 
 
 # --- ResumableDataLoader: the workers' base seed from (seed, epoch)
@@ -291,6 +315,11 @@ def test_iterable_dataset_loader_arguments() -> None:
     assert dm.train_dataloader().batch_size is None and stream.batch_size == 5  # kept
     dm.datasets["train"] = stream = _Stream(yields_batches=False, batch_size=5)
     assert dm.train_dataloader().batch_size == 2
+    dm.datasets["train"] = stream = _BatchStream()
+    assert dm.train_dataloader().batch_size is None and stream.batch_size == 2
+    dm = _dm(batch_size=2, num_workers=1)
+    dm.datasets["train"] = _Items(4)
+    assert dm.train_dataloader().persistent_workers is True
 
 
 def test_bucketed_dataset_loader_arguments(monkeypatch) -> None:
@@ -317,6 +346,11 @@ def test_bucketed_dataset_loader_arguments(monkeypatch) -> None:
     dm.datasets["train"] = _Bucketed()
     loader = dm.train_dataloader()
     assert loader.worker_init_fn is None and loader.persistent_workers is False
+    assert sorted(i for b in loader for i in b.tolist()) == list(range(6))  # the data set's items
+    dm = _dm(batch_size=2, num_workers=1)
+    dm.datasets["train"] = _BucketedNoEpochHook()
+    loader = dm.train_dataloader()
+    assert loader.persistent_workers is True and loader.batch_sampler.on_epoch is None
 
 
 def test_train_resume_position_reaches_the_sampler(monkeypatch) -> None:
@@ -400,3 +434,8 @@ def test_build_wrap_empty_and_prepare_once() -> None:
     empty = _dm(train={"target": "toy_model.ToyDataset", "params": {"n": 0}}, wrap=True)
     with pytest.raises(ConfigError, match="data.params.train: the train dataset is empty"):
         empty.setup()
+    # the message names where the split's config is in the user's file
+    cfg = OmegaConf.create({"mydata": {"train": {"target": "toy_model.ToyDataset"}}})
+    cfg.mydata.train.params = {"n": 0}
+    with pytest.raises(ConfigError, match="^mydata.train: the train dataset is empty"):
+        _dm(train=cfg.mydata.train).setup()
