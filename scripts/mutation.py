@@ -63,11 +63,11 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     ),
     "buckets": (
         ["ldm/data/buckets.py", "ldm/data/bucket_sampler.py"],
-        ["tests/data/test_buckets.py"],
+        ["tests/data/test_mut_buckets.py"],
     ),
     "data_splits": (
         ["ldm/data/datamodule.py"],
-        ["tests/data/test_datamodule.py", "tests/data/test_buckets.py"],
+        ["tests/data/test_datamodule.py", "tests/data/test_mut_data_splits.py"],
     ),
     "conditioner": (
         ["ldm/engine/conditioner.py"],

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 def _split_until_divisible(batches: list[list[int]], world: int) -> list[list[int]]:
     """Halve the largest batches until their number is a multiple of ``world``."""
     batches = [list(b) for b in batches]
-    while len(batches) % world:
+    for _ in range(-len(batches) % world):  # each halving adds one batch
         j = max(range(len(batches)), key=lambda k: len(batches[k]))
         big = batches[j]
         if len(big) < 2:

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 Size = tuple[int, int]  # (height, width)
 
 
-def _down(value: float, step: int) -> int:
-    return int(value // step) * step
+def _down(value: int, step: int) -> int:
+    return value // step * step
 
 
 def make_buckets(
@@ -42,7 +42,7 @@ def make_buckets(
         base = resolution
     else:
         h, w = (int(v) for v in resolution)
-        area, base = h * w, int(math.sqrt(h * w))
+        area, base = h * w, math.isqrt(h * w)
     if step < 1:
         raise ValueError(f"bucket step must be a positive number of pixels, got {step}")
     if base < step:
@@ -55,7 +55,7 @@ def make_buckets(
             f"got min_side={min_side}, max_side={max_side}"
         )
     buckets: set[Size] = set()
-    square = _down(math.sqrt(area), step)
+    square = _down(math.isqrt(area), step)
     if min_side <= square <= max_side:
         buckets.add((square, square))
     for w in range(min_side, max_side + 1, step):
@@ -67,7 +67,9 @@ def make_buckets(
         raise ValueError(
             f"no bucket of area <= {area} with sides in [{min_side}, {max_side}] (step {step})"
         )
-    return sorted(buckets, key=lambda b: (b[1] / b[0], b[0] * b[1]))
+    # no two buckets share an aspect ratio (each width has one height, the tallest that fits),
+    # so the ratio alone orders them
+    return sorted(buckets, key=lambda b: b[1] / b[0])
 
 
 def nearest_bucket(size: Size, buckets: Sequence[Size]) -> Size:

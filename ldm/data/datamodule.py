@@ -92,9 +92,9 @@ class ResumableSampler(Sampler[int]):
             order = torch.randperm(self.size, generator=gen).tolist()
         else:
             order = list(range(self.size))
-        total = self.num_samples * self.world_size
-        order += order[: total - len(order)]  # pad so every rank gets the same count
-        return order[self.rank : total : self.world_size]
+        # pad by cycling so every rank gets the same count (also with fewer items than ranks)
+        order = [order[k % self.size] for k in range(self.num_samples * self.world_size)]
+        return order[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[int]:
         order = self.indices()
@@ -212,7 +212,7 @@ class DataModuleFromConfig(pl.LightningDataModule):
 
     def _ranks(self) -> tuple[int, int]:
         """(rank, world_size) when this module splits the data itself, else (0, 1)."""
-        trainer = getattr(self, "trainer", None)
+        trainer = self.trainer  # None until a Trainer attaches this module
         connector = getattr(trainer, "_accelerator_connector", None)
         if trainer is None or getattr(connector, "use_distributed_sampler", True):
             return 0, 1  # Lightning (or nobody) distributes the samples
@@ -220,7 +220,7 @@ class DataModuleFromConfig(pl.LightningDataModule):
 
     def _position(self) -> tuple[int, int]:
         """(epoch, batches already consumed in it) restored from a checkpoint by the trainer."""
-        trainer = getattr(self, "trainer", None)
+        trainer = self.trainer  # None until a Trainer attaches this module
         if trainer is None:
             return 0, 0
         if not trainer.ckpt_path:
