@@ -55,6 +55,11 @@ def test_schedule_basics_and_errors():
     assert float(zs.alphas_cumprod[-1]) == ZERO_SNR_ALPHA_BAR
     assert float(zs.alphas_cumprod_exact[-1]) == 0.0
     assert zs.sigma_max == pytest.approx(math.sqrt((1 - 2**-24) / 2**-24))
+    # log-sigma interpolation in float64 at a t that float32 cannot hold
+    assert float(s.t_to_sigma(500.3)) == pytest.approx(SIG[500] ** 0.7 * SIG[501] ** 0.3, rel=1e-12)
+    # the smallest schedule: two timesteps
+    two = DiscreteSchedule(torch.tensor([0.9, 0.5], dtype=torch.float64))
+    assert float(two.sigma_to_t(two.t_to_sigma(0.5))) == pytest.approx(0.5)
     # clamping outside [0, T-1]
     assert float(s.t_to_sigma(-3.0)) == pytest.approx(SIG[0], rel=1e-12)
     assert float(s.t_to_sigma(1500.0)) == pytest.approx(SIG[-1], rel=1e-12)
@@ -142,6 +147,8 @@ def test_spacings_by_hand_and_errors(diffusers):
         spaced_timesteps("leading", 4, 1000, 3, "dpm"), d.timesteps.numpy()
     )
     assert spaced_timesteps("leading", 1, 1000).tolist() == [0.0]
+    # trailing with as many steps as timesteps (diffusers: arange(T, 0, -T / N).round() - 1)
+    assert spaced_timesteps("trailing", 10, 10).tolist() == list(range(9, -1, -1))
     ts = spaced_timesteps("leading", 4, 1000)
     assert ts.dtype == np.float64 and ts.strides[0] > 0
     with pytest.raises(ValueError, match="steps must be"):
@@ -162,6 +169,11 @@ def test_spacings_by_hand_and_errors(diffusers):
     assert vp_timesteps(4, 1000, "leading", 0) == [750, 500, 250, 0]
     assert vp_timesteps(3, 10, "linspace") == [9, 4, 0]  # 4.5 rounds to even
     assert vp_timesteps(4, 13) == [10, 7, 4, 1]  # (4 - 1) * 3 + 1 = 10 <= 12 fits
+    # diffusers' DDIM leading with steps_offset=1: step ratio T // N = 1, the last timestep fits
+    assert vp_timesteps(7, 10) == [7, 6, 5, 4, 3, 2, 1]
+    assert vp_timesteps(9, 10) == [9, 8, 7, 6, 5, 4, 3, 2, 1]  # (9 - 1) * 1 + 1 = 9 <= 9
+    assert vp_timesteps(10, 10) == list(range(9, -1, -1))  # 10 would leave [0, 9]
+    assert vp_timesteps(5, 3) == [1, 1, 1, 1, 1]  # more steps than timesteps: T // N = 0
 
 
 def test_ladder_strength_and_hand_off():
@@ -191,6 +203,9 @@ def test_ladder_strength_and_hand_off():
     with pytest.raises(ValueError, match="discrete"):
         no_t.switch_index(0.5, 1000)
     assert Ladder([Level(2.0, 900, 0.2), Level(0.0, None, 1.0)]).switch_index(0.5, 1000) == 1
+    mid = Ladder([Level(2.0, 900, 0.2), Level(1.0, None, 0.5), Level(0.0, None, 1.0)])
+    with pytest.raises(ValueError, match="discrete"):
+        mid.switch_index(0.5, 1000)
 
 
 def test_make_ladder_branches():

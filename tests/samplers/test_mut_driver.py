@@ -61,6 +61,9 @@ def solvers():
     )
     add("test_rec_ve_def", "ve", defaults_of=lambda o: {"karras": o.get("shift", 0.0) > 0})
     add("test_rec_ve_vpnoise", "ve", noise_scaling="vp")
+    add("test_rec_ve_exp", "ve", exponential=True)
+    add("test_rec_ve_dpm", "ve", style="dpm", timestep_spacing="leading")
+    add("test_rec_ve_off", "ve", timestep_spacing="leading", steps_offset=1)
     yield
     for n in names:
         SOLVERS.pop(n, None)
@@ -82,6 +85,11 @@ def test_registration_and_errors(solvers):
     assert SOLVERS["test_rec_vp"].view == "vp" and SOLVERS["test_rec_ve"].view == "ve"
     with pytest.raises(ValueError, match="view"):
         register_solver("test_bad", view="edm")
+    try:
+        register_solver("test_rec_default")(lambda d, x, s, c: x)
+        assert SOLVERS["test_rec_default"].view == "ve"
+    finally:
+        SOLVERS.pop("test_rec_default", None), SAMPLERS.pop("test_rec_default", None)
     assert "test_bad" not in SOLVERS
     x = torch.ones(2, 3)
     with pytest.raises(ValueError, match="noise_scaling"):
@@ -136,7 +144,8 @@ def test_default_ladders_and_overrides(solvers):
         [float(SIG[999]), math.sqrt(SIG[499] * SIG[500]), float(SIG[0])]
     )
     assert REC["ladder"][-1] == 0.0
-    run("test_rec_vp_lead", x, steps=4)  # leading with SD's offset 1, last level t = 0
+    out = run("test_rec_vp_lead", x, steps=4)  # leading with SD's offset 1, last level t = 0
+    torch.testing.assert_close(out, x)  # no hand-off: the VP result is returned as is
     assert REC["model"].ladder.levels[-1].t == 0
     assert REC["ladder"].timesteps == [751, 501, 251, 1]
     run("test_rec_vp_lead", x, steps=4, set_alpha_to_one=True)
@@ -282,6 +291,13 @@ def test_masks_blend_the_known_region(solvers):
     z = torch.randn(1, 2, generator=torch.Generator().manual_seed(3))
     assert float(out[0, 0]) == pytest.approx(1.0 + float(SIG[400]) * float(z[0, 0]), rel=1e-5)
     assert float(out[0, 1]) == pytest.approx(2.0 * float(SIG[900]), rel=1e-5)
+    # a hand-off below sigma 1 (t = 100) still noises the known region
+    g = torch.Generator().manual_seed(3)
+    out = sample(zero, noise, sampler="test_rec_ve", steps=3, alphas_cumprod=AC,
+                 timesteps=[900, 300, 100], x0=x0, mask=mask, denoising_end=0.8, generator=g,
+                 disable=True)  # fmt: skip
+    assert float(SIG[100]) < 1.0
+    assert float(out[0, 0]) == pytest.approx(1.0 + float(SIG[100]) * float(z[0, 0]), rel=1e-5)
     # mask with denoising_start: x_T is the latent (no x0 / strength error)
     out = run("test_rec_ve", noise, timesteps=ts, x0=x0, mask=mask, denoising_start=0.5)
     torch.testing.assert_close(out, torch.tensor([[1.0, 2.0]]))
@@ -334,3 +350,97 @@ def test_bound_denoiser_views_clip_and_known_region():
     torch.testing.assert_close(seen[-1], torch.tensor([[0.5, 4.0, 5.0]]))  # sigma 0: c_in = 1
     b.vp(x, Level(0.0, None, 1.0))
     torch.testing.assert_close(seen[-1], torch.tensor([[0.5, 4.0, 5.0]]))
+
+
+def test_known_region_noise_draws_and_clipping_both_sides():
+    x0 = torch.tensor([[0.5, -0.5]])
+    ctx = SamplerContext(generator=torch.Generator().manual_seed(4))
+    known = KnownRegion(x0, torch.tensor([1.0, 0.0]), ctx)
+    x = torch.tensor([[3.0, 4.0]])
+    torch.testing.assert_close(known.blend_ve(x, 0.0), torch.tensor([[0.5, 4.0]]))
+    # sigma 0 draws no noise: the next draw is still the generator's first
+    z = torch.randn(1, 2, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(ctx.randn(x), z)
+    ctx.generator = torch.Generator().manual_seed(4)
+    out = known.blend_ve(x, 0.5)  # below 1 the known region is noised too
+    torch.testing.assert_close(out, torch.tensor([[0.5 + 0.5 * float(z[0, 0]), 4.0]]))
+
+    def model(x_in, t):
+        return torch.tensor([[3.0, -3.0]])  # x0-parameterized: D = F
+
+    b = BoundDenoiser(DiscreteDenoiser(AC, "x0"), model, clip_denoised=True)
+    torch.testing.assert_close(b.vp(x, Level(2.0, None, 0.2))[1], torch.tensor([[1.0, -1.0]]))
+    torch.testing.assert_close(b(x, 2.0), torch.tensor([[1.0, -1.0]]))
+    torch.testing.assert_close(b(x, 2.0), torch.tensor([[1.0, -1.0]]))
+    assert b.nfe == 3
+
+
+def test_solver_defaults_reach_the_ladder(solvers):
+    x = torch.ones(1, 2)
+    run("test_rec_ve_exp", x, steps=3)  # a solver's exponential default
+    assert REC["ladder"][:-1] == pytest.approx(
+        [float(SIG[-1]), math.sqrt(SIG[0] * SIG[-1]), float(SIG[0])]
+    )
+    run("test_rec_ve_exp", x, steps=3, karras=True)  # an explicit karras beats it
+    k = [
+        (SIG[-1] ** (1 / 7) + i / 2 * (SIG[0] ** (1 / 7) - SIG[-1] ** (1 / 7))) ** 7
+        for i in range(3)
+    ]
+    assert REC["ladder"][:-1] == pytest.approx([float(v) for v in k])
+    # the dpm style: leading = k * (T // (N + 1)) without the last (diffusers' DPMSolverMultistep)
+    run("test_rec_ve_dpm", x, steps=4)
+    assert REC["ladder"][:-1] == pytest.approx(SIG[[800, 600, 400, 200]].tolist())
+    run("test_rec_ve_off", x, steps=4)  # the solver's steps_offset
+    assert REC["ladder"][:-1] == pytest.approx(SIG[[751, 501, 251, 1]].tolist())
+    run("test_rec_ve", x, steps=4, timestep_spacing="leading")  # no offset by default
+    assert REC["ladder"][:-1] == pytest.approx(SIG[[750, 500, 250, 0]].tolist())
+    run("test_rec_vp", x, steps=4, timestep_spacing="leading")  # VP: 0 unless the solver says
+    assert REC["ladder"].timesteps == [750, 500, 250, 0]
+
+
+def test_rounding_clipping_and_masks_reach_the_model(solvers):
+    ts = []
+
+    def model(x, t):
+        ts.append(float(t[0]))
+        return torch.full_like(x, 3.0)
+
+    x = torch.ones(1, 2)
+    kw = dict(alphas_cumprod=AC, parameterization="x0", calls=1, disable=True)
+    sample(model, x, sampler="test_rec_vp", steps=3, karras=True, round_timesteps=True, **kw)
+    assert ts[-1] == round(ts[-1]) and ts[-1] == pytest.approx(999.0)
+    sample(model, x, sampler="test_rec_vp", steps=3, karras=True, **kw)
+    assert ts[-1] == pytest.approx(DiscreteDenoiser(AC).t_of(float(SIG[-1])), abs=1e-4)
+    sample(
+        model, x, sampler="test_rec_vp", steps=3, sigmas=[5.0, 1.0, 0.0], round_timesteps=True, **kw
+    )
+    assert ts[-1] == round(DiscreteDenoiser(AC).t_of(5.0)) != DiscreteDenoiser(AC).t_of(5.0)
+    sample(model, x, sampler="test_rec_ve", steps=1, sigmas=[5.0, 0.0], **kw)
+    torch.testing.assert_close(REC["outs"][0], torch.full((1, 2), 3.0))  # not clipped by default
+    sample(model, x, sampler="test_rec_ve", steps=1, sigmas=[5.0, 0.0], clip_denoised=True, **kw)
+    torch.testing.assert_close(REC["outs"][0], torch.ones(1, 2))
+    sample(model, x, sampler="test_rec_vp", steps=1, sigmas=[5.0, 0.0], clip_denoised=True, **kw)
+    torch.testing.assert_close(REC["outs"][0][1], torch.ones(1, 2))
+    # the mask's known region is blended into the model's input at every call
+    seen = []
+
+    def spy(x_in, t):
+        seen.append(x_in.clone())
+        return torch.zeros_like(x_in)
+
+    x0, mask = torch.tensor([[0.5, -0.5]]), torch.tensor([[1.0, 0.0]])
+    g = torch.Generator().manual_seed(6)
+    sample(spy, torch.full((1, 2), 2.0), sampler="test_rec_ve", steps=1, sigmas=[4.0, 0.0],
+           alphas_cumprod=AC, x0=x0, mask=mask, calls=1, generator=g, disable=True)  # fmt: skip
+    z = torch.randn(1, 2, generator=torch.Generator().manual_seed(6))
+    c_in = 1 / math.sqrt(17.0)
+    expected = torch.tensor([[(0.5 + 4.0 * float(z[0, 0])) * c_in, 8.0 * c_in]])
+    torch.testing.assert_close(seen[-1], expected)
+
+
+def test_driver_errors_name_the_sampler_and_need_x0():
+    with pytest.raises(ValueError, match="'euler' got unknown option"):
+        sample(zero, torch.ones(1, 2), sampler="euler", steps=2, alphas_cumprod=AC, churn=1.0)
+    with pytest.raises(ValueError, match="need x0"):
+        sample(zero, torch.ones(1, 2), sampler="euler", steps=2, alphas_cumprod=AC,
+               mask=torch.ones(1, 2))  # fmt: skip
