@@ -138,3 +138,33 @@ def test_denoise_scalar_and_batched_sigma():
     w = st.loss_weight(sig)
     torch.testing.assert_close(w, (sig**2 + 0.25) / (sig * 0.5) ** 2)
     torch.testing.assert_close(SigmaTraining("ve").loss_weight(sig), 1 / sig**2)
+
+
+def test_low_precision_data_keeps_its_dtype():
+    """bf16 latents: the float32 scalings and noise are cast to the data's dtype (sgm / EDM2 practice)."""
+    st = SigmaTraining("edm", sigma_data=0.5)
+
+    def net(x_in, c_noise):  # a network that computes in its input's dtype
+        return 0.3 * x_in + (0.1 * c_noise).to(x_in.dtype)[:, None]
+
+    x = torch.tensor([[1.0, -2.0]], dtype=torch.bfloat16)
+    out = st.denoise(net, x, torch.tensor([2.0]))
+    assert out.dtype == torch.bfloat16
+    s = torch.tensor([[2.0]])
+    c_skip, c_out, c_in, c_noise = edm_scalings(s, 0.5)
+    c_skip, c_out, c_in = (c.to(torch.bfloat16) for c in (c_skip, c_out, c_in))
+    f = 0.3 * (c_in * x) + (0.1 * c_noise).to(torch.bfloat16)
+    torch.testing.assert_close(out, c_skip * x + c_out * f)
+    y = torch.tensor([[0.3, -0.7, 1.1]], dtype=torch.bfloat16)
+    loss = st.loss(net, y, generator=torch.Generator().manual_seed(8))
+    assert loss.dtype == torch.bfloat16
+    g = torch.Generator().manual_seed(8)
+    sigma = torch.exp(-1.2 + 1.2 * torch.randn(1, generator=g))
+    n = torch.randn(1, 3, generator=g).to(torch.bfloat16)  # the noise in the data's dtype
+    xn = y + sigma.to(torch.bfloat16)[:, None] * n
+    d = st.denoise(net, xn, sigma)
+    expected = st.loss_weight(sigma).to(torch.bfloat16) * ((d - y) ** 2).mean(dim=1)
+    torch.testing.assert_close(loss, expected)
+    # the scalings themselves are float32 whatever sigma's dtype
+    for c in st.precondition(torch.tensor([0.5, 4.0], dtype=torch.float64)):
+        assert c.dtype == torch.float32

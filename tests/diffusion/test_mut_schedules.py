@@ -119,3 +119,16 @@ def test_q_sample_and_snr_take_lists_and_cast():
     out = snr([3, 70], ac)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, ac[[3, 70]] / (1 - ac[[3, 70]]))
+
+
+def test_float32_schedules_are_used_in_float64():
+    """alphas_cumprod given in float32: the coefficients are computed in float64 from those values."""
+    ac32 = alphas_cumprod_from_betas(make_beta_schedule("linear", 100, 0.00085, 0.012)).float()
+    x0 = torch.ones(1, 1, dtype=torch.float64)
+    n = torch.zeros(1, 1, dtype=torch.float64)
+    xt = q_sample(x0, torch.tensor([37]), n, ac32)
+    assert float(xt[0, 0]) == pytest.approx(math.sqrt(float(ac32[37])), rel=1e-15)
+    out = snr(torch.tensor([37]), ac32)
+    assert out.dtype == torch.float64
+    a = float(ac32[37])
+    assert float(out[0]) == pytest.approx(a / (1 - a), rel=1e-15)
