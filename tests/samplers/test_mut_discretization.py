@@ -275,3 +275,17 @@ def test_make_ladder_zero_terminal_snr_keeps_alpha_bar_zero():
     lad = make_ladder(2, schedule=DiscreteSchedule(ac), timesteps=[3, 1], final_sigma="sigma_min")
     assert [lv.alpha_bar for lv in lad.levels] == [0.0, 0.6, 0.99]
     assert lad.levels[-1].t == 0
+
+
+def test_make_ladder_defaults_and_exact_sigmas():
+    sched = DiscreteSchedule(AC)
+    lad = make_ladder(3, schedule=sched)  # linspace, no offset, final 0
+    assert [lv.t for lv in lad.levels] == [999.0, 499.5, 0.0, None]
+    lad = make_ladder(4, schedule=sched, timestep_spacing="leading")
+    assert [lv.t for lv in lad.levels[:-1]] == [750.0, 500.0, 250.0, 0.0]
+    # explicit sigmas are kept in float64 exactly as given
+    assert make_ladder(2, schedule=sched, sigmas=[5.1, 0.3, 0.0]).sigmas == [5.1, 0.3, 0.0]
+    # Karras sigmas for a VP solver (integer_timesteps only rounds a timestep spacing)
+    lad = make_ladder(3, schedule=sched, karras=True, integer_timesteps=True)
+    k = karras_sigmas(3, SIG[0], SIG[-1])
+    assert lad.sigmas[:-1] == pytest.approx(k.tolist())

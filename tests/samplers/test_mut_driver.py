@@ -444,3 +444,13 @@ def test_driver_errors_name_the_sampler_and_need_x0():
     with pytest.raises(ValueError, match="need x0"):
         sample(zero, torch.ones(1, 2), sampler="euler", steps=2, alphas_cumprod=AC,
                mask=torch.ones(1, 2))  # fmt: skip
+
+
+def test_registered_sampler_defaults_to_eps(solvers):
+    def model(x, t):
+        return torch.full_like(x, 0.5)
+
+    x = torch.ones(1, 2)
+    SAMPLERS["test_rec_ve"](model, x, steps=1, sigmas=[2.0, 0.0], alphas_cumprod=AC, calls=1)
+    assert REC["model"].denoiser.parameterization == "eps"
+    torch.testing.assert_close(REC["outs"][0], 2.0 * x - 2.0 * 0.5)  # eps: D = x - sigma F
