@@ -107,10 +107,12 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     ),
     "solver": (
         ["ldm/samplers/driver.py", "ldm/diffusion/discretization.py"],
+        # the targeted driver / discretization tests; the solver x discretization matrix
+        # (test_solver_discretizations.py, ~4 min) would be re-run whole for every survivor
         [
-            "tests/samplers/test_solver_discretizations.py",
+            "tests/samplers/test_mut_driver.py",
+            "tests/samplers/test_mut_discretization.py",
             "tests/samplers/test_sampler_api.py",
-            "tests/samplers/test_sampler_gaussian.py",
         ],
     ),
 }

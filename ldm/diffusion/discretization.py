@@ -296,16 +296,9 @@ def make_ladder(
         sig = schedule.t_to_sigma(torch.from_numpy(ts))
         levels = [_level(float(s), schedule, round_timesteps, float(t)) for s, t in zip(sig, ts)]
     else:
-        lo = (
-            (schedule.sigma_min if schedule is not None else 0.0)
-            if sigma_min is None
-            else sigma_min
-        )
-        hi = (
-            (schedule.sigma_max if schedule is not None else 0.0)
-            if sigma_max is None
-            else sigma_max
-        )
+        # without a schedule sigma_min and sigma_max were checked above to be given
+        lo = schedule.sigma_min if sigma_min is None else sigma_min
+        hi = schedule.sigma_max if sigma_max is None else sigma_max
         sig = karras_sigmas(steps, lo, hi, rho) if karras else exponential_sigmas(steps, lo, hi)
         levels = [_level(float(s), schedule, round_timesteps) for s in sig]
     if final_sigma == "zero":
