@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,8 +216,33 @@ def main() -> None:
     modules = list(MODULES) if args.all else (args.module or [])
     if not modules:
         parser.error("give --module NAME (repeatable), --all or --list")
+    rows = []
+    started = time.perf_counter()
     for module in modules:
-        run(module, args.max_children, args.fresh, args.show)
+        t0 = time.perf_counter()
+        stats = run(module, args.max_children, args.fresh, args.show)
+        rows.append((module, stats, time.perf_counter() - t0))
+    table = summary(rows, time.perf_counter() - started)
+    print(table)
+    WORK.mkdir(exist_ok=True)
+    (WORK / "summary.md").write_text(table + "\n", encoding="utf-8")
+
+
+def summary(rows: list[tuple[str, dict[str, int], float]], total_seconds: float) -> str:
+    """The per-module scores and wall times as a Markdown table (also in .mutation/summary.md)."""
+    lines = [
+        "| module | killed / all | score | survived | no tests | wall time |",
+        "|---|---|---|---|---|---|",
+    ]
+    for module, stats, seconds in rows:
+        total = stats["total"] - stats.get("skipped", 0)
+        score = 100 * stats["killed"] / total if total else 100.0
+        lines.append(
+            f"| {module} | {stats['killed']} / {total} | {score:.1f}% | {stats['survived']} "
+            f"| {stats.get('no_tests', 0)} | {seconds / 60:.1f} min |"
+        )
+    lines.append(f"\nTotal wall time: {total_seconds / 60:.1f} min.")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
