@@ -370,7 +370,8 @@ def _taming_nlayer(input_nc: int, ndf: int, n_layers: int, actnorm: bool) -> nn.
 
 
 @pytest.mark.parametrize(
-    "input_nc,ndf,n_layers,actnorm,size", [(3, 8, 3, False, 32), (4, 2, 4, True, 64)]
+    "input_nc,ndf,n_layers,actnorm,size",
+    [(3, 8, 3, False, 32), (4, 2, 4, True, 64), (1, 1, 5, False, 128), (3, 4, 2, False, 16)],
 )
 def test_patchgan_layout_is_taming(input_nc, ndf, n_layers, actnorm, size) -> None:
     ours = NLayerDiscriminator(input_nc, ndf, n_layers, actnorm).eval()
@@ -536,6 +537,63 @@ def test_normalize_tensor_is_unit_length_with_eps_1e_10() -> None:
     assert out[4:] == [0.0, 0.0]
 
 
+def test_lpips_package_heads_need_an_installed_package(monkeypatch) -> None:
+    from importlib.machinery import ModuleSpec
+
+    monkeypatch.setattr(lpips_mod.importlib.util, "find_spec", lambda name: None)
+    assert lpips_mod._lpips_package_heads() is None
+    module_only = ModuleSpec("lpips", None)  # a plain module: no package folder
+    monkeypatch.setattr(lpips_mod.importlib.util, "find_spec", lambda name: module_only)
+    assert lpips_mod._lpips_package_heads() is None
+
+
+def test_lpips_loads_its_given_files_with_weights_only(monkeypatch, tmp_path) -> None:
+    """The paths given are the ones read, and only as plain tensors: a pickle with another object
+    is refused even where TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD would relax torch.load's default."""
+    import pickle
+    from fractions import Fraction
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    monkeypatch.delenv("LDM_VGG16_WEIGHTS", raising=False)
+    monkeypatch.delenv("LDM_LPIPS_WEIGHTS", raising=False)
+    monkeypatch.setattr("ldm.modules.losses.lpips._lpips_package_heads", lambda: None)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    torch.save({"features.0.weight": Fraction(1, 3)}, tmp_path / "vgg.pth")
+    (tmp_path / "heads.pth").write_bytes(b"x")
+    with torch.device("meta"):
+        lp = LPIPS(load_weights=False)
+    with pytest.raises(pickle.UnpicklingError):
+        lp.load_pretrained(tmp_path / "vgg.pth", tmp_path / "heads.pth")
+
+
+def test_lpips_heads_file_is_copied_into_the_heads_with_weights_only(monkeypatch, tmp_path) -> None:
+    """The heads file fills w_l (also without dropout in front); it is read as tensors only."""
+    import pickle
+    from fractions import Fraction
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with torch.device("meta"):
+        lp = LPIPS(load_weights=False, use_dropout=False)
+    for i, c in enumerate((64, 128, 256, 512, 512)):
+        setattr(lp, f"lin{i}", lpips_mod.NetLinLayer(c, use_dropout=False))
+    monkeypatch.setattr(lp.net, "load_torchvision", lambda state: None)
+    torch.save({"features.0.weight": torch.zeros(1)}, tmp_path / "vgg.pth")
+    heads = {
+        f"lin{i}.model.1.weight": torch.full((1, c, 1, 1), i + 1.0)
+        for i, c in enumerate((64, 128, 256, 512, 512))
+    }
+    torch.save(heads, tmp_path / "heads.pth")
+    lp.load_pretrained(tmp_path / "vgg.pth", tmp_path / "heads.pth")
+    assert lp.weights_loaded is True
+    for i in range(5):
+        assert torch.equal(
+            lp.get_submodule(f"lin{i}").model[0].weight, heads[f"lin{i}.model.1.weight"]
+        )
+    torch.save({**heads, "note": Fraction(1, 3)}, tmp_path / "heads.pth")
+    with pytest.raises(pickle.UnpicklingError):
+        lp.load_pretrained(tmp_path / "vgg.pth", tmp_path / "heads.pth")
+
+
 def test_lpips_package_heads_location() -> None:
     spec = importlib.util.find_spec("lpips")
     if spec is None:
@@ -550,7 +608,7 @@ def test_lpips_layout_keys_and_frozen_eval_mode() -> None:
     in eval mode; building on the meta device does not look for files."""
     with torch.device("meta"):
         lp = LPIPS()
-    assert not lp.weights_loaded and lp._missing is None
+    assert lp.weights_loaded is False and lp._missing is None
     assert not lp.training and not any(p.requires_grad for p in lp.parameters())
     keys = set(lp.state_dict())
     heads = {f"lin{i}.model.1.weight" for i in range(5)}

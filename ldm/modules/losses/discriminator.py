@@ -65,10 +65,10 @@ class NLayerDiscriminator(nn.Module):
             ]
         nf_prev, nf_mult = nf_mult, min(2**n_layers, 8)
         seq += [
-            nn.Conv2d(ndf * nf_prev, ndf * nf_mult, kw, stride=1, padding=padw, bias=use_bias),
+            nn.Conv2d(ndf * nf_prev, ndf * nf_mult, kw, padding=padw, bias=use_bias),  # stride 1
             norm_layer(ndf * nf_mult),
             nn.LeakyReLU(0.2, True),
-            nn.Conv2d(ndf * nf_mult, 1, kw, stride=1, padding=padw),
+            nn.Conv2d(ndf * nf_mult, 1, kw, padding=padw),
         ]
         self.main = nn.Sequential(*seq)
 
