@@ -594,6 +594,19 @@ def test_lpips_heads_file_is_copied_into_the_heads_with_weights_only(monkeypatch
         lp.load_pretrained(tmp_path / "vgg.pth", tmp_path / "heads.pth")
 
 
+def test_lpips_construction_loads_the_given_paths_or_keeps_the_error(monkeypatch) -> None:
+    calls = []
+
+    def fake_load(self, vgg=None, heads=None):
+        calls.append((vgg, heads))
+        raise lpips_mod.LPIPSWeightsMissing("no files")
+
+    monkeypatch.setattr(LPIPS, "load_pretrained", fake_load)
+    lp = LPIPS(vgg_weights="v.pth", lpips_weights="h.pth")
+    assert calls == [("v.pth", "h.pth")]
+    assert isinstance(lp._missing, lpips_mod.LPIPSWeightsMissing)
+
+
 def test_lpips_package_heads_location() -> None:
     spec = importlib.util.find_spec("lpips")
     if spec is None:
