@@ -104,7 +104,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
             "ldm/modules/losses/lpips.py",
             "ldm/modules/losses/perceptual.py",
         ],
-        ["tests/modules/test_losses.py", "tests/models/test_autoencoder_training.py"],
+        ["tests/modules/test_losses.py", "tests/modules/test_mut_ae_losses.py"],
     ),
     "solver": (
         ["ldm/samplers/driver.py", "ldm/diffusion/discretization.py"],

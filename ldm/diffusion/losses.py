@@ -60,7 +60,9 @@ def lvlb_weights(
     w = w.clone()
     if w.numel() > 1:
         w[0] = w[1]
-    w = torch.nan_to_num(w, nan=0.0, posinf=0.0)  # zero-terminal-SNR: no VLB term at alpha_bar = 0
+    # zero terminal SNR: no VLB term at alpha_bar = 0 (eps: 1/0 = inf -> 0; v: inf * 0 = nan -> 0,
+    # nan_to_num's default)
+    w = torch.nan_to_num(w, posinf=0.0)
     return w.to(torch.float32)
 
 

@@ -11,9 +11,7 @@ __all__ = ["ActNorm", "NLayerDiscriminator", "weights_init"]
 class ActNorm(nn.Module):
     """Per-channel affine y = scale * (x + loc), data-initialized to zero mean, unit variance (Glow)."""
 
-    def __init__(
-        self, num_features: int, logdet: bool = False, allow_reverse_init: bool = False
-    ) -> None:
+    def __init__(self, num_features: int) -> None:
         super().__init__()
         self.loc = nn.Parameter(torch.zeros(1, num_features, 1, 1))
         self.scale = nn.Parameter(torch.ones(1, num_features, 1, 1))
@@ -36,9 +34,9 @@ class ActNorm(nn.Module):
 def weights_init(m: nn.Module) -> None:
     """DCGAN init: conv weights N(0, 0.02); batch-norm weights N(1, 0.02), biases 0."""
     name = m.__class__.__name__
-    if name.find("Conv") != -1:
+    if "Conv" in name:
         nn.init.normal_(m.weight.data, 0.0, 0.02)
-    elif name.find("BatchNorm") != -1:
+    elif "BatchNorm" in name:
         nn.init.normal_(m.weight.data, 1.0, 0.02)
         nn.init.constant_(m.bias.data, 0)
 
@@ -67,10 +65,10 @@ class NLayerDiscriminator(nn.Module):
             ]
         nf_prev, nf_mult = nf_mult, min(2**n_layers, 8)
         seq += [
-            nn.Conv2d(ndf * nf_prev, ndf * nf_mult, kw, stride=1, padding=padw, bias=use_bias),
+            nn.Conv2d(ndf * nf_prev, ndf * nf_mult, kw, padding=padw, bias=use_bias),  # stride 1
             norm_layer(ndf * nf_mult),
             nn.LeakyReLU(0.2, True),
-            nn.Conv2d(ndf * nf_mult, 1, kw, stride=1, padding=padw),
+            nn.Conv2d(ndf * nf_mult, 1, kw, padding=padw),
         ]
         self.main = nn.Sequential(*seq)
 

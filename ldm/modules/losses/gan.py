@@ -49,7 +49,8 @@ def adaptive_weight(
     nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
     g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
     d_weight = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
-    return torch.clamp(d_weight, 0.0, 1e4).detach() * disc_weight
+    # CompVis clamps to [0, 1e4]; a ratio of norms is never negative, so only the cap can bind
+    return torch.clamp(d_weight, max=1e4).detach() * disc_weight
 
 
 class DiscriminatorLossBase(nn.Module):

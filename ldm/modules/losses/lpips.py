@@ -111,7 +111,7 @@ class VGG16Features(nn.Module):
         in_ch = 3
         for v in _VGG16_CFG:
             if v == "M":
-                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+                layers.append(nn.MaxPool2d(kernel_size=2))  # stride = kernel size
             else:
                 layers += [nn.Conv2d(in_ch, v, kernel_size=3, padding=1), nn.ReLU(inplace=False)]
                 in_ch = v

@@ -120,7 +120,7 @@ class VQLPIPSWithDiscriminator(DiscriminatorLossBase):
             if predicted_indices is not None and self.n_classes is not None:
                 idx = predicted_indices.reshape(-1)
                 log[f"{split}/perplexity"] = codebook_perplexity(idx, self.n_classes)
-                log[f"{split}/cluster_usage"] = torch.unique(idx).numel() * torch.ones(())
+                log[f"{split}/cluster_usage"] = torch.tensor(float(torch.unique(idx).numel()))
             return loss, log
         if optimizer_idx == 1:
             logits_real = self.discriminator(self._disc_input(inputs.detach(), cond))
