@@ -215,22 +215,32 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--prompt", default="a red square above a blue circle")
     parser.add_argument("--tiny", action="store_true", help="tiny widths (a smoke test)")
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="fp32 both; bf16: ours generate(precision='bf16') (U-Net under bf16 autocast, VAE "
+        "fp32) vs the pipeline under torch.autocast(cpu, bfloat16) (its VAE too)",
+    )
     args = parser.parse_args()
     model, pipe = setup_pair(args.threads, args.tiny)
     side = args.size
     logger.info(
-        "txt2img %dx%d, %d DPM++ 2M steps, guidance %.1f, fp32, batch 1",
+        "txt2img %dx%d, %d DPM++ 2M steps, guidance %.1f, %s, batch 1",
         side,
         side,
         args.steps,
         args.guidance,
+        args.precision,
     )
+    bf16 = args.precision == "bf16"
 
-    def ours() -> torch.Tensor:
+    def ours(steps: int = args.steps) -> torch.Tensor:
         return model.generate(
             args.prompt,
             sampler="dpmpp_2m",
-            steps=args.steps,
+            steps=steps,
+            precision="bf16" if bf16 else "full",
             guidance_scale=args.guidance,
             height=side,
             width=side,
@@ -239,19 +249,20 @@ def main() -> None:
             decode="full",
         )
 
-    def theirs() -> torch.Tensor:
-        return pipe(
-            args.prompt,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-            height=side,
-            width=side,
-            generator=torch.Generator().manual_seed(0),
-            output_type="pt",
-        ).images
+    def theirs(steps: int = args.steps) -> torch.Tensor:
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            return pipe(
+                args.prompt,
+                num_inference_steps=steps,
+                guidance_scale=args.guidance,
+                height=side,
+                width=side,
+                generator=torch.Generator().manual_seed(0),
+                output_type="pt",
+            ).images
 
     with torch.no_grad():
-        ours(), theirs()  # warm-up
+        ours(2), theirs(2)  # warm-up at the same size, 2 steps
         report("txt2img end to end", interleaved({"ours": ours, "diffusers": theirs}, args.repeats))
         tokens = model.cond_stage_model.tokenizer([args.prompt, ""])["input_ids"]
         report(
