@@ -95,6 +95,8 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         """[B, C_in, H, W] -> [B, C_out, H, W]."""
+        if not torch.is_grad_enabled():
+            return self._forward_no_grad(x, temb)
         h = self.conv1(nonlinearity(self.norm1(x)))
         if temb is not None:
             h = h + self.temb_proj(nonlinearity(temb))[:, :, None, None]
@@ -102,6 +104,21 @@ class ResnetBlock(nn.Module):
         if self.in_channels != self.out_channels:
             x = self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
         return x + h
+
+    def _forward_no_grad(self, x: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
+        """The same values with SiLU and the skip added in place (no graph to keep): two
+        activation-sized temporaries fewer per block, which at 512x512 are 128 MiB each."""
+        h = F.silu(self.norm1(x), inplace=True)
+        h = self.conv1(h)
+        if temb is not None:
+            h = h + self.temb_proj(nonlinearity(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=True)))
+        if self.in_channels != self.out_channels:
+            x = self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
+        if h.dtype != x.dtype or h.shape != x.shape:  # mixed precision: the promoted sum
+            return x + h
+        h += x  # x + h: addition is commutative, bit for bit
+        return h
 
 
 class AttnBlock(nn.Module):

@@ -91,3 +91,50 @@ def test_diagonal_gaussian_sampling_statistics_and_generator() -> None:
     assert torch.equal(s, s2)
     det = DiagonalGaussianDistribution(params, deterministic=True)
     assert torch.equal(det.sample(), det.mean) and torch.equal(det.kl(), torch.zeros(1))
+
+
+@pytest.mark.parametrize(
+    ("c_in", "c_out", "conv_shortcut", "temb"),
+    [(8, 8, False, 0), (8, 16, False, 0), (8, 16, True, 0), (8, 8, False, 6)],
+)
+def test_resnet_block_without_grad_is_the_block_formula_bit_for_bit(
+    c_in: int, c_out: int, conv_shortcut: bool, temb: int
+) -> None:
+    """The in-place no-grad path gives exactly x_skip + conv2(silu(gn2(conv1(silu(gn1 x)) + W
+    silu(t)))), the pre-activation block of DDPM, and the same as with grad recorded."""
+    from ldm.modules.autoencoder_blocks import ResnetBlock
+
+    torch.manual_seed(0)
+    block = ResnetBlock(
+        in_channels=c_in,
+        out_channels=c_out,
+        conv_shortcut=conv_shortcut,
+        temb_channels=temb,
+        norm_num_groups=4,
+    ).eval()
+    x = torch.randn(2, c_in, 6, 5)
+    t = torch.randn(2, temb) if temb else None
+    h = block.conv1(torch.nn.functional.silu(block.norm1(x)))
+    if t is not None:
+        h = h + block.temb_proj(torch.nn.functional.silu(t))[:, :, None, None]
+    h = block.conv2(torch.nn.functional.silu(block.norm2(h)))
+    skip = x
+    if c_in != c_out:
+        skip = block.conv_shortcut(x) if conv_shortcut else block.nin_shortcut(x)
+    expected = skip + h
+    x_before = x.clone()
+    with torch.no_grad():
+        fast = block(x, t)
+    assert torch.equal(x, x_before)  # the input is not written
+    assert torch.equal(fast, expected.detach())
+    assert torch.equal(block(x, t), expected)  # the graph-recording path
+
+
+def test_resnet_block_without_grad_keeps_the_promoted_dtype_of_mixed_inputs() -> None:
+    from ldm.modules.autoencoder_blocks import ResnetBlock
+
+    block = ResnetBlock(in_channels=8, norm_num_groups=4).eval()
+    x = torch.randn(1, 8, 4, 4)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        out = block(x)  # conv2 gives bf16, x is fp32: x + h is fp32
+    assert out.dtype == torch.float32

@@ -1,0 +1,96 @@
+"""Benchmark: SD v1 VAE decode (and encode), ours vs diffusers' AutoencoderKL, same weights, CPU.
+
+Random weights at the KL-f8 size of configs/stable-diffusion/v1-inference.yaml, converted for
+diffusers with its own single-file converter; fp32, no grad, interleaved repeats; wall and CPU time
+and the ratio ours/diffusers. `ours (out of place)` is the ResnetBlock formula without the no-grad
+in-place path, for a before/after in the same run.
+
+    python benchmarks/bench_vae.py                  # 512x512 (64x64 latents)
+    python benchmarks/bench_vae.py --size 256 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_txt2img import diffusers_vae, interleaved  # noqa: E402
+from bench_unet import SD_V1_DDCONFIG, machine_line  # noqa: E402
+
+logger = logging.getLogger("bench_vae")
+
+
+def _out_of_place(self, x: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
+    from ldm.modules.autoencoder_blocks import nonlinearity
+
+    h = self.conv1(nonlinearity(self.norm1(x)))
+    h = self.conv2(self.dropout(nonlinearity(self.norm2(h))))
+    if self.in_channels != self.out_channels:
+        x = self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
+    return x + h
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=512, help="image side in pixels")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(args.threads)
+    logger.info("machine: %s", machine_line(args.threads))
+    from ldm.models.autoencoder import AutoencoderKL
+    from ldm.modules import autoencoder_blocks
+
+    torch.manual_seed(0)
+    ae = AutoencoderKL(dict(SD_V1_DDCONFIG), {"target": "torch.nn.Identity"}, embed_dim=4).eval()
+    holder = torch.nn.Module()
+    holder.first_stage_model = ae
+    ref = diffusers_vae(holder, dict(SD_V1_DDCONFIG))
+    z = torch.randn(
+        1, 4, args.size // 8, args.size // 8, generator=torch.Generator().manual_seed(1)
+    )
+    fast = autoencoder_blocks.ResnetBlock._forward_no_grad
+
+    def ours_old() -> torch.Tensor:
+        autoencoder_blocks.ResnetBlock._forward_no_grad = _out_of_place
+        try:
+            return ae.decode(z)
+        finally:
+            autoencoder_blocks.ResnetBlock._forward_no_grad = fast
+
+    cases = {
+        "ours": lambda: ae.decode(z),
+        "ours (out of place)": ours_old,
+        "diffusers": lambda: ref.decode(z).sample,
+    }
+    with torch.no_grad():
+        a, b, c = (fn() for fn in cases.values())  # warm-up, and the values
+        logger.info(
+            "VAE decode %dx%d: max |ours - diffusers| %.3g, |ours - out of place| %.3g",
+            args.size,
+            args.size,
+            (a - c).abs().max().item(),
+            (a - b).abs().max().item(),
+        )
+        res = interleaved(cases, args.repeats)
+    d = res["diffusers"]
+    for name, r in res.items():
+        logger.info(
+            "  %-20s %.2f s (cpu %.2f)  ratio to diffusers wall %.3f  cpu %.3f",
+            name,
+            r["s"],
+            r["cpu"],
+            r["s"] / d["s"],
+            r["cpu"] / d["cpu"],
+        )
+
+
+if __name__ == "__main__":
+    main()
