@@ -358,6 +358,14 @@ def _sample(mode: str, args: argparse.Namespace, name: str | None, device: torch
     from ldm.engine.precision import NAMES, model_dtype
     from ldm.modules.attention_backends import attention_slicing
 
+    if args.compile:  # before any model work
+        from torch._dynamo import list_backends
+
+        if args.compile not in list_backends(exclude_tags=()):
+            raise CommandError(
+                f"--compile {args.compile}: unknown torch.compile backend; "
+                f"expected one of {list_backends()} (no value: inductor)."
+            )
     model = _load(args, "--ckpt", device, config=args.config, prediction=args.prediction)
     check_mode(mode, model, "--ckpt", args.ckpt)
     check_size(args, model)
@@ -388,15 +396,7 @@ def _sample(mode: str, args: argparse.Namespace, name: str | None, device: torch
     precision = args.precision  # None: the model's recorded one, else autocast
     dtype = model_dtype(model, precision)
     if args.compile:
-        from torch._dynamo import list_backends
-
         from ldm.engine.compilation import compile_network
-
-        if args.compile not in list_backends(exclude_tags=()):
-            raise CommandError(
-                f"--compile {args.compile}: unknown torch.compile backend; "
-                f"expected one of {list_backends()} (no value: inductor)."
-            )
 
         for net in [model] + ([refiner] if refiner is not None else []):
             compile_network(net.model.diffusion_model, {"backend": args.compile})

@@ -14,6 +14,7 @@ from torch import nn
 
 from ldm.modules.activation_recompute import checkpoint
 from ldm.modules.attention import SpatialTransformer
+from ldm.modules.norm_act import norm_silu
 
 
 def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
@@ -55,14 +56,6 @@ class GroupNorm32(nn.GroupNorm):
             out = F.group_norm(x.float(), self.num_groups, weight, bias, self.eps)
             return out.to(x.dtype)
         return super().forward(x)
-
-
-def norm_silu(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """SiLU(norm(x)); in place when no gradient is recorded (saves one activation-sized buffer)."""
-    h = norm(x)
-    if torch.is_grad_enabled() and h.requires_grad:
-        return F.silu(h)
-    return F.silu(h, inplace=True)
 
 
 def normalization(channels: int) -> nn.Module:
