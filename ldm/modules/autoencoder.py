@@ -46,6 +46,16 @@ class _Mid(nn.Module):
         return self.block_2(self.attn_1(self.block_1(h)))
 
 
+def _cpu_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in channels-last layout when inference runs on the CPU, where oneDNN's convolutions
+    read and write NHWC directly (no reorder of the full-resolution activations around each
+    conv; measured in ``benchmarks/bench_vae.py``). The forward returns a contiguous (NCHW)
+    tensor either way; with a graph recorded (training) the layout is left alone."""
+    if x.device.type == "cpu" and x.dim() == 4 and not torch.is_grad_enabled():
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 class Encoder(nn.Module):
     """E: x [B, in_channels, H, W] -> [B, (2 if double_z else 1) * z_channels, H/f, W/f], f = 2^(len(ch_mult)-1)."""
 
@@ -115,7 +125,7 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C_in, H, W] -> moments or z [B, (2) z_channels, H/f, W/f]."""
-        h = self.conv_in(x)
+        h = self.conv_in(_cpu_channels_last(x))
         for i_level, down in enumerate(self.down):
             for i_block in range(self.num_res_blocks):
                 h = down.block[i_block](h)
@@ -124,7 +134,7 @@ class Encoder(nn.Module):
             if i_level != self.num_resolutions - 1:
                 h = down.downsample(h)
         h = self.mid(h)
-        return self.conv_out(nonlinearity(self.norm_out(h)))
+        return self.conv_out(nonlinearity(self.norm_out(h))).contiguous()
 
 
 class Decoder(nn.Module):
@@ -204,7 +214,7 @@ class Decoder(nn.Module):
             from ldm.modules.autoencoder_tiled import decoder_forward_tiled
 
             return decoder_forward_tiled(self, z, self.tiled_strip_bytes)
-        h = self.mid(self.conv_in(z))
+        h = self.mid(self.conv_in(_cpu_channels_last(z)))
         for i_level in reversed(range(self.num_resolutions)):
             up = self.up[i_level]
             for i_block in range(self.num_res_blocks + 1):
@@ -214,6 +224,6 @@ class Decoder(nn.Module):
             if i_level != 0:
                 h = up.upsample(h)
         if self.give_pre_end:
-            return h
+            return h.contiguous()
         h = self.conv_out(nonlinearity(self.norm_out(h)))
-        return torch.tanh(h) if self.tanh_out else h
+        return (torch.tanh(h) if self.tanh_out else h).contiguous()

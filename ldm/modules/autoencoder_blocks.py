@@ -12,6 +12,7 @@ from torch import nn
 
 from ldm.modules.attention_backends import attention
 from ldm.modules.norm_act import norm_silu
+from ldm.modules.upsample_conv import upsample_conv2d, worth_fusing
 
 ATTN_TYPES = ("vanilla", "vanilla-xformers", "memory-efficient-cross-attn", "linear", "none")
 
@@ -42,6 +43,8 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, C, 2H, 2W]."""
+        if self.with_conv and worth_fusing(self.conv, x):
+            return upsample_conv2d(x, self.conv.weight, self.conv.bias)
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         return self.conv(x) if self.with_conv else x
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from ldm.modules.attention_backends import attention
 from ldm.modules.autoencoder_blocks import AttnBlock, ResnetBlock, Upsample
+from ldm.modules.upsample_conv import upsample_conv2d
 
 #: default budget for one strip's temporaries (input with halo, normalised copy, conv output)
 STRIP_BYTES = 32 * 2**20
@@ -156,13 +157,15 @@ def conv_strips(
 
 
 def _upconv_rows(conv: nn.Conv2d, x: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
-    """Rows [r0, r1) of conv(nearest_2x(x)), from the source rows they need."""
-    height = 2 * x.shape[2]
-    lo, hi = max(r0 - 1, 0), min(r1 + 1, height)  # upsampled rows with the halo
-    s0, s1 = lo // 2, (hi - 1) // 2 + 1  # source rows
-    src = x[:, :, s0:s1].repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
-    src = src[:, :, lo - 2 * s0 : hi - 2 * s0]  # [B, C, hi - lo, 2W]
-    return _conv_rows(conv, src, r0 == 0, r1 == height, None)
+    """Rows [r0, r1) of conv(nearest_2x(x)), from the source rows they need.
+
+    Output row ``2i + a`` reads source rows ``i - 1 + a`` and ``i + a``, so one source row of
+    halo on each side suffices; the strip's own first / last output row, computed against zero
+    padding, is dropped unless it lies on the image border (where zero padding is right)."""
+    height = x.shape[2]
+    s0, s1 = max(r0 // 2 - 1, 0), min((r1 - 1) // 2 + 2, height)
+    y = upsample_conv2d(x[:, :, s0:s1], conv.weight, conv.bias)  # rows [2 s0, 2 s1)
+    return y[:, :, r0 - 2 * s0 : r1 - 2 * s0]
 
 
 class UpsampledRows:

@@ -15,6 +15,7 @@ from torch import nn
 from ldm.modules.activation_recompute import checkpoint
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.norm_act import norm_silu
+from ldm.modules.upsample_conv import upsample_conv2d, worth_fusing
 
 
 def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
@@ -109,6 +110,8 @@ class Upsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] != self.channels:
             raise ValueError(f"Upsample expected {self.channels} channels, got {x.shape[1]}")
+        if self.dims == 2 and self.use_conv and worth_fusing(self.conv, x):
+            return upsample_conv2d(x, self.conv.weight, self.conv.bias)
         if self.dims == 3:
             x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
         else:

@@ -84,3 +84,21 @@ def test_inductor_freezes_the_weights_only_while_sampling() -> None:
     for backend in ("eager", None):
         with sample._compile_settings(backend):
             assert inductor_config.freezing == before
+
+
+@pytest.mark.slow
+def test_inductor_compile_end_to_end_through_the_command(ckpt, tmp_path, caplog) -> None:
+    """The default backend for real: inductor (C++ codegen, weights frozen while sampling)."""
+    eager = sample.run("txt2img", _flags(ckpt, tmp_path / "eager"))
+    with caplog.at_level(logging.INFO, logger="ldm.commands.sample"):
+        compiled = sample.run("txt2img", [*_flags(ckpt, tmp_path / "c"), "--compile"])
+    assert read_params(compiled[0])["compile"] == "inductor"
+    assert len(eager) == len(compiled) == 2
+    for a, b in zip(eager, compiled):
+        ours = np.asarray(Image.open(b)).astype(int)
+        ref = np.asarray(Image.open(a)).astype(int)
+        # inductor reorders float sums; 8-bit images may differ by a rounding step or two
+        assert np.abs(ours - ref).max() <= 2
+        assert ours.std() > 0
+    timings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("batch ")]
+    assert timings[0].endswith("(includes compiling the U-Net)") and len(timings) == 2
