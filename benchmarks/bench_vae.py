@@ -2,8 +2,9 @@
 
 Random weights at the KL-f8 size of configs/stable-diffusion/v1-inference.yaml, converted for
 diffusers with its own single-file converter; fp32, no grad, interleaved repeats; wall and CPU time
-and the ratio ours/diffusers. `ours (out of place)` is the ResnetBlock formula without the no-grad
-in-place path, for a before/after in the same run.
+and the ratio ours/diffusers, for the decoder and the encoder. `ours (before)` switches off, in the same
+run, the CPU paths added for issue 18: the fused upsampling conv (ldm/modules/upsample_conv.py), the
+channels-last layout inside the autoencoder and the in-place SiLU / skip of the ResNet block.
 
     python benchmarks/bench_vae.py                  # 512x512 (64x64 latents)
     python benchmarks/bench_vae.py --size 256 --repeats 5
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,6 +29,7 @@ logger = logging.getLogger("bench_vae")
 
 
 def _out_of_place(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+    """The ResNet block before issue 18: SiLU and the skip add out of place."""
     from ldm.modules.autoencoder_blocks import nonlinearity
 
     h = self.conv1(nonlinearity(self.norm1(x)))
@@ -46,6 +49,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     logger.info("machine: %s", machine_line(args.threads))
     from ldm.models.autoencoder import AutoencoderKL
+    from ldm.modules import autoencoder as ae_module
     from ldm.modules import autoencoder_blocks
 
     torch.manual_seed(0)
@@ -53,43 +57,62 @@ def main() -> None:
     holder = torch.nn.Module()
     holder.first_stage_model = ae
     ref = diffusers_vae(holder, dict(SD_V1_DDCONFIG))
-    z = torch.randn(
-        1, 4, args.size // 8, args.size // 8, generator=torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(1, 4, args.size // 8, args.size // 8, generator=gen)
+    x = torch.rand(1, 3, args.size, args.size, generator=gen) * 2 - 1
+    switches = (
+        (autoencoder_blocks, "worth_fusing", lambda conv, h: False),
+        (ae_module, "_cpu_channels_last", lambda h, pixels: h),
+        (autoencoder_blocks.ResnetBlock, "forward", _out_of_place),
     )
-    fast = autoencoder_blocks.ResnetBlock.forward
 
-    def ours_old() -> torch.Tensor:
-        autoencoder_blocks.ResnetBlock.forward = _out_of_place
-        try:
-            return ae.decode(z)
-        finally:
-            autoencoder_blocks.ResnetBlock.forward = fast
+    def before(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        def call() -> torch.Tensor:
+            saved = [getattr(m, name) for m, name, _ in switches]
+            for m, name, off in switches:
+                setattr(m, name, off)
+            try:
+                return fn()
+            finally:
+                for (m, name, _), old in zip(switches, saved, strict=True):
+                    setattr(m, name, old)
 
-    cases = {
-        "ours": lambda: ae.decode(z),
-        "ours (out of place)": ours_old,
-        "diffusers": lambda: ref.decode(z).sample,
+        return call
+
+    jobs = {
+        "decode": {
+            "ours": lambda: ae.decode(z),
+            "ours (before)": before(lambda: ae.decode(z)),
+            "diffusers": lambda: ref.decode(z).sample,
+        },
+        "encode": {
+            "ours": lambda: ae.encode(x).mean,
+            "ours (before)": before(lambda: ae.encode(x).mean),
+            "diffusers": lambda: ref.encode(x).latent_dist.mean,
+        },
     }
-    with torch.no_grad():
-        a, b, c = (fn() for fn in cases.values())  # warm-up, and the values
-        logger.info(
-            "VAE decode %dx%d: max |ours - diffusers| %.3g, |ours - out of place| %.3g",
-            args.size,
-            args.size,
-            (a - c).abs().max().item(),
-            (a - b).abs().max().item(),
-        )
-        res = interleaved(cases, args.repeats)
-    d = res["diffusers"]
-    for name, r in res.items():
-        logger.info(
-            "  %-20s %.2f s (cpu %.2f)  ratio to diffusers wall %.3f  cpu %.3f",
-            name,
-            r["s"],
-            r["cpu"],
-            r["s"] / d["s"],
-            r["cpu"] / d["cpu"],
-        )
+    for job, cases in jobs.items():
+        with torch.no_grad():
+            a, b, c = (fn() for fn in cases.values())  # warm-up, and the values
+            logger.info(
+                "VAE %s %dx%d: max |ours - diffusers| %.3g, |ours - before| %.3g",
+                job,
+                args.size,
+                args.size,
+                (a - c).abs().max().item(),
+                (a - b).abs().max().item(),
+            )
+            res = interleaved(cases, args.repeats)
+        d = res["diffusers"]
+        for name, r in res.items():
+            logger.info(
+                "  %-14s %.2f s (cpu %.2f)  ratio to diffusers wall %.3f  cpu %.3f",
+                name,
+                r["s"],
+                r["cpu"],
+                r["s"] / d["s"],
+                r["cpu"] / d["cpu"],
+            )
 
 
 if __name__ == "__main__":

@@ -174,30 +174,35 @@ def test_tiled_rows_equal_the_full_result(r0, r1) -> None:
 
 def test_autoencoder_runs_channels_last_inside_and_returns_nchw(monkeypatch) -> None:
     cfg = dict(
-        ch=16, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), in_channels=3,
-        resolution=16, z_channels=4, norm_num_groups=8,
+        ch=8, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), in_channels=3,
+        resolution=16, z_channels=4, norm_num_groups=4,
     )  # fmt: skip
     torch.manual_seed(0)
     enc, dec = Encoder(**cfg).double().eval(), Decoder(**cfg).double().eval()
-    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    x = torch.randn(2, 3, 96, 96, dtype=torch.float64)  # 18432 pixels: at least 128 x 128
+    z = torch.randn(2, 4, 48, 48, dtype=torch.float64)  # decodes to 2 x 96 x 96
     layouts = []
     hook = lambda m, i, o: layouts.append(i[0].is_contiguous(memory_format=torch.channels_last))  # noqa: E731
     for m in (*enc.modules(), *dec.modules()):
         if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
             m.register_forward_hook(hook)
     with torch.no_grad():
-        moments, image = enc(x), dec(torch.randn(2, 4, 8, 8, dtype=torch.float64))
+        moments, image = enc(x), dec(z)
     assert moments.is_contiguous() and image.is_contiguous()
     assert layouts and all(layouts)  # every 3x3 conv read NHWC
+    layouts.clear()
+    with torch.no_grad():
+        enc(x[:1, :, :64, :64]), dec(z[:1, :, :32, :32])  # 4096 pixels: too small to pay
+    assert layouts and not any(layouts)
     import ldm.modules.autoencoder as ae_module
 
-    monkeypatch.setattr(ae_module, "_cpu_channels_last", lambda t: t)
+    monkeypatch.setattr(ae_module, "_cpu_channels_last", lambda t, pixels: t)
     layouts.clear()
     with torch.no_grad():
         torch.testing.assert_close(enc(x), moments, rtol=0, atol=1e-12)
+        torch.testing.assert_close(dec(z), image, rtol=0, atol=1e-12)
     assert layouts and not any(layouts)
-    x.requires_grad_(True)
-    layouts.clear()
     monkeypatch.undo()
-    enc(x).sum().backward()  # with a graph recorded, the layout is left alone
+    layouts.clear()
+    enc(x.requires_grad_(True)).sum().backward()  # with a graph recorded, the layout is left alone
     assert layouts and not any(layouts)
