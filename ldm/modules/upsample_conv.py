@@ -10,11 +10,10 @@ equals the two-step form up to float rounding (the kernel sums).
 
 Used by the U-Net's and the autoencoder's ``Upsample`` (see ``worth_fusing``) and by the tiled
 decoder. The summed kernels are built on every call (a cache could go stale when weights are
-edited through ``.data``), so fusing pays only when the conv is large against its weight: on the
-CPU, measured with ``benchmarks/bench_vae.py`` and ``benchmarks/bench_unet.py``, from 512 source
-pixels (batch x height x width) in float32 and 2048 in bf16 / fp16, where the conv itself is
-about four times faster. Elsewhere (GPUs, whose 3x3 convs already use Winograd-type kernels) the
-two-step form stays.
+edited through ``.data``), so fusing pays only when the conv is large against its weight. On the
+CPU (timed per shape, and in ``benchmarks/bench_vae.py``) that is from 512 source pixels (batch x
+height x width) in float32 and from 2048 in bf16 / fp16, whose faster convs leave the kernel
+build a larger share. On other devices (not measured here) the two-step form stays.
 """
 
 from __future__ import annotations
