@@ -62,7 +62,7 @@ def main() -> None:
     x = torch.rand(1, 3, args.size, args.size, generator=gen) * 2 - 1
     switches = (
         (autoencoder_blocks, "worth_fusing", lambda conv, h: False),
-        (ae_module, "_cpu_channels_last", lambda h, pixels: h),
+        (ae_module, "_cpu_channels_last", lambda h, upscale=1: h),
         (autoencoder_blocks.ResnetBlock, "forward", _out_of_place),
     )
 

@@ -46,18 +46,18 @@ class _Mid(nn.Module):
         return self.block_2(self.attn_1(self.block_1(h)))
 
 
-def _cpu_channels_last(x: torch.Tensor, full_pixels: int) -> torch.Tensor:
-    """``x`` in channels-last layout for CPU inference at 128x128 pixels and up, where oneDNN's
+def _cpu_channels_last(x: torch.Tensor, upscale: int = 1) -> torch.Tensor:
+    """``x`` in channels-last layout for CPU inference at 128x128 pixels and up (batch x height x
+    width of ``x`` times ``upscale``, the decoder's pixels per latent), where oneDNN's
     convolutions read and write NHWC directly (no reorder of the large activations around each
     conv); below that the weights' per-call reorder costs more than it saves. Measured in
-    ``benchmarks/bench_vae.py``. ``full_pixels``: batch x height x width at full resolution.
-    The forward returns a contiguous (NCHW) tensor either way; with a graph recorded (training)
-    the layout is left alone."""
+    ``benchmarks/bench_vae.py``. The forward returns a contiguous (NCHW) tensor either way; with
+    a graph recorded (training) the layout is left alone."""
     if (
         x.device.type == "cpu"
         and x.dim() == 4
         and not torch.is_grad_enabled()
-        and full_pixels >= 128 * 128
+        and x.shape[0] * x.shape[2] * x.shape[3] * upscale >= 128 * 128
     ):
         return x.contiguous(memory_format=torch.channels_last)
     return x
@@ -132,7 +132,7 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C_in, H, W] -> moments or z [B, (2) z_channels, H/f, W/f]."""
-        h = self.conv_in(_cpu_channels_last(x, x.shape[0] * x.shape[-2] * x.shape[-1]))
+        h = self.conv_in(_cpu_channels_last(x))
         for i_level, down in enumerate(self.down):
             for i_block in range(self.num_res_blocks):
                 h = down.block[i_block](h)
@@ -221,10 +221,7 @@ class Decoder(nn.Module):
             from ldm.modules.autoencoder_tiled import decoder_forward_tiled
 
             return decoder_forward_tiled(self, z, self.tiled_strip_bytes)
-        scale = 4 ** (self.num_resolutions - 1)
-        h = self.mid(
-            self.conv_in(_cpu_channels_last(z, z.shape[0] * z.shape[-2] * z.shape[-1] * scale))
-        )
+        h = self.mid(self.conv_in(_cpu_channels_last(z, 4 ** (self.num_resolutions - 1))))
         for i_level in reversed(range(self.num_resolutions)):
             up = self.up[i_level]
             for i_block in range(self.num_res_blocks + 1):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.attention_backends import attention
-from ldm.modules.norm_act import norm_silu
+from ldm.modules.norm_act import add_skip, norm_silu
 from ldm.modules.upsample_conv import upsample_conv2d, worth_fusing
 
 ATTN_TYPES = ("vanilla", "vanilla-xformers", "memory-efficient-cross-attn", "linear", "none")
@@ -106,13 +106,7 @@ class ResnetBlock(nn.Module):
         h = self.conv2(self.dropout(norm_silu(self.norm2, h)))
         if self.in_channels != self.out_channels:
             x = self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
-        if (
-            h.dtype != x.dtype
-            or h.shape != x.shape
-            or (torch.is_grad_enabled() and (h.requires_grad or x.requires_grad))
-        ):
-            return x + h
-        return h.add_(x)  # x + h: addition is commutative, bit for bit
+        return add_skip(h, x)
 
 
 class AttnBlock(nn.Module):

@@ -14,7 +14,7 @@ from torch import nn
 
 from ldm.modules.activation_recompute import checkpoint
 from ldm.modules.attention import SpatialTransformer
-from ldm.modules.norm_act import norm_silu
+from ldm.modules.norm_act import add_skip, norm_silu
 from ldm.modules.upsample_conv import upsample_conv2d, worth_fusing
 
 
@@ -222,9 +222,4 @@ class ResBlock(TimestepBlock):
             h = out_rest(F.silu(torch.addcmul(shift, out_norm(h), 1 + scale)))
         else:
             h = out_rest(norm_silu(out_norm, h + emb_out))
-        skip = self.skip_connection(x)
-        if h.dtype != skip.dtype or (
-            torch.is_grad_enabled() and (h.requires_grad or skip.requires_grad)
-        ):
-            return skip + h
-        return h.add_(skip)  # no autograd graph: reuse h's buffer
+        return add_skip(h, self.skip_connection(x))
