@@ -170,3 +170,57 @@ def test_xformers_on_cuda_matches_sdpa(dtype):
     for backend in ("xformers", "sdpa", "math"):
         out = attention(q, k, v, backend=backend).float()
         assert (out - ref).abs().max() <= (1e-5 if dtype == torch.float32 else 5e-3), backend
+
+
+def _fp32_attention(q, k, v, mask=None):
+    """The same attention computed in fp32 and rounded once to the inputs' dtype."""
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=mask
+    )
+    return out.to(q.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_small_half_attention_with_grad_runs_in_fp32_on_cpu(dtype):
+    """A recorded half-precision graph of small attention is computed in fp32 on the CPU (its
+    half-precision backward is several times slower there): values and gradients are those of
+    fp32 attention rounded once, closer to float64 than the half-precision kernel's."""
+    torch.manual_seed(0)
+    q, k, v = (t.to(dtype).requires_grad_() for t in _qkv(b=16, h=2, n=64, m=16, d=32))
+    ref_inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast would cast fp32 back to bf16
+        out = attention(q, k, v, backend="sdpa")
+    assert out.dtype == dtype
+    expected = _fp32_attention(*ref_inputs)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    g = torch.randn_like(out)
+    out.backward(g)
+    expected.backward(g)
+    for got, want in zip((q, k, v), ref_inputs):
+        torch.testing.assert_close(got.grad, want.grad, rtol=0, atol=0)
+    exact = _reference(*(t.detach() for t in (q, k, v)))
+    half_kernel = torch.nn.functional.scaled_dot_product_attention(q, k, v).float()
+    assert (out.float() - exact).abs().max() <= (half_kernel - exact).abs().max()
+    # an additive float mask goes along in fp32
+    mask = torch.zeros(64, 16, dtype=dtype)
+    mask[:, -3:] = -1e4
+    masked = attention(q, k, v, backend="sdpa", mask=mask)
+    torch.testing.assert_close(masked, _fp32_attention(q, k, v, mask.float()), rtol=0, atol=0)
+
+
+def test_half_attention_keeps_its_kernel_for_inference_and_large_sizes():
+    torch.manual_seed(0)
+    q, k, v = (t.bfloat16() for t in _qkv(b=2, h=2, n=64, m=16, d=32))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    with torch.no_grad():  # inference: the half-precision kernel, untouched
+        torch.testing.assert_close(attention(q, k, v), sdpa(q, k, v), rtol=0, atol=0)
+    q.requires_grad_()
+    assert backends._upcast_for_cpu_backward(q, k, v)
+    n = backends.CPU_HALF_BACKWARD_UPCAST_MAX // (16 * 32) + 1  # just above the limit
+    big_q = torch.randn(1, 1, n, 32, dtype=torch.bfloat16, requires_grad=True)
+    assert not backends._upcast_for_cpu_backward(big_q, k[:1, :1], v[:1, :1])
+    torch.testing.assert_close(
+        attention(big_q, k[:1, :1], v[:1, :1]), sdpa(big_q, k[:1, :1], v[:1, :1]), rtol=0, atol=0
+    )
+    assert not backends._upcast_for_cpu_backward(q.float(), k.float(), v.float())  # fp32 as is
+    assert not backends._upcast_for_cpu_backward(q.to("meta"), k.to("meta"), v.to("meta"))
