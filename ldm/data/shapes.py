@@ -31,9 +31,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 #: Colours the training split never draws (``CaptionedShapes(colours=[...])`` draws them): the
 #: personalisation examples teach "purple" to a model trained on ``COLOURS``. Hue 266 degrees:
-#: the shipped KL-f4 autoencoder (trained on ``COLOURS``) pulls hues towards magenta, so that
-#: (128, 0, 255), hue 270, comes back as (182, 3, 255) and the judge reads only 62% of its
-#: reconstructions as purple; (96, 0, 224) comes back purple (100%, tests/data/test_shapes.py).
+#: the KL-f4 first stage shipped until 993ff09 (trained on ``COLOURS``) pulled hues towards
+#: magenta, so that (128, 0, 255), hue 270, came back as (182, 3, 255) and the judge read only
+#: 62% of its reconstructions as purple; (96, 0, 224) came back purple. The current one has seen
+#: purple images (never the word): 100% (tests/data/test_shapes.py).
 EXTRA_COLOURS: dict[str, tuple[int, int, int]] = {"purple": (96, 0, 224)}
 PALETTE: dict[str, tuple[int, int, int]] = {**COLOURS, **EXTRA_COLOURS}  # every drawable colour
 SHAPES = ("circle", "square", "triangle")
