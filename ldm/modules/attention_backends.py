@@ -171,9 +171,10 @@ def attention(
 #: Largest queries x keys x head dim that `attention` computes in fp32 when a bf16/fp16 graph on
 #: the CPU will be differentiated. PyTorch's CPU flash-attention backward in half precision
 #: costs about 0.08 ms per (batch, head) slice however small the slice, so a training step of
-#: small attention (many short sequences: 64 x 2 heads x 64 queries) ran 4-10x slower than the
-#: same attention upcast to fp32 (2.1 ms vs 12.3 ms fwd+bwd, Xeon with AMX); from about this
-#: size on (SD's 64 x 64 self-attention: 4096 x 4096 x 40) half precision is as fast or faster.
+#: small attention (many short sequences: 64 x 2 heads x 64 queries) ran 3-8x slower than the
+#: same attention upcast to fp32 (benchmarks/bench_cpu_half_attention.py, Xeon with AMX); from
+#: about this size on (SD's 64 x 64 self-attention: 4096 x 4096 x 40) half precision is as fast
+#: or faster.
 CPU_HALF_BACKWARD_UPCAST_MAX = 1 << 22
 
 
