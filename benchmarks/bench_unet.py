@@ -32,6 +32,7 @@ from collections.abc import Callable
 import torch
 
 from ldm.modules.unet import UNetModel
+from ldm.modules.winograd import cache_bytes, clear_cache, winograd_enabled
 
 logger = logging.getLogger("bench_unet")
 
@@ -276,12 +277,15 @@ def run_dtype(args: argparse.Namespace, params: dict, dtype_name: str) -> None:
             ((a - b).abs().max() / b.abs().max()).item(),
         )
 
-    def call(model: torch.nn.Module, channels_last: bool = False) -> Callable[[], torch.Tensor]:
+    def call(
+        model: torch.nn.Module, channels_last: bool = False, winograd: bool = True
+    ) -> Callable[[], torch.Tensor]:
         if isinstance(model, UNetModel):
 
             def run() -> torch.Tensor:
                 model.channels_last = channels_last
-                return model(x, t, context=ctx)
+                with winograd_enabled(winograd):
+                    return model(x, t, context=ctx)
 
             return run
         return lambda: model(x, t, encoder_hidden_states=ctx).sample
@@ -289,6 +293,8 @@ def run_dtype(args: argparse.Namespace, params: dict, dtype_name: str) -> None:
     cases = {"ours": (call(ours), ours), "diffusers": (call(ref), ref)}
     if args.channels_last:
         cases["ours channels-last"] = (call(ours, channels_last=True), ours)
+    if args.direct_conv:
+        cases["ours direct conv"] = (call(ours, winograd=False), ours)
     phases = {
         "forward": lambda c, m: _fwd(c),
         "forward+backward": lambda c, m: _fwd_bwd(c, list(m.parameters())),
@@ -297,6 +303,11 @@ def run_dtype(args: argparse.Namespace, params: dict, dtype_name: str) -> None:
         wrap = phases[phase]
         res = _bench({n: wrap(c, m) for n, (c, m) in cases.items()}, args.repeats, args.warmup)
         _report(phase, res)
+        if phase == "forward":
+            logger.info(
+                "  Winograd transformed weights cached (inference): %.0f MiB",
+                cache_bytes() / 2**20,
+            )
     if args.compile:  # compiled wrappers; the eager modules stay callable for the reference
         models = {"ours compiled": (torch.compile(ours), ours)}
         if args.compile_diffusers:
@@ -326,6 +337,7 @@ def run_dtype(args: argparse.Namespace, params: dict, dtype_name: str) -> None:
             fns["diffusers"] = phases[phase](call(ref), ref)
             _report(phase, _bench(fns, args.repeats, args.warmup))
     del ours, ref
+    clear_cache()
     gc.collect()
 
 
@@ -343,6 +355,11 @@ def main() -> None:
     parser.add_argument("--backend", default=None, help="our attention backend (default sdpa)")
     parser.add_argument(
         "--channels-last", action="store_true", help="also time ours with channels_last=True"
+    )
+    parser.add_argument(
+        "--direct-conv",
+        action="store_true",
+        help="also time ours with the Winograd convolution off (LDM_WINOGRAD=0)",
     )
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(ours)")
     parser.add_argument(

@@ -16,11 +16,13 @@ from ldm.modules.activation_recompute import checkpoint
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.norm_act import add_skip, norm_silu
 from ldm.modules.upsample_conv import upsample_conv2d, worth_fusing
+from ldm.modules.winograd import WinogradConv2d
 
 
 def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
-    """A 1-D, 2-D or 3-D convolution."""
-    convs = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+    """A 1-D, 2-D or 3-D convolution (2-D: ``WinogradConv2d``, an ``nn.Conv2d`` that runs 3x3
+    inference on the CPU in the Winograd form where that is faster)."""
+    convs = {1: nn.Conv1d, 2: WinogradConv2d, 3: nn.Conv3d}
     if dims not in convs:
         raise ValueError(f"unsupported dims {dims!r}; expected 1, 2 or 3")
     return convs[dims](*args, **kwargs)

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
 
+from ldm.modules.winograd import WinogradConv2d, applies_after_upsampling
+
 
 def _tap_map() -> torch.Tensor:
     """``[16, 9]``: row ``(a, b, p, q)`` sums the 3x3 taps ``(r, s)`` that phase (a, b)'s tap (p, q) reads."""
@@ -86,6 +88,8 @@ def worth_fusing(conv: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``Upsample`` should call ``upsample_conv2d`` for this conv and input."""
     if x.device.type != "cpu" or x.dim() != 4 or not fusable(conv):
         return False
+    if applies_after_upsampling(conv, x):  # inference: the cached Winograd weight is faster
+        return False
     low = x.dtype in _LOW_PRECISION or (
         torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in _LOW_PRECISION
     )
@@ -95,7 +99,7 @@ def worth_fusing(conv: nn.Module, x: torch.Tensor) -> bool:
 def fusable(conv: nn.Module) -> bool:
     """True when ``conv`` is a plain 2-D 3x3 'same' conv whose call ``upsample_conv2d`` may replace."""
     return (
-        type(conv) is nn.Conv2d
+        type(conv) in (nn.Conv2d, WinogradConv2d)
         and conv.kernel_size == (3, 3)
         and conv.stride == (1, 1)
         and conv.padding == (1, 1)

@@ -1,0 +1,254 @@
+"""Winograd convolution F(m x m, 3 x 3) for 3x3 'same' convolutions in CPU inference.
+
+Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (CVPR 2016): a 3x3 convolution
+over (m + 2) x (m + 2) input tiles becomes (m + 2)^2 independent matrix products over channels,
+Y = A^T [ (G g G^T) . (B^T d B) ] A, so an m x m output tile costs (m + 2)^2 multiplications per
+channel pair instead of 9 m^2: 2.25x fewer for F(2x2, 3x3), 4x fewer for F(4x4, 3x3).
+
+On this project's CPUs oneDNN's direct convolution runs the U-Net's low-resolution, wide layers
+(1280 channels at 8x8 and 16x16) far below the machine's matmul rate; there the Winograd form
+takes 0.4-0.6 of the direct time (``benchmarks/bench_winograd.py``). The transformed weights
+(``(m + 2)^2 / 9`` times the weight's size) are computed once and cached per weight version, so
+the path is for inference (no autograd graph): training keeps the direct convolution, where the
+per-step weight transform ate the gain (measured: SD v1 U-Net forward+backward 1.10x of direct).
+
+Accuracy in fp32: F(2x2) matches the direct convolution's rounding error (about 5e-7 relative to
+the largest output against float64), F(4x4) is about 1e-5; the SD v1 U-Net's output moves by
+about 1.5e-5 relative. In bf16 only F(2x2) is used (F(4x4)'s larger transform coefficients lose
+too much in bf16).
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from fractions import Fraction
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_HALF = Fraction(1, 2)
+
+# (B^T, G, A^T) per output tile size m; interpolation points 0, 1, -1 (m = 2) and 0, 1, -1, 2, -2
+# (m = 4), with the point at infinity.
+_MATRICES: dict[int, tuple[list[list[Fraction]], ...]] = {
+    2: (
+        [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+        [[1, 0, 0], [_HALF, _HALF, _HALF], [_HALF, -_HALF, _HALF], [0, 0, 1]],
+        [[1, 1, 1, 0], [0, 1, -1, -1]],
+    ),
+    4: (
+        [
+            [4, 0, -5, 0, 1, 0],
+            [0, -4, -4, 1, 1, 0],
+            [0, 4, -4, -1, 1, 0],
+            [0, -2, -1, 2, 1, 0],
+            [0, 2, -1, -2, 1, 0],
+            [0, 4, 0, -5, 0, 1],
+        ],
+        [
+            [Fraction(1, 4), 0, 0],
+            [Fraction(-1, 6), Fraction(-1, 6), Fraction(-1, 6)],
+            [Fraction(-1, 6), Fraction(1, 6), Fraction(-1, 6)],
+            [Fraction(1, 24), Fraction(1, 12), Fraction(1, 6)],
+            [Fraction(1, 24), Fraction(-1, 12), Fraction(1, 6)],
+            [0, 0, 1],
+        ],
+        [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+    ),
+}
+TILE_SIZES = tuple(_MATRICES)
+
+# Policy, from ``benchmarks/bench_winograd.py`` (SD v1 U-Net shapes, 2 threads, AMX CPU):
+# - below this min(C_in, C_out) the transforms' memory traffic outweighs the smaller products
+#   (the default run's 64-256 channel layers: 1.1-7x the direct time; a 256-channel layer at
+#   128x128: 1.07x with F(4x4));
+MIN_CHANNELS = 320
+# - fp32: F(2x2) up to 8x8 images (0.33-0.36 of direct; F(4x4) 0.53-0.55), F(4x4) above it
+#   (0.34-0.37 at 16x16, 0.42-0.59 at 32x32, 0.57-0.87 at 64x64);
+FP32_F2_MAX_PIXELS = 16 * 16
+# - bf16: F(2x2) up to 16x16 images (0.34-0.70); above it oneDNN's bf16 convolution is as fast
+#   or faster, and F(4x4) loses too much precision in bf16 (6e-2 relative).
+BF16_MAX_PIXELS = 16 * 16
+
+
+@cache
+def _kron_matrices(m: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B^T x B^T, G x G, A^T x A^T) as dense matrices acting on flattened tiles."""
+    if m not in _MATRICES:
+        raise ValueError(f"Winograd tile size {m!r} is not supported; expected one of {TILE_SIZES}")
+    bt, g, at = (
+        torch.tensor([[float(v) for v in row] for row in mat], dtype=torch.float64)
+        for mat in _MATRICES[m]
+    )
+    return tuple(torch.kron(mat, mat).to(dtype) for mat in (bt, g, at))  # type: ignore[return-value]
+
+
+def winograd_weight(weight: torch.Tensor, m: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The transformed 3x3 weight U = G g G^T as [(m + 2)^2, C_out, C_in] (computed in fp32 or
+    better, returned in ``dtype``, default the weight's)."""
+    if weight.dim() != 4 or weight.shape[-2:] != (3, 3):
+        raise ValueError(f"expected a [C_out, C_in, 3, 3] weight, got shape {tuple(weight.shape)}")
+    out_dtype = dtype or weight.dtype
+    work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    _, kg, _ = _kron_matrices(m, work)
+    c_out, c_in = weight.shape[:2]
+    u = kg.to(weight.device) @ weight.to(work).reshape(c_out * c_in, 9).t()
+    return u.view(-1, c_out, c_in).to(out_dtype)
+
+
+def winograd_conv3x3(
+    x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, m: int
+) -> torch.Tensor:
+    """A stride-1, padding-1 3x3 convolution of ``x`` [B, C, H, W] from the transformed weight
+    ``u`` (``winograd_weight``); any H and W (the last tiles are padded and the output cropped)."""
+    t = m + 2
+    b, c, h, w = x.shape
+    if u.shape[0] != t * t or u.shape[2] != c:
+        raise ValueError(
+            f"transformed weight of shape {tuple(u.shape)} does not fit F({m}x{m}, 3x3) on an input "
+            f"with {c} channels; expected [{t * t}, C_out, {c}]"
+        )
+    c_out = u.shape[1]
+    kb, _, ka = _kron_matrices(m, x.dtype)
+    kb, ka = kb.to(x.device), ka.to(x.device)
+    nh, nw = -(-h // m), -(-w // m)
+    xp = F.pad(x, (1, 1 + nw * m - w, 1, 1 + nh * m - h))
+    tiles = xp.unfold(2, t, m).unfold(3, t, m)  # [B, C, nH, nW, t, t] (a view)
+    p = b * nh * nw
+    d = tiles.permute(4, 5, 1, 0, 2, 3).reshape(t * t, c * p)  # one gather into tile-major order
+    v = (kb @ d).view(t * t, c, p)  # B^T d B for every tile and channel
+    prod = torch.bmm(u, v)  # [t^2, C_out, P]: the (m + 2)^2 channel products
+    y = (ka @ prod.view(t * t, c_out * p)).view(m, m, c_out, b, nh, nw)  # A^T M A
+    y = y.permute(3, 2, 4, 0, 5, 1).reshape(b, c_out, nh * m, nw * m)
+    if nh * m != h or nw * m != w:
+        y = y[:, :, :h, :w]
+    if bias is not None:
+        y = y + bias.to(y.dtype).view(1, -1, 1, 1)
+    return y
+
+
+_override: list[bool] = []  # innermost ``winograd_enabled`` last
+
+
+def _enabled() -> bool:
+    if _override:
+        return _override[-1]
+    return os.environ.get("LDM_WINOGRAD", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@contextmanager
+def winograd_enabled(enabled: bool) -> Iterator[None]:
+    """Switch the Winograd path on or off inside the block (over ``LDM_WINOGRAD``)."""
+    _override.append(bool(enabled))
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+def tile_size(
+    conv: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype, pixels: int | None = None
+) -> int:
+    """The Winograd tile size to run ``conv`` on ``x`` in ``dtype`` with, or 0 for the direct
+    convolution (wrong device, shape, dtype, narrow channels, or an autograd graph to record).
+    ``pixels`` overrides the image size H * W read from ``x``."""
+    if (
+        x.device.type != "cpu"
+        or x.dim() != 4
+        or conv.kernel_size != (3, 3)
+        or conv.stride != (1, 1)
+        or conv.padding != (1, 1)
+        or conv.dilation != (1, 1)
+        or conv.groups != 1
+        or conv.padding_mode != "zeros"
+        or min(conv.in_channels, conv.out_channels) < MIN_CHANNELS
+        or (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
+        or torch.compiler.is_compiling()
+        or not _enabled()
+    ):
+        return 0
+    if pixels is None:
+        pixels = x.shape[2] * x.shape[3]
+    if dtype == torch.float32:
+        return 2 if pixels <= FP32_F2_MAX_PIXELS else 4
+    if dtype == torch.bfloat16:
+        return 2 if pixels <= BF16_MAX_PIXELS else 0
+    return 0
+
+
+# Transformed weights, per module: the weight it came from (by identity, storage and version
+# counter), tile size and dtype, and U. Kept out of the module's __dict__ so copies, pickles and
+# state dicts never carry them; freed with the module.
+_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref, tuple, torch.Tensor]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def cached_weight(conv: nn.Conv2d, m: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """``winograd_weight`` of ``conv.weight``, reused while the weight is unchanged (the same
+    tensor, storage and version counter: an in-place edit, ``load_state_dict``, ``.to()`` or a new
+    Parameter recomputes it); None when the weight's version cannot be read (inference-mode
+    tensors)."""
+    weight = conv.weight
+    try:
+        version = weight._version
+    except RuntimeError:
+        return None
+    key = (weight.data_ptr(), version, weight.dtype, weight.device, m, dtype)
+    entry = _CACHE.get(conv)
+    if entry is not None and entry[0]() is weight and entry[1] == key:
+        return entry[2]
+    _CACHE.pop(conv, None)  # one entry per module: drop a stale transform before making the new one
+    with torch.no_grad():
+        u = winograd_weight(weight, m, dtype)
+    _CACHE[conv] = (weakref.ref(weight), key, u)
+    return u
+
+
+def clear_cache() -> None:
+    """Free every cached transformed weight."""
+    _CACHE.clear()
+
+
+def cache_bytes() -> int:
+    """Memory held by the cached transformed weights."""
+    return sum(u.numel() * u.element_size() for _, _, u in _CACHE.values())
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a convolution of ``x`` runs in: the CPU autocast dtype when autocast is on."""
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu")
+    return x.dtype
+
+
+def applies_after_upsampling(conv: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``conv`` would run in the Winograd form on ``x`` upsampled 2x (nearest): then the
+    fused upsampling conv, which rebuilds its kernels on every call, is the slower choice."""
+    if type(conv) is not WinogradConv2d or x.dim() != 4:
+        return False
+    return tile_size(conv, x, compute_dtype(x), pixels=4 * x.shape[2] * x.shape[3]) > 0
+
+
+class WinogradConv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters, state-dict keys and behaviour) whose 3x3 'same' calls on
+    the CPU without an autograd graph run as a Winograd convolution when ``tile_size`` picks one.
+    Set ``LDM_WINOGRAD=0`` to always use the direct convolution."""
+
+    def _conv_forward(
+        self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        if weight is self.weight:
+            dtype = compute_dtype(input)
+            m = tile_size(self, input, dtype)
+            if m:
+                u = cached_weight(self, m, dtype)
+                if u is not None:
+                    b = bias if bias is None else bias.to(dtype)
+                    return winograd_conv3x3(input.to(dtype), u, b, m)
+        return super()._conv_forward(input, weight, bias)

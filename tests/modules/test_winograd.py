@@ -1,0 +1,275 @@
+"""Winograd F(2x2, 3x3) / F(4x4, 3x3) convolution: exactness, policy, weight cache, U-Net use."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm.modules import winograd
+from ldm.modules.unet import UNetModel
+from ldm.modules.unet_layers import conv_nd
+from ldm.modules.winograd import (
+    MIN_CHANNELS,
+    WinogradConv2d,
+    cache_bytes,
+    clear_cache,
+    tile_size,
+    winograd_conv3x3,
+    winograd_enabled,
+    winograd_weight,
+)
+
+WIDE = MIN_CHANNELS  # narrowest layer the policy converts
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("size", [(8, 8), (5, 7), (1, 1), (12, 6)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_winograd_equals_direct_convolution_in_float64(m, size, with_bias) -> None:
+    """The algorithm is exact: in float64 it equals the direct convolution to rounding, for sizes
+    that are not multiples of the tile (padded tiles, cropped output) and a channels-last input."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, *size, dtype=torch.float64, generator=g)
+    w = torch.randn(7, 5, 3, 3, dtype=torch.float64, generator=g)
+    b = torch.randn(7, dtype=torch.float64, generator=g) if with_bias else None
+    ref = F.conv2d(x, w, b, padding=1)
+    y = winograd_conv3x3(x, winograd_weight(w, m), b, m)
+    assert y.shape == ref.shape
+    assert (y - ref).abs().max().item() < 1e-12 * ref.abs().max().item()
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(winograd_conv3x3(xcl, winograd_weight(w, m), b, m), ref, atol=1e-12)
+
+
+def test_fp32_error_against_float64_is_that_of_the_direct_kernel() -> None:
+    """F(2x2) rounds like the direct convolution; F(4x4)'s larger transform coefficients cost
+    about 20x that, still ~1e-5 relative."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 64, 16, 16, dtype=torch.float64, generator=g)
+    w = torch.randn(96, 64, 3, 3, dtype=torch.float64, generator=g) / 24
+    ref = F.conv2d(x, w, padding=1)
+    direct = _rel(F.conv2d(x.float(), w.float(), padding=1), ref)
+    f2 = _rel(winograd_conv3x3(x.float(), winograd_weight(w.float(), 2), None, 2), ref)
+    f4 = _rel(winograd_conv3x3(x.float(), winograd_weight(w.float(), 4), None, 4), ref)
+    assert direct < 1e-6
+    assert f2 < 3 * direct
+    assert f4 < 5e-5
+
+
+def test_bf16_f2_error_is_close_to_the_direct_bf16_kernel() -> None:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 64, 16, 16, dtype=torch.float64, generator=g)
+    w = torch.randn(96, 64, 3, 3, dtype=torch.float64, generator=g) / 24
+    ref = F.conv2d(x, w, padding=1)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    direct = _rel(F.conv2d(xb, wb, padding=1), ref)
+    f2 = _rel(winograd_conv3x3(xb, winograd_weight(wb, 2, torch.bfloat16), None, 2), ref)
+    assert f2 < 2.5 * direct < 2.5e-2
+
+
+def test_bad_inputs_are_named() -> None:
+    with pytest.raises(ValueError, match="tile size 3"):
+        winograd_weight(torch.randn(4, 4, 3, 3), 3)
+    with pytest.raises(ValueError, match=r"\[C_out, C_in, 3, 3\]"):
+        winograd_weight(torch.randn(4, 4, 5, 5), 2)
+    with pytest.raises(ValueError, match="8 channels"):
+        winograd_conv3x3(
+            torch.randn(1, 8, 4, 4), winograd_weight(torch.randn(4, 6, 3, 3), 2), None, 2
+        )
+
+
+def _wide_conv(seed: int = 0) -> WinogradConv2d:
+    torch.manual_seed(seed)
+    return WinogradConv2d(WIDE, WIDE, 3, padding=1)
+
+
+def _plain(conv: nn.Conv2d) -> nn.Conv2d:
+    plain = nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=1)
+    plain.load_state_dict(conv.state_dict())
+    return plain
+
+
+@pytest.mark.parametrize(
+    ("pixels", "fp32", "bf16"), [((8, 8), 2, 2), ((16, 16), 2, 2), ((32, 32), 4, 0)]
+)
+def test_policy_in_inference(pixels, fp32, bf16) -> None:
+    conv = _wide_conv()
+    x = torch.randn(1, WIDE, *pixels)
+    with torch.no_grad():
+        assert tile_size(conv, x, torch.float32) == fp32
+        assert tile_size(conv, x, torch.bfloat16) == bf16
+        assert tile_size(conv, x, torch.float16) == 0
+
+
+def test_policy_keeps_the_direct_convolution_where_it_does_not_pay_or_cannot_apply() -> None:
+    conv = _wide_conv()
+    x = torch.randn(1, WIDE, 8, 8)
+    assert tile_size(conv, x, torch.float32) == 0  # autograd graph (weights require grad)
+    with torch.no_grad():
+        assert tile_size(conv, torch.randn(1, WIDE, 8, 8, device="meta"), torch.float32) == 0
+        narrow = WinogradConv2d(WIDE - 1, WIDE, 3, padding=1)
+        assert tile_size(narrow, torch.randn(1, WIDE - 1, 8, 8), torch.float32) == 0
+        strided = WinogradConv2d(WIDE, WIDE, 3, padding=1, stride=2)
+        assert tile_size(strided, x, torch.float32) == 0
+        assert tile_size(WinogradConv2d(WIDE, WIDE, 1), x, torch.float32) == 0
+        with winograd_enabled(False):
+            assert tile_size(conv, x, torch.float32) == 0
+    conv.requires_grad_(False)
+    assert tile_size(conv, x, torch.float32) == 2  # frozen weights, input without grad
+    assert tile_size(conv, x.requires_grad_(), torch.float32) == 0
+
+
+def test_env_switch(monkeypatch) -> None:
+    conv = _wide_conv()
+    x = torch.randn(1, WIDE, 8, 8)
+    monkeypatch.setenv("LDM_WINOGRAD", "0")
+    with torch.no_grad():
+        assert tile_size(conv, x, torch.float32) == 0
+        with winograd_enabled(True):
+            assert tile_size(conv, x, torch.float32) == 2
+
+
+def test_inference_matches_nn_conv2d_and_uses_the_cache() -> None:
+    clear_cache()
+    conv = _wide_conv()
+    plain = _plain(conv)
+    x = torch.randn(2, WIDE, 8, 8)
+    with torch.no_grad():
+        y = conv(x)
+        assert cache_bytes() == 16 * WIDE * WIDE * 4  # F(2x2): 16 transformed taps, fp32
+        ref = plain(x)
+        assert not torch.equal(y, ref)  # the Winograd path ran
+        assert _rel(y, ref) < 1e-5
+        with winograd_enabled(False):
+            assert torch.equal(conv(x), ref)  # switched off: the direct kernel, bit for bit
+
+
+def test_cache_follows_weight_changes() -> None:
+    clear_cache()
+    conv = _wide_conv()
+    x = torch.randn(1, WIDE, 8, 8)
+    with torch.no_grad():
+        conv(x)
+        conv.weight.mul_(-2.0)  # in-place edit (LoRA merge, EMA swap)
+        assert _rel(conv(x), _plain(conv)(x)) < 1e-5
+        conv.load_state_dict(_wide_conv(seed=3).state_dict())
+        assert _rel(conv(x), _plain(conv)(x)) < 1e-5
+        conv.weight = nn.Parameter(torch.randn_like(conv.weight) / 50)  # a new parameter
+        assert _rel(conv(x), _plain(conv)(x)) < 1e-5
+        conv.to(torch.bfloat16)
+        y = conv(x.bfloat16())
+        assert y.dtype == torch.bfloat16
+        assert _rel(y, _plain(conv.float())(x)) < 2e-2
+    assert cache_bytes() == 16 * WIDE * WIDE * 2  # one entry per module, the latest (bf16)
+
+
+def test_copies_do_not_carry_the_cache() -> None:
+    clear_cache()
+    conv = _wide_conv()
+    with torch.no_grad():
+        conv(torch.randn(1, WIDE, 8, 8))
+    before = cache_bytes()
+    clone = copy.deepcopy(conv)
+    assert cache_bytes() == before
+    assert set(clone.state_dict()) == {"weight", "bias"}
+    del conv
+    import gc
+
+    gc.collect()
+    assert cache_bytes() == 0  # freed with the module
+
+
+def test_training_keeps_the_direct_convolution_bit_for_bit() -> None:
+    conv = _wide_conv()
+    plain = _plain(conv)
+    x = torch.randn(1, WIDE, 8, 8)
+    y, ref = conv(x), plain(x)
+    assert torch.equal(y, ref)
+    y.square().sum().backward()
+    ref.square().sum().backward()
+    assert torch.equal(conv.weight.grad, plain.weight.grad)
+
+
+def test_autocast_bf16_runs_the_transform_in_bf16() -> None:
+    clear_cache()
+    conv = _wide_conv()
+    x = torch.randn(1, WIDE, 16, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(x)
+        with winograd_enabled(False):
+            direct = conv(x)
+    assert y.dtype == direct.dtype == torch.bfloat16
+    assert cache_bytes() == 16 * WIDE * WIDE * 2
+    ref = _plain(conv)(x)
+    assert _rel(y, ref) < 2.5 * max(_rel(direct, ref), 4e-3)
+
+
+def test_unet_builds_winograd_convs_and_matches_the_direct_path() -> None:
+    """The U-Net's 2-D convolutions are WinogradConv2d (same keys); a U-Net wide enough for the
+    policy gives the direct path's output to float tolerance in inference."""
+    assert type(conv_nd(2, 4, 4, 3, padding=1)) is WinogradConv2d
+    assert type(conv_nd(1, 4, 4, 3)) is nn.Conv1d
+    torch.manual_seed(0)
+    unet = UNetModel(
+        image_size=8,
+        in_channels=4,
+        out_channels=4,
+        model_channels=WIDE,
+        attention_resolutions=[],
+        num_res_blocks=1,
+        channel_mult=[1],
+        num_heads=4,
+    ).eval()
+    with torch.no_grad():
+        for p in unet.parameters():  # zero-initialised output layers too
+            p.copy_(torch.randn_like(p) * 0.02)
+    assert sum(isinstance(m, WinogradConv2d) for m in unet.modules()) >= 3
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+    clear_cache()
+    with torch.no_grad():
+        y = unet(x, t)
+        assert cache_bytes() > 0
+        with winograd_enabled(False):
+            ref = unet(x, t)
+    assert not torch.equal(y, ref)
+    assert _rel(y, ref) < 1e-5
+    assert winograd.MIN_CHANNELS == WIDE
+
+
+def test_upsample_prefers_the_cached_winograd_conv_in_inference(monkeypatch) -> None:
+    """A wide U-Net Upsample in inference interpolates and runs the Winograd conv (the fused
+    upsampling conv rebuilds its kernels per call); with an autograd graph it still fuses."""
+    import ldm.modules.unet_layers as layers
+    from ldm.modules.upsample_conv import upsample_conv2d, worth_fusing
+    from ldm.modules.winograd import applies_after_upsampling
+
+    fused: list[int] = []
+
+    def counting(*args):
+        fused.append(1)
+        return upsample_conv2d(*args)
+
+    monkeypatch.setattr(layers, "upsample_conv2d", counting)
+    torch.manual_seed(0)
+    up = layers.Upsample(WIDE, use_conv=True)
+    assert type(up.conv) is WinogradConv2d
+    x = torch.randn(2, WIDE, 16, 16)  # 512 source pixels: worth fusing without Winograd
+    with torch.no_grad():
+        assert applies_after_upsampling(up.conv, x) and not worth_fusing(up.conv, x)
+        y = up(x)
+        assert fused == []
+        with winograd_enabled(False):
+            assert worth_fusing(up.conv, x)
+            ref = up(x)
+        assert fused == [1]
+    assert _rel(y, ref) < 5e-5  # 32x32 after upsampling: F(4x4)
+    assert worth_fusing(up.conv, x)  # grad mode, weights require grad: fuse
+    assert torch.allclose(up(x), ref, atol=1e-5 * ref.abs().max().item())
+    assert fused == [1, 1]
