@@ -7,15 +7,17 @@ channel pair instead of 9 m^2: 2.25x fewer for F(2x2, 3x3), 4x fewer for F(4x4, 
 
 On this project's CPUs oneDNN's direct convolution runs the U-Net's low-resolution, wide layers
 (1280 channels at 8x8 and 16x16) far below the machine's matmul rate; there the Winograd form
-takes 0.4-0.6 of the direct time (``benchmarks/bench_winograd.py``). The transformed weights
-(``(m + 2)^2 / 9`` times the weight's size) are computed once and cached per weight version, so
-the path is for inference (no autograd graph): training keeps the direct convolution, where the
-per-step weight transform ate the gain (measured: SD v1 U-Net forward+backward 1.10x of direct).
+takes 0.33-0.42 of the direct time, 0.42-0.80 at 32x32 and 64x64 with F(4x4) in fp32
+(``benchmarks/bench_winograd.py``; the SD v1 U-Net forward: 0.77-0.81x of diffusers in fp32,
+``benchmarks/README.md``). The transformed weights ((m + 2)^2 / 9 times the weight's size:
+4.2 GB for the SD v1 U-Net in fp32, 1.5 GB in bf16) are computed once and cached per weight
+version, so the path is for inference (no autograd graph); a training forward frees them.
+Training keeps the direct convolution: without a cache the per-step weight transform ate the
+gain (a first try: SD v1 U-Net forward+backward 1.10x of direct).
 
 Accuracy in fp32: F(2x2) matches the direct convolution's rounding error (about 5e-7 relative to
-the largest output against float64), F(4x4) is about 1e-5; the SD v1 U-Net's output moves by
-about 1.5e-5 relative. In bf16 only F(2x2) is used (F(4x4)'s larger transform coefficients lose
-too much in bf16).
+the largest output against float64), F(4x4) is about 1e-5. In bf16 only F(2x2) is used (F(4x4)'s
+larger transform coefficients lose too much in bf16: 6e-2).
 """
 
 from __future__ import annotations
@@ -127,8 +129,8 @@ def winograd_conv3x3(
     y = y.permute(3, 2, 4, 0, 5, 1).reshape(b, c_out, nh * m, nw * m)
     if nh * m != h or nw * m != w:
         y = y[:, :, :h, :w]
-    if bias is not None:
-        y = y + bias.to(y.dtype).view(1, -1, 1, 1)
+    if bias is not None:  # y (or what it views) is this call's own intermediate: add in place
+        y = y.add_(bias.to(y.dtype).view(1, -1, 1, 1))
     return y
 
 
@@ -251,4 +253,8 @@ class WinogradConv2d(nn.Conv2d):
                 if u is not None:
                     b = bias if bias is None else bias.to(dtype)
                     return winograd_conv3x3(input.to(dtype), u, b, m)
+            elif weight.requires_grad and torch.is_grad_enabled() and _CACHE:
+                # training again after sampling (image logging, evaluation): the weights are
+                # about to change, so free their transform instead of holding it through training
+                _CACHE.pop(self, None)
         return super()._conv_forward(input, weight, bias)

@@ -186,6 +186,18 @@ def test_copies_do_not_carry_the_cache() -> None:
     assert cache_bytes() == 0  # freed with the module
 
 
+def test_a_training_forward_frees_the_inference_cache() -> None:
+    """Sampling during training (image logging) must not leave the transforms allocated."""
+    clear_cache()
+    conv = _wide_conv()
+    x = torch.randn(1, WIDE, 8, 8)
+    with torch.no_grad():
+        conv(x)
+    assert cache_bytes() > 0
+    conv(x).sum().backward()
+    assert cache_bytes() == 0
+
+
 def test_training_keeps_the_direct_convolution_bit_for_bit() -> None:
     conv = _wide_conv()
     plain = _plain(conv)
