@@ -35,9 +35,9 @@ from ldm.modules.winograd import (  # noqa: E402
 
 logger = logging.getLogger("bench_winograd")
 
-#: (batch, C_in, H, W, C_out): SD v1's U-Net at 64x64 latents with guidance (batch 2), then the
-#: default run's U-Net sampling 48 prompts with guidance (batch 96, 8x8 and 4x4), then an SD VAE
-#: decoder layer at 256x256 pixels (batch 1).
+#: (batch, C_in, H, W, C_out): SD v1's U-Net at 64x64 latents with guidance (batch 2); larger
+#: batches and images (SD v2 at 768 px: 96x96 latents; SDXL: 128x128); the default run's U-Net
+#: sampling 48 prompts with guidance (batch 96, 8x8 and 4x4); SD VAE decoder layers (batch 1).
 SHAPES = (
     (2, 320, 64, 64, 320),
     (2, 640, 64, 64, 320),
@@ -50,6 +50,10 @@ SHAPES = (
     (2, 2560, 16, 16, 1280),
     (2, 1280, 8, 8, 1280),
     (2, 2560, 8, 8, 1280),
+    (4, 320, 64, 64, 320),
+    (2, 320, 96, 96, 320),
+    (2, 320, 128, 128, 320),
+    (8, 1280, 8, 8, 1280),
     (96, 64, 8, 8, 64),
     (96, 128, 4, 4, 128),
     (96, 256, 4, 4, 128),

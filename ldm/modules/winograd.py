@@ -73,6 +73,10 @@ MIN_CHANNELS = 320
 # - fp32: F(2x2) up to 8x8 images (0.33-0.36 of direct; F(4x4) 0.53-0.55), F(4x4) above it
 #   (0.34-0.37 at 16x16, 0.42-0.59 at 32x32, 0.57-0.87 at 64x64);
 FP32_F2_MAX_PIXELS = 16 * 16
+# - fp32 F(4x4) only while the batch's pixels (B * H * W) are at most this: its transformed input
+#   (2.25x the activation) then stays in cache; above it the transforms run at memory speed and
+#   the gain is gone (batch 4 at 64x64: 1.06; batch 2 at 96x96: 0.95, at 128x128: 1.11);
+FP32_F4_MAX_BATCH_PIXELS = 2 * 64 * 64
 # - bf16: F(2x2) up to 16x16 images (0.34-0.70); above it oneDNN's bf16 convolution is as fast
 #   or faster, and F(4x4) loses too much precision in bf16 (6e-2 relative).
 BF16_MAX_PIXELS = 16 * 16
@@ -177,7 +181,9 @@ def tile_size(
     if pixels is None:
         pixels = x.shape[2] * x.shape[3]
     if dtype == torch.float32:
-        return 2 if pixels <= FP32_F2_MAX_PIXELS else 4
+        if pixels <= FP32_F2_MAX_PIXELS:
+            return 2
+        return 4 if x.shape[0] * pixels <= FP32_F4_MAX_BATCH_PIXELS else 0
     if dtype == torch.bfloat16:
         return 2 if pixels <= BF16_MAX_PIXELS else 0
     return 0

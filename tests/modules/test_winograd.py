@@ -108,6 +108,16 @@ def test_policy_in_inference(pixels, fp32, bf16) -> None:
         assert tile_size(conv, x, torch.float16) == 0
 
 
+def test_policy_drops_f4_for_large_batches_of_large_images() -> None:
+    """F(4x4) pays only while its transformed input stays in cache (2 x 64 x 64 pixels)."""
+    conv = _wide_conv().requires_grad_(False)
+    meta = {"device": "cpu", "dtype": torch.float32}
+    assert tile_size(conv, torch.empty(2, WIDE, 64, 64, **meta), torch.float32) == 4
+    assert tile_size(conv, torch.empty(4, WIDE, 64, 64, **meta), torch.float32) == 0
+    assert tile_size(conv, torch.empty(2, WIDE, 96, 96, **meta), torch.float32) == 0
+    assert tile_size(conv, torch.empty(64, WIDE, 16, 16, **meta), torch.float32) == 2
+
+
 def test_policy_keeps_the_direct_convolution_where_it_does_not_pay_or_cannot_apply() -> None:
     conv = _wide_conv()
     x = torch.randn(1, WIDE, 8, 8)
