@@ -70,8 +70,9 @@ TILE_SIZES = tuple(_MATRICES)
 #   (the default run's 64-256 channel layers: 1.1-7x the direct time; a 256-channel layer at
 #   128x128: 1.07x with F(4x4));
 MIN_CHANNELS = 320
-# - fp32: F(2x2) up to 8x8 images (0.33-0.36 of direct; F(4x4) 0.53-0.55), F(4x4) above it
-#   (0.34-0.37 at 16x16, 0.42-0.59 at 32x32, 0.57-0.87 at 64x64);
+# - fp32: F(2x2) up to 16x16 images (0.33-0.42 of direct; F(4x4) is 0.53-0.55 at 8x8 and
+#   0.34-0.37 at 16x16, but its cached weight is 2.25x larger and those 1280-channel layers hold
+#   most of the U-Net's weights), F(4x4) above it (0.42-0.59 at 32x32, 0.57-0.87 at 64x64);
 FP32_F2_MAX_PIXELS = 16 * 16
 # - fp32 F(4x4) only while the batch's pixels (B * H * W) are at most this: its transformed input
 #   (2.25x the activation) then stays in cache; above it the transforms run at memory speed and
@@ -141,10 +142,23 @@ def winograd_conv3x3(
 _override: list[bool] = []  # innermost ``winograd_enabled`` last
 
 
+@cache
+def _parse_switch(value: str) -> bool:
+    word = value.strip().lower()
+    if word in ("1", "true", "yes", "on", ""):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(
+        f"LDM_WINOGRAD={value!r} is not a switch; set it to 0 (direct convolution everywhere) or "
+        "1 (the default: Winograd where it is faster), or unset it"
+    )
+
+
 def _enabled() -> bool:
     if _override:
         return _override[-1]
-    return os.environ.get("LDM_WINOGRAD", "1").strip().lower() not in ("0", "false", "no", "off")
+    return _parse_switch(os.environ.get("LDM_WINOGRAD", "1"))
 
 
 @contextmanager

@@ -144,6 +144,9 @@ def test_env_switch(monkeypatch) -> None:
         assert tile_size(conv, x, torch.float32) == 0
         with winograd_enabled(True):
             assert tile_size(conv, x, torch.float32) == 2
+        monkeypatch.setenv("LDM_WINOGRAD", "maybe")
+        with pytest.raises(ValueError, match="LDM_WINOGRAD='maybe' is not a switch"):
+            tile_size(conv, x, torch.float32)
 
 
 def test_inference_matches_nn_conv2d_and_uses_the_cache() -> None:
