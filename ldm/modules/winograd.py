@@ -11,7 +11,8 @@ takes 0.33-0.42 of the direct time, 0.42-0.80 at 32x32 and 64x64 with F(4x4) in 
 (``benchmarks/bench_winograd.py``; the SD v1 U-Net forward: 0.77-0.81x of diffusers in fp32,
 ``benchmarks/README.md``). The transformed weights ((m + 2)^2 / 9 times the weight's size:
 4.2 GB for the SD v1 U-Net in fp32, 1.5 GB in bf16) are computed once and cached per weight
-version, so the path is for inference (no autograd graph); a training forward frees them.
+version (and a probe of its values, for edits through ``.data``), so the path is for inference
+(no autograd graph); a training forward frees them.
 Training keeps the direct convolution: without a cache the per-step weight transform ate the
 gain (a first try: SD v1 U-Net forward+backward 1.10x of direct).
 
@@ -204,18 +205,32 @@ def tile_size(
 
 
 # Transformed weights, per module: the weight it came from (by identity, storage and version
-# counter), tile size and dtype, and U. Kept out of the module's __dict__ so copies, pickles and
-# state dicts never carry them; freed with the module.
-_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref, tuple, torch.Tensor]] = (
-    weakref.WeakKeyDictionary()
-)
+# counter), tile size and dtype, a probe of its values, and U. Kept out of the module's __dict__
+# so copies, pickles and state dicts never carry them; freed with the module.
+_CACHE: weakref.WeakKeyDictionary[
+    nn.Module, tuple[weakref.ref, tuple, torch.Tensor, torch.Tensor]
+] = weakref.WeakKeyDictionary()
+
+# Elements of the weight compared on every call (evenly strided): in-place edits through
+# ``.data`` (EMA swaps in ``ldm/ema.py``, PEFT's merge) do not move the version counter.
+PROBE_SIZE = 4096
+
+
+def _probe(weight: torch.Tensor) -> torch.Tensor:
+    w = weight.detach()
+    if w.is_contiguous() or w.is_contiguous(memory_format=torch.channels_last):
+        flat = w.as_strided((w.numel(),), (1,))  # dense: the storage in memory order, no copy
+    else:
+        flat = w.reshape(-1)
+    return flat[:: max(1, flat.numel() // PROBE_SIZE)].clone()
 
 
 def cached_weight(conv: nn.Conv2d, m: int, dtype: torch.dtype) -> torch.Tensor | None:
-    """``winograd_weight`` of ``conv.weight``, reused while the weight is unchanged (the same
-    tensor, storage and version counter: an in-place edit, ``load_state_dict``, ``.to()`` or a new
-    Parameter recomputes it); None when the weight's version cannot be read (inference-mode
-    tensors)."""
+    """``winograd_weight`` of ``conv.weight``, reused while the weight is unchanged: the same
+    tensor, storage and version counter (an in-place edit, ``load_state_dict``, ``.to()`` or a new
+    Parameter recomputes it) and the same values at ``PROBE_SIZE`` strided places (an edit
+    through ``.data``, which the version counter misses). None when the weight's version cannot
+    be read (inference-mode tensors)."""
     weight = conv.weight
     try:
         version = weight._version
@@ -223,12 +238,17 @@ def cached_weight(conv: nn.Conv2d, m: int, dtype: torch.dtype) -> torch.Tensor |
         return None
     key = (weight.data_ptr(), version, weight.dtype, weight.device, m, dtype)
     entry = _CACHE.get(conv)
-    if entry is not None and entry[0]() is weight and entry[1] == key:
-        return entry[2]
+    if (
+        entry is not None
+        and entry[0]() is weight
+        and entry[1] == key
+        and torch.equal(entry[2], _probe(weight))
+    ):
+        return entry[3]
     _CACHE.pop(conv, None)  # one entry per module: drop a stale transform before making the new one
     with torch.no_grad():
         u = winograd_weight(weight, m, dtype)
-    _CACHE[conv] = (weakref.ref(weight), key, u)
+    _CACHE[conv] = (weakref.ref(weight), key, _probe(weight), u)
     return u
 
 
@@ -239,7 +259,7 @@ def clear_cache() -> None:
 
 def cache_bytes() -> int:
     """Memory held by the cached transformed weights."""
-    return sum(u.numel() * u.element_size() for _, _, u in _CACHE.values())
+    return sum(u.numel() * u.element_size() for *_, u in _CACHE.values())
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

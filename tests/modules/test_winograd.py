@@ -176,6 +176,10 @@ def test_cache_follows_weight_changes() -> None:
         assert _rel(conv(x), _plain(conv)(x)) < 1e-5
         conv.weight = nn.Parameter(torch.randn_like(conv.weight) / 50)  # a new parameter
         assert _rel(conv(x), _plain(conv)(x)) < 1e-5
+        conv.weight.data.copy_(_wide_conv(seed=4).weight)  # no version bump (EMA swap, PEFT)
+        assert _rel(conv(x), _plain(conv)(x)) < 1e-5
+        conv.weight.data[:1].mul_(3.0)  # one output channel, through .data
+        assert _rel(conv(x), _plain(conv)(x)) < 1e-5
         conv.to(torch.bfloat16)
         y = conv(x.bfloat16())
         assert y.dtype == torch.bfloat16
@@ -298,3 +302,36 @@ def test_upsample_prefers_the_cached_winograd_conv_in_inference(monkeypatch) -> 
     assert worth_fusing(up.conv, x)  # grad mode, weights require grad: fuse
     assert torch.allclose(up(x), ref, atol=1e-5 * ref.abs().max().item())
     assert fused == [1, 1]
+
+
+def test_ema_swap_through_data_is_seen() -> None:
+    """``LitEma`` swaps weights through ``.data`` (no version bump); sampling with the EMA
+    weights and then with the trained ones must use each one's own transform."""
+    from ldm.ema import LitEma
+
+    clear_cache()
+    model = nn.Sequential(_wide_conv())
+    ema = LitEma(model)
+    with torch.no_grad():
+        model[0].weight.mul_(0.5)  # training moved the weights away from the shadow
+    x = torch.randn(1, WIDE, 8, 8)
+    with torch.no_grad():
+        trained = model(x)
+        ema.store(model.parameters())
+        ema.copy_to(model)
+        with winograd_enabled(False):
+            ema_direct = model(x)
+        assert _rel(model(x), ema_direct) < 1e-5
+        ema.restore(model.parameters())
+        assert _rel(model(x), trained) < 1e-5
+
+
+def test_channels_last_weights_are_probed_without_a_copy() -> None:
+    clear_cache()
+    conv = _wide_conv().to(memory_format=torch.channels_last)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(1, WIDE, 8, 8)
+    with torch.no_grad():
+        conv(x)
+        conv.weight.data.mul_(-1.0)
+        assert _rel(conv(x), _plain(conv)(x)) < 1e-5
