@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
 
-from ldm.modules.winograd import WinogradConv2d, applies_after_upsampling
+from ldm.modules.winograd import WinogradConv2d, applies_after_upsampling, compute_dtype
 
 
 def _tap_map() -> torch.Tensor:
@@ -90,9 +90,7 @@ def worth_fusing(conv: nn.Module, x: torch.Tensor) -> bool:
         return False
     if applies_after_upsampling(conv, x):  # inference: the cached Winograd weight is faster
         return False
-    low = x.dtype in _LOW_PRECISION or (
-        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in _LOW_PRECISION
-    )
+    low = compute_dtype(x) in _LOW_PRECISION or x.dtype in _LOW_PRECISION
     return x.shape[0] * x.shape[2] * x.shape[3] >= (2048 if low else 512)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -197,8 +198,6 @@ def test_copies_do_not_carry_the_cache() -> None:
     assert cache_bytes() == before
     assert set(clone.state_dict()) == {"weight", "bias"}
     del conv
-    import gc
-
     gc.collect()
     assert cache_bytes() == 0  # freed with the module
 
