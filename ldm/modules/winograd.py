@@ -23,8 +23,6 @@ larger transform coefficients lose too much in bf16: 6e-2).
 
 from __future__ import annotations
 
-import os
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from fractions import Fraction
@@ -33,6 +31,8 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ldm.modules.weight_cache import DerivedWeights, env_switch
 
 _HALF = Fraction(1, 2)
 
@@ -143,23 +143,14 @@ def winograd_conv3x3(
 _override: list[bool] = []  # innermost ``winograd_enabled`` last
 
 
-@cache
-def _parse_switch(value: str) -> bool:
-    word = value.strip().lower()
-    if word in ("1", "true", "yes", "on", ""):
-        return True
-    if word in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(
-        f"LDM_WINOGRAD={value!r} is not a switch; set it to 0 (direct convolution everywhere) or "
-        "1 (the default: Winograd where it is faster), or unset it"
-    )
-
-
 def _enabled() -> bool:
     if _override:
         return _override[-1]
-    return _parse_switch(os.environ.get("LDM_WINOGRAD", "1"))
+    return env_switch(
+        "LDM_WINOGRAD",
+        off="direct convolution everywhere",
+        on="Winograd where it is faster",
+    )
 
 
 @contextmanager
@@ -204,52 +195,16 @@ def tile_size(
     return 0
 
 
-# Transformed weights, per module: the weight it came from (by identity, storage and version
-# counter), tile size and dtype, a probe of its values, and U. Kept out of the module's __dict__
-# so copies, pickles and state dicts never carry them; freed with the module.
-_CACHE: weakref.WeakKeyDictionary[
-    nn.Module, tuple[weakref.ref, tuple, torch.Tensor, torch.Tensor]
-] = weakref.WeakKeyDictionary()
-
-# Elements of the weight compared on every call (evenly strided): in-place edits through
-# ``.data`` (EMA swaps in ``ldm/ema.py``, PEFT's merge) do not move the version counter.
-PROBE_SIZE = 4096
-
-
-def _probe(weight: torch.Tensor) -> torch.Tensor:
-    w = weight.detach()
-    if w.is_contiguous() or w.is_contiguous(memory_format=torch.channels_last):
-        flat = w.as_strided((w.numel(),), (1,))  # dense: the storage in memory order, no copy
-    else:
-        flat = w.reshape(-1)
-    return flat[:: max(1, flat.numel() // PROBE_SIZE)].clone()
+# Transformed weights, per module, while the weight is unchanged (``ldm.modules.weight_cache``).
+_CACHE = DerivedWeights()
 
 
 def cached_weight(conv: nn.Conv2d, m: int, dtype: torch.dtype) -> torch.Tensor | None:
-    """``winograd_weight`` of ``conv.weight``, reused while the weight is unchanged: the same
-    tensor, storage and version counter (an in-place edit, ``load_state_dict``, ``.to()`` or a new
-    Parameter recomputes it) and the same values at ``PROBE_SIZE`` strided places (an edit
-    through ``.data``, which the version counter misses). None when the weight's version cannot
-    be read (inference-mode tensors)."""
+    """``winograd_weight`` of ``conv.weight``, reused while the weight is unchanged (the same
+    tensor, storage, version counter and probed values: ``DerivedWeights``). None when the
+    weight's version cannot be read (inference-mode tensors)."""
     weight = conv.weight
-    try:
-        version = weight._version
-    except RuntimeError:
-        return None
-    key = (weight.data_ptr(), version, weight.dtype, weight.device, m, dtype)
-    entry = _CACHE.get(conv)
-    if (
-        entry is not None
-        and entry[0]() is weight
-        and entry[1] == key
-        and torch.equal(entry[2], _probe(weight))
-    ):
-        return entry[3]
-    _CACHE.pop(conv, None)  # one entry per module: drop a stale transform before making the new one
-    with torch.no_grad():
-        u = winograd_weight(weight, m, dtype)
-    _CACHE[conv] = (weakref.ref(weight), key, _probe(weight), u)
-    return u
+    return _CACHE.get(conv, (weight,), (m, dtype), lambda: winograd_weight(weight, m, dtype))
 
 
 def clear_cache() -> None:
@@ -259,7 +214,7 @@ def clear_cache() -> None:
 
 def cache_bytes() -> int:
     """Memory held by the cached transformed weights."""
-    return sum(u.numel() * u.element_size() for *_, u in _CACHE.values())
+    return _CACHE.nbytes()
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -293,8 +248,8 @@ class WinogradConv2d(nn.Conv2d):
                 if u is not None:
                     b = bias if bias is None else bias.to(dtype)
                     return winograd_conv3x3(input.to(dtype), u, b, m)
-            elif weight.requires_grad and torch.is_grad_enabled() and _CACHE:
+            elif weight.requires_grad and torch.is_grad_enabled() and len(_CACHE):
                 # training again after sampling (image logging, evaluation): the weights are
                 # about to change, so free their transform instead of holding it through training
-                _CACHE.pop(self, None)
+                _CACHE.drop(self)
         return super()._conv_forward(input, weight, bias)

@@ -21,6 +21,7 @@ from ldm.modules.encoders.base import (
     load_weights_file,
     strip_prefixes,
 )
+from ldm.modules.encoders.clip_fast import clip_text_forward
 from ldm.modules.encoders.long_prompt import DEFAULT_MAX_CHUNKS, LongPromptMixin
 from ldm.modules.encoders.tokenizer import CONTEXT_LENGTH, VOCAB_SIZE, get_tokenizer
 from ldm.util import ConfigError
@@ -243,15 +244,26 @@ class FrozenCLIPEmbedder(LongPromptMixin, FrozenWeightsMixin, AbstractEncoder):
         return self.encode_prompts(text, self._encode_ids, self._module_device())
 
     def _encode_ids(self, tokens: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """The chosen layer ``[M, L, D]`` (and the pooled state) of token ids ``[M, L]``."""
-        outputs = self.transformer(input_ids=tokens, output_hidden_states=self.layer == "hidden")
-        if self.layer == "last":
-            z = outputs.last_hidden_state
-        elif self.layer == "pooled":
-            z = outputs.pooler_output[:, None, :]
+        """The chosen layer ``[M, L, D]`` (and the pooled state) of token ids ``[M, L]``; on the
+        CPU without an autograd graph through ``clip_fast`` (same outputs, packed weights)."""
+        hidden = self.layer == "hidden"
+        fast = clip_text_forward(self.transformer, tokens, hidden=hidden)
+        if fast is not None:
+            last, pooled, states = fast
         else:
-            z = outputs.hidden_states[self.layer_idx]
-        return (z, outputs.pooler_output) if self.return_pooled else z
+            outputs = self.transformer(input_ids=tokens, output_hidden_states=hidden)
+            last, pooled, states = (
+                outputs.last_hidden_state,
+                outputs.pooler_output,
+                outputs.hidden_states,
+            )
+        if self.layer == "last":
+            z = last
+        elif self.layer == "pooled":
+            z = pooled[:, None, :]
+        else:
+            z = states[self.layer_idx]
+        return (z, pooled) if self.return_pooled else z
 
     def get_unconditional_conditioning(self, batch_size: int, device: Any = None) -> list[str]:
         """The null condition as input: ``batch_size`` empty prompts (encode them for the context)."""
