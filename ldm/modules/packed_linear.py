@@ -49,16 +49,13 @@ class PackedLinear:
         self.out_features, self.in_features = self.weight.shape
         self.kind = "plain"
         self.packed: torch.Tensor | None = None
-        if self.weight.device.type != "cpu":
-            return
+        kind = self.kind_for(self.weight)
         try:
-            big = self.weight.numel() >= MKL_MIN_ELEMENTS
-            if self.weight.dtype == torch.float32 and big and _mkl_ok():
+            if kind == "mkl":
                 self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight, ROWS_HINT)
-                self.kind = "mkl"
-            elif self.weight.dtype == torch.bfloat16 and _mkldnn_ok():
+            elif kind == "mkldnn":
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, ROWS_HINT)
-                self.kind = "mkldnn"
+            self.kind = kind
         except RuntimeError as err:  # a CPU or build without the kernel for this dtype
             logger.debug("PackedLinear: keeping F.linear (%s)", err)
             self.kind, self.packed = "plain", None
@@ -66,6 +63,18 @@ class PackedLinear:
             # the packed copy is all the kernels read: free the plain one, keeping its shape
             # (MKL's call takes the original weight and reads it only for another row count)
             self.weight = self.weight.new_zeros(()).expand(self.out_features, self.in_features)
+
+    @staticmethod
+    def kind_for(weight: torch.Tensor) -> str:
+        """The packing a weight gets: "mkl" (fp32 of at least ``MKL_MIN_ELEMENTS``), "mkldnn"
+        (bf16) or "plain" (anything else, or a build without the kernel)."""
+        if weight.device.type != "cpu":
+            return "plain"
+        if weight.dtype == torch.float32 and weight.numel() >= MKL_MIN_ELEMENTS and _mkl_ok():
+            return "mkl"
+        if weight.dtype == torch.bfloat16 and _mkldnn_ok():
+            return "mkldnn"
+        return "plain"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "plain":

@@ -8,7 +8,11 @@ apply (``fast_path_applies``): then the caller runs the module itself. Per layer
 
 - q, k and v as one linear layer (the weights concatenated),
 - causal ``scaled_dot_product_attention`` without a mask tensor,
-- the activation in place on the MLP's own intermediate,
+- the activation in place on the MLP's own intermediate; where the MLP's weights are packed
+  (results then differ from the module's by the GEMM's rounding anyway) quick-GELU runs as one
+  SiLU, ``x * sigmoid(1.702 x) = silu(1.702 x) / 1.702``, with 1.702 folded into fc1 and
+  1 / 1.702 into fc2; elsewhere it is transformers' expression, and the outputs are bit for bit
+  the module's,
 - every linear layer pre-packed for the CPU's GEMM (``ldm.modules.packed_linear``: MKL's packed
   sgemm in fp32, oneDNN's blocked layout in bf16),
 
@@ -134,8 +138,25 @@ class _FastLayer:
         self.out = PackedLinear(attn.out_proj.weight, attn.out_proj.bias)
         self.quick = activation == "quick_gelu"
         self.tanh = activation in ("gelu_new", "gelu_pytorch_tanh")
-        self.fc1 = PackedLinear(mlp.fc1.weight, mlp.fc1.bias)
-        self.fc2 = PackedLinear(mlp.fc2.weight, mlp.fc2.bias)
+        w1, w2 = mlp.fc1.weight, mlp.fc2.weight
+        self.folded = self.quick and "plain" not in {
+            PackedLinear.kind_for(w1),
+            PackedLinear.kind_for(w2),
+        }
+        if self.folded:  # silu(1.702 h) / 1.702: the factors go into the packed fc1 and fc2
+            work = torch.float64 if w1.dtype == torch.float64 else torch.float32
+            b1 = mlp.fc1.bias
+            self.fc1 = PackedLinear(
+                (w1.detach().to(work) * QUICK_GELU).to(w1.dtype),
+                None if b1 is None else (b1.detach().to(work) * QUICK_GELU).to(b1.dtype),
+                owns_weight=True,
+            )
+            self.fc2 = PackedLinear(
+                (w2.detach().to(work) / QUICK_GELU).to(w2.dtype), mlp.fc2.bias, owns_weight=True
+            )
+        else:
+            self.fc1 = PackedLinear(w1, mlp.fc1.bias)
+            self.fc2 = PackedLinear(w2, mlp.fc2.bias)
         self.num_heads = num_heads
         self.norm1, self.norm2 = layer.layer_norm1, layer.layer_norm2
 
@@ -150,7 +171,9 @@ class _FastLayer:
         x = x + self.out(o.transpose(1, 2).reshape(b, n, d))
         h = F.layer_norm(x, (d,), self.norm2.weight, self.norm2.bias, self.norm2.eps)
         h = self.fc1(h)
-        if self.quick:  # transformers' x * sigmoid(1.702 x), on h's own storage
+        if self.folded:
+            h = F.silu(h, inplace=True)
+        elif self.quick:  # transformers' x * sigmoid(1.702 x), on h's own storage
             h = h.mul_(torch.sigmoid(h * QUICK_GELU))
         else:
             h = F.gelu(h, approximate="tanh" if self.tanh else "none")
