@@ -16,9 +16,9 @@ apply (``fast_path_applies``): then the caller runs the module itself. Per layer
 - every linear layer pre-packed for the CPU's GEMM (``ldm.modules.packed_linear``: MKL's packed
   sgemm in fp32, oneDNN's blocked layout in bf16),
 
-with the fused and packed weights cached per layer while its parameters are unchanged
-(``ldm.modules.weight_cache``; about 1 GB for CLIP ViT-L/14 in fp32, mostly MKL's packed copies,
-0.25 GB in bf16). Measured in ``benchmarks/bench_text_encoder.py``. It applies on the CPU when
+with the fused and packed weights cached per model while its linear layers' parameters are
+unchanged (``ldm.modules.weight_cache``; about 0.7 GB for CLIP ViT-L/14 in fp32, MKL's packed
+buffers, 0.16 GB in bf16). Measured in ``benchmarks/bench_text_encoder.py``. It applies on the CPU when
 no autograd graph is needed (nothing requires grad, or grad mode is off), outside autocast and
 ``torch.compile``, for the standard module layout (no PEFT layers, parametrizations or hooks
 inside the encoder), ``quick_gelu`` / ``gelu`` activations and no attention dropout in training
