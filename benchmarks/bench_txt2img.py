@@ -1,9 +1,10 @@
 """Benchmark: end-to-end txt2img, ours (`model.generate`) vs diffusers' StableDiffusionPipeline.
 
 SD v1 sizes built from the built-in hyperparameters with random weights (no downloads): the U-Net
-of configs v1-inference.yaml, the f8 KL autoencoder, CLIP ViT-L/14's text tower (transformers'
-CLIPTextModel, the same module in both pipelines) and our offline tokenizer (wrapped for
-diffusers). diffusers gets the same weights through its own single-file converters. Both run
+of configs v1-inference.yaml, the f8 KL autoencoder, CLIP ViT-L/14's text tower (one transformers
+CLIPTextModel shared by both pipelines: diffusers calls the module, ours runs its parameters
+through the packed CPU forward of ldm/modules/encoders/clip_fast.py) and our offline tokenizer
+(wrapped for diffusers). diffusers gets the same weights through its own single-file converters. Both run
 DPM++ 2M (diffusers: DPMSolverMultistepScheduler) with classifier-free guidance and decode with
 the VAE; runs are interleaved, wall and process CPU time are printed with the ratio ours/diffusers,
 plus the text-encode and VAE-decode parts alone.
