@@ -158,18 +158,19 @@ class _FastLayer:
             self.fc1 = PackedLinear(w1, mlp.fc1.bias)
             self.fc2 = PackedLinear(w2, mlp.fc2.bias)
         self.num_heads = num_heads
-        self.norm1, self.norm2 = layer.layer_norm1, layer.layer_norm2
+        self.layer = layer  # its LayerNorms are read live on every call
 
     def nbytes(self) -> int:
         return sum(f.nbytes() for f in (self.qkv, self.out, self.fc1, self.fc2))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        h = F.layer_norm(x, (d,), self.norm1.weight, self.norm1.bias, self.norm1.eps)
+        norm1, norm2 = self.layer.layer_norm1, self.layer.layer_norm2
+        h = F.layer_norm(x, (d,), norm1.weight, norm1.bias, norm1.eps)
         qkv = self.qkv(h).view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=True, scale=self.scale)
         x = x + self.out(o.transpose(1, 2).reshape(b, n, d))
-        h = F.layer_norm(x, (d,), self.norm2.weight, self.norm2.bias, self.norm2.eps)
+        h = F.layer_norm(x, (d,), norm2.weight, norm2.bias, norm2.eps)
         h = self.fc1(h)
         if self.folded:
             h = F.silu(h, inplace=True)

@@ -206,6 +206,11 @@ def test_cache_follows_weight_edits() -> None:
     check()
     layer.mlp.fc2.weight = nn.Parameter(torch.randn_like(layer.mlp.fc2.weight))
     check()
+    new_norm = nn.LayerNorm(TINY["hidden_size"])  # a replaced LayerNorm module is read live
+    with torch.no_grad():
+        new_norm.weight.uniform_(0.5, 2.0)
+    layer.layer_norm2 = new_norm
+    check()
 
 
 def test_cache_is_freed_with_the_module_and_not_copied() -> None:
