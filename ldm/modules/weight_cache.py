@@ -55,21 +55,11 @@ class DerivedWeights:
             weakref.WeakKeyDictionary()
         )
 
-    def _probes(self, weights: Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
-        """The weights' probes: one tensor (a single comparison) where they share a dtype."""
+    def _probes(self, weights: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The weights' probes as one tensor (one comparison per lookup; ``cat`` promotes mixed
+        dtypes exactly)."""
         parts = [probe(w, self.probe_size) for w in weights]
-        if len(parts) == 1:
-            return parts[0]
-        if len({p.dtype for p in parts}) == 1:
-            return torch.cat(parts)
-        return parts
-
-    def _unchanged(self, stored: torch.Tensor | list[torch.Tensor], weights: Sequence) -> bool:
-        with torch.no_grad():
-            now = self._probes(weights)
-            if isinstance(stored, torch.Tensor) and isinstance(now, torch.Tensor):
-                return torch.equal(stored, now)
-            return isinstance(stored, list) and all(map(torch.equal, stored, now))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def get(
         self,
@@ -97,16 +87,14 @@ class DerivedWeights:
             entry is not None
             and entry[1] == key
             and all(ref() is w for ref, w in zip(entry[0], tensors, strict=True))
-            and self._unchanged(entry[2], weights)
+            and torch.equal(entry[2], self._probes(weights))
         ):
             return entry[3]
         self.drop(owner)  # one entry per module: free a stale value before building the new one
         with torch.no_grad():
             value = build()
         refs = tuple(weakref.ref(w) for w in tensors)
-        probes = self._probes(weights)
-        probes = probes.clone() if isinstance(probes, torch.Tensor) else [p.clone() for p in probes]
-        self._entries[owner] = (refs, key, probes, value)
+        self._entries[owner] = (refs, key, self._probes(weights).clone(), value)
         return value
 
     def drop(self, owner: nn.Module) -> None:

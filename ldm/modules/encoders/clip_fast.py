@@ -107,11 +107,11 @@ def fast_path_applies(model: nn.Module, input_ids: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
         return False
-    if any(_hooked(m) for m in (model, tm, encoder, embeddings)) or type(final_norm) is not (
-        nn.LayerNorm
+    if (
+        type(final_norm) is not nn.LayerNorm
+        or embeddings.position_embedding.weight.device.type != "cpu"
+        or any(_hooked(m) for m in (model, tm, encoder, embeddings))
     ):
-        return False
-    if embeddings.position_embedding.weight.device.type != "cpu":
         return False
     return all(_standard_layer(layer) for layer in encoder.layers)
 

@@ -7,18 +7,14 @@ import copy
 
 import pytest
 import torch
+from tiny_text_encoders import TINY_CLIP
 from torch import nn
 
 from ldm.modules.encoders import clip_fast
 from ldm.modules.encoders.clip import FrozenCLIPEmbedder
 from ldm.modules.encoders.clip_fast import cache_bytes, clear_cache, clip_text_forward
 
-TINY = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-}
+TINY = TINY_CLIP
 PROMPTS = ["a red square in the top left", "", "x " * 100]
 
 
