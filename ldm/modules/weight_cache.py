@@ -59,7 +59,9 @@ class DerivedWeights:
         """The weights' probes as one tensor (one comparison per lookup; ``cat`` promotes mixed
         dtypes exactly)."""
         parts = [probe(w, self.probe_size) for w in weights]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat(parts) if parts else torch.empty(0)  # no weights (a 0-layer encoder)
 
     def get(
         self,
