@@ -1,8 +1,9 @@
 """Benchmark: half-precision attention forward+backward on the CPU, PyTorch's bf16 kernel vs ours.
 
-`ldm.modules.attention_backends.attention` computes small bf16/fp16 CPU attention whose graph is
-recorded for a backward in fp32 (``CPU_HALF_BACKWARD_UPCAST_MAX``): PyTorch's CPU flash-attention
-backward in half precision has a fixed cost per (batch, head) slice. This times, in one run and
+`ldm.modules.attention_backends.attention` computes bf16/fp16 CPU attention whose graph is recorded
+for a backward in fp32 when it is small (``CPU_HALF_BACKWARD_UPCAST_MAX``) or the CPU has no native
+bf16 matmul (any size): PyTorch's CPU flash-attention backward in half precision has a fixed cost
+per (batch, head) slice, and is emulated without AMX / AVX512-BF16. This times, in one run and
 interleaved, the attention call alone at the default run's shapes and SD v1's, and the default
 run's U-Net (configs/txt2img.yaml, batch 64, 8x8 latents) forward+backward under bf16 autocast,
 with the upcast switched off ("bf16 kernel") and on ("ours"), against fp32.
@@ -31,24 +32,28 @@ from ldm.modules.attention import attention  # noqa: E402
 logger = logging.getLogger("bench_cpu_half_attention")
 
 #: (batch, heads, queries, keys, head dim): the default run's U-Net (8x8 and 4x4 latents, self
-#: and cross attention to 16 tokens) and SD v1's cross-attention at 32x32 and 8x8 latents.
+#: and cross attention to 16 tokens), SD v1's cross-attention at 32x32 and 8x8 latents and its
+#: self-attention at 64x64 and 32x32 (above the size limit: "ours" is the bf16 kernel on a CPU with
+#: native bf16, fp32 on one without).
 SHAPES = (
     (64, 2, 64, 64, 32),
     (64, 2, 64, 16, 32),
     (64, 4, 16, 16, 32),
     (2, 8, 1024, 77, 80),
     (2, 8, 64, 77, 160),
+    (2, 8, 4096, 4096, 40),
+    (2, 8, 1024, 1024, 80),
 )
 
 
 def _switched(upcast: bool, fn: Callable[[], None]) -> Callable[[], None]:
     def call() -> None:
-        saved = backends.CPU_HALF_BACKWARD_UPCAST_MAX
-        backends.CPU_HALF_BACKWARD_UPCAST_MAX = saved if upcast else -1
+        saved = backends.CPU_HALF_BACKWARD_IN_FP32
+        backends.CPU_HALF_BACKWARD_IN_FP32 = upcast
         try:
             fn()
         finally:
-            backends.CPU_HALF_BACKWARD_UPCAST_MAX = saved
+            backends.CPU_HALF_BACKWARD_IN_FP32 = saved
 
     return call
 
@@ -90,6 +95,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     logger.info("machine: %s", machine_line(args.threads))
+    logger.info("native bf16 matmul: %s", backends.native_half_matmul(torch.bfloat16))
     for shape in SHAPES:
         inner = 10 if shape[2] * shape[3] < 10_000 else 2
         run = _attention_case(shape, inner)

@@ -19,6 +19,8 @@ from collections.abc import Iterator
 
 import torch
 
+from ldm.cpu_features import native_half_matmul
+
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "autocast", "full", "fp32", "bf16", "fp16")
@@ -34,14 +36,9 @@ DTYPES = {
 
 
 def cpu_has_fast_bf16() -> bool:
-    """True when this CPU multiplies bf16 natively (AMX tiles or AVX512-BF16) through oneDNN;
-    torch's own checks (``torch.cpu._is_amx_tile_supported``, ``_is_avx512_bf16_supported``)."""
-    try:
-        if not torch.backends.mkldnn.is_available():
-            return False
-        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-    except (AttributeError, RuntimeError):  # a build without these checks: play safe
-        return False
+    """True when this CPU multiplies bf16 natively (AMX tiles or AVX512-BF16) through oneDNN
+    (``ldm.cpu_features.native_half_matmul``)."""
+    return native_half_matmul(torch.bfloat16)
 
 
 def check_precision(name: str, where: str = "precision") -> str:

@@ -21,6 +21,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from ldm.cpu_features import native_half_matmul
+
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("sdpa", "xformers", "math")
@@ -168,22 +170,33 @@ def attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-#: Largest queries x keys x head dim that `attention` computes in fp32 when a bf16/fp16 graph on
-#: the CPU will be differentiated. PyTorch's CPU flash-attention backward in half precision
-#: costs about 0.08 ms per (batch, head) slice however small the slice, so a training step of
-#: small attention (many short sequences: 64 x 2 heads x 64 queries) ran 3-8x slower than the
-#: same attention upcast to fp32 (benchmarks/bench_cpu_half_attention.py, Xeon with AMX); from
-#: about this size on (SD's 64 x 64 self-attention: 4096 x 4096 x 40) half precision is as fast
-#: or faster.
+#: Whether half-precision (bf16/fp16) CPU attention whose graph is recorded for a backward may
+#: run in fp32 (``_upcast_for_cpu_backward`` says when); False: always the half-precision kernel.
+CPU_HALF_BACKWARD_IN_FP32 = True
+
+#: On a CPU that multiplies the half type natively (AMX or AVX512-BF16 for bf16): the largest
+#: queries x keys x head dim that `attention` computes in fp32 when the graph will be
+#: differentiated. PyTorch's CPU flash-attention backward in half precision costs about 0.08 ms
+#: per (batch, head) slice however small the slice, so a training step of small attention (many
+#: short sequences: 64 x 2 heads x 64 queries) ran 3-8x slower than the same attention upcast to
+#: fp32 (benchmarks/bench_cpu_half_attention.py, Xeon with AMX); from about this size on (SD's 64 x
+#: 64 self-attention: 4096 x 4096 x 40) half precision was as fast or faster there.
+#: On a CPU without native half-precision matmul every size runs in fp32: the half kernels are
+#: emulated there (Xeon with AVX-512 but no BF16/AMX, torch 2.14.1: bf16 forward+backward 2.0 s vs
+#: 0.78 s upcast for 4096 x 4096 x 40, 0.20 vs 0.08 s for 1024 x 1024 x 80; fp16 7-15x slower).
 CPU_HALF_BACKWARD_UPCAST_MAX = 1 << 22
 
 
 def _upcast_for_cpu_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """True for small half-precision CPU attention whose graph is recorded for a backward."""
-    return (
-        q.device.type == "cpu"
+    """True for half-precision CPU attention whose graph is recorded for a backward, and is small
+    or on a CPU without native half-precision matmul."""
+    if not (
+        CPU_HALF_BACKWARD_IN_FP32
+        and q.device.type == "cpu"
         and q.dtype in (torch.bfloat16, torch.float16)
         and torch.is_grad_enabled()
         and (q.requires_grad or k.requires_grad or v.requires_grad)
-        and q.shape[-2] * k.shape[-2] * q.shape[-1] <= CPU_HALF_BACKWARD_UPCAST_MAX
-    )
+    ):
+        return False
+    small = q.shape[-2] * k.shape[-2] * q.shape[-1] <= CPU_HALF_BACKWARD_UPCAST_MAX
+    return small or not native_half_matmul(q.dtype)

@@ -208,7 +208,11 @@ def test_small_half_attention_with_grad_runs_in_fp32_on_cpu(dtype):
     torch.testing.assert_close(masked, _fp32_attention(q, k, v, mask.float()), rtol=0, atol=0)
 
 
-def test_half_attention_keeps_its_kernel_for_inference_and_large_sizes():
+@pytest.mark.parametrize("native", [True, False])
+def test_half_attention_keeps_its_kernel_for_inference_and_large_sizes(monkeypatch, native):
+    """Inference keeps the half kernel; above the size limit a differentiated half attention keeps
+    it only where the CPU multiplies bf16 natively (elsewhere the half kernel is emulated)."""
+    monkeypatch.setattr(backends, "native_half_matmul", lambda dtype: native)
     torch.manual_seed(0)
     q, k, v = (t.bfloat16() for t in _qkv(b=2, h=2, n=64, m=16, d=32))
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -218,9 +222,15 @@ def test_half_attention_keeps_its_kernel_for_inference_and_large_sizes():
     assert backends._upcast_for_cpu_backward(q, k, v)
     n = backends.CPU_HALF_BACKWARD_UPCAST_MAX // (16 * 32) + 1  # just above the limit
     big_q = torch.randn(1, 1, n, 32, dtype=torch.bfloat16, requires_grad=True)
-    assert not backends._upcast_for_cpu_backward(big_q, k[:1, :1], v[:1, :1])
-    torch.testing.assert_close(
-        attention(big_q, k[:1, :1], v[:1, :1]), sdpa(big_q, k[:1, :1], v[:1, :1]), rtol=0, atol=0
-    )
+    assert backends._upcast_for_cpu_backward(big_q, k[:1, :1], v[:1, :1]) == (not native)
+    got = attention(big_q, k[:1, :1], v[:1, :1])
+    if native:
+        want = sdpa(big_q, k[:1, :1], v[:1, :1])
+    else:
+        want = sdpa(*(t.float() for t in (big_q, k[:1, :1], v[:1, :1]))).bfloat16()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    monkeypatch.setattr(backends, "CPU_HALF_BACKWARD_IN_FP32", False)  # the switch: half kernel
+    assert not backends._upcast_for_cpu_backward(q, k, v)
+    monkeypatch.undo()
     assert not backends._upcast_for_cpu_backward(q.float(), k.float(), v.float())  # fp32 as is
     assert not backends._upcast_for_cpu_backward(q.to("meta"), k.to("meta"), v.to("meta"))
