@@ -7,7 +7,13 @@ inference), in fp32 and bf16, and prints the ratios and each output's error agai
 absolute difference over the largest output). ``ldm.modules.winograd.tile_size`` encodes the
 choice these numbers support; the row's ``policy`` column shows what it picks.
 
+``--training``: fp32 forward+backward instead (SD v1's shapes at batch 1-8): the direct
+convolution vs ``ldm.modules.conv_training``'s Winograd F(4x4) and im2col forms (weights transformed
+on every call, as in training), the gradients' errors against float64 (the larger of the input's
+and the weight's), and ``training_form``'s pick.
+
     python benchmarks/bench_winograd.py --repeats 5
+    python benchmarks/bench_winograd.py --training --repeats 5
 """
 
 from __future__ import annotations
@@ -26,8 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_txt2img import interleaved  # noqa: E402
 from bench_unet import machine_line  # noqa: E402
 
+from ldm.modules.conv2d import WinogradConv2d  # noqa: E402
+from ldm.modules.conv_training import FORMS, conv3x3_for_training, training_form  # noqa: E402
 from ldm.modules.winograd import (  # noqa: E402
-    WinogradConv2d,
     tile_size,
     winograd_conv3x3,
     winograd_weight,
@@ -62,6 +69,19 @@ SHAPES = (
 )
 
 
+#: fp32 training: SD v1's U-Net levels at batch 2 (64x64 latents), then batch 1, 4 and 8.
+TRAINING_SHAPES = (
+    *SHAPES[:11],
+    (1, 320, 64, 64, 320),
+    (4, 320, 64, 64, 320),
+    (1, 1280, 16, 16, 1280),
+    (1, 2560, 16, 16, 1280),
+    (4, 1280, 8, 8, 1280),
+    (8, 1280, 8, 8, 1280),
+    (2, 320, 8, 8, 320),
+)
+
+
 def _error(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.double() - ref).abs().max() / ref.abs().max()).item()
 
@@ -78,16 +98,68 @@ def _cases(
     }
 
 
+def _training_cases(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, grad: torch.Tensor
+) -> dict[str, Callable[[], tuple[torch.Tensor, torch.Tensor]]]:
+    """Forward+backward, direct and each training form; each returns (input grad, weight grad)."""
+
+    def case(conv: Callable[..., torch.Tensor]) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+        def run() -> tuple[torch.Tensor, torch.Tensor]:
+            xs, ws, bs = (t.detach().requires_grad_() for t in (x, weight, bias))
+            conv(xs, ws, bs).backward(grad)
+            return xs.grad, ws.grad
+
+        return run
+
+    cases = {"direct": case(lambda *a: F.conv2d(*a, padding=1))}
+    for form in FORMS:
+        cases[form] = case(lambda *a, form=form: conv3x3_for_training(form, *a))
+    return cases
+
+
+def training(repeats: int) -> None:
+    """fp32 forward+backward per shape: direct vs the training forms."""
+    for b, c, h, w, o in TRAINING_SHAPES:
+        x64 = torch.randn(b, c, h, w, dtype=torch.float64)
+        w64 = torch.randn(o, c, 3, 3, dtype=torch.float64) / (9 * c) ** 0.5
+        b64 = torch.randn(o, dtype=torch.float64)
+        g64 = torch.randn(b, o, h, w, dtype=torch.float64)
+        refs = _training_cases(x64, w64, b64, g64)["direct"]()
+        cases = _training_cases(x64.float(), w64.float(), b64.float(), g64.float())
+        errors = {  # also the warm-up
+            k: max(_error(got, ref) for got, ref in zip(fn(), refs)) for k, fn in cases.items()
+        }
+        res = interleaved(cases, repeats)
+        conv = WinogradConv2d(c, o, 3, padding=1)
+        policy = training_form(conv, x64.float().requires_grad_(), torch.float32)
+        direct = res["direct"]["s"]
+        logger.info(
+            "fp32 fwd+bwd %-22s direct %8.2f ms (err %.1e)  %s  policy %s",
+            str((b, c, h, w, o)),
+            direct * 1e3,
+            errors["direct"],
+            "  ".join(
+                f"{k} {res[k]['s'] * 1e3:8.2f} ms ({res[k]['s'] / direct:.2f}, err {errors[k]:.1e})"
+                for k in FORMS
+            ),
+            policy or "direct",
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--training", action="store_true", help="fp32 forward+backward forms")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     logger.info("machine: %s", machine_line(args.threads))
+    if args.training:
+        training(args.repeats)
+        return
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     for name in args.dtypes:
         dtype = dtypes[name]

@@ -14,9 +14,9 @@ from torch import nn
 
 from ldm.modules.activation_recompute import checkpoint
 from ldm.modules.attention import SpatialTransformer
+from ldm.modules.conv2d import WinogradConv2d
 from ldm.modules.norm_act import add_skip, norm_silu
 from ldm.modules.upsample_conv import upsample_conv2d, worth_fusing
-from ldm.modules.winograd import WinogradConv2d
 
 
 def conv_nd(dims: int, *args, **kwargs) -> nn.Module:

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
 
-from ldm.modules.winograd import WinogradConv2d, applies_after_upsampling, compute_dtype
+from ldm.modules.conv2d import WinogradConv2d, applies_after_upsampling
+from ldm.modules.winograd import compute_dtype
 
 
 def _tap_map() -> torch.Tensor:

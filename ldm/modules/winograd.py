@@ -12,9 +12,9 @@ takes 0.33-0.42 of the direct time, 0.42-0.80 at 32x32 and 64x64 with F(4x4) in 
 ``benchmarks/README.md``). The transformed weights ((m + 2)^2 / 9 times the weight's size:
 4.2 GB for the SD v1 U-Net in fp32, 1.5 GB in bf16) are computed once and cached per weight
 version (and a probe of its values, for edits through ``.data``), so the path is for inference
-(no autograd graph); a training forward frees them.
-Training keeps the direct convolution: without a cache the per-step weight transform ate the
-gain (a first try: SD v1 U-Net forward+backward 1.10x of direct).
+(no autograd graph); a training forward frees them. fp32 training uses F(4x4) with its own
+backward above 16x16 (``ldm.modules.conv_training``); below that, without a cache, the per-step
+weight transform eats the gain. ``ldm.modules.conv2d.WinogradConv2d`` picks the form per call.
 
 Accuracy in fp32: F(2x2) matches the direct convolution's rounding error (about 5e-7 relative to
 the largest output against float64), F(4x4) is about 1e-5. In bf16 only F(2x2) is used (F(4x4)'s
@@ -85,7 +85,7 @@ BF16_MAX_PIXELS = 16 * 16
 
 
 @cache
-def _kron_matrices(m: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def kron_matrices(m: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B^T x B^T, G x G, A^T x A^T) as dense matrices acting on flattened tiles."""
     if m not in _MATRICES:
         raise ValueError(f"Winograd tile size {m!r} is not supported; expected one of {TILE_SIZES}")
@@ -103,10 +103,25 @@ def winograd_weight(weight: torch.Tensor, m: int, dtype: torch.dtype | None = No
         raise ValueError(f"expected a [C_out, C_in, 3, 3] weight, got shape {tuple(weight.shape)}")
     out_dtype = dtype or weight.dtype
     work = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    _, kg, _ = _kron_matrices(m, work)
+    _, kg, _ = kron_matrices(m, work)
     c_out, c_in = weight.shape[:2]
     u = kg.to(weight.device) @ weight.to(work).reshape(c_out * c_in, 9).t()
     return u.view(-1, c_out, c_in).to(out_dtype)
+
+
+def input_transform(x: torch.Tensor, m: int) -> tuple[torch.Tensor, int, int]:
+    """``V = B^T d B`` for every (m + 2) x (m + 2) input tile ``d`` of the zero-padded ``x`` [B, C,
+    H, W] (tiles at stride m, the last ones padded): ``(V [(m + 2)^2, C, P], nH, nW)``, P = B nH nW
+    tiles in (batch, tile row, tile column) order."""
+    t = m + 2
+    b, c, h, w = x.shape
+    kb, _, _ = kron_matrices(m, x.dtype)
+    nh, nw = -(-h // m), -(-w // m)
+    xp = F.pad(x, (1, 1 + nw * m - w, 1, 1 + nh * m - h))
+    tiles = xp.unfold(2, t, m).unfold(3, t, m)  # [B, C, nH, nW, t, t] (a view)
+    p = b * nh * nw
+    d = tiles.permute(4, 5, 1, 0, 2, 3).reshape(t * t, c * p)  # one gather into tile-major order
+    return (kb.to(x.device) @ d).view(t * t, c, p), nh, nw
 
 
 def winograd_conv3x3(
@@ -122,14 +137,10 @@ def winograd_conv3x3(
             f"with {c} channels; expected [{t * t}, C_out, {c}]"
         )
     c_out = u.shape[1]
-    kb, _, ka = _kron_matrices(m, x.dtype)
-    kb, ka = kb.to(x.device), ka.to(x.device)
-    nh, nw = -(-h // m), -(-w // m)
-    xp = F.pad(x, (1, 1 + nw * m - w, 1, 1 + nh * m - h))
-    tiles = xp.unfold(2, t, m).unfold(3, t, m)  # [B, C, nH, nW, t, t] (a view)
+    _, _, ka = kron_matrices(m, x.dtype)
+    ka = ka.to(x.device)
+    v, nh, nw = input_transform(x, m)
     p = b * nh * nw
-    d = tiles.permute(4, 5, 1, 0, 2, 3).reshape(t * t, c * p)  # one gather into tile-major order
-    v = (kb @ d).view(t * t, c, p)  # B^T d B for every tile and channel
     prod = torch.bmm(u, v)  # [t^2, C_out, P]: the (m + 2)^2 channel products
     y = (ka @ prod.view(t * t, c_out * p)).view(m, m, c_out, b, nh, nw)  # A^T M A
     y = y.permute(3, 2, 4, 0, 5, 1).reshape(b, c_out, nh * m, nw * m)
@@ -143,7 +154,8 @@ def winograd_conv3x3(
 _override: list[bool] = []  # innermost ``winograd_enabled`` last
 
 
-def _enabled() -> bool:
+def winograd_is_on() -> bool:
+    """Whether the Winograd (and training) forms may run: ``winograd_enabled``, else ``LDM_WINOGRAD``."""
     if _override:
         return _override[-1]
     return env_switch(
@@ -181,7 +193,7 @@ def tile_size(
         or min(conv.in_channels, conv.out_channels) < MIN_CHANNELS
         or (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
         or torch.compiler.is_compiling()
-        or not _enabled()
+        or not winograd_is_on()
     ):
         return 0
     if pixels is None:
@@ -197,6 +209,12 @@ def tile_size(
 
 # Transformed weights, per module, while the weight is unchanged (``ldm.modules.weight_cache``).
 _CACHE = DerivedWeights()
+
+
+def drop_cached(conv: nn.Conv2d) -> None:
+    """Free ``conv``'s cached transformed weights, if any."""
+    if len(_CACHE):
+        _CACHE.drop(conv)
 
 
 def cached_weight(conv: nn.Conv2d, m: int, dtype: torch.dtype) -> torch.Tensor | None:
@@ -222,34 +240,3 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         return torch.get_autocast_dtype("cpu")
     return x.dtype
-
-
-def applies_after_upsampling(conv: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``conv`` would run in the Winograd form on ``x`` upsampled 2x (nearest): then the
-    fused upsampling conv, which rebuilds its kernels on every call, is the slower choice."""
-    if type(conv) is not WinogradConv2d or x.dim() != 4:
-        return False
-    return tile_size(conv, x, compute_dtype(x), pixels=4 * x.shape[2] * x.shape[3]) > 0
-
-
-class WinogradConv2d(nn.Conv2d):
-    """``nn.Conv2d`` (same parameters, state-dict keys and behaviour) whose 3x3 'same' calls on
-    the CPU without an autograd graph run as a Winograd convolution when ``tile_size`` picks one.
-    Set ``LDM_WINOGRAD=0`` to always use the direct convolution."""
-
-    def _conv_forward(
-        self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-    ) -> torch.Tensor:
-        if weight is self.weight:
-            dtype = compute_dtype(input)
-            m = tile_size(self, input, dtype)
-            if m:
-                u = cached_weight(self, m, dtype)
-                if u is not None:
-                    b = bias if bias is None else bias.to(dtype)
-                    return winograd_conv3x3(input.to(dtype), u, b, m)
-            elif weight.requires_grad and torch.is_grad_enabled() and len(_CACHE):
-                # training again after sampling (image logging, evaluation): the weights are
-                # about to change, so free their transform instead of holding it through training
-                _CACHE.drop(self)
-        return super()._conv_forward(input, weight, bias)

@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules import winograd
+from ldm.modules.conv2d import WinogradConv2d
 from ldm.modules.unet import UNetModel
 from ldm.modules.unet_layers import conv_nd
 from ldm.modules.winograd import (
     MIN_CHANNELS,
-    WinogradConv2d,
     cache_bytes,
     clear_cache,
     tile_size,
@@ -275,8 +275,8 @@ def test_upsample_prefers_the_cached_winograd_conv_in_inference(monkeypatch) -> 
     """A wide U-Net Upsample in inference interpolates and runs the Winograd conv (the fused
     upsampling conv rebuilds its kernels per call); with an autograd graph it still fuses."""
     import ldm.modules.unet_layers as layers
+    from ldm.modules.conv2d import applies_after_upsampling
     from ldm.modules.upsample_conv import upsample_conv2d, worth_fusing
-    from ldm.modules.winograd import applies_after_upsampling
 
     fused: list[int] = []
 

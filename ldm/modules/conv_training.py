@@ -1,0 +1,182 @@
+"""Faster forms of the 3x3 'same' convolution's forward+backward for fp32 CPU training.
+
+oneDNN's direct convolution runs the U-Net's forward+backward at 300-340 GFLOP/s at 32x32 and
+64x64 on this project's CPUs, but only ~110 GFLOP/s on 8x8 images with 1280 channels. Two exact
+reformulations, each an autograd function with its own backward (recomputing what it needs from
+the saved input and weight, so it saves no more than the direct convolution; the backward is
+built from differentiable operations, so double backward works too; under forward-mode AD and
+``torch.func`` transforms the direct convolution runs):
+
+- ``winograd4``: Winograd F(4x4, 3x3) (``ldm.modules.winograd``) for images above 16x16. Forward
+  Y = A^T [U . V] A with U = G g G^T, V = B^T d B; the input gradient is the same Winograd
+  convolution of dY with the flipped, transposed kernel; the weight gradient is
+  G^T [sum over tiles of (A dY A^T) V^T] G. 4x fewer multiplications, at the cost of transforming
+  the weights every step (no cache: they change) and ~1e-5 relative rounding (direct: ~5e-7).
+- ``im2col``: the convolution as one GEMM over the unfolded input (and two in the backward, the
+  input gradient folded back with ``F.fold``) where the batch's pixels are few and the channels
+  wide: MKL's GEMM runs there at ~3x oneDNN's convolution rate. Same rounding as the direct form.
+
+Per layer, fp32 forward+backward against oneDNN's, 2 threads, Xeon (AVX-512), torch 2.14.1
+(``benchmarks/bench_winograd.py --training``): winograd4 0.54-0.93 at 32x32 and 64x64 with batch
+2 (the wider the layer, the smaller the gain), 1.0-1.9 at 16x16 and below (the weight transforms
+dominate); im2col 0.50-0.76 up to 256 batch pixels with 1280 channels, 0.83-1.2 at 512, 1.3 for
+320 channels. ``training_form`` holds that policy; ``LDM_WINOGRAD=0`` turns both off.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd import forward_ad
+
+from ldm.modules.winograd import (
+    FP32_F2_MAX_PIXELS,
+    FP32_F4_MAX_BATCH_PIXELS,
+    MIN_CHANNELS,
+    input_transform,
+    kron_matrices,
+    winograd_conv3x3,
+    winograd_is_on,
+    winograd_weight,
+)
+
+FORMS = ("winograd4", "im2col")
+#: im2col: at most this many batch pixels (B * H * W): SD v1's 8x8 level at batch 1-4
+IM2COL_MAX_BATCH_PIXELS = 256
+#: im2col: at least this many input and output channels (a 320-channel layer at 8x8: 1.3x)
+IM2COL_MIN_CHANNELS = 640
+
+
+def training_form(conv: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype) -> str | None:
+    """The form (``FORMS``) to run ``conv`` on ``x`` with while an autograd graph is recorded, or
+    None for the direct convolution (not fp32 on the CPU, no graph, an unsupported geometry,
+    narrow channels, a channels-last input, compiling, or a size where the direct form is faster).
+    ``dtype``: the dtype the convolution runs in (the autocast dtype under autocast)."""
+    if (
+        dtype != torch.float32
+        or x.dtype != torch.float32
+        or conv.weight.dtype != torch.float32
+        or x.device.type != "cpu"
+        or x.dim() != 4
+        or not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
+        or conv.kernel_size != (3, 3)
+        or conv.stride != (1, 1)
+        or conv.padding != (1, 1)
+        or conv.dilation != (1, 1)
+        or conv.groups != 1
+        or conv.padding_mode != "zeros"
+        or min(conv.in_channels, conv.out_channels) < MIN_CHANNELS
+        or not x.is_contiguous()
+        or torch.compiler.is_compiling()
+        or torch._C._are_functorch_transforms_active()  # torch.func: no custom Function rules
+        or forward_ad._current_level >= 0  # forward-mode AD (jvp): not defined for them
+        or not winograd_is_on()
+    ):
+        return None
+    pixels = x.shape[2] * x.shape[3]
+    batch_pixels = x.shape[0] * pixels
+    if pixels > FP32_F2_MAX_PIXELS and batch_pixels <= FP32_F4_MAX_BATCH_PIXELS:
+        return "winograd4"
+    if (
+        batch_pixels <= IM2COL_MAX_BATCH_PIXELS
+        and min(conv.in_channels, conv.out_channels) >= IM2COL_MIN_CHANNELS
+    ):
+        return "im2col"
+    return None
+
+
+class _Winograd4Conv(torch.autograd.Function):
+    """3x3 'same' convolution in the F(4x4, 3x3) form, forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return winograd_conv3x3(x, winograd_weight(weight, 4), bias, 4)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        grad_x = grad_w = grad_b = None
+        if need_x:  # the transposed convolution: flip the kernel, swap its channel axes
+            flipped = winograd_weight(weight.flip(2, 3).transpose(0, 1), 4)
+            grad_x = winograd_conv3x3(grad, flipped, None, 4)
+        if need_w:
+            grad_w = _winograd_weight_grad(x, grad, 4)
+        if need_b and ctx.has_bias:
+            grad_b = grad.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b
+
+
+def _winograd_weight_grad(x: torch.Tensor, grad: torch.Tensor, m: int) -> torch.Tensor:
+    """dL/dg for Y = A^T [(G g G^T) . V] A summed over tiles: G^T [sum_P (A dY A^T) V^T] G."""
+    t = m + 2
+    b, c, h, w = x.shape
+    c_out = grad.shape[1]
+    _, kg, ka = kron_matrices(m, x.dtype)
+    v, nh, nw = input_transform(x, m)  # [t^2, C, P]
+    gp = F.pad(grad, (0, nw * m - w, 0, nh * m - h))  # whole output tiles (zeros past the edge)
+    tiles = gp.reshape(b, c_out, nh, m, nw, m).permute(3, 5, 1, 0, 2, 4).reshape(m * m, -1)
+    g_prod = (ka.t().to(x.device) @ tiles).view(t * t, c_out, b * nh * nw)  # A dY A^T per tile
+    g_u = torch.bmm(g_prod, v.transpose(1, 2))  # [t^2, C_out, C]
+    g = kg.t().to(x.device) @ g_u.view(t * t, c_out * c)  # G^T dU G: [9, C_out * C]
+    return g.view(3, 3, c_out, c).permute(2, 3, 0, 1).contiguous()
+
+
+class _Im2colConv(torch.autograd.Function):
+    """3x3 'same' convolution as one GEMM over the unfolded input, forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        b, _, h, w = x.shape
+        c_out = weight.shape[0]
+        w2 = weight.reshape(c_out, -1)
+        cols = _columns(x)
+        y = torch.mm(w2, cols) if bias is None else torch.addmm(bias.unsqueeze(1), w2, cols)
+        return y.view(c_out, b, h, w).permute(1, 0, 2, 3).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        b, c, h, w = x.shape
+        c_out = weight.shape[0]
+        g2 = grad.permute(1, 0, 2, 3).reshape(c_out, b * h * w)  # [C_out, B * H * W]
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            g_cols = torch.mm(weight.reshape(c_out, -1).t(), g2)  # [C * 9, B * H * W]
+            g_cols = g_cols.view(c * 9, b, h * w).permute(1, 0, 2)
+            grad_x = F.fold(g_cols, (h, w), 3, padding=1)
+        if need_w:
+            grad_w = torch.mm(g2, _columns(x).t()).view_as(weight)
+        if need_b and ctx.has_bias:
+            grad_b = g2.sum(1)
+        return grad_x, grad_w, grad_b
+
+
+def _columns(x: torch.Tensor) -> torch.Tensor:
+    """The 3x3 'same' patches of ``x`` [B, C, H, W] as [C * 9, B * H * W]."""
+    b, c, h, w = x.shape
+    return F.unfold(x, 3, padding=1).permute(1, 0, 2).reshape(c * 9, b * h * w)
+
+
+_FUNCTIONS = {"winograd4": _Winograd4Conv, "im2col": _Im2colConv}
+
+
+def conv3x3_for_training(
+    form: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """The stride-1, padding-1 3x3 convolution of ``x`` in ``form`` (``FORMS``), differentiable
+    in ``x``, ``weight`` and ``bias`` (twice too: the backward is made of differentiable ops)."""
+    if form not in _FUNCTIONS:
+        raise ValueError(f"unknown training convolution form {form!r}; expected one of {FORMS}")
+    if weight.shape[-2:] != (3, 3) or x.dim() != 4 or x.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"conv3x3_for_training needs x [B, C, H, W] and a [C_out, C, 3, 3] weight; got x "
+            f"{tuple(x.shape)} and weight {tuple(weight.shape)}"
+        )
+    return _FUNCTIONS[form].apply(x, weight, bias)
