@@ -33,9 +33,9 @@ from torch.autograd import forward_ad
 from ldm.modules.winograd import (
     FP32_F2_MAX_PIXELS,
     FP32_F4_MAX_BATCH_PIXELS,
-    MIN_CHANNELS,
     input_transform,
     kron_matrices,
+    wide_same_3x3,
     winograd_conv3x3,
     winograd_is_on,
     winograd_weight,
@@ -60,13 +60,7 @@ def training_form(conv: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype) -> str |
         or x.device.type != "cpu"
         or x.dim() != 4
         or not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
-        or conv.kernel_size != (3, 3)
-        or conv.stride != (1, 1)
-        or conv.padding != (1, 1)
-        or conv.dilation != (1, 1)
-        or conv.groups != 1
-        or conv.padding_mode != "zeros"
-        or min(conv.in_channels, conv.out_channels) < MIN_CHANNELS
+        or not wide_same_3x3(conv)
         or not x.is_contiguous()
         or torch.compiler.is_compiling()
         or torch._C._are_functorch_transforms_active()  # torch.func: no custom Function rules

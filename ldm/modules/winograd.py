@@ -175,6 +175,20 @@ def winograd_enabled(enabled: bool) -> Iterator[None]:
         _override.pop()
 
 
+def wide_same_3x3(conv: nn.Conv2d) -> bool:
+    """A 3x3, stride-1, zero-padding-1 ('same'), undilated, ungrouped convolution with at least
+    ``MIN_CHANNELS`` input and output channels: the shape the Winograd and training forms cover."""
+    return (
+        conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
+    )
+
+
 def tile_size(
     conv: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype, pixels: int | None = None
 ) -> int:
@@ -184,13 +198,7 @@ def tile_size(
     if (
         x.device.type != "cpu"
         or x.dim() != 4
-        or conv.kernel_size != (3, 3)
-        or conv.stride != (1, 1)
-        or conv.padding != (1, 1)
-        or conv.dilation != (1, 1)
-        or conv.groups != 1
-        or conv.padding_mode != "zeros"
-        or min(conv.in_channels, conv.out_channels) < MIN_CHANNELS
+        or not wide_same_3x3(conv)
         or (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
         or torch.compiler.is_compiling()
         or not winograd_is_on()
