@@ -14,13 +14,16 @@ built from differentiable operations, so double backward works too; under forwar
   the weights every step (no cache: they change) and ~1e-5 relative rounding (direct: ~5e-7).
 - ``im2col``: the convolution as one GEMM over the unfolded input (and two in the backward, the
   input gradient folded back with ``F.fold``) where the batch's pixels are few and the channels
-  wide: MKL's GEMM runs there at ~3x oneDNN's convolution rate. Same rounding as the direct form.
+  wide: oneDNN's convolution runs SD v1's 8x8 level at ~110 GFLOP/s, MKL's GEMM at ~300. Same
+  rounding as the direct form.
 
 Per layer, fp32 forward+backward against oneDNN's, 2 threads, Xeon (AVX-512), torch 2.14.1
-(``benchmarks/bench_winograd.py --training``): winograd4 0.54-0.93 at 32x32 and 64x64 with batch
-2 (the wider the layer, the smaller the gain), 1.0-1.9 at 16x16 and below (the weight transforms
-dominate); im2col 0.50-0.76 up to 256 batch pixels with 1280 channels, 0.83-1.2 at 512, 1.3 for
-320 channels. ``training_form`` holds that policy; ``LDM_WINOGRAD=0`` turns both off.
+(``benchmarks/bench_winograd.py --training``, table in ``benchmarks/README.md``): winograd4
+0.58-0.81 at 32x32 and 64x64 with batch 1-2 (the wider the layer, the smaller the gain), 0.95 at
+batch 4 x 64x64, 1.6-4.4 at 16x16 and below (the per-step weight transforms dominate); im2col
+0.54-0.96 up to 256 batch pixels with 1280-2560 channels, 0.92-1.10 at 512 (16x16 batch 2),
+1.06 at 8x8 batch 8, 1.24 for 320 channels. ``training_form`` holds that policy;
+``LDM_WINOGRAD=0`` turns both off.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from ldm.modules.winograd import (
 FORMS = ("winograd4", "im2col")
 #: im2col: at most this many batch pixels (B * H * W): SD v1's 8x8 level at batch 1-4
 IM2COL_MAX_BATCH_PIXELS = 256
-#: im2col: at least this many input and output channels (a 320-channel layer at 8x8: 1.3x)
+#: im2col: at least this many input and output channels (a 320-channel layer at 8x8: 1.24x)
 IM2COL_MIN_CHANNELS = 640
 
 
