@@ -15,8 +15,8 @@ from ldm.modules.conv_training import (
     conv3x3_for_training,
     training_form,
 )
-from ldm.modules.unet import UNetModel
 from ldm.modules.winograd import MIN_CHANNELS, winograd_enabled
+from tests.modules.test_winograd import wide_unet
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -196,19 +196,7 @@ def test_unet_training_step_matches_the_direct_convolution(monkeypatch) -> None:
     training form equal those of the direct convolution (LDM_WINOGRAD off) to fp32 tolerance."""
     calls = _spy(monkeypatch)
     torch.manual_seed(0)
-    unet = UNetModel(
-        image_size=32,
-        in_channels=4,
-        out_channels=4,
-        model_channels=MIN_CHANNELS,
-        attention_resolutions=[],
-        num_res_blocks=1,
-        channel_mult=[1],
-        num_heads=4,
-    )
-    with torch.no_grad():
-        for p in unet.parameters():  # zero-initialised output layers too
-            p.copy_(torch.randn_like(p) * 0.02)
+    unet = wide_unet(32)
     x, t = torch.randn(1, 4, 32, 32), torch.tensor([500])
 
     def grads() -> dict[str, torch.Tensor]:

@@ -239,14 +239,11 @@ def test_autocast_bf16_runs_the_transform_in_bf16() -> None:
     assert _rel(y, ref) < 2.5 * max(_rel(direct, ref), 4e-3)
 
 
-def test_unet_builds_winograd_convs_and_matches_the_direct_path() -> None:
-    """The U-Net's 2-D convolutions are WinogradConv2d (same keys); a U-Net wide enough for the
-    policy gives the direct path's output to float tolerance in inference."""
-    assert type(conv_nd(2, 4, 4, 3, padding=1)) is WinogradConv2d
-    assert type(conv_nd(1, 4, 4, 3)) is nn.Conv1d
-    torch.manual_seed(0)
+def wide_unet(image_size: int) -> UNetModel:
+    """One level of 320-channel ResBlocks (wide enough for the Winograd policy), N(0, 0.02)
+    weights everywhere (the zero-initialised output layers too)."""
     unet = UNetModel(
-        image_size=8,
+        image_size=image_size,
         in_channels=4,
         out_channels=4,
         model_channels=WIDE,
@@ -254,10 +251,20 @@ def test_unet_builds_winograd_convs_and_matches_the_direct_path() -> None:
         num_res_blocks=1,
         channel_mult=[1],
         num_heads=4,
-    ).eval()
+    )
     with torch.no_grad():
-        for p in unet.parameters():  # zero-initialised output layers too
+        for p in unet.parameters():
             p.copy_(torch.randn_like(p) * 0.02)
+    return unet
+
+
+def test_unet_builds_winograd_convs_and_matches_the_direct_path() -> None:
+    """The U-Net's 2-D convolutions are WinogradConv2d (same keys); a U-Net wide enough for the
+    policy gives the direct path's output to float tolerance in inference."""
+    assert type(conv_nd(2, 4, 4, 3, padding=1)) is WinogradConv2d
+    assert type(conv_nd(1, 4, 4, 3)) is nn.Conv1d
+    torch.manual_seed(0)
+    unet = wide_unet(8).eval()
     assert sum(isinstance(m, WinogradConv2d) for m in unet.modules()) >= 3
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
     clear_cache()
