@@ -46,11 +46,12 @@ class WinogradConv2d(nn.Conv2d):
                 if u is not None:
                     b = bias if bias is None else bias.to(dtype)
                     return winograd_conv3x3(input.to(dtype), u, b, m)
-            elif weight.requires_grad and torch.is_grad_enabled():
-                # training again after sampling (image logging, evaluation): the weights are
-                # about to change, so free their transform instead of holding it through training
-                drop_cached(self)
-            form = training_form(self, input, dtype) if not m else None
-            if form:
-                return conv3x3_for_training(form, input, weight, bias)
+            else:
+                if weight.requires_grad and torch.is_grad_enabled():
+                    # training again after sampling (image logging, evaluation): the weights are
+                    # about to change, so free their transform instead of holding it in training
+                    drop_cached(self)
+                form = training_form(self, input, dtype)
+                if form:
+                    return conv3x3_for_training(form, input, weight, bias)
         return super()._conv_forward(input, weight, bias)

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 from ldm.modules.conv2d import WinogradConv2d, applies_after_upsampling
-from ldm.modules.winograd import compute_dtype
+from ldm.modules.winograd import compute_dtype, same_3x3
 
 
 def _tap_map() -> torch.Tensor:
@@ -99,12 +99,7 @@ def fusable(conv: nn.Module) -> bool:
     """True when ``conv`` is a plain 2-D 3x3 'same' conv whose call ``upsample_conv2d`` may replace."""
     return (
         type(conv) in (nn.Conv2d, WinogradConv2d)
-        and conv.kernel_size == (3, 3)
-        and conv.stride == (1, 1)
-        and conv.padding == (1, 1)
-        and conv.dilation == (1, 1)
-        and conv.groups == 1
-        and conv.padding_mode == "zeros"
+        and same_3x3(conv)
         and not (conv._forward_hooks or conv._forward_pre_hooks)
         and not (_module._global_forward_hooks or _module._global_forward_pre_hooks)
     )

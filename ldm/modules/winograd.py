@@ -155,7 +155,8 @@ _override: list[bool] = []  # innermost ``winograd_enabled`` last
 
 
 def winograd_is_on() -> bool:
-    """Whether the Winograd (and training) forms may run: ``winograd_enabled``, else ``LDM_WINOGRAD``."""
+    """Whether the Winograd (and training) forms may run: the innermost ``winograd_enabled``,
+    else ``LDM_WINOGRAD``."""
     if _override:
         return _override[-1]
     return env_switch(
@@ -175,9 +176,8 @@ def winograd_enabled(enabled: bool) -> Iterator[None]:
         _override.pop()
 
 
-def wide_same_3x3(conv: nn.Conv2d) -> bool:
-    """A 3x3, stride-1, zero-padding-1 ('same'), undilated, ungrouped convolution with at least
-    ``MIN_CHANNELS`` input and output channels: the shape the Winograd and training forms cover."""
+def same_3x3(conv: nn.Conv2d) -> bool:
+    """A 3x3, stride-1, zero-padding-1 ('same'), undilated, ungrouped convolution."""
     return (
         conv.kernel_size == (3, 3)
         and conv.stride == (1, 1)
@@ -185,8 +185,13 @@ def wide_same_3x3(conv: nn.Conv2d) -> bool:
         and conv.dilation == (1, 1)
         and conv.groups == 1
         and conv.padding_mode == "zeros"
-        and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
     )
+
+
+def wide_same_3x3(conv: nn.Conv2d) -> bool:
+    """``same_3x3`` with at least ``MIN_CHANNELS`` input and output channels: the shape the
+    Winograd and training forms cover."""
+    return same_3x3(conv) and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
 
 
 def tile_size(
