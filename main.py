@@ -20,6 +20,7 @@ from ldm.data.datamodule import DataModuleFromConfig, WrappedDataset
 from ldm.errors import FAILURE, USAGE, RunFailure
 from ldm.launch import resolve_paths, run
 from ldm.launch_cli import get_parser, parse_command
+from ldm.malloc_policy import retain_freed_memory
 from ldm.run_dir import removed_if_unused
 from ldm.run_spec import RunSpec
 from ldm.sweep import run_sweep
@@ -102,4 +103,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    retain_freed_memory()  # before anything big is allocated
     sys.exit(main())

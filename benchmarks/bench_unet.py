@@ -8,9 +8,10 @@ machine) with the ratios ours/diffusers, the per-phase peak resident-memory incr
 activations; `--compile` adds torch.compile(ours) (and of diffusers, `--compile-diffusers`), with
 the compilation (warm-up) time reported separately; `--freeze` compiles with inductor's freezing
 (weights folded in as constants, for inference: what the sampling commands' `--compile` does; it
-has no effect on forward+backward). Timings run under glibc's allocator defaults (what users run);
-`--exact-memory` mmaps every allocation over 128 KiB so the memory column is exact, at the price
-of page faults that slow both sides.
+has no effect on forward+backward). Timings run under glibc's allocator defaults; `--retain-memory`
+keeps freed memory in the process for both sides (``ldm.malloc_policy``, what ``main.py`` and the
+sampling commands set); `--exact-memory` mmaps every allocation over 128 KiB so the memory column
+is exact, at the price of page faults that slow both sides.
 
     python benchmarks/bench_unet.py                       # SD v1, batch 2, 64x64 latents
     python benchmarks/bench_unet.py --latent 32 --repeats 3 --dtypes bf16
@@ -33,6 +34,7 @@ from collections.abc import Callable
 
 import torch
 
+from ldm.malloc_policy import retain_freed_memory
 from ldm.modules.unet import UNetModel
 from ldm.modules.winograd import cache_bytes, clear_cache, winograd_enabled
 
@@ -210,8 +212,8 @@ def _reexec_with_fixed_mmap_threshold() -> None:
     measure live memory; glibc's dynamic mmap threshold would otherwise keep freed blocks in the
     heap. The price is a page fault per fresh page on every allocation, which slows both sides
     (the SD v1 fp32 forward+backward by ~15%) and allocation-heavy code most, so timings are taken
-    under the allocator's defaults (what ``main.py`` and the sampling commands run with) unless
-    this is asked for."""
+    under the allocator's defaults (or, ``--retain-memory``, what ``main.py`` and the sampling
+    commands run with) unless this is asked for."""
     if "--exact-memory" in sys.argv and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
@@ -378,12 +380,21 @@ def main() -> None:
         "exact; slows both sides (page faults), allocation-heavy code most",
     )
     parser.add_argument(
+        "--retain-memory",
+        action="store_true",
+        help="keep freed memory in the process (ldm.malloc_policy, what main.py and the sampling "
+        "commands run with); applies to both sides",
+    )
+    parser.add_argument(
         "--compile-diffusers", action="store_true", help="with --compile: compile diffusers too"
     )
     parser.add_argument(
         "--freeze", action="store_true", help="with --compile: inductor freezing (inference)"
     )
     args = parser.parse_args()
+    if args.retain_memory and args.exact_memory:
+        parser.error("--retain-memory and --exact-memory contradict each other; pick one")
+    retained = args.retain_memory and retain_freed_memory()
     if args.freeze:
         from torch._inductor import config as inductor_config
 
@@ -395,6 +406,9 @@ def main() -> None:
         "allocator: %s",
         f"MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']} (memory column exact)"
         if os.environ.get("MALLOC_MMAP_THRESHOLD_")
+        else "freed memory kept in the process (--retain-memory, as the commands run; memory "
+        "column approximate)"
+        if retained
         else "glibc defaults (memory column approximate: freed blocks may stay in the heap)",
     )
     for dtype_name in args.dtypes.split(","):

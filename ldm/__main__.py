@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 
 from ldm.errors import exit_code, report
+from ldm.malloc_policy import retain_freed_memory
 
 
 def main() -> int:
@@ -22,4 +23,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    retain_freed_memory()
     sys.exit(main())

@@ -20,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
+from ldm.malloc_policy import retain_freed_memory
 from ldm.models.autoencoder_eval import evaluate_reconstruction
 from ldm.util import instantiate_from_config
 
@@ -165,4 +166,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    retain_freed_memory()
     main()

@@ -53,5 +53,5 @@ class WinogradConv2d(nn.Conv2d):
                     drop_cached(self)
                 form = training_form(self, input, dtype)
                 if form:
-                    return conv3x3_for_training(form, input, weight, bias)
+                    return conv3x3_for_training(form, input, weight, bias, self.stride[0])
         return super()._conv_forward(input, weight, bias)

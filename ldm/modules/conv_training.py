@@ -15,7 +15,10 @@ built from differentiable operations, so double backward works too; under forwar
 - ``im2col``: the convolution as one GEMM over the unfolded input (and two in the backward, the
   input gradient folded back with ``F.fold``) where the batch's pixels are few and the channels
   wide: oneDNN's convolution runs SD v1's 8x8 level at ~110 GFLOP/s, MKL's GEMM at ~300. Same
-  rounding as the direct form.
+  rounding as the direct form. Also the stride-2 downsampling conv into 8x8 (1280 channels),
+  whose oneDNN backward ran at ~40 GFLOP/s in a training step: forward+backward 0.43-0.64 of
+  oneDNN's at batch 1-4 (0.77-0.85 with ``ldm.malloc_policy``'s allocator setting), 0.92-0.96 at
+  640 channels, 1.2-1.6 at 32x32 and 64x64 (left direct).
 
 Per layer, fp32 forward+backward against oneDNN's, 2 threads, Xeon (AVX-512), torch 2.14.1
 (``benchmarks/bench_winograd.py --training``, table in ``benchmarks/README.md``): winograd4
@@ -63,7 +66,7 @@ def training_form(conv: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype) -> str |
         or x.device.type != "cpu"
         or x.dim() != 4
         or not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
-        or not wide_same_3x3(conv)
+        or not (wide_same_3x3(conv) or wide_same_3x3(conv, stride=2))
         or not x.is_contiguous()
         or torch.compiler.is_compiling()
         or torch._C._are_functorch_transforms_active()  # torch.func: no custom Function rules
@@ -71,14 +74,19 @@ def training_form(conv: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype) -> str |
         or not winograd_is_on()
     ):
         return None
+    wide_for_im2col = min(conv.in_channels, conv.out_channels) >= IM2COL_MIN_CHANNELS
+    if conv.stride == (2, 2):  # the downsampling conv: im2col by its output's batch pixels
+        ho, wo = _output_size(x, 2)
+        return (
+            "im2col"
+            if wide_for_im2col and x.shape[0] * ho * wo <= IM2COL_MAX_BATCH_PIXELS
+            else None
+        )
     pixels = x.shape[2] * x.shape[3]
     batch_pixels = x.shape[0] * pixels
     if pixels > FP32_F2_MAX_PIXELS and batch_pixels <= FP32_F4_MAX_BATCH_PIXELS:
         return "winograd4"
-    if (
-        batch_pixels <= IM2COL_MAX_BATCH_PIXELS
-        and min(conv.in_channels, conv.out_channels) >= IM2COL_MIN_CHANNELS
-    ):
+    if batch_pixels <= IM2COL_MAX_BATCH_PIXELS and wide_for_im2col:
         return "im2col"
     return None
 
@@ -122,51 +130,66 @@ def _winograd_weight_grad(x: torch.Tensor, grad: torch.Tensor, m: int) -> torch.
 
 
 class _Im2colConv(torch.autograd.Function):
-    """3x3 'same' convolution as one GEMM over the unfolded input, forward and backward."""
+    """3x3 convolution (padding 1, stride 1 or 2) as one GEMM over the unfolded input, forward
+    and backward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int):
         ctx.save_for_backward(x, weight)
-        b, _, h, w = x.shape
+        ctx.stride = stride
+        b = x.shape[0]
+        ho, wo = _output_size(x, stride)
         c_out = weight.shape[0]
         w2 = weight.reshape(c_out, -1)
-        cols = _columns(x)
+        cols = _columns(x, stride)
         y = torch.mm(w2, cols) if bias is None else torch.addmm(bias.unsqueeze(1), w2, cols)
-        return y.view(c_out, b, h, w).permute(1, 0, 2, 3).contiguous()
+        return y.view(c_out, b, ho, wo).permute(1, 0, 2, 3).contiguous()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad
+        need_x, need_w, need_b, _ = ctx.needs_input_grad
+        stride = ctx.stride
         b, c, h, w = x.shape
         c_out = weight.shape[0]
-        g2 = grad.permute(1, 0, 2, 3).reshape(c_out, b * h * w)  # [C_out, B * H * W]
+        g2 = grad.permute(1, 0, 2, 3).reshape(c_out, -1)  # [C_out, B * H_out * W_out]
         grad_x = grad_w = grad_b = None
         if need_x:
-            g_cols = torch.mm(weight.reshape(c_out, -1).t(), g2)  # [C * 9, B * H * W]
-            g_cols = g_cols.view(c * 9, b, h * w).permute(1, 0, 2)
-            grad_x = F.fold(g_cols, (h, w), 3, padding=1)
+            g_cols = torch.mm(weight.reshape(c_out, -1).t(), g2)  # [C * 9, B * H_out * W_out]
+            g_cols = g_cols.view(c * 9, b, -1).permute(1, 0, 2)
+            grad_x = F.fold(g_cols, (h, w), 3, padding=1, stride=stride)
         if need_w:
-            grad_w = torch.mm(g2, _columns(x).t()).view_as(weight)
+            grad_w = torch.mm(g2, _columns(x, stride).t()).view_as(weight)
         if need_b:  # False for a None bias
             grad_b = g2.sum(1)
-        return grad_x, grad_w, grad_b
+        return grad_x, grad_w, grad_b, None
 
 
-def _columns(x: torch.Tensor) -> torch.Tensor:
-    """The 3x3 'same' patches of ``x`` [B, C, H, W] as [C * 9, B * H * W]."""
-    b, c, h, w = x.shape
-    return F.unfold(x, 3, padding=1).permute(1, 0, 2).reshape(c * 9, b * h * w)
+def _output_size(x: torch.Tensor, stride: int) -> tuple[int, int]:
+    """The output height and width of a 3x3, padding-1 convolution with ``stride``."""
+    return (x.shape[2] - 1) // stride + 1, (x.shape[3] - 1) // stride + 1
+
+
+def _columns(x: torch.Tensor, stride: int = 1) -> torch.Tensor:
+    """The 3x3 patches (padding 1) of ``x`` [B, C, H, W] at ``stride`` as
+    [C * 9, B * H_out * W_out]."""
+    b, c = x.shape[:2]
+    return F.unfold(x, 3, padding=1, stride=stride).permute(1, 0, 2).reshape(c * 9, -1)
 
 
 _FUNCTIONS = {"winograd4": _Winograd4Conv, "im2col": _Im2colConv}
 
 
 def conv3x3_for_training(
-    form: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    form: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int = 1,
 ) -> torch.Tensor:
-    """The stride-1, padding-1 3x3 convolution of ``x`` in ``form`` (``FORMS``), differentiable
-    in ``x``, ``weight`` and ``bias`` (twice too: the backward is made of differentiable ops)."""
+    """The padding-1 3x3 convolution of ``x`` in ``form`` (``FORMS``; stride 2 only for
+    "im2col"), differentiable in ``x``, ``weight`` and ``bias`` (twice too: the backward is made
+    of differentiable ops)."""
     if form not in _FUNCTIONS:
         raise ValueError(f"unknown training convolution form {form!r}; expected one of {FORMS}")
     if weight.shape[-2:] != (3, 3) or x.dim() != 4 or x.shape[1] != weight.shape[1]:
@@ -174,4 +197,11 @@ def conv3x3_for_training(
             f"conv3x3_for_training needs x [B, C, H, W] and a [C_out, C, 3, 3] weight; got x "
             f"{tuple(x.shape)} and weight {tuple(weight.shape)}"
         )
-    return _FUNCTIONS[form].apply(x, weight, bias)
+    if stride not in (1, 2) or (stride == 2 and form != "im2col"):
+        raise ValueError(
+            f"conv3x3_for_training: stride {stride} with form {form!r}; expected stride 1, or 2 "
+            f"with 'im2col'"
+        )
+    if form == "im2col":
+        return _Im2colConv.apply(x, weight, bias, stride)
+    return _Winograd4Conv.apply(x, weight, bias)

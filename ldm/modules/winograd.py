@@ -176,11 +176,12 @@ def winograd_enabled(enabled: bool) -> Iterator[None]:
         _override.pop()
 
 
-def same_3x3(conv: nn.Conv2d) -> bool:
-    """A 3x3, stride-1, zero-padding-1 ('same'), undilated, ungrouped convolution."""
+def same_3x3(conv: nn.Conv2d, stride: int = 1) -> bool:
+    """A 3x3, stride-1 (or ``stride``), zero-padding-1 ('same' at stride 1), undilated, ungrouped
+    convolution."""
     return (
         conv.kernel_size == (3, 3)
-        and conv.stride == (1, 1)
+        and conv.stride == (stride, stride)
         and conv.padding == (1, 1)
         and conv.dilation == (1, 1)
         and conv.groups == 1
@@ -188,10 +189,10 @@ def same_3x3(conv: nn.Conv2d) -> bool:
     )
 
 
-def wide_same_3x3(conv: nn.Conv2d) -> bool:
+def wide_same_3x3(conv: nn.Conv2d, stride: int = 1) -> bool:
     """``same_3x3`` with at least ``MIN_CHANNELS`` input and output channels: the shape the
-    Winograd and training forms cover."""
-    return same_3x3(conv) and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
+    Winograd and training forms cover (the training im2col form at stride 2 too)."""
+    return same_3x3(conv, stride) and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
 
 
 def tile_size(

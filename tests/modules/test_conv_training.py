@@ -38,6 +38,25 @@ def test_gradients_are_exact_in_float64(form, size, with_bias) -> None:
     torch.testing.assert_close(y, F.conv2d(x, w, b, padding=1), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("size", [(8, 8), (5, 7), (1, 1), (2, 9)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_strided_im2col_gradients_are_exact_in_float64(size, with_bias) -> None:
+    """The downsampling conv (stride 2, padding 1) in the im2col form: gradcheck, gradgradcheck,
+    and the direct convolution's output, odd sizes included."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, *size, dtype=torch.float64, generator=g).requires_grad_()
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, generator=g).requires_grad_()
+    b = torch.randn(4, dtype=torch.float64, generator=g).requires_grad_() if with_bias else None
+
+    def f(*a):
+        return conv3x3_for_training("im2col", *a, stride=2)
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
+    want = F.conv2d(x, w, b, padding=1, stride=2)
+    torch.testing.assert_close(f(x, w, b), want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize(("form", "bound"), [("winograd4", 5e-5), ("im2col", 4e-6)])
 def test_fp32_rounding_against_float64(form, bound) -> None:
     """Output and gradients in fp32 against float64: F(4x4) ~1e-5 relative (its transform
@@ -113,6 +132,10 @@ def test_bad_arguments_are_named() -> None:
         conv3x3_for_training("fft", x, w, None)
     with pytest.raises(ValueError, match=r"\[C_out, C, 3, 3\] weight"):
         conv3x3_for_training("im2col", x, torch.randn(3, 2, 5, 5), None)
+    with pytest.raises(ValueError, match="stride 2 with form 'winograd4'"):
+        conv3x3_for_training("winograd4", x, w, None, stride=2)
+    with pytest.raises(ValueError, match="stride 3"):
+        conv3x3_for_training("im2col", x, w, None, stride=3)
 
 
 def _needs_grad(*shape: int) -> torch.Tensor:
@@ -143,8 +166,15 @@ def test_policy_picks_the_form_by_shape_dtype_and_graph(monkeypatch) -> None:
     wide.weight.requires_grad_(True)
     channels_last = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
     assert training_form(wide, channels_last, fp32) is None
+    # the downsampling conv: im2col up to 256 output batch pixels with im2col's width
     strided = WinogradConv2d(MIN_CHANNELS, MIN_CHANNELS, 3, padding=1, stride=2)
-    assert training_form(strided, x, fp32) is None
+    assert training_form(strided, x, fp32) is None  # narrower than im2col's width
+    down = WinogradConv2d(IM2COL_MIN_CHANNELS, IM2COL_MIN_CHANNELS, 3, padding=1, stride=2)
+    assert training_form(down, _needs_grad(2, IM2COL_MIN_CHANNELS, 16, 16), fp32) == "im2col"
+    assert training_form(down, _needs_grad(4, IM2COL_MIN_CHANNELS, 15, 15), fp32) == "im2col"
+    assert training_form(down, _needs_grad(2, IM2COL_MIN_CHANNELS, 32, 32), fp32) is None
+    wide_stride3 = WinogradConv2d(IM2COL_MIN_CHANNELS, IM2COL_MIN_CHANNELS, 3, padding=1, stride=3)
+    assert training_form(wide_stride3, _needs_grad(1, IM2COL_MIN_CHANNELS, 9, 9), fp32) is None
     assert training_form(WinogradConv2d(MIN_CHANNELS, MIN_CHANNELS, 1), x, fp32) is None
     with winograd_enabled(False):
         assert training_form(wide, x, fp32) is None
@@ -156,25 +186,29 @@ def _spy(monkeypatch) -> list[str]:
     calls: list[str] = []
     real = conv2d.conv3x3_for_training
 
-    def spy(form, *args):
+    def spy(form, *args, **kwargs):
         calls.append(form)
-        return real(form, *args)
+        return real(form, *args, **kwargs)
 
     monkeypatch.setattr(conv2d, "conv3x3_for_training", spy)
     return calls
 
 
 @pytest.mark.parametrize(
-    ("channels", "size", "form"),
-    [(MIN_CHANNELS, 32, "winograd4"), (IM2COL_MIN_CHANNELS, 4, "im2col")],
+    ("channels", "size", "stride", "form"),
+    [
+        (MIN_CHANNELS, 32, 1, "winograd4"),
+        (IM2COL_MIN_CHANNELS, 4, 1, "im2col"),
+        (IM2COL_MIN_CHANNELS, 7, 2, "im2col"),
+    ],
 )
-def test_conv_module_trains_through_the_form(monkeypatch, channels, size, form) -> None:
+def test_conv_module_trains_through_the_form(monkeypatch, channels, size, stride, form) -> None:
     """WinogradConv2d with a graph recorded: the picked form, the direct convolution's values and
     gradients to fp32 tolerance; in inference the Winograd (cached) path as before."""
     calls = _spy(monkeypatch)
     torch.manual_seed(0)
-    conv = WinogradConv2d(channels, channels, 3, padding=1)
-    ref = torch.nn.Conv2d(channels, channels, 3, padding=1)
+    conv = WinogradConv2d(channels, channels, 3, padding=1, stride=stride)
+    ref = torch.nn.Conv2d(channels, channels, 3, padding=1, stride=stride)
     ref.load_state_dict(conv.state_dict())
     x = torch.randn(1, channels, size, size)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
