@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_unet import SD_V1_DDCONFIG, SD_V1_UNET, _to_diffusers, machine_line  # noqa: E402
 
+from ldm.malloc_policy import retain_freed_memory  # noqa: E402
 from ldm.modules.encoders.clip import KNOWN_CLIP_TEXT_CONFIGS  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
@@ -223,8 +224,19 @@ def main() -> None:
         help="fp32 both; bf16: ours generate(precision='bf16') (U-Net under bf16 autocast, VAE "
         "fp32) vs the pipeline under torch.autocast(cpu, bfloat16) (its VAE too)",
     )
+    parser.add_argument(
+        "--retain-memory",
+        action="store_true",
+        help="keep freed memory in the process (ldm.malloc_policy, what the sampling commands run "
+        "with); applies to both sides",
+    )
     args = parser.parse_args()
+    retained = args.retain_memory and retain_freed_memory()
     model, pipe = setup_pair(args.threads, args.tiny)
+    logger.info(
+        "allocator: %s",
+        "freed memory kept in the process (--retain-memory)" if retained else "glibc defaults",
+    )
     side = args.size
     logger.info(
         "txt2img %dx%d, %d DPM++ 2M steps, guidance %.1f, %s, batch 1",
