@@ -14,6 +14,7 @@ from torch import nn
 
 from ldm.modules.activation_recompute import checkpoint
 from ldm.modules.attention_backends import BACKENDS, attention, math_attention, resolve_backend
+from ldm.modules.gated_gelu import gated_gelu
 
 __all__ = [
     "BACKENDS",
@@ -77,8 +78,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        return gated_gelu(self.proj(x))
 
 
 class FeedForward(nn.Module):
