@@ -4,7 +4,9 @@ Random weights at the KL-f8 size of configs/stable-diffusion/v1-inference.yaml, 
 diffusers with its own single-file converter; fp32, no grad, interleaved repeats; wall and CPU time
 and the ratio ours/diffusers, for the decoder and the encoder. `ours (before)` switches off, in the same
 run, the CPU paths added for issue 18: the fused upsampling conv (ldm/modules/upsample_conv.py), the
-channels-last layout inside the autoencoder and the in-place SiLU / skip of the ResNet block.
+channels-last layout inside the autoencoder and the in-place SiLU / skip of the ResNet block;
+`ours direct conv` switches off the Winograd convolution (``LDM_WINOGRAD=0``). `--retain-memory`
+keeps freed memory in the process, as the commands do (``ldm.malloc_policy``), for both sides.
 
     python benchmarks/bench_vae.py                  # 512x512 (64x64 latents)
     python benchmarks/bench_vae.py --size 256 --repeats 5
@@ -25,6 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_txt2img import diffusers_vae, interleaved  # noqa: E402
 from bench_unet import SD_V1_DDCONFIG, machine_line  # noqa: E402
 
+from ldm.malloc_policy import retain_freed_memory  # noqa: E402
+from ldm.modules.winograd import winograd_enabled  # noqa: E402
+
 logger = logging.getLogger("bench_vae")
 
 
@@ -44,10 +49,20 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512, help="image side in pixels")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--retain-memory",
+        action="store_true",
+        help="keep freed memory in the process (ldm.malloc_policy, what the commands run with; "
+        "both sides); the Winograd policy then covers the autoencoder's 256-512 channel convs",
+    )
     args = parser.parse_args()
+    retained = args.retain_memory and retain_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     logger.info("machine: %s", machine_line(args.threads))
+    logger.info(
+        "allocator: %s", "freed memory kept (--retain-memory)" if retained else "glibc defaults"
+    )
     from ldm.models.autoencoder import AutoencoderKL
     from ldm.modules import autoencoder as ae_module
     from ldm.modules import autoencoder_blocks
@@ -79,28 +94,40 @@ def main() -> None:
 
         return call
 
+    def direct(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        def call() -> torch.Tensor:
+            with winograd_enabled(False):
+                return fn()
+
+        return call
+
     jobs = {
         "decode": {
             "ours": lambda: ae.decode(z),
             "ours (before)": before(lambda: ae.decode(z)),
+            "ours direct conv": direct(lambda: ae.decode(z)),
             "diffusers": lambda: ref.decode(z).sample,
         },
         "encode": {
             "ours": lambda: ae.encode(x).mean,
             "ours (before)": before(lambda: ae.encode(x).mean),
+            "ours direct conv": direct(lambda: ae.encode(x).mean),
             "diffusers": lambda: ref.encode(x).latent_dist.mean,
         },
     }
     for job, cases in jobs.items():
         with torch.no_grad():
-            a, b, c = (fn() for fn in cases.values())  # warm-up, and the values
+            a, b, e, c = (fn() for fn in cases.values())  # warm-up, and the values
             logger.info(
-                "VAE %s %dx%d: max |ours - diffusers| %.3g, |ours - before| %.3g",
+                "VAE %s %dx%d: max |ours - diffusers| %.3g (relative to max |diffusers| %.3g), "
+                "|ours - before| %.3g, |direct conv - diffusers| %.3g",
                 job,
                 args.size,
                 args.size,
                 (a - c).abs().max().item(),
+                c.abs().max().item(),
                 (a - b).abs().max().item(),
+                (e - c).abs().max().item(),
             )
             res = interleaved(cases, args.repeats)
         d = res["diffusers"]

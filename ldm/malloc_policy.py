@@ -76,3 +76,10 @@ def retain_freed_memory() -> bool:
     _applied = bool(mallopt(M_TRIM_THRESHOLD, -1)) and bool(mallopt(M_MMAP_MAX, 0))
     logger.debug("freed memory kept in the process (glibc mallopt): %s", _applied)
     return _applied
+
+
+def retained() -> bool:
+    """Whether ``retain_freed_memory`` is in force in this process (fresh large buffers then
+    reuse freed memory instead of faulting pages in: size policies such as the Winograd
+    convolution's read it)."""
+    return bool(_applied)

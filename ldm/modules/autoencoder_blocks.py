@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.attention_backends import attention
+from ldm.modules.conv2d import WinogradConv2d
 from ldm.modules.norm_act import add_skip, norm_silu
 from ldm.modules.upsample_conv import upsample_conv2d, worth_fusing
 
@@ -85,15 +86,17 @@ class ResnetBlock(nn.Module):
         self.out_channels = out_channels
         self.use_conv_shortcut = conv_shortcut
         self.norm1 = Normalize(in_channels, norm_num_groups)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.conv1 = WinogradConv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if temb_channels > 0:
             self.temb_proj = nn.Linear(temb_channels, out_channels)
         self.norm2 = Normalize(out_channels, norm_num_groups)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.conv2 = WinogradConv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if in_channels != out_channels:
             if conv_shortcut:
-                self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 3, stride=1, padding=1)
+                self.conv_shortcut = WinogradConv2d(
+                    in_channels, out_channels, 3, stride=1, padding=1
+                )
             else:
                 self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1, stride=1, padding=0)
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm import malloc_policy
 from ldm.modules.weight_cache import DerivedWeights, env_switch
 
 _HALF = Fraction(1, 2)
@@ -82,6 +83,14 @@ FP32_F4_MAX_BATCH_PIXELS = 2 * 64 * 64
 # - bf16: F(2x2) up to 16x16 images (0.34-0.70); above it oneDNN's bf16 convolution is as fast
 #   or faster, and F(4x4) loses too much precision in bf16 (6e-2 relative).
 BF16_MAX_PIXELS = 16 * 16
+# With freed memory kept in the process (``ldm.malloc_policy``, what the commands set) the
+# transforms' fresh buffers no longer fault their pages in, and fp32 F(4x4) pays off wider and
+# larger (Xeon AVX-512, 2 threads, inference, against oneDNN's direct kernel): 0.70-0.73 at 256
+# channels from 64x64 to 256x256, 0.55-0.69 at 320-512 channels up to 4 x 64 x 64 and 128x128,
+# 0.53 at 512 channels and 256x256; 128 channels: 0.99-1.02 (left direct). Under glibc's defaults
+# the same layers read 0.74-1.09 at 128x128-256x256.
+RETAINED_MIN_CHANNELS = 256
+RETAINED_FP32_F4_MAX_BATCH_PIXELS = 256 * 256
 
 
 @cache
@@ -143,7 +152,11 @@ def winograd_conv3x3(
     p = b * nh * nw
     prod = torch.bmm(u, v)  # [t^2, C_out, P]: the (m + 2)^2 channel products
     y = (ka @ prod.view(t * t, c_out * p)).view(m, m, c_out, b, nh, nw)  # A^T M A
-    y = y.permute(3, 2, 4, 0, 5, 1).reshape(b, c_out, nh * m, nw * m)
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        # a channels-last input gets a channels-last output (the autoencoder's layout)
+        y = y.permute(3, 4, 0, 5, 1, 2).reshape(b, nh * m, nw * m, c_out).permute(0, 3, 1, 2)
+    else:
+        y = y.permute(3, 2, 4, 0, 5, 1).reshape(b, c_out, nh * m, nw * m)
     if nh * m != h or nw * m != w:
         y = y[:, :, :h, :w]
     if bias is not None:  # y (or what it views) is this call's own intermediate: add in place
@@ -201,10 +214,13 @@ def tile_size(
     """The Winograd tile size to run ``conv`` on ``x`` in ``dtype`` with, or 0 for the direct
     convolution (wrong device, shape, dtype, narrow channels, or an autograd graph to record).
     ``pixels`` overrides the image size H * W read from ``x``."""
+    retained = malloc_policy.retained()
+    min_channels = RETAINED_MIN_CHANNELS if retained else MIN_CHANNELS
     if (
         x.device.type != "cpu"
         or x.dim() != 4
-        or not wide_same_3x3(conv)
+        or not same_3x3(conv)
+        or min(conv.in_channels, conv.out_channels) < min_channels
         or (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
         or torch.compiler.is_compiling()
         or not winograd_is_on()
@@ -215,7 +231,8 @@ def tile_size(
     if dtype == torch.float32:
         if pixels <= FP32_F2_MAX_PIXELS:
             return 2
-        return 4 if x.shape[0] * pixels <= FP32_F4_MAX_BATCH_PIXELS else 0
+        f4_max = RETAINED_FP32_F4_MAX_BATCH_PIXELS if retained else FP32_F4_MAX_BATCH_PIXELS
+        return 4 if x.shape[0] * pixels <= f4_max else 0
     if dtype == torch.bfloat16:
         return 2 if pixels <= BF16_MAX_PIXELS else 0
     return 0

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm import malloc_policy
 from ldm.modules import winograd
 from ldm.modules.conv2d import WinogradConv2d
 from ldm.modules.unet import UNetModel
@@ -117,6 +118,46 @@ def test_policy_drops_f4_for_large_batches_of_large_images() -> None:
     assert tile_size(conv, torch.empty(4, WIDE, 64, 64, **meta), torch.float32) == 0
     assert tile_size(conv, torch.empty(2, WIDE, 96, 96, **meta), torch.float32) == 0
     assert tile_size(conv, torch.empty(64, WIDE, 16, 16, **meta), torch.float32) == 2
+
+
+def test_policy_with_freed_memory_kept_covers_wider_and_larger_layers(monkeypatch) -> None:
+    """With ``ldm.malloc_policy`` in force (the commands' setting) F(4x4) runs from 256 channels
+    and up to 256 x 256 batch pixels; under glibc's defaults those layers stay direct."""
+    meta = {"device": "cpu", "dtype": torch.float32}
+
+    def conv(c: int) -> nn.Conv2d:
+        return WinogradConv2d(c, c, 3, padding=1).requires_grad_(False)
+
+    cases = [  # (channels, batch, side): (defaults, freed memory kept)
+        ((256, 1, 128), (0, 4)),
+        ((256, 1, 256), (0, 4)),
+        ((WIDE, 4, 64), (0, 4)),
+        ((WIDE, 2, 64), (4, 4)),
+        ((WIDE, 2, 256), (0, 0)),
+        ((255, 1, 64), (0, 0)),
+        ((256, 1, 16), (0, 2)),
+    ]
+    for retained in (False, True):
+        monkeypatch.setattr(malloc_policy, "_applied", retained)
+        assert malloc_policy.retained() is retained
+        for (c, b, side), want in cases:
+            x = torch.empty(b, c, side, side, **meta)
+            assert tile_size(conv(c), x, torch.float32) == want[retained], (c, b, side)
+            assert tile_size(conv(c), x, torch.bfloat16) == (
+                2 if side <= 16 and want[retained] else 0
+            )
+
+
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("size", [(16, 8), (13, 10)])
+def test_channels_last_input_gives_a_channels_last_output(m, size) -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 24, *size, generator=g).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(16, 24, 3, 3, generator=g), torch.randn(16, generator=g)
+    y = winograd_conv3x3(x, winograd_weight(w, m), b, m)
+    assert y.stride(1) == 1  # NHWC strides (a cropped view when the tiles overhang)
+    ref = F.conv2d(x, w, b, padding=1)
+    assert ((y - ref).abs().max() / ref.abs().max()).item() < 2e-5
 
 
 def test_policy_keeps_the_direct_convolution_where_it_does_not_pay_or_cannot_apply() -> None:
@@ -341,3 +382,37 @@ def test_channels_last_weights_are_probed_without_a_copy() -> None:
         conv(x)
         conv.weight.data.mul_(-1.0)
         assert _rel(conv(x), _plain(conv)(x)) < 1e-5
+
+
+def test_autoencoder_resnet_convs_take_the_winograd_path(monkeypatch) -> None:
+    """The autoencoder's ResNet convs are WinogradConv2d (same keys): with freed memory kept its
+    256-channel level runs F(4x4) in NCHW (no channels-last), equal to the direct path to fp32
+    rounding; with a graph recorded (autoencoder training) the direct path as before."""
+    from ldm.modules import autoencoder as ae_module
+    from ldm.modules.autoencoder import Decoder
+
+    monkeypatch.setattr(malloc_policy, "_applied", True)
+    torch.manual_seed(0)
+    dec = Decoder(
+        ch=64,
+        out_ch=3,
+        ch_mult=(1, 4),
+        num_res_blocks=1,
+        attn_resolutions=[],
+        in_channels=3,
+        resolution=40,
+        z_channels=4,
+    ).eval()
+    assert type(dec.mid.block_1.conv1) is WinogradConv2d
+    assert all(not k.endswith("_cache") for k in dec.state_dict())
+    z = torch.randn(1, 4, 20, 20)
+    assert ae_module._cpu_channels_last(z, 64) is z  # NCHW when freed memory is kept
+    clear_cache()
+    with torch.no_grad():
+        fast = dec(z)
+        assert cache_bytes() > 0  # the 256-channel convs ran in the Winograd form
+        with winograd_enabled(False):
+            direct = dec(z)
+    assert _rel(fast, direct) < 1e-4
+    assert not torch.equal(fast, direct)
+    clear_cache()
