@@ -88,7 +88,8 @@ BF16_MAX_PIXELS = 16 * 16
 # larger (Xeon AVX-512, 2 threads, inference, against oneDNN's direct kernel): 0.70-0.73 at 256
 # channels from 64x64 to 256x256, 0.55-0.69 at 320-512 channels up to 4 x 64 x 64 and 128x128,
 # 0.53 at 512 channels and 256x256; 128 channels: 0.99-1.02 (left direct). Under glibc's defaults
-# the same layers read 0.74-1.09 at 128x128-256x256.
+# the same layers read 0.74-1.09 at 128x128-256x256. At 16x16 and below 256 channels stay direct
+# (F(2x2) 0.82-1.71 there).
 RETAINED_MIN_CHANNELS = 256
 RETAINED_FP32_F4_MAX_BATCH_PIXELS = 256 * 256
 
@@ -214,8 +215,8 @@ def tile_size(
     """The Winograd tile size to run ``conv`` on ``x`` in ``dtype`` with, or 0 for the direct
     convolution (wrong device, shape, dtype, narrow channels, or an autograd graph to record).
     ``pixels`` overrides the image size H * W read from ``x``."""
-    retained = malloc_policy.retained()
-    min_channels = RETAINED_MIN_CHANNELS if retained else MIN_CHANNELS
+    retained = malloc_policy.retained()  # fp32's wider policy (bf16 was measured without it)
+    min_channels = RETAINED_MIN_CHANNELS if retained and dtype == torch.float32 else MIN_CHANNELS
     if (
         x.device.type != "cpu"
         or x.dim() != 4
@@ -229,8 +230,8 @@ def tile_size(
     if pixels is None:
         pixels = x.shape[2] * x.shape[3]
     if dtype == torch.float32:
-        if pixels <= FP32_F2_MAX_PIXELS:
-            return 2
+        if pixels <= FP32_F2_MAX_PIXELS:  # F(2x2) from MIN_CHANNELS only (256: 0.82-1.71)
+            return 2 if min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS else 0
         f4_max = RETAINED_FP32_F4_MAX_BATCH_PIXELS if retained else FP32_F4_MAX_BATCH_PIXELS
         return 4 if x.shape[0] * pixels <= f4_max else 0
     if dtype == torch.bfloat16:
