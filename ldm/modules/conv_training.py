@@ -38,10 +38,10 @@ from torch.autograd import forward_ad
 
 from ldm.modules.winograd import (
     FP32_F2_MAX_PIXELS,
-    FP32_F4_MAX_BATCH_PIXELS,
+    fp32_f4_limits,
     input_transform,
     kron_matrices,
-    wide_same_3x3,
+    same_3x3,
     winograd_conv3x3,
     winograd_is_on,
     winograd_weight,
@@ -66,7 +66,7 @@ def training_form(conv: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype) -> str |
         or x.device.type != "cpu"
         or x.dim() != 4
         or not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
-        or not (wide_same_3x3(conv) or wide_same_3x3(conv, stride=2))
+        or not (same_3x3(conv) or same_3x3(conv, stride=2))
         or not x.is_contiguous()
         or torch.compiler.is_compiling()
         or torch._C._are_functorch_transforms_active()  # torch.func: no custom Function rules
@@ -74,7 +74,9 @@ def training_form(conv: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype) -> str |
         or not winograd_is_on()
     ):
         return None
-    wide_for_im2col = min(conv.in_channels, conv.out_channels) >= IM2COL_MIN_CHANNELS
+    channels = min(conv.in_channels, conv.out_channels)
+    f4_min_channels, f4_max = fp32_f4_limits()  # wider with freed memory kept
+    wide_for_im2col = channels >= IM2COL_MIN_CHANNELS
     if conv.stride == (2, 2):  # the downsampling conv: im2col by its output's batch pixels
         ho, wo = _output_size(x, 2)
         return (
@@ -84,7 +86,7 @@ def training_form(conv: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype) -> str |
         )
     pixels = x.shape[2] * x.shape[3]
     batch_pixels = x.shape[0] * pixels
-    if pixels > FP32_F2_MAX_PIXELS and batch_pixels <= FP32_F4_MAX_BATCH_PIXELS:
+    if pixels > FP32_F2_MAX_PIXELS and batch_pixels <= f4_max and channels >= f4_min_channels:
         return "winograd4"
     if batch_pixels <= IM2COL_MAX_BATCH_PIXELS and wide_for_im2col:
         return "im2col"

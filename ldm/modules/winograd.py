@@ -90,8 +90,20 @@ BF16_MAX_PIXELS = 16 * 16
 # 0.53 at 512 channels and 256x256; 128 channels: 0.99-1.02 (left direct). Under glibc's defaults
 # the same layers read 0.74-1.09 at 128x128-256x256. At 16x16 and below 256 channels stay direct
 # (F(2x2) 0.82-1.71 there).
+# The same holds for the fp32 training forms (``ldm.modules.conv_training``): forward+backward
+# 0.62 at batch 4 x 64x64 (320 channels), 0.49-0.50 at batch 4-8 x 32x32 (640), 0.65-0.70 at 256
+# channels, 64x64.
 RETAINED_MIN_CHANNELS = 256
 RETAINED_FP32_F4_MAX_BATCH_PIXELS = 256 * 256
+
+
+def fp32_f4_limits() -> tuple[int, int]:
+    """(least channels, most batch pixels) for fp32 F(4x4), inference and training: wider with
+    freed memory kept in the process (``ldm.malloc_policy``), else ``MIN_CHANNELS`` and
+    ``FP32_F4_MAX_BATCH_PIXELS``."""
+    if malloc_policy.retained():
+        return RETAINED_MIN_CHANNELS, RETAINED_FP32_F4_MAX_BATCH_PIXELS
+    return MIN_CHANNELS, FP32_F4_MAX_BATCH_PIXELS
 
 
 @cache
@@ -203,20 +215,14 @@ def same_3x3(conv: nn.Conv2d, stride: int = 1) -> bool:
     )
 
 
-def wide_same_3x3(conv: nn.Conv2d, stride: int = 1) -> bool:
-    """``same_3x3`` with at least ``MIN_CHANNELS`` input and output channels: the shape the
-    Winograd and training forms cover (the training im2col form at stride 2 too)."""
-    return same_3x3(conv, stride) and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
-
-
 def tile_size(
     conv: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype, pixels: int | None = None
 ) -> int:
     """The Winograd tile size to run ``conv`` on ``x`` in ``dtype`` with, or 0 for the direct
     convolution (wrong device, shape, dtype, narrow channels, or an autograd graph to record).
     ``pixels`` overrides the image size H * W read from ``x``."""
-    retained = malloc_policy.retained()  # fp32's wider policy (bf16 was measured without it)
-    min_channels = RETAINED_MIN_CHANNELS if retained and dtype == torch.float32 else MIN_CHANNELS
+    f4_min_channels, f4_max = fp32_f4_limits()  # bf16 keeps MIN_CHANNELS (measured so)
+    min_channels = f4_min_channels if dtype == torch.float32 else MIN_CHANNELS
     if (
         x.device.type != "cpu"
         or x.dim() != 4
@@ -232,7 +238,6 @@ def tile_size(
     if dtype == torch.float32:
         if pixels <= FP32_F2_MAX_PIXELS:  # F(2x2) from MIN_CHANNELS only (256: 0.82-1.71)
             return 2 if min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS else 0
-        f4_max = RETAINED_FP32_F4_MAX_BATCH_PIXELS if retained else FP32_F4_MAX_BATCH_PIXELS
         return 4 if x.shape[0] * pixels <= f4_max else 0
     if dtype == torch.bfloat16:
         return 2 if pixels <= BF16_MAX_PIXELS else 0

@@ -246,3 +246,31 @@ def test_unet_training_step_matches_the_direct_convolution(monkeypatch) -> None:
     worst = max(_rel(fast[n], direct[n]) for n in direct if direct[n].abs().max() > 0)
     assert worst < 1e-4
     assert not all(torch.equal(fast[n], direct[n]) for n in direct)
+
+
+def test_policy_with_freed_memory_kept_takes_winograd_wider(monkeypatch) -> None:
+    """With ``ldm.malloc_policy`` in force F(4x4) training covers 256 channels and up to 256 x 256
+    batch pixels (forward+backward 0.49-0.70 of oneDNN's there); im2col keeps its limits."""
+    from ldm import malloc_policy
+
+    fp32 = torch.float32
+
+    def form(c: int, b: int, side: int) -> str | None:
+        return training_form(
+            WinogradConv2d(c, c, 3, padding=1), _needs_grad(b, c, side, side), fp32
+        )
+
+    cases = [  # (channels, batch, side): (defaults, freed memory kept)
+        ((MIN_CHANNELS, 4, 64), (None, "winograd4")),
+        ((IM2COL_MIN_CHANNELS, 16, 32), (None, "winograd4")),
+        ((256, 2, 64), (None, "winograd4")),
+        ((255, 2, 64), (None, None)),
+        ((MIN_CHANNELS, 2, 256), (None, None)),
+        ((256, 2, 8), (None, None)),
+        ((IM2COL_MIN_CHANNELS, 2, 8), ("im2col", "im2col")),
+        ((MIN_CHANNELS, 2, 64), ("winograd4", "winograd4")),
+    ]
+    for retained in (False, True):
+        monkeypatch.setattr(malloc_policy, "_applied", retained)
+        for (c, b, side), want in cases:
+            assert form(c, b, side) == want[retained], (c, b, side, retained)
