@@ -59,12 +59,22 @@ def _glibc_mallopt():
 def retain_freed_memory() -> bool:
     """Keep freed memory in this process (see the module's docstring); True when it is in force.
 
-    Idempotent. Does nothing (returns False) with ``LDM_RETAIN_MEMORY=0`` or off glibc. Child
-    processes forked after the call (data-loader workers) inherit the setting."""
+    Idempotent. Does nothing (returns False) with ``LDM_RETAIN_MEMORY=0`` or off glibc; another
+    value than a switch word exits with a usage error (code 2). Child processes forked after the
+    call (data-loader workers) inherit the setting."""
     global _applied
     if _applied is not None:
         return _applied
-    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    value = os.environ.get(ENV, "1")
+    word = value.strip().lower()
+    if word not in ("1", "true", "yes", "on", "", "0", "false", "no", "off"):
+        # called by the commands before anything else: a usage error, exit code 2
+        sys.stderr.write(
+            f"error: {ENV}={value!r} is not a switch; set it to 0 (glibc's allocator defaults) or "
+            "1 (the default: freed memory stays in the process), or unset it\n"
+        )
+        raise SystemExit(2)
+    if word in ("0", "false", "no", "off"):
         logger.debug("%s=0: glibc's allocator keeps its defaults", ENV)
         _applied = False
         return False

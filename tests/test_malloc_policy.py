@@ -102,3 +102,16 @@ def test_entry_points_turn_it_on_before_running(path: str) -> None:
     functions = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]
     inside = [f.name for f in functions for n in ast.walk(f) if n is calls[0]]
     assert not inside, f"{path}: retain_freed_memory() belongs in the __main__ code, not {inside}"
+
+
+def test_a_bad_switch_value_is_a_usage_error() -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "txt2img.py"), "--help"],
+        env={**os.environ, "LDM_RETAIN_MEMORY": "maybe"},
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert out.returncode == 2
+    assert "LDM_RETAIN_MEMORY='maybe' is not a switch" in out.stderr
+    assert "Traceback" not in out.stderr
