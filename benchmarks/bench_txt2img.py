@@ -27,7 +27,13 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_unet import SD_V1_DDCONFIG, SD_V1_UNET, _to_diffusers, machine_line  # noqa: E402
+from bench_unet import (  # noqa: E402
+    SD_V1_DDCONFIG,
+    SD_V1_UNET,
+    _to_diffusers,
+    add_retain_memory_flag,
+    machine_line,
+)
 
 from ldm.malloc_policy import retain_freed_memory  # noqa: E402
 from ldm.modules.encoders.clip import KNOWN_CLIP_TEXT_CONFIGS  # noqa: E402
@@ -224,12 +230,7 @@ def main() -> None:
         help="fp32 both; bf16: ours generate(precision='bf16') (U-Net under bf16 autocast, VAE "
         "fp32) vs the pipeline under torch.autocast(cpu, bfloat16) (its VAE too)",
     )
-    parser.add_argument(
-        "--retain-memory",
-        action="store_true",
-        help="keep freed memory in the process (ldm.malloc_policy, what the sampling commands run "
-        "with); applies to both sides",
-    )
+    add_retain_memory_flag(parser)
     args = parser.parse_args()
     retained = args.retain_memory and retain_freed_memory()
     model, pipe = setup_pair(args.threads, args.tiny)

@@ -219,6 +219,17 @@ def _reexec_with_fixed_mmap_threshold() -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
+def add_retain_memory_flag(parser: argparse.ArgumentParser) -> None:
+    """``--retain-memory``: what ``main.py`` and the sampling commands set (``ldm.malloc_policy``);
+    the benchmarks run both sides in one process, so it applies to both."""
+    parser.add_argument(
+        "--retain-memory",
+        action="store_true",
+        help="keep freed memory in the process (ldm.malloc_policy, what main.py and the sampling "
+        "commands run with); applies to both sides",
+    )
+
+
 def build_ours(params: dict, backend: str | None, seed: int = 0) -> UNetModel:
     """Our U-Net at `params` with N(0, 0.02) random weights (built on meta, then filled)."""
     with torch.device("meta"):
@@ -379,12 +390,7 @@ def main() -> None:
         help="mmap every allocation over 128 KiB (MALLOC_MMAP_THRESHOLD_) so the memory column is "
         "exact; slows both sides (page faults), allocation-heavy code most",
     )
-    parser.add_argument(
-        "--retain-memory",
-        action="store_true",
-        help="keep freed memory in the process (ldm.malloc_policy, what main.py and the sampling "
-        "commands run with); applies to both sides",
-    )
+    add_retain_memory_flag(parser)
     parser.add_argument(
         "--compile-diffusers", action="store_true", help="with --compile: compile diffusers too"
     )

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_txt2img import diffusers_vae, interleaved  # noqa: E402
-from bench_unet import SD_V1_DDCONFIG, machine_line  # noqa: E402
+from bench_unet import SD_V1_DDCONFIG, add_retain_memory_flag, machine_line  # noqa: E402
 
 from ldm.malloc_policy import retain_freed_memory  # noqa: E402
 from ldm.modules.winograd import winograd_enabled  # noqa: E402
@@ -49,12 +49,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512, help="image side in pixels")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument(
-        "--retain-memory",
-        action="store_true",
-        help="keep freed memory in the process (ldm.malloc_policy, what the commands run with; "
-        "both sides); the Winograd policy then covers the autoencoder's 256-512 channel convs",
-    )
+    add_retain_memory_flag(parser)  # the Winograd policy then covers the 256-512 channel convs
     args = parser.parse_args()
     retained = args.retain_memory and retain_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(message)s")

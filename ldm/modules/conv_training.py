@@ -179,9 +179,6 @@ def _columns(x: torch.Tensor, stride: int = 1) -> torch.Tensor:
     return F.unfold(x, 3, padding=1, stride=stride).permute(1, 0, 2).reshape(c * 9, -1)
 
 
-_FUNCTIONS = {"winograd4": _Winograd4Conv, "im2col": _Im2colConv}
-
-
 def conv3x3_for_training(
     form: str,
     x: torch.Tensor,
@@ -192,7 +189,7 @@ def conv3x3_for_training(
     """The padding-1 3x3 convolution of ``x`` in ``form`` (``FORMS``; stride 2 only for
     "im2col"), differentiable in ``x``, ``weight`` and ``bias`` (twice too: the backward is made
     of differentiable ops)."""
-    if form not in _FUNCTIONS:
+    if form not in FORMS:
         raise ValueError(f"unknown training convolution form {form!r}; expected one of {FORMS}")
     if weight.shape[-2:] != (3, 3) or x.dim() != 4 or x.shape[1] != weight.shape[1]:
         raise ValueError(

@@ -221,26 +221,25 @@ def tile_size(
     """The Winograd tile size to run ``conv`` on ``x`` in ``dtype`` with, or 0 for the direct
     convolution (wrong device, shape, dtype, narrow channels, or an autograd graph to record).
     ``pixels`` overrides the image size H * W read from ``x``."""
-    f4_min_channels, f4_max = fp32_f4_limits()  # bf16 keeps MIN_CHANNELS (measured so)
-    min_channels = f4_min_channels if dtype == torch.float32 else MIN_CHANNELS
     if (
         x.device.type != "cpu"
         or x.dim() != 4
         or not same_3x3(conv)
-        or min(conv.in_channels, conv.out_channels) < min_channels
         or (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
         or torch.compiler.is_compiling()
         or not winograd_is_on()
     ):
         return 0
+    channels = min(conv.in_channels, conv.out_channels)
     if pixels is None:
         pixels = x.shape[2] * x.shape[3]
     if dtype == torch.float32:
         if pixels <= FP32_F2_MAX_PIXELS:  # F(2x2) from MIN_CHANNELS only (256: 0.82-1.71)
-            return 2 if min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS else 0
-        return 4 if x.shape[0] * pixels <= f4_max else 0
-    if dtype == torch.bfloat16:
-        return 2 if pixels <= BF16_MAX_PIXELS else 0
+            return 2 if channels >= MIN_CHANNELS else 0
+        f4_min_channels, f4_max = fp32_f4_limits()
+        return 4 if channels >= f4_min_channels and x.shape[0] * pixels <= f4_max else 0
+    if dtype == torch.bfloat16:  # bf16 keeps MIN_CHANNELS (measured without the allocator)
+        return 2 if pixels <= BF16_MAX_PIXELS and channels >= MIN_CHANNELS else 0
     return 0
 
 
