@@ -23,10 +23,11 @@ built from differentiable operations, so double backward works too; under forwar
 Per layer, fp32 forward+backward against oneDNN's, 2 threads, Xeon (AVX-512), torch 2.14.1
 (``benchmarks/bench_winograd.py --training``, table in ``benchmarks/README.md``): winograd4
 0.58-0.81 at 32x32 and 64x64 with batch 1-2 (the wider the layer, the smaller the gain), 0.95 at
-batch 4 x 64x64, 1.6-4.4 at 16x16 and below (the per-step weight transforms dominate); im2col
-0.54-0.96 up to 256 batch pixels with 1280-2560 channels, 0.92-1.10 at 512 (16x16 batch 2),
-1.06 at 8x8 batch 8, 1.24 for 320 channels. ``training_form`` holds that policy;
-``LDM_WINOGRAD=0`` turns both off.
+batch 4 x 64x64, 1.6-4.4 at 16x16 and below under glibc's allocator defaults (the per-step weight
+transforms dominate; with freed memory kept, ``ldm.malloc_policy``: 0.81-0.90 at batch 2 x 16x16
+from 640 channels, see ``RETAINED_SMALL_F4_MIN_CHANNELS``); im2col 0.54-0.96 up to 256 batch
+pixels with 1280-2560 channels, 0.92-1.10 at 512 (16x16 batch 2), 1.06 at 8x8 batch 8, 1.24 for
+320 channels. ``training_form`` holds that policy; ``LDM_WINOGRAD=0`` turns both off.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd import forward_ad
 
+from ldm import malloc_policy
 from ldm.modules.winograd import (
     FP32_F2_MAX_PIXELS,
     fp32_f4_limits,
@@ -52,6 +54,12 @@ FORMS = ("winograd4", "im2col")
 IM2COL_MAX_BATCH_PIXELS = 256
 #: im2col: at least this many input and output channels (a 320-channel layer at 8x8: 1.24x)
 IM2COL_MIN_CHANNELS = 640
+#: With freed memory kept (``ldm.malloc_policy``), winograd4 also at 16x16 and below from this
+#: many channels once the batch has more than ``IM2COL_MAX_BATCH_PIXELS`` pixels: forward+backward
+#: 0.81-0.90 of oneDNN's at batch 2 x 16x16 (640-2560 channels), 0.76 at batch 3, 0.65 at batch 4,
+#: 0.92 at batch 8 x 8x8, 0.73 at batch 16 x 8x8; 512 channels 1.03, batch 1 x 16x16 1.21-1.32 and
+#: batch 2-4 x 8x8 1.33-2.2 (the per-step weight transforms dominate: those stay im2col / direct).
+RETAINED_SMALL_F4_MIN_CHANNELS = 640
 
 
 def training_form(conv: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype) -> str | None:
@@ -88,6 +96,12 @@ def training_form(conv: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype) -> str |
     batch_pixels = x.shape[0] * pixels
     if pixels > FP32_F2_MAX_PIXELS and batch_pixels <= f4_max and channels >= f4_min_channels:
         return "winograd4"
+    if (
+        malloc_policy.retained()
+        and IM2COL_MAX_BATCH_PIXELS < batch_pixels <= f4_max
+        and channels >= RETAINED_SMALL_F4_MIN_CHANNELS
+    ):
+        return "winograd4"
     if batch_pixels <= IM2COL_MAX_BATCH_PIXELS and wide_for_im2col:
         return "im2col"
     return None
@@ -106,8 +120,8 @@ class _Winograd4Conv(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad
         grad_x = grad_w = grad_b = None
-        if need_x:  # the transposed convolution: flip the kernel, swap its channel axes
-            flipped = winograd_weight(weight.flip(2, 3).transpose(0, 1), 4)
+        if need_x:  # the transposed convolution (kernel flipped, channel axes swapped)
+            flipped = winograd_weight(weight, 4, transposed=True)
             grad_x = winograd_conv3x3(grad, flipped, None, 4)
         if need_w:
             grad_w = _winograd_weight_grad(x, grad, 4)

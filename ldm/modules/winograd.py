@@ -118,17 +118,27 @@ def kron_matrices(m: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tenso
     return tuple(torch.kron(mat, mat).to(dtype) for mat in (bt, g, at))  # type: ignore[return-value]
 
 
-def winograd_weight(weight: torch.Tensor, m: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+def winograd_weight(
+    weight: torch.Tensor, m: int, dtype: torch.dtype | None = None, transposed: bool = False
+) -> torch.Tensor:
     """The transformed 3x3 weight U = G g G^T as [(m + 2)^2, C_out, C_in] (computed in fp32 or
-    better, returned in ``dtype``, default the weight's)."""
+    better, returned in ``dtype``, default the weight's). ``transposed``: that of the transposed
+    convolution's weight instead (the kernel flipped, its channel axes swapped: the input gradient's
+    convolution), [(m + 2)^2, C_in, C_out]; the flip is a reversal of G x G's columns, so only the
+    channel swap costs a copy."""
     if weight.dim() != 4 or weight.shape[-2:] != (3, 3):
         raise ValueError(f"expected a [C_out, C_in, 3, 3] weight, got shape {tuple(weight.shape)}")
     out_dtype = dtype or weight.dtype
     work = torch.float64 if weight.dtype == torch.float64 else torch.float32
     _, kg, _ = kron_matrices(m, work)
-    c_out, c_in = weight.shape[:2]
-    u = kg.to(weight.device) @ weight.to(work).reshape(c_out * c_in, 9).t()
-    return u.view(-1, c_out, c_in).to(out_dtype)
+    kg = kg.to(weight.device)
+    weight = weight.to(work)
+    if transposed:
+        kg = kg.flip(1)  # column 3i + j reads the kernel's tap (2 - i, 2 - j)
+        weight = weight.transpose(0, 1)
+    rows, cols = weight.shape[:2]
+    u = kg @ weight.reshape(rows * cols, 9).t()
+    return u.view(-1, rows, cols).to(out_dtype)
 
 
 def input_transform(x: torch.Tensor, m: int) -> tuple[torch.Tensor, int, int]:

@@ -12,6 +12,7 @@ from ldm.modules.conv2d import WinogradConv2d
 from ldm.modules.conv_training import (
     FORMS,
     IM2COL_MIN_CHANNELS,
+    RETAINED_SMALL_F4_MIN_CHANNELS,
     conv3x3_for_training,
     training_form,
 )
@@ -250,7 +251,8 @@ def test_unet_training_step_matches_the_direct_convolution(monkeypatch) -> None:
 
 def test_policy_with_freed_memory_kept_takes_winograd_wider(monkeypatch) -> None:
     """With ``ldm.malloc_policy`` in force F(4x4) training covers 256 channels and up to 256 x 256
-    batch pixels (forward+backward 0.49-0.70 of oneDNN's there); im2col keeps its limits."""
+    batch pixels (forward+backward 0.49-0.70 of oneDNN's there), and 16x16 and below from 640
+    channels past im2col's batch pixels (0.65-0.92); im2col keeps its limits."""
     from ldm import malloc_policy
 
     fp32 = torch.float32
@@ -269,6 +271,12 @@ def test_policy_with_freed_memory_kept_takes_winograd_wider(monkeypatch) -> None
         ((256, 2, 8), (None, None)),
         ((IM2COL_MIN_CHANNELS, 2, 8), ("im2col", "im2col")),
         ((MIN_CHANNELS, 2, 64), ("winograd4", "winograd4")),
+        # 16x16 and below past im2col's batch pixels, 640 channels and wider
+        ((RETAINED_SMALL_F4_MIN_CHANNELS, 2, 16), (None, "winograd4")),
+        ((1280, 8, 8), (None, "winograd4")),
+        ((1280, 4, 8), ("im2col", "im2col")),
+        ((1280, 1, 16), ("im2col", "im2col")),
+        ((RETAINED_SMALL_F4_MIN_CHANNELS - 1, 2, 16), (None, None)),
     ]
     for retained in (False, True):
         monkeypatch.setattr(malloc_policy, "_applied", retained)

@@ -76,6 +76,20 @@ def test_bf16_f2_error_is_close_to_the_direct_bf16_kernel() -> None:
     assert f2 < 2.5 * direct < 2.5e-2
 
 
+@pytest.mark.parametrize("m", [2, 4])
+def test_transposed_weight_is_the_flipped_swapped_kernels_transform(m: int) -> None:
+    """The input gradient's transform: the kernel flipped and its channel axes swapped, then
+    transformed, to float64 rounding; the transposed convolution it gives is conv_transpose2d."""
+    torch.manual_seed(0)
+    w = torch.randn(5, 3, 3, 3, dtype=torch.float64)
+    got = winograd_weight(w, m, transposed=True)
+    assert got.shape == ((m + 2) ** 2, 3, 5)
+    assert torch.allclose(got, winograd_weight(w.flip(2, 3).transpose(0, 1), m), atol=1e-13)
+    g = torch.randn(2, 5, 7, 6, dtype=torch.float64)
+    ref = F.conv_transpose2d(g, w, padding=1)
+    assert torch.allclose(winograd_conv3x3(g, got, None, m), ref, atol=1e-10)
+
+
 def test_bad_inputs_are_named() -> None:
     with pytest.raises(ValueError, match="tile size 3"):
         winograd_weight(torch.randn(4, 4, 3, 3), 3)
