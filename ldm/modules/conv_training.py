@@ -62,11 +62,14 @@ IM2COL_MIN_CHANNELS = 640
 RETAINED_SMALL_F4_MIN_CHANNELS = 640
 
 
-def training_form(conv: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype) -> str | None:
+def training_form(
+    conv: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype, upsampled: bool = False
+) -> str | None:
     """The form (``FORMS``) to run ``conv`` on ``x`` with while an autograd graph is recorded, or
     None for the direct convolution (not fp32 on the CPU, no graph, an unsupported geometry,
     narrow channels, a channels-last input, compiling, or a size where the direct form is faster).
-    ``dtype``: the dtype the convolution runs in (the autocast dtype under autocast)."""
+    ``dtype``: the dtype the convolution runs in (the autocast dtype under autocast).
+    ``upsampled``: the form for ``x`` upsampled 2x (nearest) instead, what ``Upsample`` asks."""
     if (
         dtype != torch.float32
         or x.dtype != torch.float32
@@ -85,14 +88,16 @@ def training_form(conv: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype) -> str |
     channels = min(conv.in_channels, conv.out_channels)
     f4_min_channels, f4_max = fp32_f4_limits()  # wider with freed memory kept
     wide_for_im2col = channels >= IM2COL_MIN_CHANNELS
+    scale = 2 if upsampled else 1
+    h, w = scale * x.shape[2], scale * x.shape[3]
     if conv.stride == (2, 2):  # the downsampling conv: im2col by its output's batch pixels
-        ho, wo = _output_size(x, 2)
+        ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
         return (
             "im2col"
             if wide_for_im2col and x.shape[0] * ho * wo <= IM2COL_MAX_BATCH_PIXELS
             else None
         )
-    pixels = x.shape[2] * x.shape[3]
+    pixels = h * w
     batch_pixels = x.shape[0] * pixels
     if pixels > FP32_F2_MAX_PIXELS and batch_pixels <= f4_max and channels >= f4_min_channels:
         return "winograd4"

@@ -89,7 +89,7 @@ def worth_fusing(conv: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``Upsample`` should call ``upsample_conv2d`` for this conv and input."""
     if x.device.type != "cpu" or x.dim() != 4 or not fusable(conv):
         return False
-    if applies_after_upsampling(conv, x):  # inference: the cached Winograd weight is faster
+    if applies_after_upsampling(conv, x):  # the cached Winograd weight / a training form is faster
         return False
     low = compute_dtype(x) in _LOW_PRECISION or x.dtype in _LOW_PRECISION
     return x.shape[0] * x.shape[2] * x.shape[3] >= (2048 if low else 512)

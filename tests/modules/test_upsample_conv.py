@@ -137,6 +137,35 @@ def test_worth_fusing_thresholds() -> None:
     assert not worth_fusing(nn.Conv2d(4, 4, 3, padding=1, stride=2), torch.zeros(2, 4, 32, 32))
 
 
+def test_training_with_freed_memory_kept_upsamples_for_the_winograd_form(monkeypatch) -> None:
+    """fp32 training with ``ldm.malloc_policy`` in force: where the conv would take a training
+    form at the upsampled size (Winograd F(4x4): 0.69-0.86 of the fused form's forward+backward),
+    ``Upsample`` upsamples and convolves; under glibc's defaults, without a graph, or past the
+    form's batch pixels the fused form stays."""
+    from ldm import malloc_policy
+    from ldm.modules.conv2d import WinogradConv2d
+    from ldm.modules.conv_training import training_form
+
+    conv = WinogradConv2d(640, 640, 3, padding=1)
+    x = torch.zeros(2, 640, 32, 32, requires_grad=True)
+    monkeypatch.setattr(malloc_policy, "_applied", True)
+    assert training_form(conv, x, torch.float32, upsampled=True) == "winograd4"
+    assert not worth_fusing(conv, x)  # training at 64x64: Winograd
+    with torch.no_grad():  # inference: the cached Winograd weight at 64x64
+        assert not worth_fusing(conv, x)
+    big = torch.zeros(4, 640, 128, 128, requires_grad=True)  # 4 x 256 x 256 upsampled: too many
+    assert training_form(conv, big, torch.float32, upsampled=True) is None
+    assert worth_fusing(conv, big)
+    assert worth_fusing(nn.Conv2d(640, 640, 3, padding=1), x)  # a plain conv has no such form
+    monkeypatch.setattr(malloc_policy, "_applied", False)
+    assert worth_fusing(conv, x)  # glibc defaults: fused (it won at 640 channels there)
+    down = WinogradConv2d(640, 640, 3, padding=1, stride=2)
+    monkeypatch.setattr(malloc_policy, "_applied", True)
+    for side, form in ((8, "im2col"), (7, "im2col"), (17, None)):  # outputs 8, 7 and 17 wide
+        odd = torch.zeros(1, 640, side, side, requires_grad=True)
+        assert training_form(down, odd, torch.float32, upsampled=True) == form, side
+
+
 @pytest.mark.parametrize("kind", ["autoencoder", "unet"])
 def test_upsample_modules_take_the_fused_path(kind, monkeypatch) -> None:
     torch.manual_seed(0)
