@@ -26,6 +26,7 @@ from ldm.modules.encoders.base import (
     strip_prefixes,
 )
 from ldm.modules.encoders.long_prompt import DEFAULT_MAX_CHUNKS, LongPromptMixin
+from ldm.modules.encoders.open_clip_blocks import run_block
 from ldm.modules.encoders.tokenizer import CONTEXT_LENGTH, end_token_positions, get_tokenizer
 from ldm.util import ConfigError
 
@@ -204,9 +205,9 @@ class FrozenOpenCLIPEmbedder(LongPromptMixin, FrozenWeightsMixin, AbstractEncode
         )
         for block in blocks[: len(blocks) - self.layer_idx]:
             if use_ckpt:
-                x = checkpoint(block, x, attn_mask=attn_mask, use_reentrant=False)
+                x = checkpoint(run_block, block, x, attn_mask, use_reentrant=False)
             else:
-                x = block(x, attn_mask=attn_mask)
+                x = run_block(block, x, attn_mask)
         return x
 
     def get_unconditional_conditioning(self, batch_size: int, device: Any = None) -> list[str]:
@@ -295,9 +296,9 @@ class FrozenOpenCLIPEmbedder2(FrozenOpenCLIPEmbedder):
             if i == len(blocks) - 1:
                 states["penultimate"] = x
             if use_ckpt:
-                x = checkpoint(block, x, attn_mask=attn_mask, use_reentrant=False)
+                x = checkpoint(run_block, block, x, attn_mask, use_reentrant=False)
             else:
-                x = block(x, attn_mask=attn_mask)
+                x = run_block(block, x, attn_mask)
         states["last"] = x
         if not batch_first:
             states = {k: v.permute(1, 0, 2) for k, v in states.items()}
