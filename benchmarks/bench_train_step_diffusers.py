@@ -9,6 +9,7 @@ diffusers through `AutoencoderKL.encode`, `CLIPTextModel`, `DDPMScheduler.add_no
 
     python benchmarks/bench_train_step_diffusers.py                 # 512x512, batch 1
     python benchmarks/bench_train_step_diffusers.py --size 256 --repeats 2
+    python benchmarks/bench_train_step_diffusers.py --retain-memory  # main.py's allocator setting
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from bench_txt2img import (  # noqa: E402
     report,
     setup_pair,
 )
+from bench_unet import add_retain_memory_flag  # noqa: E402
+
+from ldm.malloc_policy import retain_freed_memory  # noqa: E402
 
 logger = logging.getLogger("bench_train_step_diffusers")
 
@@ -38,7 +42,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--tiny", action="store_true", help="tiny widths (a smoke test)")
+    add_retain_memory_flag(parser)
     args = parser.parse_args()
+    retained = args.retain_memory and retain_freed_memory()
     model, pipe = setup_pair(args.threads, args.tiny)
     from diffusers import DDPMScheduler
 
@@ -57,7 +63,11 @@ def main() -> None:
     captions = ["a red square above a blue circle"] * bs
     tokens = model.cond_stage_model.tokenizer(captions)["input_ids"]
     logger.info(
-        "training step %dx%d, batch %d, fp32 (loss + backward, no optimizer)", side, side, bs
+        "training step %dx%d, batch %d, fp32 (loss + backward, no optimizer); allocator: %s",
+        side,
+        side,
+        bs,
+        "freed memory kept (--retain-memory)" if retained else "glibc defaults",
     )
 
     def ours() -> None:

@@ -431,3 +431,39 @@ def test_autoencoder_resnet_convs_take_the_winograd_path(monkeypatch) -> None:
     assert _rel(fast, direct) < 1e-4
     assert not torch.equal(fast, direct)
     clear_cache()
+
+
+def test_autoencoder_reads_a_permuted_image_batch_as_nchw(monkeypatch) -> None:
+    """A [B, H, W, C] batch permuted to [B, C, H, W] (``get_input``) is a channels-last view; where
+    the layout policy picks NCHW (freed memory kept, or below 128 x 128 pixels) the encoder makes it
+    NCHW instead of carrying channels-last through every convolution; NCHW input is not copied."""
+    from ldm.modules import autoencoder as ae_module
+    from ldm.modules.autoencoder import Encoder
+
+    images = torch.rand(1, 40, 40, 3).permute(0, 3, 1, 2)
+    assert images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
+    for retained in (True, False):
+        monkeypatch.setattr(malloc_policy, "_applied", retained)
+        with torch.no_grad():
+            nchw = ae_module._cpu_channels_last(images)
+            assert nchw.is_contiguous() and torch.equal(nchw, images)
+            assert ae_module._cpu_channels_last(nchw) is nchw
+    big = torch.rand(1, 128, 128, 3).permute(0, 3, 1, 2)
+    with torch.no_grad():  # glibc defaults at 128 x 128: channels-last (oneDNN's NHWC kernels)
+        assert ae_module._cpu_channels_last(big.contiguous()).is_contiguous(
+            memory_format=torch.channels_last
+        )
+    assert ae_module._cpu_channels_last(images) is images  # a graph recorded: left alone
+    monkeypatch.setattr(malloc_policy, "_applied", True)
+    torch.manual_seed(0)
+    enc = Encoder(
+        ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=[], in_channels=3,
+        resolution=40, z_channels=4,
+    ).eval()  # fmt: skip
+    layouts = []
+    enc.down[1].block[0].conv1.register_forward_hook(
+        lambda m, i, o: layouts.append(i[0].is_contiguous())
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(enc(images), enc(images.contiguous()), rtol=0, atol=0)
+    assert layouts == [True, True]
