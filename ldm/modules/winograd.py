@@ -14,7 +14,8 @@ takes 0.33-0.42 of the direct time, 0.42-0.80 at 32x32 and 64x64 with F(4x4) in 
 version (and a probe of its values, for edits through ``.data``), so the path is for inference
 (no autograd graph); a training forward frees them. fp32 training uses F(4x4) with its own
 backward above 16x16 (``ldm.modules.conv_training``); below that, without a cache, the per-step
-weight transform eats the gain. ``ldm.modules.conv2d.WinogradConv2d`` picks the form per call.
+weight transform eats the gain, except with freed memory kept (``ldm.malloc_policy``) for wide
+layers at batch 2 and up. ``ldm.modules.conv2d.WinogradConv2d`` picks the form per call.
 
 Accuracy in fp32: F(2x2) matches the direct convolution's rounding error (about 5e-7 relative to
 the largest output against float64), F(4x4) is about 1e-5. In bf16 only F(2x2) is used (F(4x4)'s
