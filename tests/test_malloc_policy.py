@@ -16,7 +16,7 @@ from ldm import malloc_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# allocate and free a 64 MiB tensor (above glibc's 32 MiB mmap ceiling) twelve times
+# allocate and free a 64 MiB tensor (above glibc's 32 MiB mmap ceiling) 24 times
 PROBE = """
 import json, os, torch
 from ldm.malloc_policy import retain_freed_memory
@@ -24,7 +24,7 @@ on = retain_freed_memory()
 page = os.sysconf("SC_PAGE_SIZE")
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
 base, held, freed = rss(), [], []
-for _ in range(12):
+for _ in range(24):
     t = torch.ones(16 * 2**20)
     held.append(rss())
     del t
@@ -56,10 +56,11 @@ def test_freed_memory_stays_in_the_process_and_is_reused() -> None:
     assert r["on"] is True and r["again_on"] is True
     assert r["held"][0] - r["base"] > 60 * MiB
     assert all(h - f < 4 * MiB for h, f in zip(r["held"], r["freed"]))  # kept after free
-    # glibc's aligned allocations leave a few such blocks in its bins before it reuses them;
-    # then the footprint stops growing: later tensors reuse freed memory (no new pages)
-    assert r["held"][-1] - r["held"][-5] < 4 * MiB
-    assert r["held"][-1] - r["base"] < 12 * 64 * MiB
+    # glibc's aligned allocations leave some such blocks in its bins before it reuses them (2 to
+    # 8 in runs here, more than 9 in one clean-clone run: it depends on the heap the interpreter
+    # and torch left); then the footprint stops growing: later tensors reuse freed memory
+    assert r["held"][-1] - r["held"][-9] < 4 * MiB
+    assert r["held"][-1] - r["base"] < 20 * 64 * MiB  # most of the 24 reused freed blocks
 
 
 @glibc
