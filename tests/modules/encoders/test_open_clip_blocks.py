@@ -10,12 +10,8 @@ from torch import nn
 import ldm.modules.encoders.open_clip_blocks as blocks_module
 from ldm.modules.encoders.open_clip import FrozenOpenCLIPEmbedder, FrozenOpenCLIPEmbedder2
 from ldm.modules.encoders.open_clip_blocks import block_forward, fast_block_applies, run_block
+from tests.modules.encoders.test_open_clip import TINY
 
-TINY = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 3},
-}
 PROMPTS = ["a painting of a fox", "", "a red square on a blue field"]
 
 
