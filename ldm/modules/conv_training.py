@@ -105,6 +105,7 @@ def training_form(
         malloc_policy.retained()
         and IM2COL_MAX_BATCH_PIXELS < batch_pixels <= f4_max
         and channels >= RETAINED_SMALL_F4_MIN_CHANNELS
+        and min(h, w) >= 8  # measured at 8x8 and 16x16; smaller images leave most tiles padded
     ):
         return "winograd4"
     if batch_pixels <= IM2COL_MAX_BATCH_PIXELS and wide_for_im2col:

@@ -274,6 +274,7 @@ def test_policy_with_freed_memory_kept_takes_winograd_wider(monkeypatch) -> None
         # 16x16 and below past im2col's batch pixels, 640 channels and wider
         ((RETAINED_SMALL_F4_MIN_CHANNELS, 2, 16), (None, "winograd4")),
         ((1280, 8, 8), (None, "winograd4")),
+        ((1280, 96, 4), (None, None)),  # 4x4 images: not measured, direct
         ((1280, 4, 8), ("im2col", "im2col")),
         ((1280, 1, 16), ("im2col", "im2col")),
         ((RETAINED_SMALL_F4_MIN_CHANNELS - 1, 2, 16), (None, None)),
