@@ -28,9 +28,7 @@ from bench_txt2img import (  # noqa: E402
     report,
     setup_pair,
 )
-from bench_unet import add_retain_memory_flag  # noqa: E402
-
-from ldm.malloc_policy import retain_freed_memory  # noqa: E402
+from bench_unet import add_retain_memory_flag, apply_retain_memory  # noqa: E402
 
 logger = logging.getLogger("bench_train_step_diffusers")
 
@@ -44,7 +42,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny widths (a smoke test)")
     add_retain_memory_flag(parser)
     args = parser.parse_args()
-    retained = args.retain_memory and retain_freed_memory()
+    allocator = apply_retain_memory(args)
     model, pipe = setup_pair(args.threads, args.tiny)
     from diffusers import DDPMScheduler
 
@@ -67,7 +65,7 @@ def main() -> None:
         side,
         side,
         bs,
-        "freed memory kept (--retain-memory)" if retained else "glibc defaults",
+        allocator,
     )
 
     def ours() -> None:

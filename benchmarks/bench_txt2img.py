@@ -32,10 +32,10 @@ from bench_unet import (  # noqa: E402
     SD_V1_UNET,
     _to_diffusers,
     add_retain_memory_flag,
+    apply_retain_memory,
     machine_line,
 )
 
-from ldm.malloc_policy import retain_freed_memory  # noqa: E402
 from ldm.modules.encoders.clip import KNOWN_CLIP_TEXT_CONFIGS  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
@@ -232,12 +232,9 @@ def main() -> None:
     )
     add_retain_memory_flag(parser)
     args = parser.parse_args()
-    retained = args.retain_memory and retain_freed_memory()
+    allocator = apply_retain_memory(args)
     model, pipe = setup_pair(args.threads, args.tiny)
-    logger.info(
-        "allocator: %s",
-        "freed memory kept in the process (--retain-memory)" if retained else "glibc defaults",
-    )
+    logger.info("allocator: %s", allocator)
     side = args.size
     logger.info(
         "txt2img %dx%d, %d DPM++ 2M steps, guidance %.1f, %s, batch 1",

@@ -230,6 +230,14 @@ def add_retain_memory_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def apply_retain_memory(args: argparse.Namespace) -> str:
+    """Keep freed memory in the process when ``--retain-memory`` was given; the allocator setting
+    in force, for the log."""
+    if args.retain_memory and retain_freed_memory():
+        return "freed memory kept in the process (--retain-memory)"
+    return "glibc defaults"
+
+
 def build_ours(params: dict, backend: str | None, seed: int = 0) -> UNetModel:
     """Our U-Net at `params` with N(0, 0.02) random weights (built on meta, then filled)."""
     with torch.device("meta"):
@@ -400,7 +408,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.retain_memory and args.exact_memory:
         parser.error("--retain-memory and --exact-memory contradict each other; pick one")
-    retained = args.retain_memory and retain_freed_memory()
+    allocator = apply_retain_memory(args)
     if args.freeze:
         from torch._inductor import config as inductor_config
 
@@ -412,10 +420,7 @@ def main() -> None:
         "allocator: %s",
         f"MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']} (memory column exact)"
         if os.environ.get("MALLOC_MMAP_THRESHOLD_")
-        else "freed memory kept in the process (--retain-memory, as the commands run; memory "
-        "column approximate)"
-        if retained
-        else "glibc defaults (memory column approximate: freed blocks may stay in the heap)",
+        else f"{allocator} (memory column approximate: freed blocks may stay in the heap)",
     )
     for dtype_name in args.dtypes.split(","):
         run_dtype(args, CONFIGS[args.config], dtype_name)

@@ -25,9 +25,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_txt2img import diffusers_vae, interleaved  # noqa: E402
-from bench_unet import SD_V1_DDCONFIG, add_retain_memory_flag, machine_line  # noqa: E402
+from bench_unet import (  # noqa: E402
+    SD_V1_DDCONFIG,
+    add_retain_memory_flag,
+    apply_retain_memory,
+    machine_line,
+)
 
-from ldm.malloc_policy import retain_freed_memory  # noqa: E402
 from ldm.modules.winograd import winograd_enabled  # noqa: E402
 
 logger = logging.getLogger("bench_vae")
@@ -51,13 +55,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     add_retain_memory_flag(parser)  # the Winograd policy then covers the 256-512 channel convs
     args = parser.parse_args()
-    retained = args.retain_memory and retain_freed_memory()
+    allocator = apply_retain_memory(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     logger.info("machine: %s", machine_line(args.threads))
-    logger.info(
-        "allocator: %s", "freed memory kept (--retain-memory)" if retained else "glibc defaults"
-    )
+    logger.info("allocator: %s", allocator)
     from ldm.models.autoencoder import AutoencoderKL
     from ldm.modules import autoencoder as ae_module
     from ldm.modules import autoencoder_blocks

@@ -27,8 +27,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
-import os
 import sys
+
+from ldm.modules.weight_cache import env_switch
 
 logger = logging.getLogger(__name__)
 
@@ -65,16 +66,14 @@ def retain_freed_memory() -> bool:
     global _applied
     if _applied is not None:
         return _applied
-    value = os.environ.get(ENV, "1")
-    word = value.strip().lower()
-    if word not in ("1", "true", "yes", "on", "", "0", "false", "no", "off"):
-        # called by the commands before anything else: a usage error, exit code 2
-        sys.stderr.write(
-            f"error: {ENV}={value!r} is not a switch; set it to 0 (glibc's allocator defaults) or "
-            "1 (the default: freed memory stays in the process), or unset it\n"
+    try:
+        keep = env_switch(
+            ENV, off="glibc's allocator defaults", on="freed memory stays in the process"
         )
-        raise SystemExit(2)
-    if word in ("0", "false", "no", "off"):
+    except ValueError as err:  # called by the commands before anything else: a usage error
+        sys.stderr.write(f"error: {err}\n")
+        raise SystemExit(2) from None
+    if not keep:
         logger.debug("%s=0: glibc's allocator keeps its defaults", ENV)
         _applied = False
         return False

@@ -35,9 +35,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd import forward_ad
 
 from ldm import malloc_policy
+from ldm.modules.custom_autograd import custom_backward_allowed
 from ldm.modules.winograd import (
     FP32_F2_MAX_PIXELS,
     fp32_f4_limits,
@@ -79,9 +79,7 @@ def training_form(
         or not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
         or not (same_3x3(conv) or same_3x3(conv, stride=2))
         or not x.is_contiguous()
-        or torch.compiler.is_compiling()
-        or torch._C._are_functorch_transforms_active()  # torch.func: no custom Function rules
-        or forward_ad._current_level >= 0  # forward-mode AD (jvp): not defined for them
+        or not custom_backward_allowed()  # compiling, torch.func, forward-mode AD
         or not winograd_is_on()
     ):
         return None
@@ -91,7 +89,7 @@ def training_form(
     scale = 2 if upsampled else 1
     h, w = scale * x.shape[2], scale * x.shape[3]
     if conv.stride == (2, 2):  # the downsampling conv: im2col by its output's batch pixels
-        ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+        ho, wo = _output_size(h, w, 2)
         return (
             "im2col"
             if wide_for_im2col and x.shape[0] * ho * wo <= IM2COL_MAX_BATCH_PIXELS
@@ -160,7 +158,7 @@ class _Im2colConv(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.stride = stride
         b = x.shape[0]
-        ho, wo = _output_size(x, stride)
+        ho, wo = _output_size(x.shape[2], x.shape[3], stride)
         c_out = weight.shape[0]
         w2 = weight.reshape(c_out, -1)
         cols = _columns(x, stride)
@@ -187,16 +185,16 @@ class _Im2colConv(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
-def _output_size(x: torch.Tensor, stride: int) -> tuple[int, int]:
-    """The output height and width of a 3x3, padding-1 convolution with ``stride``."""
-    return (x.shape[2] - 1) // stride + 1, (x.shape[3] - 1) // stride + 1
+def _output_size(h: int, w: int, stride: int) -> tuple[int, int]:
+    """The output height and width of a 3x3, padding-1 convolution of an h x w image at
+    ``stride``."""
+    return (h - 1) // stride + 1, (w - 1) // stride + 1
 
 
 def _columns(x: torch.Tensor, stride: int = 1) -> torch.Tensor:
     """The 3x3 patches (padding 1) of ``x`` [B, C, H, W] at ``stride`` as
     [C * 9, B * H_out * W_out]."""
-    b, c = x.shape[:2]
-    return F.unfold(x, 3, padding=1, stride=stride).permute(1, 0, 2).reshape(c * 9, -1)
+    return F.unfold(x, 3, padding=1, stride=stride).permute(1, 0, 2).reshape(x.shape[1] * 9, -1)
 
 
 def conv3x3_for_training(

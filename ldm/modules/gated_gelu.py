@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd import forward_ad
+
+from ldm.modules.custom_autograd import custom_backward_allowed
 
 
 class _GatedGelu(torch.autograd.Function):
@@ -46,13 +47,7 @@ class _GatedGelu(torch.autograd.Function):
 
 def gated_gelu(y: torch.Tensor) -> torch.Tensor:
     """``h * gelu(gate)`` for ``h, gate = y.chunk(2, dim=-1)`` (GEGLU's gate)."""
-    if (
-        torch.is_grad_enabled()
-        and y.requires_grad
-        and not torch.compiler.is_compiling()  # inductor fuses the plain expression itself
-        and not torch._C._are_functorch_transforms_active()
-        and forward_ad._current_level < 0
-    ):
+    if torch.is_grad_enabled() and y.requires_grad and custom_backward_allowed():
         return _GatedGelu.apply(y)
     h, gate = y.chunk(2, dim=-1)
     return h * F.gelu(gate)

@@ -61,7 +61,7 @@ def _text_model(model: nn.Module) -> nn.Module:
 _INERT_HOOKS = ("transformers.utils.output_capturing",)
 
 
-def _hooked(module: nn.Module) -> bool:
+def hooked(module: nn.Module) -> bool:
     """A forward hook (other than transformers' inert output-capturing ones) or a
     parametrization: the module's own forward would do more than its parameters say."""
     hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
@@ -78,9 +78,9 @@ def _standard_layer(layer: nn.Module) -> bool:
     linears += [getattr(mlp, "fc1", None), getattr(mlp, "fc2", None)]
     norms = [getattr(layer, "layer_norm1", None), getattr(layer, "layer_norm2", None)]
     return (
-        all(type(m) is nn.Linear and not _hooked(m) for m in linears)
-        and all(type(m) is nn.LayerNorm and not _hooked(m) for m in norms)
-        and not any(_hooked(m) for m in (layer, attn, mlp))
+        all(type(m) is nn.Linear and not hooked(m) for m in linears)
+        and all(type(m) is nn.LayerNorm and not hooked(m) for m in norms)
+        and not any(hooked(m) for m in (layer, attn, mlp))
     )
 
 
@@ -110,7 +110,7 @@ def fast_path_applies(model: nn.Module, input_ids: torch.Tensor) -> bool:
     if (
         type(final_norm) is not nn.LayerNorm
         or embeddings.position_embedding.weight.device.type != "cpu"
-        or any(_hooked(m) for m in (model, tm, encoder, embeddings))
+        or any(hooked(m) for m in (model, tm, encoder, embeddings))
     ):
         return False
     return all(_standard_layer(layer) for layer in encoder.layers)

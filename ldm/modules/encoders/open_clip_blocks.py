@@ -24,15 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
-from ldm.modules.encoders.clip_fast import fast_text_enabled
-
-
-def _hooked(module: nn.Module) -> bool:
-    return bool(
-        module._forward_hooks or module._forward_pre_hooks or parametrize.is_parametrized(module)
-    )
+from ldm.modules.encoders.clip_fast import fast_text_enabled, hooked
 
 
 def fast_block_applies(block: nn.Module, x: torch.Tensor) -> bool:
@@ -49,9 +42,9 @@ def fast_block_applies(block: nn.Module, x: torch.Tensor) -> bool:
         or attn.bias_k is not None
         or attn.bias_v is not None
         or attn.add_zero_attn
-        or _hooked(block)
-        or _hooked(attn)
-        or _hooked(attn.out_proj)
+        or hooked(block)
+        or hooked(attn)
+        or hooked(attn.out_proj)
         or nn.modules.module._global_forward_hooks
         or nn.modules.module._global_forward_pre_hooks
         or torch.jit.is_scripting()
