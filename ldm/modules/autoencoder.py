@@ -23,6 +23,7 @@ from ldm.modules.autoencoder_blocks import (
     make_attn,
     nonlinearity,
 )
+from ldm.modules.winograd import RETAINED_MIN_CHANNELS
 
 __all__ = ["Decoder", "Encoder"]
 
@@ -47,23 +48,26 @@ class _Mid(nn.Module):
         return self.block_2(self.attn_1(self.block_1(h)))
 
 
-def _cpu_channels_last(x: torch.Tensor, upscale: int = 1) -> torch.Tensor:
+def _cpu_channels_last(x: torch.Tensor, upscale: int = 1, widest: int = 0) -> torch.Tensor:
     """``x`` in channels-last layout for CPU inference at 128x128 pixels and up (batch x height x
     width of ``x`` times ``upscale``, the decoder's pixels per latent), where oneDNN's
     convolutions read and write NHWC directly (no reorder of the large activations around each
     conv); below that the weights' per-call reorder costs more than it saves. Measured in
     ``benchmarks/bench_vae.py``. The forward returns a contiguous (NCHW) tensor either way; with
     a graph recorded (training) the layout is left alone. With freed memory kept in the process
-    (``ldm.malloc_policy``, the commands' setting) NCHW is kept: the Winograd convolutions then
-    cover the 256-512 channel levels (``ldm.modules.winograd``), and they read NCHW faster (SD
-    decode at 512x512: 5.5 s NCHW against 6.7 s channels-last, encode 2.8 against 3.4 s). Where
-    NCHW is the pick, a channels-last input is made NCHW: a training batch of images arrives
-    [B, H, W, C] and ``get_input``'s permute to [B, C, H, W] is a channels-last view, which the
-    convolutions would otherwise carry through the whole encoder (SD encode at 512x512 with memory
-    kept: 3.3 s from that view, 2.9 s from NCHW)."""
+    (``ldm.malloc_policy``, the commands' setting) NCHW is kept for an autoencoder whose
+    ``widest`` level reaches the Winograd convolution's channels (``RETAINED_MIN_CHANNELS``): it
+    then covers the 256-512 channel levels (``ldm.modules.winograd``) and reads NCHW faster (SD
+    decode at 512x512: 5.5 s NCHW against 6.7 s channels-last, encode 2.8 against 3.4 s); a narrow
+    one (the default run's 32-64 channels) keeps channels-last. Where NCHW is the pick, a
+    channels-last input is made NCHW: a training batch of images arrives [B, H, W, C] and
+    ``get_input``'s permute to [B, C, H, W] is a channels-last view, which the convolutions would
+    otherwise carry through the whole encoder (SD encode at 512x512 with memory kept: 3.3 s from
+    that view, 2.9 s from NCHW)."""
     if x.device.type != "cpu" or x.dim() != 4 or torch.is_grad_enabled():
         return x
-    if not malloc_policy.retained() and x.shape[0] * x.shape[2] * x.shape[3] * upscale >= 128 * 128:
+    winograd_nchw = malloc_policy.retained() and widest >= RETAINED_MIN_CHANNELS
+    if not winograd_nchw and x.shape[0] * x.shape[2] * x.shape[3] * upscale >= 128 * 128:
         return x.contiguous(memory_format=torch.channels_last)
     return x.contiguous()
 
@@ -96,6 +100,7 @@ class Encoder(nn.Module):
         self.num_resolutions = len(ch_mult)
         self.num_res_blocks = num_res_blocks
         self.resolution = resolution
+        self.widest = ch * max(ch_mult)  # the layout policy's width (``_cpu_channels_last``)
         self.in_channels = in_channels
         self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, stride=1, padding=1)
 
@@ -137,7 +142,7 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C_in, H, W] -> moments or z [B, (2) z_channels, H/f, W/f]."""
-        h = self.conv_in(_cpu_channels_last(x))
+        h = self.conv_in(_cpu_channels_last(x, widest=self.widest))
         for i_level, down in enumerate(self.down):
             for i_block in range(self.num_res_blocks):
                 h = down.block[i_block](h)
@@ -178,6 +183,7 @@ class Decoder(nn.Module):
         self.num_resolutions = len(ch_mult)
         self.num_res_blocks = num_res_blocks
         self.resolution = resolution
+        self.widest = ch * max(ch_mult)  # the layout policy's width (``_cpu_channels_last``)
         self.in_channels = in_channels
         self.give_pre_end = give_pre_end
         self.tanh_out = tanh_out
@@ -226,7 +232,8 @@ class Decoder(nn.Module):
             from ldm.modules.autoencoder_tiled import decoder_forward_tiled
 
             return decoder_forward_tiled(self, z, self.tiled_strip_bytes)
-        h = self.mid(self.conv_in(_cpu_channels_last(z, 4 ** (self.num_resolutions - 1))))
+        upscale = 4 ** (self.num_resolutions - 1)
+        h = self.mid(self.conv_in(_cpu_channels_last(z, upscale, widest=self.widest)))
         for i_level in reversed(range(self.num_resolutions)):
             up = self.up[i_level]
             for i_block in range(self.num_res_blocks + 1):

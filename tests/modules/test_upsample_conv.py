@@ -225,7 +225,7 @@ def test_autoencoder_runs_channels_last_inside_and_returns_nchw(monkeypatch) -> 
     assert layouts and not any(layouts)
     import ldm.modules.autoencoder as ae_module
 
-    monkeypatch.setattr(ae_module, "_cpu_channels_last", lambda t, upscale=1: t)
+    monkeypatch.setattr(ae_module, "_cpu_channels_last", lambda t, upscale=1, widest=0: t)
     layouts.clear()
     with torch.no_grad():
         torch.testing.assert_close(enc(x), moments, rtol=0, atol=1e-12)

@@ -453,6 +453,12 @@ def test_autoencoder_reads_a_permuted_image_batch_as_nchw(monkeypatch) -> None:
         assert ae_module._cpu_channels_last(big.contiguous()).is_contiguous(
             memory_format=torch.channels_last
         )
+        monkeypatch.setattr(malloc_policy, "_applied", True)
+        # memory kept: NCHW where the Winograd convolution covers the wide levels (SD: 512) ...
+        assert ae_module._cpu_channels_last(big, widest=512).is_contiguous()
+        # ... a narrow autoencoder (the default run's 64 channels) keeps channels-last
+        assert ae_module._cpu_channels_last(big, widest=64) is big
+        monkeypatch.setattr(malloc_policy, "_applied", False)
     assert ae_module._cpu_channels_last(images) is images  # a graph recorded: left alone
     monkeypatch.setattr(malloc_policy, "_applied", True)
     torch.manual_seed(0)
