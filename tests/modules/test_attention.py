@@ -234,3 +234,40 @@ def test_half_attention_keeps_its_kernel_for_inference_and_large_sizes(monkeypat
     monkeypatch.undo()
     assert not backends._upcast_for_cpu_backward(q.float(), k.float(), v.float())  # fp32 as is
     assert not backends._upcast_for_cpu_backward(q.to("meta"), k.to("meta"), v.to("meta"))
+
+
+def test_short_contexts_pad_keys_to_a_multiple_of_16(monkeypatch):
+    """fp32 CPU attention over 77 keys (SD's text context) runs PyTorch's kernel on 80 keys, the
+    3 padded ones masked out: the same values and gradients as the unpadded attention (float64
+    reference), and k / v gradients of the real keys only. 50 keys (remainder 2), a given mask,
+    few queries and bf16 stay unpadded."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    seen = []
+
+    def spy(q, k, v, attn_mask=None, scale=None):
+        seen.append(k.shape[-2])
+        return sdpa(q, k, v, attn_mask=attn_mask, scale=scale)
+
+    monkeypatch.setattr(backends.F, "scaled_dot_product_attention", spy)
+    torch.manual_seed(0)
+    q, k, v = (t.requires_grad_() for t in _qkv(b=2, h=2, n=256, m=77, d=8))
+    out = attention(q, k, v, backend="sdpa")
+    assert seen == [80]
+    ref_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = torch.softmax(ref_inputs[0] @ ref_inputs[1].transpose(-1, -2) / 8**0.5, -1)
+    ref = ref @ ref_inputs[2]
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-6)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g.double())
+    for got, want in zip((q, k, v), ref_inputs):
+        assert got.grad.shape == want.shape
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=0, atol=2e-5)
+    seen.clear()
+    q2, k2, v2 = _qkv(b=1, h=2, n=256, m=50, d=8)
+    attention(q2, k2, v2, backend="sdpa")
+    attention(q, k, v, backend="sdpa", mask=torch.ones(1, 1, 1, 77, dtype=torch.bool))
+    attention(q[:, :, :100], k, v, backend="sdpa")
+    with torch.no_grad():
+        attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), backend="sdpa")
+    assert seen == [50, 77, 77, 77]
