@@ -12,9 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.modules import geglu_feed_forward as geglu_ff
 from ldm.modules.activation_recompute import checkpoint
 from ldm.modules.attention_backends import BACKENDS, attention, math_attention, resolve_backend
 from ldm.modules.gated_gelu import gated_gelu
+from ldm.modules.module_hooks import hooked
 
 __all__ = [
     "BACKENDS",
@@ -101,6 +103,13 @@ class FeedForward(nn.Module):
         self.net = nn.Sequential(project_in, nn.Dropout(dropout), nn.Linear(inner_dim, dim_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, dropout, out = self.net
+        if (
+            isinstance(gate, GEGLU)
+            and not hooked(gate)
+            and geglu_ff.applies(gate.proj, dropout, out, x)
+        ):
+            return geglu_ff.geglu_feed_forward(x, gate.proj, out)  # fp32 CPU training
         return self.net(x)
 
 

@@ -2,16 +2,20 @@
 
 oneDNN's direct convolution runs the U-Net's forward+backward at 300-340 GFLOP/s at 32x32 and
 64x64 on this project's CPUs, but only ~110 GFLOP/s on 8x8 images with 1280 channels. Two exact
-reformulations, each an autograd function with its own backward (recomputing what it needs from
-the saved input and weight, so it saves no more than the direct convolution; the backward is
-built from differentiable operations, so double backward works too; under forward-mode AD and
+reformulations, each an autograd function with its own backward (the backward is built from
+differentiable operations, so double backward works too; under forward-mode AD and
 ``torch.func`` transforms the direct convolution runs):
 
 - ``winograd4``: Winograd F(4x4, 3x3) (``ldm.modules.winograd``) for images above 16x16. Forward
   Y = A^T [U . V] A with U = G g G^T, V = B^T d B; the input gradient is the same Winograd
-  convolution of dY with the flipped, transposed kernel; the weight gradient is
-  G^T [sum over tiles of (A dY A^T) V^T] G. 4x fewer multiplications, at the cost of transforming
-  the weights every step (no cache: they change) and ~1e-5 relative rounding (direct: ~5e-7).
+  convolution of dY with the flipped, transposed kernel (``_winograd_input_grad``); the weight
+  gradient is G^T [sum over tiles of (A dY A^T) V^T] G. 4x fewer multiplications, at the cost of
+  transforming the weights every step (no cache: they change) and ~1e-5 relative rounding
+  (direct: ~5e-7). It saves the transformed input V (2.25x the input) instead of the input, so
+  the weight gradient does not transform it again: forward+backward 71 vs 78 ms at (2, 320, 64 x
+  64), 110 vs 114 ms at (2, 1280, 16 x 16); the SD v1 U-Net's saved activations grow by 256 MiB
+  to 3577 MiB at batch 2 x 64 x 64, where diffusers' are 3569 MiB (and the feature-major
+  feed-forward, ``ldm.modules.geglu_feed_forward``, saves 353 MiB of them again).
 - ``im2col``: the convolution as one GEMM over the unfolded input (and two in the backward, the
   input gradient folded back with ``F.fold``) where the batch's pixels are few and the channels
   wide: oneDNN's convolution runs SD v1's 8x8 level at ~110 GFLOP/s, MKL's GEMM at ~300. Same
@@ -111,26 +115,56 @@ def training_form(
     return None
 
 
-class _Winograd4Conv(torch.autograd.Function):
-    """3x3 'same' convolution in the F(4x4, 3x3) form, forward and backward."""
+class _InputTransform(torch.autograd.Function):
+    """V = B^T d B of every F(m x m) input tile (``input_transform``): linear in x, so it saves
+    nothing; its backward (the adjoint: B dV B^T summed back over the overlapping tiles) runs
+    only in a double backward through the weight gradient."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-        ctx.save_for_backward(x, weight)
-        return winograd_conv3x3(x, winograd_weight(weight, 4), bias, 4)
+    def forward(ctx, x: torch.Tensor, m: int) -> torch.Tensor:
+        ctx.shape, ctx.m = x.shape, m
+        ctx.set_materialize_grads(False)  # no gradient reaches v in a plain backward: no work
+        return input_transform(x, m)[0]
+
+    @staticmethod
+    def backward(ctx, grad_v: torch.Tensor | None):
+        if grad_v is None:
+            return None, None
+        b, c, h, w = ctx.shape
+        m, t = ctx.m, ctx.m + 2
+        nh, nw = -(-h // m), -(-w // m)
+        kb, _, _ = kron_matrices(m, grad_v.dtype)
+        planes = grad_v.reshape(t * t, c, b, nh * nw).permute(2, 1, 0, 3)
+        planes = planes.reshape(b * c, t * t, nh, nw)
+        full = F.conv_transpose2d(planes, kb.to(grad_v.device).view(t * t, 1, t, t), stride=m)
+        # the padded image [nH m + 2, nW m + 2] -> the input's [H, W]
+        return full.view(b, c, nh * m + 2, nw * m + 2)[:, :, 1 : h + 1, 1 : w + 1], None
+
+
+class _Winograd4Conv(torch.autograd.Function):
+    """3x3 'same' convolution in the F(4x4, 3x3) form, forward and backward, from the input ``x``
+    and its transformed tiles ``v`` (``_InputTransform``): ``v`` is saved for the weight gradient
+    in place of ``x`` (2.25x its size), so the backward does not transform ``x`` again; the
+    gradient flows to ``x`` directly, and to ``v`` (hence ``x``) only in a double backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, bias):
+        ctx.save_for_backward(v, weight)
+        ctx.shape = x.shape
+        return winograd_conv3x3(x, winograd_weight(weight, 4), bias, 4, v=v)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad
+        v, weight = ctx.saved_tensors
+        need_x, _, need_w, need_b = ctx.needs_input_grad
         grad_x = grad_w = grad_b = None
         if need_x:  # the transposed convolution (kernel flipped, channel axes swapped)
             grad_x = _winograd_input_grad(grad, weight, 4)
         if need_w:
-            grad_w = _winograd_weight_grad(x, grad, 4)
+            grad_w = _winograd_weight_grad(v, grad, 4)
         if need_b:  # False for a None bias
             grad_b = grad.sum((0, 2, 3))
-        return grad_x, grad_w, grad_b
+        return grad_x, None, grad_w, grad_b
 
 
 def _winograd_input_grad(grad: torch.Tensor, weight: torch.Tensor, m: int) -> torch.Tensor:
@@ -152,18 +186,19 @@ def _winograd_input_grad(grad: torch.Tensor, weight: torch.Tensor, m: int) -> to
     return y[:, :, :h, :w] if nh * m != h or nw * m != w else y
 
 
-def _winograd_weight_grad(x: torch.Tensor, grad: torch.Tensor, m: int) -> torch.Tensor:
-    """dL/dg for Y = A^T [(G g G^T) . V] A summed over tiles: G^T [sum_P (A dY A^T) V^T] G."""
+def _winograd_weight_grad(v: torch.Tensor, grad: torch.Tensor, m: int) -> torch.Tensor:
+    """dL/dg for Y = A^T [(G g G^T) . V] A summed over tiles: G^T [sum_P (A dY A^T) V^T] G, from
+    the input's transformed tiles ``v`` [t^2, C, P]."""
     t = m + 2
-    b, c, h, w = x.shape
-    c_out = grad.shape[1]
-    _, kg, ka = kron_matrices(m, x.dtype)
-    v, nh, nw = input_transform(x, m)  # [t^2, C, P]
+    b, c_out, h, w = grad.shape
+    c = v.shape[1]
+    _, kg, ka = kron_matrices(m, grad.dtype)
+    nh, nw = -(-h // m), -(-w // m)
     gp = F.pad(grad, (0, nw * m - w, 0, nh * m - h))  # whole output tiles (zeros past the edge)
     tiles = gp.reshape(b, c_out, nh, m, nw, m).permute(3, 5, 1, 0, 2, 4).reshape(m * m, -1)
-    g_prod = (ka.t().to(x.device) @ tiles).view(t * t, c_out, b * nh * nw)  # A dY A^T per tile
+    g_prod = (ka.t().to(grad.device) @ tiles).view(t * t, c_out, b * nh * nw)  # A dY A^T per tile
     g_u = torch.bmm(g_prod, v.transpose(1, 2))  # [t^2, C_out, C]
-    g = kg.t().to(x.device) @ g_u.view(t * t, c_out * c)  # G^T dU G: [9, C_out * C]
+    g = kg.t().to(grad.device) @ g_u.view(t * t, c_out * c)  # G^T dU G: [9, C_out * C]
     return g.view(3, 3, c_out, c).permute(2, 3, 0, 1).contiguous()
 
 
@@ -239,4 +274,4 @@ def conv3x3_for_training(
         )
     if form == "im2col":
         return _Im2colConv.apply(x, weight, bias, stride)
-    return _Winograd4Conv.apply(x, weight, bias)
+    return _Winograd4Conv.apply(x, _InputTransform.apply(x, 4), weight, bias)

@@ -175,10 +175,15 @@ def input_transform(x: torch.Tensor, m: int) -> tuple[torch.Tensor, int, int]:
 
 
 def winograd_conv3x3(
-    x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, m: int
+    x: torch.Tensor,
+    u: torch.Tensor,
+    bias: torch.Tensor | None,
+    m: int,
+    v: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A stride-1, padding-1 3x3 convolution of ``x`` [B, C, H, W] from the transformed weight
-    ``u`` (``winograd_weight``); any H and W (the last tiles are padded and the output cropped)."""
+    ``u`` (``winograd_weight``); any H and W (the last tiles are padded and the output cropped).
+    ``v``: ``input_transform(x, m)``'s tiles where the caller has them already."""
     t = m + 2
     b, c, h, w = x.shape
     if u.shape[0] != t * t or u.shape[2] != c:
@@ -189,7 +194,9 @@ def winograd_conv3x3(
     c_out = u.shape[1]
     _, _, ka = kron_matrices(m, x.dtype)
     ka = ka.to(x.device)
-    v, nh, nw = input_transform(x, m)
+    nh, nw = -(-h // m), -(-w // m)
+    if v is None:
+        v = input_transform(x, m)[0]
     p = b * nh * nw
     prod = torch.bmm(u, v)  # [t^2, C_out, P]: the (m + 2)^2 channel products
     y = (ka @ prod.view(t * t, c_out * p)).view(m, m, c_out, b, nh, nw)  # A^T M A

@@ -32,8 +32,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
+from ldm.modules.module_hooks import hooked
 from ldm.modules.packed_linear import PackedLinear
 from ldm.modules.weight_cache import DerivedWeights, env_switch
 
@@ -54,20 +54,6 @@ def fast_text_enabled() -> bool:
 
 def _text_model(model: nn.Module) -> nn.Module:
     return getattr(model, "text_model", model)  # transformers 4 nests it; 5 does not
-
-
-# transformers 5 leaves these on the layers after an ``output_hidden_states`` call; they only
-# record outputs while transformers collects them (inert here)
-_INERT_HOOKS = ("transformers.utils.output_capturing",)
-
-
-def hooked(module: nn.Module) -> bool:
-    """A forward hook (other than transformers' inert output-capturing ones) or a
-    parametrization: the module's own forward would do more than its parameters say."""
-    hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
-    return parametrize.is_parametrized(module) or any(
-        getattr(h, "__module__", None) not in _INERT_HOOKS for h in hooks
-    )
 
 
 def _standard_layer(layer: nn.Module) -> bool:

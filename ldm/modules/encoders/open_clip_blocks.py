@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.modules.encoders.clip_fast import fast_text_enabled, hooked
+from ldm.modules.encoders.clip_fast import fast_text_enabled
+from ldm.modules.module_hooks import hooked
 
 
 def fast_block_applies(block: nn.Module, x: torch.Tensor) -> bool:
