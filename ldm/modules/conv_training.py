@@ -167,20 +167,29 @@ class _Winograd4Conv(torch.autograd.Function):
         return grad_x, None, grad_w, grad_b
 
 
+#: ``_winograd_input_grad``: above this many tiles (B nH nW) the products run as U^T V
+INPUT_GRAD_UT_V_MIN_TILES = 256
+
+
 def _winograd_input_grad(grad: torch.Tensor, weight: torch.Tensor, m: int) -> torch.Tensor:
     """dL/dx: ``grad`` [B, C_out, H, W] convolved in F(m x m) with the flipped kernel, channel axes
-    swapped. The products run as V^T U per tile position ([P, C_out] x [C_out, C_in]) on U's
-    untransposed [t^2, C_out, C_in] layout, the transposed weight a view: against transforming a
-    transposed copy of the weight and running U^T V, 0.71-0.74 of the time for 1280-2560 channels
-    at 16x16 (batch 1-4), 0.84-0.87 at 32x32, level at 64x64."""
+    swapped, from U's untransposed [t^2, C_out, C_in] layout (the transposed weight a view; a
+    transposed copy of the weight cost 25 ms per 1280 x 1280 kernel). Up to
+    ``INPUT_GRAD_UT_V_MIN_TILES`` tiles the products run as V^T U per tile position ([P, C_out] x
+    [C_out, C_in]): 0.71-0.74 of U^T V's time for 1280-2560 channels at 16x16 (batch 1-4), 0.84-0.87
+    at 32x32. Above (SD's 64x64 level at batch 2: 512 tiles) as U^T V, whose output scatters into
+    the image in runs of 4 values instead of single ones: 0.73-0.81 of V^T U's time for 640-960
+    input channels there, level at 320."""
     t = m + 2
     b, _, h, w = grad.shape
     c_in = weight.shape[1]
-    _, _, ka = kron_matrices(m, grad.dtype)
-    u = winograd_weight(weight, m, transposed=True).transpose(1, 2)  # [t^2, C_out, C_in]
+    u_t = winograd_weight(weight, m, transposed=True)  # [t^2, C_in, C_out], a transposed view
     v, nh, nw = input_transform(grad, m)  # [t^2, C_out, P]
     p = b * nh * nw
-    prod = torch.bmm(v.transpose(1, 2), u)  # [t^2, P, C_in]
+    if p > INPUT_GRAD_UT_V_MIN_TILES:
+        return winograd_conv3x3(grad, u_t, None, m, v=v)
+    _, _, ka = kron_matrices(m, grad.dtype)
+    prod = torch.bmm(v.transpose(1, 2), u_t.transpose(1, 2))  # [t^2, P, C_in]
     y = (ka.to(grad.device) @ prod.view(t * t, p * c_in)).view(m, m, b, nh, nw, c_in)  # A^T M A
     y = y.permute(2, 5, 3, 0, 4, 1).reshape(b, c_in, nh * m, nw * m)
     return y[:, :, :h, :w] if nh * m != h or nw * m != w else y
@@ -194,7 +203,9 @@ def _winograd_weight_grad(v: torch.Tensor, grad: torch.Tensor, m: int) -> torch.
     c = v.shape[1]
     _, kg, ka = kron_matrices(m, grad.dtype)
     nh, nw = -(-h // m), -(-w // m)
-    gp = F.pad(grad, (0, nw * m - w, 0, nh * m - h))  # whole output tiles (zeros past the edge)
+    gp = grad
+    if nh * m != h or nw * m != w:  # whole output tiles (zeros past the edge)
+        gp = F.pad(grad, (0, nw * m - w, 0, nh * m - h))
     tiles = gp.reshape(b, c_out, nh, m, nw, m).permute(3, 5, 1, 0, 2, 4).reshape(m * m, -1)
     g_prod = (ka.t().to(grad.device) @ tiles).view(t * t, c_out, b * nh * nw)  # A dY A^T per tile
     g_u = torch.bmm(g_prod, v.transpose(1, 2))  # [t^2, C_out, C]

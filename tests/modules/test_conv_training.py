@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import ldm.modules.conv2d as conv2d
+import ldm.modules.conv_training as conv_training
 from ldm.modules.conv2d import WinogradConv2d
 from ldm.modules.conv_training import (
     FORMS,
@@ -37,6 +38,23 @@ def test_gradients_are_exact_in_float64(form, size, with_bias) -> None:
     assert torch.autograd.gradcheck(lambda *a: conv3x3_for_training(form, *a), (x, w, b))
     y = conv3x3_for_training(form, x, w, b)
     torch.testing.assert_close(y, F.conv2d(x, w, b, padding=1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("size", [(65, 64), (66, 67)])
+def test_winograd_gradients_above_the_tile_count_limit(size) -> None:
+    """Above ``INPUT_GRAD_UT_V_MIN_TILES`` tiles the input gradient runs its other product order
+    (U^T V): gradients equal the direct convolution's in float64 (gradcheck is too slow there),
+    for sizes that are not multiples of the tile."""
+    assert -(-size[0] // 4) * -(-size[1] // 4) > conv_training.INPUT_GRAD_UT_V_MIN_TILES
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 3, *size, dtype=torch.float64, generator=g).requires_grad_()
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, generator=g).requires_grad_()
+    b = torch.randn(4, dtype=torch.float64, generator=g).requires_grad_()
+    gy = torch.randn(1, 4, *size, dtype=torch.float64, generator=g)
+    got = torch.autograd.grad(conv3x3_for_training("winograd4", x, w, b), (x, w, b), gy)
+    want = torch.autograd.grad(F.conv2d(x, w, b, padding=1), (x, w, b), gy)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("size", [(8, 8), (5, 7), (1, 1), (2, 9)])
