@@ -109,7 +109,7 @@ class FeedForward(nn.Module):
             and not hooked(gate)
             and geglu_ff.applies(gate.proj, dropout, out, x)
         ):
-            return geglu_ff.geglu_feed_forward(x, gate.proj, out)  # fp32 CPU training
+            return geglu_ff.geglu_feed_forward(x, gate.proj, out)  # fp32 CPU: feature-major
         return self.net(x)
 
 

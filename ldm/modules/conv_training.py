@@ -150,7 +150,6 @@ class _Winograd4Conv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, bias):
         ctx.save_for_backward(v, weight)
-        ctx.shape = x.shape
         return winograd_conv3x3(x, winograd_weight(weight, 4), bias, 4, v=v)
 
     @staticmethod
