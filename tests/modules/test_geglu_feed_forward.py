@@ -127,13 +127,15 @@ class _Wrapped(nn.Module):  # what a PEFT LoRA layer looks like from outside
         return self.base(x) + 0.5
 
 
-@pytest.mark.parametrize("case", ["hook", "wrapped", "dropout", "autocast", "bf16"])
+@pytest.mark.parametrize("case", ["hook", "net_hook", "wrapped", "dropout", "autocast", "bf16"])
 def test_stands_aside_where_the_modules_do_more(case):
     ff = _ff()
     x = torch.randn(2, 9, 24, requires_grad=True)
     calls = []
     if case == "hook":
         ff.net[2].register_forward_hook(lambda m, i, o: calls.append(1) or o * 2)
+    elif case == "net_hook":  # on the Sequential: the modules' own call must run
+        ff.net.register_forward_hook(lambda m, i, o: calls.append(1) or o * 2)
     elif case == "wrapped":
         ff.net[0].proj = _Wrapped(ff.net[0].proj)
     elif case == "dropout":
@@ -142,13 +144,17 @@ def test_stands_aside_where_the_modules_do_more(case):
     elif case == "bf16":
         ff.bfloat16()
         x = x.detach().bfloat16().requires_grad_()
-    assert not geglu_ff.applies(ff.net[0].proj, ff.net[1], ff.net[2], x) or case == "autocast"
+    assert not geglu_ff.applies(ff.net[0].proj, ff.net[1], ff.net[2], x) or case in (
+        "autocast",
+        "net_hook",
+    )
     torch.manual_seed(1)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
-        assert not geglu_ff.applies(ff.net[0].proj, ff.net[1], ff.net[2], x)
+        if case == "autocast":
+            assert not geglu_ff.applies(ff.net[0].proj, ff.net[1], ff.net[2], x)
         got = ff(x)
         torch.manual_seed(1)
         want = _module_path(ff, x)
     assert torch.equal(got, want)
-    if case == "hook":
+    if case in ("hook", "net_hook"):  # called by ff(x) and by the reference
         assert calls == [1, 1]
