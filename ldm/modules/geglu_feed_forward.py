@@ -30,6 +30,22 @@ from ldm.modules.custom_autograd import custom_backward_allowed
 from ldm.modules.module_hooks import hooked
 
 
+def _forward(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    in_place: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``y^T = W1 x^T + b1`` [2 inner, N], the feed-forward's output [N, dim_out]) for rows
+    ``x`` [N, dim]; ``in_place``: the gate multiplies into GELU's output (nothing recorded)."""
+    y = torch.addmm(b1.unsqueeze(1), w1, x.t())
+    h, gate = y.chunk(2, dim=0)  # contiguous [inner, N] each
+    act = F.gelu(gate).mul_(h) if in_place else F.gelu(gate) * h
+    return y, torch.addmm(b2, act.t(), w2.t())
+
+
 class _GegluFeedForward(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -40,10 +56,9 @@ class _GegluFeedForward(torch.autograd.Function):
         w2: torch.Tensor,
         b2: torch.Tensor,
     ) -> torch.Tensor:
-        y = torch.addmm(b1.unsqueeze(1), w1, x.t())  # [2 inner, N]
-        h, gate = y.chunk(2, dim=0)  # contiguous [inner, N] each
+        y, out = _forward(x, w1, b1, w2, b2, in_place=True)
         ctx.save_for_backward(x, y, w1, b1, w2)
-        return torch.addmm(b2, F.gelu(gate).mul_(h).t(), w2.t())  # [N, dim_out]
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -105,9 +120,6 @@ def geglu_feed_forward(x: torch.Tensor, proj: nn.Linear, out: nn.Linear) -> torc
     graph = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
     if graph and custom_backward_allowed():
         y = _GegluFeedForward.apply(rows, *params)
-    else:
-        hidden = torch.addmm(proj.bias.unsqueeze(1), proj.weight, rows.t())  # [2 inner, N]
-        h, gate = hidden.chunk(2, dim=0)
-        act = F.gelu(gate) * h if graph else F.gelu(gate).mul_(h)
-        y = torch.addmm(out.bias, act.t(), out.weight.t())
+    else:  # the same operations (in place where nothing is recorded)
+        y = _forward(rows, *params, in_place=not graph)[1]
     return y.view(*x.shape[:-1], y.shape[-1])

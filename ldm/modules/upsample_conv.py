@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as _module
 
 from ldm.modules.conv2d import WinogradConv2d, applies_after_upsampling
+from ldm.modules.module_hooks import hooked
 from ldm.modules.winograd import compute_dtype, same_3x3
 
 
@@ -97,9 +97,4 @@ def worth_fusing(conv: nn.Module, x: torch.Tensor) -> bool:
 
 def fusable(conv: nn.Module) -> bool:
     """True when ``conv`` is a plain 2-D 3x3 'same' conv whose call ``upsample_conv2d`` may replace."""
-    return (
-        type(conv) in (nn.Conv2d, WinogradConv2d)
-        and same_3x3(conv)
-        and not (conv._forward_hooks or conv._forward_pre_hooks)
-        and not (_module._global_forward_hooks or _module._global_forward_pre_hooks)
-    )
+    return type(conv) in (nn.Conv2d, WinogradConv2d) and same_3x3(conv) and not hooked(conv)

@@ -127,8 +127,10 @@ class _Wrapped(nn.Module):  # what a PEFT LoRA layer looks like from outside
         return self.base(x) + 0.5
 
 
-@pytest.mark.parametrize("case", ["hook", "net_hook", "wrapped", "dropout", "autocast", "bf16"])
-def test_stands_aside_where_the_modules_do_more(case):
+@pytest.mark.parametrize(
+    "case", ["hook", "net_hook", "global_hook", "wrapped", "dropout", "autocast", "bf16"]
+)
+def test_stands_aside_where_the_modules_do_more(case, request):
     ff = _ff()
     x = torch.randn(2, 9, 24, requires_grad=True)
     calls = []
@@ -136,6 +138,11 @@ def test_stands_aside_where_the_modules_do_more(case):
         ff.net[2].register_forward_hook(lambda m, i, o: calls.append(1) or o * 2)
     elif case == "net_hook":  # on the Sequential: the modules' own call must run
         ff.net.register_forward_hook(lambda m, i, o: calls.append(1) or o * 2)
+    elif case == "global_hook":  # on every module: the linear layers' calls must run
+        handle = nn.modules.module.register_module_forward_hook(
+            lambda m, i, o: calls.append(1) if m is ff.net[2] else None
+        )
+        request.addfinalizer(handle.remove)
     elif case == "wrapped":
         ff.net[0].proj = _Wrapped(ff.net[0].proj)
     elif case == "dropout":
@@ -156,5 +163,5 @@ def test_stands_aside_where_the_modules_do_more(case):
         torch.manual_seed(1)
         want = _module_path(ff, x)
     assert torch.equal(got, want)
-    if case in ("hook", "net_hook"):  # called by ff(x) and by the reference
+    if case in ("hook", "net_hook", "global_hook"):  # called by ff(x) and by the reference
         assert calls == [1, 1]

@@ -86,8 +86,6 @@ def fast_path_applies(model: nn.Module, input_ids: torch.Tensor) -> bool:
         or (model.training and getattr(config, "attention_dropout", 0.0))
         or torch.compiler.is_compiling()
         or torch.is_autocast_enabled("cpu")
-        or nn.modules.module._global_forward_hooks
-        or nn.modules.module._global_forward_pre_hooks
         or not fast_text_enabled()
     ):
         return False

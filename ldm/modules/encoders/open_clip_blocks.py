@@ -45,9 +45,7 @@ def fast_block_applies(block: nn.Module, x: torch.Tensor) -> bool:
         or attn.add_zero_attn
         or hooked(block)
         or hooked(attn)
-        or hooked(attn.out_proj)
-        or nn.modules.module._global_forward_hooks
-        or nn.modules.module._global_forward_pre_hooks
+        or hooked(attn.out_proj)  # hooked() counts global hooks too
         or torch.jit.is_scripting()
     ):
         return False
