@@ -40,7 +40,11 @@ def _forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(``y^T = W1 x^T + b1`` [2 inner, N], the feed-forward's output [N, dim_out]) for rows
     ``x`` [N, dim]; ``in_place``: the gate multiplies into GELU's output (nothing recorded)."""
-    y = torch.addmm(b1.unsqueeze(1), w1, x.t())
+    if in_place:  # the bias added after the product: addmm first copies the column-broadcast
+        # bias into all of y, 55.7 vs 43.5 ms at SD v1's 64 x 64 level (y [2560, 8192])
+        y = torch.mm(w1, x.t()).add_(b1.unsqueeze(1))
+    else:
+        y = torch.addmm(b1.unsqueeze(1), w1, x.t())
     h, gate = y.chunk(2, dim=0)  # contiguous [inner, N] each
     act = F.gelu(gate).mul_(h) if in_place else F.gelu(gate) * h
     return y, torch.addmm(b2, act.t(), w2.t())
