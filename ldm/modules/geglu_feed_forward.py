@@ -30,6 +30,17 @@ from ldm.modules.custom_autograd import custom_backward_allowed
 from ldm.modules.module_hooks import hooked
 
 
+def _first_linear(
+    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, in_place: bool
+) -> torch.Tensor:
+    """``y^T = W1 x^T + b1`` [2 inner, N] for rows ``x`` [N, dim]; ``in_place`` (nothing
+    recorded): the bias added into the product, bit-identical to addmm, which first copies the
+    column-broadcast bias into all of y (55.7 vs 43.5 ms at SD v1's 64 x 64 level, y [2560, 8192])."""
+    if in_place:
+        return torch.mm(w1, x.t()).add_(b1.unsqueeze(1))
+    return torch.addmm(b1.unsqueeze(1), w1, x.t())
+
+
 def _forward(
     x: torch.Tensor,
     w1: torch.Tensor,
@@ -40,11 +51,7 @@ def _forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(``y^T = W1 x^T + b1`` [2 inner, N], the feed-forward's output [N, dim_out]) for rows
     ``x`` [N, dim]; ``in_place``: the gate multiplies into GELU's output (nothing recorded)."""
-    if in_place:  # the bias added after the product: addmm first copies the column-broadcast
-        # bias into all of y, 55.7 vs 43.5 ms at SD v1's 64 x 64 level (y [2560, 8192])
-        y = torch.mm(w1, x.t()).add_(b1.unsqueeze(1))
-    else:
-        y = torch.addmm(b1.unsqueeze(1), w1, x.t())
+    y = _first_linear(x, w1, b1, in_place)
     h, gate = y.chunk(2, dim=0)  # contiguous [inner, N] each
     act = F.gelu(gate).mul_(h) if in_place else F.gelu(gate) * h
     return y, torch.addmm(b2, act.t(), w2.t())
@@ -70,7 +77,7 @@ class _GegluFeedForward(torch.autograd.Function):
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
         create_graph = torch.is_grad_enabled()
         if create_graph:  # the saved y has no graph: recompute it from the inputs
-            y = torch.addmm(b1.unsqueeze(1), w1, x.t())
+            y = _first_linear(x, w1, b1, in_place=False)
         h, gate = y.chunk(2, dim=0)
         act = F.gelu(gate)
         grad_x = grad_w1 = grad_b1 = grad_w2 = grad_b2 = None
