@@ -182,6 +182,16 @@ KEY_PAD_MIN_REMAINDER = 7
 KEY_PAD_MIN_QUERIES = 256
 KEY_PAD_MAX_KEYS = 256
 
+#: The same kernel reads long self-attention faster from q, k and v laid out [B, H, N, d] in
+#: memory than from the head-split views of a linear layer's [B, N, H * d] output: from this many
+#: queries and keys, `attention` copies them into that layout first (copies counted), fp32 CPU.
+#: Forward+backward / forward against the views (batch 2, interleaved medians): SD v1 64 x 64 (8
+#: heads x 40, 4096 tokens) 0.97-0.98 / 0.97-0.98, SD 2.x (5 x 64) 0.99 / 1.00, SDXL (10 x 64)
+#: 0.98 / 0.99, 48 x 48 latents (8 x 40) 0.98 / 0.99; the VAE's mid-block attention (one head of
+#: 512 over 4096 positions, channel-major views) forward 0.88-0.92. 1024 tokens measured 0.99-1.01
+#: / 1.02-1.05, and shorter sequences or 77-80 keys 1.04-1.12 / 1.16-1.28: they keep the views.
+CONTIGUOUS_MIN_TOKENS = 2048
+
 
 def _sdpa(
     q: torch.Tensor,
@@ -191,16 +201,22 @@ def _sdpa(
     scale: float | None,
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention``, with the keys padded to a multiple of 16 where PyTorch's
-    fp32 CPU kernel is faster that way (see ``KEY_PAD_MIN_REMAINDER``)."""
+    fp32 CPU kernel is faster that way (see ``KEY_PAD_MIN_REMAINDER``), and long self-attention's
+    q, k, v made contiguous (``CONTIGUOUS_MIN_TOKENS``)."""
     keys = k.shape[-2]
+    cpu_fp32 = (
+        q.device.type == "cpu"
+        and q.dtype == k.dtype == v.dtype == torch.float32
+        and not torch.compiler.is_compiling()
+    )
+    if cpu_fp32 and min(q.shape[-2], keys) >= CONTIGUOUS_MIN_TOKENS:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if (
         mask is None
-        and q.device.type == "cpu"
-        and q.dtype == k.dtype == v.dtype == torch.float32
+        and cpu_fp32
         and keys % 16 >= KEY_PAD_MIN_REMAINDER
         and keys <= KEY_PAD_MAX_KEYS
         and q.shape[-2] >= KEY_PAD_MIN_QUERIES
-        and not torch.compiler.is_compiling()
     ):
         pad = 16 - keys % 16
         k = F.pad(k, (0, 0, 0, pad))

@@ -271,3 +271,40 @@ def test_short_contexts_pad_keys_to_a_multiple_of_16(monkeypatch):
     with torch.no_grad():
         attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), backend="sdpa")
     assert seen == [50, 77, 77, 77]
+
+
+def test_long_self_attention_runs_on_contiguous_heads(monkeypatch):
+    """fp32 CPU self-attention over at least ``CONTIGUOUS_MIN_TOKENS`` tokens, given as the
+    head-split views of a [B, N, H * d] projection, reaches PyTorch's kernel as contiguous
+    [B, H, N, d] tensors, with the values and the gradients (back in the projection's layout) of
+    the float64 reference; shorter sequences and bf16 keep the views."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    seen = []
+
+    def spy(q, k, v, attn_mask=None, scale=None):
+        seen.append(all(t.is_contiguous() for t in (q, k, v)))
+        return sdpa(q, k, v, attn_mask=attn_mask, scale=scale)
+
+    monkeypatch.setattr(backends, "CONTIGUOUS_MIN_TOKENS", 64)
+    monkeypatch.setattr(backends.F, "scaled_dot_product_attention", spy)
+    torch.manual_seed(0)
+    b, n, h, d = 2, 64, 3, 8
+    flat = [torch.randn(b, n, h * d, requires_grad=True) for _ in range(3)]
+    q, k, v = (t.view(b, n, h, d).transpose(1, 2) for t in flat)
+    out = attention(q, k, v, backend="sdpa")
+    assert seen == [True]
+    ref_inputs = [t.detach().double().requires_grad_() for t in flat]
+    rq, rk, rv = (t.view(b, n, h, d).transpose(1, 2) for t in ref_inputs)
+    ref = torch.softmax(rq @ rk.transpose(-1, -2) / d**0.5, -1) @ rv
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-6)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g.double())
+    for got, want in zip(flat, ref_inputs):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=0, atol=2e-5)
+    seen.clear()
+    with torch.no_grad():
+        attention(q[:, :, :63], k[:, :, :63], v[:, :, :63], backend="sdpa")
+        attention(q, k[:, :, :63], v[:, :, :63], backend="sdpa")
+        attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), backend="sdpa")
+    assert seen == [False, False, False]
