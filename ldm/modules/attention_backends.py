@@ -182,15 +182,39 @@ KEY_PAD_MIN_REMAINDER = 7
 KEY_PAD_MIN_QUERIES = 256
 KEY_PAD_MAX_KEYS = 256
 
-#: The same kernel reads long self-attention faster from q, k and v laid out [B, H, N, d] in
-#: memory than from the head-split views of a linear layer's [B, N, H * d] output: from this many
-#: queries and keys, `attention` copies them into that layout first (copies counted), fp32 CPU.
-#: Forward+backward / forward against the views (batch 2, interleaved medians): SD v1 64 x 64 (8
-#: heads x 40, 4096 tokens) 0.97-0.98 / 0.97-0.98, SD 2.x (5 x 64) 0.99 / 1.00, SDXL (10 x 64)
-#: 0.98 / 0.99, 48 x 48 latents (8 x 40) 0.98 / 0.99; the VAE's mid-block attention (one head of
-#: 512 over 4096 positions, channel-major views) forward 0.88-0.92. 1024 tokens measured 0.99-1.01
-#: / 1.02-1.05, and shorter sequences or 77-80 keys 1.04-1.12 / 1.16-1.28: they keep the views.
+#: PyTorch's fp32 CPU flash kernel reads q, k and v faster laid out [B, H, N, d] in memory than as
+#: views of another layout in some cases, where `attention` copies them into that layout first
+#: (``_contiguous_heads``; copies counted in every ratio below, batch 1-8, interleaved medians,
+#: forward+backward / forward against the views).
+#: - Head-split views of a linear layer's [B, N, H * d] output (unit last stride), from this many
+#:   queries and keys: SD v1 64 x 64 (8 heads x 40, 4096 tokens) 0.97-0.98 / 0.97-0.98, SD 2.x (5 x
+#:   64) 0.99 / 1.00, SDXL (10 x 64) 0.98 / 0.99, 48 x 48 latents (8 x 40) 0.98 / 0.99. 1024 tokens
+#:   measured 0.99-1.01 / 1.02-1.05, and shorter sequences or 77-80 keys 1.04-1.12 / 1.16-1.28:
+#:   they keep the views.
 CONTIGUOUS_MIN_TOKENS = 2048
+#: - Channel-major views ([B, H, d, N] transposed: the 1x1-conv q, k, v of guided-diffusion's
+#:   ``AttentionBlock`` and of the autoencoder's mid-block), where the kernel is slowest: in
+#:   inference up to this head dimension (32-64: 0.35-0.68 at 64-4096 positions; 128: 0.56-0.98),
+#:   or from ``CONTIGUOUS_MIN_TOKENS`` positions (one head of 256: 0.76 at 4096, of 512: 0.89-0.97
+#:   at 2048-4096); one head of 256-512 at 256-1024 positions measured 0.84-1.24 and stays;
+CHANNEL_MAJOR_MAX_HEAD_DIM = 128
+#: - and with a graph to differentiate up to this one (32-64: 0.58-0.98); wider heads lose there
+#:   (128: 0.92-1.21, 256: 1.04-1.22, 512: 1.18-1.48, the VAE's 4096-position attention included).
+CHANNEL_MAJOR_MAX_HEAD_DIM_GRAD = 64
+
+
+def _contiguous_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether `attention` hands fp32 CPU q, k, v to PyTorch's kernel as contiguous copies (the
+    measurements above ``CONTIGUOUS_MIN_TOKENS``)."""
+    if all(t.is_contiguous() for t in (q, k, v)):
+        return False
+    tokens = min(q.shape[-2], k.shape[-2])
+    if all(t.stride(-1) == 1 for t in (q, k, v)):
+        return tokens >= CONTIGUOUS_MIN_TOKENS
+    head_dim = max(q.shape[-1], v.shape[-1])
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return head_dim <= CHANNEL_MAJOR_MAX_HEAD_DIM_GRAD
+    return head_dim <= CHANNEL_MAJOR_MAX_HEAD_DIM or tokens >= CONTIGUOUS_MIN_TOKENS
 
 
 def _sdpa(
@@ -201,15 +225,15 @@ def _sdpa(
     scale: float | None,
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention``, with the keys padded to a multiple of 16 where PyTorch's
-    fp32 CPU kernel is faster that way (see ``KEY_PAD_MIN_REMAINDER``), and long self-attention's
-    q, k, v made contiguous (``CONTIGUOUS_MIN_TOKENS``)."""
+    fp32 CPU kernel is faster that way (see ``KEY_PAD_MIN_REMAINDER``), and q, k, v made contiguous
+    where it reads them faster so (``_contiguous_heads``)."""
     keys = k.shape[-2]
     cpu_fp32 = (
         q.device.type == "cpu"
         and q.dtype == k.dtype == v.dtype == torch.float32
         and not torch.compiler.is_compiling()
     )
-    if cpu_fp32 and min(q.shape[-2], keys) >= CONTIGUOUS_MIN_TOKENS:
+    if cpu_fp32 and _contiguous_heads(q, k, v):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if (
         mask is None

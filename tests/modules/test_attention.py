@@ -273,11 +273,8 @@ def test_short_contexts_pad_keys_to_a_multiple_of_16(monkeypatch):
     assert seen == [50, 77, 77, 77]
 
 
-def test_long_self_attention_runs_on_contiguous_heads(monkeypatch):
-    """fp32 CPU self-attention over at least ``CONTIGUOUS_MIN_TOKENS`` tokens, given as the
-    head-split views of a [B, N, H * d] projection, reaches PyTorch's kernel as contiguous
-    [B, H, N, d] tensors, with the values and the gradients (back in the projection's layout) of
-    the float64 reference; shorter sequences and bf16 keep the views."""
+def _spy_contiguity(monkeypatch) -> list[bool]:
+    """Record, per call of PyTorch's kernel, whether q, k and v all arrived contiguous."""
     sdpa = torch.nn.functional.scaled_dot_product_attention
     seen = []
 
@@ -285,16 +282,14 @@ def test_long_self_attention_runs_on_contiguous_heads(monkeypatch):
         seen.append(all(t.is_contiguous() for t in (q, k, v)))
         return sdpa(q, k, v, attn_mask=attn_mask, scale=scale)
 
-    monkeypatch.setattr(backends, "CONTIGUOUS_MIN_TOKENS", 64)
     monkeypatch.setattr(backends.F, "scaled_dot_product_attention", spy)
-    torch.manual_seed(0)
-    b, n, h, d = 2, 64, 3, 8
-    flat = [torch.randn(b, n, h * d, requires_grad=True) for _ in range(3)]
-    q, k, v = (t.view(b, n, h, d).transpose(1, 2) for t in flat)
-    out = attention(q, k, v, backend="sdpa")
-    assert seen == [True]
+    return seen
+
+
+def _check_against_float64(flat, views, out, d):
+    """out = attention(*views(flat)) against float64 attention, values and gradients of flat."""
     ref_inputs = [t.detach().double().requires_grad_() for t in flat]
-    rq, rk, rv = (t.view(b, n, h, d).transpose(1, 2) for t in ref_inputs)
+    rq, rk, rv = views(ref_inputs)
     ref = torch.softmax(rq @ rk.transpose(-1, -2) / d**0.5, -1) @ rv
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-6)
     g = torch.randn_like(out)
@@ -302,9 +297,61 @@ def test_long_self_attention_runs_on_contiguous_heads(monkeypatch):
     ref.backward(g.double())
     for got, want in zip(flat, ref_inputs):
         torch.testing.assert_close(got.grad.double(), want.grad, rtol=0, atol=2e-5)
+
+
+def test_long_self_attention_runs_on_contiguous_heads(monkeypatch):
+    """fp32 CPU self-attention over at least ``CONTIGUOUS_MIN_TOKENS`` tokens, given as the
+    head-split views of a [B, N, H * d] projection, reaches PyTorch's kernel as contiguous
+    [B, H, N, d] tensors, with the values and the gradients (back in the projection's layout) of
+    the float64 reference; shorter sequences and bf16 keep the views."""
+    monkeypatch.setattr(backends, "CONTIGUOUS_MIN_TOKENS", 64)
+    seen = _spy_contiguity(monkeypatch)
+    torch.manual_seed(0)
+    b, n, h, d = 2, 64, 3, 8
+    flat = [torch.randn(b, n, h * d, requires_grad=True) for _ in range(3)]
+
+    def views(ts):
+        return [t.view(b, n, h, d).transpose(1, 2) for t in ts]
+
+    q, k, v = views(flat)
+    out = attention(q, k, v, backend="sdpa")
+    assert seen == [True]
+    _check_against_float64(flat, views, out, d)
     seen.clear()
     with torch.no_grad():
         attention(q[:, :, :63], k[:, :, :63], v[:, :, :63], backend="sdpa")
         attention(q, k[:, :, :63], v[:, :, :63], backend="sdpa")
         attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), backend="sdpa")
     assert seen == [False, False, False]
+
+
+def test_channel_major_heads_run_contiguous_where_measured_faster(monkeypatch):
+    """q, k, v as channel-major views ([B, H, d, N] transposed: ``AttentionBlock``, the
+    autoencoder's mid-block) reach PyTorch's fp32 CPU kernel contiguous for narrow heads
+    (``CHANNEL_MAJOR_MAX_HEAD_DIM``, ``CHANNEL_MAJOR_MAX_HEAD_DIM_GRAD`` with a graph) and, in
+    inference, from ``CONTIGUOUS_MIN_TOKENS`` positions; wide heads keep the views, and the
+    values and gradients are the float64 reference's either way."""
+    seen = _spy_contiguity(monkeypatch)
+    torch.manual_seed(0)
+    n = 48
+
+    def run(b, h, d, grad):
+        flat = [torch.randn(b, h, d, n, requires_grad=grad) for _ in range(3)]
+
+        def views(ts):
+            return [t.transpose(2, 3) for t in ts]
+
+        with torch.set_grad_enabled(grad):
+            out = attention(*views(flat), backend="sdpa")
+        if grad:
+            _check_against_float64(flat, views, out, d)
+        return seen.pop()
+
+    assert run(2, 4, 32, grad=False) is True
+    assert run(2, 4, 32, grad=True) is True
+    assert run(1, 2, 128, grad=False) is True
+    assert run(1, 2, 128, grad=True) is False
+    assert run(1, 1, 512, grad=False) is False
+    monkeypatch.setattr(backends, "CONTIGUOUS_MIN_TOKENS", n)
+    assert run(1, 1, 512, grad=False) is True
+    assert run(1, 1, 512, grad=True) is False
