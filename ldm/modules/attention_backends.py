@@ -205,14 +205,14 @@ CHANNEL_MAJOR_MAX_HEAD_DIM_GRAD = 64
 
 def _contiguous_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether `attention` hands fp32 CPU q, k, v to PyTorch's kernel as contiguous copies (the
-    measurements above ``CONTIGUOUS_MIN_TOKENS``)."""
+    policy measured above ``CONTIGUOUS_MIN_TOKENS``)."""
     if all(t.is_contiguous() for t in (q, k, v)):
         return False
     tokens = min(q.shape[-2], k.shape[-2])
     if all(t.stride(-1) == 1 for t in (q, k, v)):
         return tokens >= CONTIGUOUS_MIN_TOKENS
     head_dim = max(q.shape[-1], v.shape[-1])
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+    if _records_graph(q, k, v):
         return head_dim <= CHANNEL_MAJOR_MAX_HEAD_DIM_GRAD
     return head_dim <= CHANNEL_MAJOR_MAX_HEAD_DIM or tokens >= CONTIGUOUS_MIN_TOKENS
 
@@ -274,9 +274,13 @@ def _upcast_for_cpu_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
         CPU_HALF_BACKWARD_IN_FP32
         and q.device.type == "cpu"
         and q.dtype in (torch.bfloat16, torch.float16)
-        and torch.is_grad_enabled()
-        and (q.requires_grad or k.requires_grad or v.requires_grad)
+        and _records_graph(q, k, v)
     ):
         return False
     small = q.shape[-2] * k.shape[-2] * q.shape[-1] <= CPU_HALF_BACKWARD_UPCAST_MAX
     return small or not native_half_matmul(q.dtype)
+
+
+def _records_graph(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether this attention is recorded for a backward."""
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)

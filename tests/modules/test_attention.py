@@ -23,6 +23,19 @@ def _qkv(b=2, h=3, n=37, m=11, d=16):
     return torch.randn(b, h, n, d), torch.randn(b, h, m, d), torch.randn(b, h, m, d)
 
 
+def _spy_sdpa(monkeypatch, record):
+    """Record ``record(q, k, v)`` per call of PyTorch's kernel from ``attention``."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    seen = []
+
+    def spy(q, k, v, attn_mask=None, scale=None):
+        seen.append(record(q, k, v))
+        return sdpa(q, k, v, attn_mask=attn_mask, scale=scale)
+
+    monkeypatch.setattr(backends.F, "scaled_dot_product_attention", spy)
+    return seen
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "math", "xformers"])
 def test_backends_match_closed_form(backend):
     q, k, v = _qkv()
@@ -241,14 +254,7 @@ def test_short_contexts_pad_keys_to_a_multiple_of_16(monkeypatch):
     3 padded ones masked out: the same values and gradients as the unpadded attention (float64
     reference), and k / v gradients of the real keys only. 50 keys (remainder 2), a given mask,
     few queries and bf16 stay unpadded."""
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    seen = []
-
-    def spy(q, k, v, attn_mask=None, scale=None):
-        seen.append(k.shape[-2])
-        return sdpa(q, k, v, attn_mask=attn_mask, scale=scale)
-
-    monkeypatch.setattr(backends.F, "scaled_dot_product_attention", spy)
+    seen = _spy_sdpa(monkeypatch, lambda q, k, v: k.shape[-2])
     torch.manual_seed(0)
     q, k, v = (t.requires_grad_() for t in _qkv(b=2, h=2, n=256, m=77, d=8))
     out = attention(q, k, v, backend="sdpa")
@@ -275,15 +281,7 @@ def test_short_contexts_pad_keys_to_a_multiple_of_16(monkeypatch):
 
 def _spy_contiguity(monkeypatch) -> list[bool]:
     """Record, per call of PyTorch's kernel, whether q, k and v all arrived contiguous."""
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    seen = []
-
-    def spy(q, k, v, attn_mask=None, scale=None):
-        seen.append(all(t.is_contiguous() for t in (q, k, v)))
-        return sdpa(q, k, v, attn_mask=attn_mask, scale=scale)
-
-    monkeypatch.setattr(backends.F, "scaled_dot_product_attention", spy)
-    return seen
+    return _spy_sdpa(monkeypatch, lambda q, k, v: all(t.is_contiguous() for t in (q, k, v)))
 
 
 def _check_against_float64(flat, views, out, d):
