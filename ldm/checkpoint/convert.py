@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -72,10 +73,14 @@ def _layer_mode(config: dict[str, Any]) -> str:
 
 
 def _heads(config: dict[str, Any]) -> int | None:
+    """The text encoder's attention heads as its config gives them: ``heads`` / ``num_heads`` /
+    ``num_attention_heads``, directly or in a transformers ``config`` mapping."""
     params = config["model"].get("params", {}).get("cond_stage_config", {}).get("params") or {}
-    for key in ("heads", "num_heads", "num_attention_heads"):
-        if isinstance(params.get(key), int):
-            return params[key]
+    nested = params.get("config")
+    for where in (params, nested if isinstance(nested, dict) else {}):
+        for key in ("heads", "num_heads", "num_attention_heads"):
+            if isinstance(where.get(key), int):
+                return where[key]
     return None
 
 
@@ -135,6 +140,14 @@ def to_diffusers(
     )
     cfg = resolve_config(ckpt, config, prediction).config
     sd = apply_ema(ckpt.state_dict) if use_ema and has_ema(ckpt.state_dict) else ckpt.state_dict
+    if has_ema(ckpt.state_dict) and not use_ema:
+        logger.warning(
+            "%s has EMA weights; unet/ gets the trained (non-EMA) weights, as diffusers' own "
+            "converter does, and the EMA copy is kept in %s. ldm's loader and txt2img use the "
+            "EMA weights by default: convert with --ema use (use_ema=True) to put them in unet/.",
+            ckpt.path,
+            EXTRAS_FILE,
+        )
     if is_sdxl_config(cfg):
         from ldm.checkpoint.convert_sdxl import write_sdxl_folder
 
@@ -207,8 +220,19 @@ def is_diffusers_folder(path: str | os.PathLike) -> bool:
     return p.is_dir() and (p / "model_index.json").is_file() and (p / "unet").is_dir()
 
 
-def from_diffusers(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(SD-layout state dict, our config) from a diffusers Stable Diffusion folder."""
+def from_diffusers(
+    folder: str | os.PathLike, *, unsafe: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(SD-layout state dict, our config) from a diffusers Stable Diffusion folder; ``unsafe``
+    lets `.bin` weights unpickle arbitrary objects (trusted folders only)."""
+    sd, detection = read_diffusers_folder(folder, unsafe=unsafe)
+    return sd, detection.config
+
+
+def read_diffusers_folder(
+    folder: str | os.PathLike, *, unsafe: bool = False
+) -> tuple[dict[str, torch.Tensor], Detection]:
+    """(SD-layout state dict, how its config was found) of a diffusers folder (SD, SDXL)."""
     folder = Path(folder)
     if not is_diffusers_folder(folder):
         raise FileNotFoundError(
@@ -217,15 +241,25 @@ def from_diffusers(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     if diffusers_family(folder) != "sd":
         from ldm.checkpoint.convert_sdxl import from_sdxl_folder
 
-        return from_sdxl_folder(folder)
-    unet = read_component(folder, "unet")
-    vae = read_component(folder, "vae")
-    if unet is None or vae is None:
-        raise FileNotFoundError(f"{folder}: unet/ or vae/ has no diffusion_pytorch_model weights.")
+        sd, config = from_sdxl_folder(folder, unsafe=unsafe)
+        name = "embedded" if (folder / CONFIG_FILE).is_file() else diffusers_family(folder)
+        return sd, _folder_detection(folder, config, name, "its SDXL config")
+    unet = read_component(folder, "unet", unsafe=unsafe)
+    vae = read_component(folder, "vae", unsafe=unsafe)
+    if vae is None:
+        raise FileNotFoundError(
+            f"{folder}: no vae/ subfolder; a Stable Diffusion folder needs unet/ and vae/ "
+            "(each a config.json and its weights)."
+        )
     sd = {UNET_PREFIX + k: v for k, v in unet_to_ldm(unet).items()}
     sd.update({VAE_PREFIX + k: v for k, v in vae_to_ldm(vae).items()})
     extras, meta = read_extras(folder)
-    text = read_component(folder, "text_encoder")
+    text = read_component(folder, "text_encoder", unsafe=unsafe)
+    if text is None and _index_lists(folder, "text_encoder"):
+        raise FileNotFoundError(
+            f"{folder}: model_index.json lists a text_encoder, but there is no text_encoder/ "
+            "subfolder; download it with the rest of the folder."
+        )
     if text is not None:
         kind = meta.get("text_kind")
         if kind is None:
@@ -239,16 +273,43 @@ def from_diffusers(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     cfg_path = folder / CONFIG_FILE
     if cfg_path.is_file():
         config = json.loads(cfg_path.read_text())
-    else:
-        sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-        param = dcfg.params_from_scheduler(sched)["parameterization"]
-        try:  # SD-sized: the built-in (official) config
-            config = detect_sd(sd, folder, param).config
-        except DetectionError:
-            config = dcfg.ldm_config_from_diffusers(folder)
-        if meta.get("text_kind") is None and any(k.startswith(OPENCLIP_PREFIX) for k in sd):
-            _fill_unused_openclip_layer(sd, config)
-    return sd, config
+        return sd, _folder_detection(folder, config, "embedded", f"its {CONFIG_FILE}")
+    sched = _scheduler(folder)
+    param = dcfg.params_from_scheduler(sched)["parameterization"]
+    try:  # SD-sized: the built-in (official) config
+        found = detect_sd(sd, folder, param)
+        config, name, source = found.config, found.name, found.reason
+    except DetectionError:
+        config = dcfg.ldm_config_from_diffusers(folder)
+        name, source = "diffusers-folder", "rebuilt from its component configs"
+    if sched.get("rescale_betas_zero_snr"):
+        config["model"].setdefault("params", {})["zero_terminal_snr"] = True
+    if meta.get("text_kind") is None and any(k.startswith(OPENCLIP_PREFIX) for k in sd):
+        _fill_unused_openclip_layer(sd, config)
+    return sd, _folder_detection(folder, config, name, source)
+
+
+def _folder_detection(folder: Path, config: dict[str, Any], name: str, source: str) -> Detection:
+    param = config["model"].get("params", {}).get("parameterization", "eps")
+    return Detection(name, config, param, f"diffusers folder {folder}: {source}")
+
+
+def _index_lists(folder: Path, component: str) -> bool:
+    """Whether model_index.json names a (non-null) ``component``."""
+    entry = json.loads((folder / "model_index.json").read_text()).get(component)
+    return isinstance(entry, list) and any(e is not None for e in entry)
+
+
+def _scheduler(folder: Path) -> dict[str, Any]:
+    """scheduler/scheduler_config.json; {} (the defaults) when the folder has none."""
+    path = folder / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        logger.warning("%s: no scheduler/scheduler_config.json; using SD's schedule.", folder)
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise dcfg.ConversionError(f"{path}: not valid JSON ({err}).") from err
 
 
 def _fill_unused_openclip_layer(sd: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
@@ -265,12 +326,20 @@ def _fill_unused_openclip_layer(sd: dict[str, torch.Tensor], config: dict[str, A
     src = f"{OPENCLIP_PREFIX}transformer.resblocks.{n - 1}."
     for k in [k for k in sd if k.startswith(src)]:
         sd[f"{OPENCLIP_PREFIX}transformer.resblocks.{n}." + k[len(src) :]] = torch.zeros_like(sd[k])
+    width = sd[OPENCLIP_PREFIX + "ln_final.weight"].shape[0]
+    # CLIPTextModel has no projection head: open_clip's, unused by the penultimate layer
+    sd.setdefault(OPENCLIP_PREFIX + "text_projection", torch.zeros(width, width))
+    sd.setdefault(OPENCLIP_PREFIX + "logit_scale", torch.tensor(math.log(1 / 0.07)))
     logger.info(
-        "Filled the unused last OpenCLIP layer %d with zeros (diffusers folders omit it).", n
+        "Filled the unused last OpenCLIP layer %d and the unused text_projection with zeros, "
+        "logit_scale with open_clip's initial value (diffusers folders omit them).",
+        n,
     )
 
 
-def diffusers_to_checkpoint(folder: str | os.PathLike, dst: str | os.PathLike) -> Path:
+def diffusers_to_checkpoint(
+    folder: str | os.PathLike, dst: str | os.PathLike, *, unsafe: bool = False
+) -> Path:
     """Convert a diffusers folder to our checkpoint (`.safetensors` or `.ckpt`, config embedded)."""
-    sd, config = from_diffusers(folder)
+    sd, config = from_diffusers(folder, unsafe=unsafe)
     return save_state_dict(sd, dst, config=config)

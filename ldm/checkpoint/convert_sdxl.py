@@ -135,8 +135,11 @@ def _foreign_fill(sd: dict[str, torch.Tensor], openclip: TextEmbedder) -> None:
         logger.info("%s is not in a diffusers folder; set to open_clip's initial value.", key)
 
 
-def from_sdxl_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(SDXL single-file state dict, config) from a diffusers SDXL folder (ours or foreign)."""
+def from_sdxl_folder(
+    folder: Path, *, unsafe: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(SDXL single-file state dict, config) from a diffusers SDXL folder (ours or foreign);
+    ``unsafe``: `.bin` weights may unpickle arbitrary objects."""
     family = diffusers_family(folder)
     cfg_path = folder / CONFIG_FILE
     if cfg_path.is_file():
@@ -145,23 +148,28 @@ def from_sdxl_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         config = xcfg.sdxl_config_from_diffusers(folder, load_builtin_config(family))
         logger.info("%s: no %s; config rebuilt from the %s built-in", folder, CONFIG_FILE, family)
     clip, openclip = sdxl_text_encoders(config)
-    unet = read_component(folder, "unet")
-    vae = read_component(folder, "vae")
-    te2 = read_component(folder, "text_encoder_2")
+    unet = read_component(folder, "unet", unsafe=unsafe)
+    vae = read_component(folder, "vae", unsafe=unsafe)
+    te2 = read_component(folder, "text_encoder_2", unsafe=unsafe)
     if unet is None or vae is None or te2 is None:
         raise FileNotFoundError(
-            f"{folder}: an SDXL folder needs weights in unet/, vae/ and text_encoder_2/ "
-            "(diffusion_pytorch_model.* / model.*); one of them is missing."
+            f"{folder}: an SDXL folder needs unet/, vae/ and text_encoder_2/; missing: "
+            + ", ".join(
+                f"{n}/"
+                for n, c in (("unet", unet), ("vae", vae), ("text_encoder_2", te2))
+                if c is None
+            )
+            + ". Download the whole folder."
         )
     extras, meta = read_extras(folder)
     sd = {UNET_PREFIX + k: v for k, v in unet_to_ldm(unet).items()}
     sd.update({VAE_PREFIX + k: v for k, v in vae_to_ldm(vae).items()})
     if clip is not None:
-        te = read_component(folder, "text_encoder")
+        te = read_component(folder, "text_encoder", unsafe=unsafe)
         if te is None:
             raise FileNotFoundError(
-                f"{folder}/text_encoder has no model.safetensors / pytorch_model.bin; the config "
-                f"has a CLIP embedder (conditioner.embedders.{clip.index})."
+                f"{folder} has no text_encoder/ subfolder, but the config has a CLIP embedder "
+                f"(conditioner.embedders.{clip.index}). Download the whole folder."
             )
         # a foreign folder gets the layout of the SDXL base 1.0 key list (no `text_model.`)
         nested = meta.get(CLIP_LEVEL_META, "0") == "1"

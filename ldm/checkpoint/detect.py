@@ -58,7 +58,9 @@ class DetectionError(ValueError):
 class Detection:
     """What a checkpoint is, the config that builds it, and why we think so."""
 
-    name: str  # "sd-v1", "sd-v2", "sd-v2-v", "sd-v1-inpainting", "sd-v2-inpainting", "embedded"
+    # "sd-v1", "sd-v2", "sd-v2-v", "sd-v1-inpainting", "sd-v2-inpainting", "embedded" (a config in
+    # the file or folder), "sdxl-base" / "sdxl-refiner" / "diffusers-folder" (a foreign folder)
+    name: str
     config: dict[str, Any]  # full config with a `model` section
     parameterization: str  # "eps" | "v" | "x0"
     reason: str

@@ -134,6 +134,8 @@ def scheduler_config(model_params: dict[str, Any]) -> dict[str, Any]:
         )
     param = model_params.get("parameterization", "eps")
     pred = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[param]
+    # zero terminal SNR (Lin et al. 2023, Alg. 1) pairs with trailing timesteps (their Sec. 3.3)
+    zero_snr = bool(model_params.get("zero_terminal_snr", False))
     return {
         "_class_name": "DDIMScheduler",
         "_diffusers_version": DIFFUSERS_VERSION,
@@ -145,7 +147,8 @@ def scheduler_config(model_params: dict[str, Any]) -> dict[str, Any]:
         "clip_sample": False,
         "set_alpha_to_one": False,
         "steps_offset": 1,
-        "timestep_spacing": "leading",
+        "timestep_spacing": "trailing" if zero_snr else "leading",
+        "rescale_betas_zero_snr": zero_snr,
     }
 
 
@@ -155,13 +158,16 @@ def params_from_scheduler(cfg: dict[str, Any]) -> dict[str, Any]:
     pred = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}[
         cfg.get("prediction_type", "epsilon")
     ]
-    return {
+    params = {
         "timesteps": cfg.get("num_train_timesteps", 1000),
         "linear_start": cfg.get("beta_start", 1e-4),
         "linear_end": cfg.get("beta_end", 2e-2),
         "beta_schedule": names.get(cfg.get("beta_schedule", "scaled_linear"), "linear"),
         "parameterization": pred,
     }
+    if cfg.get("rescale_betas_zero_snr"):
+        params["zero_terminal_snr"] = True
+    return params
 
 
 def write_tokenizer(folder: Path, kind: str) -> None:

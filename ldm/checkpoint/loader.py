@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldm.checkpoint.convert import from_diffusers, is_diffusers_folder, resolve_config
+from ldm.checkpoint.convert import is_diffusers_folder, read_diffusers_folder, resolve_config
 from ldm.checkpoint.detect import DetectionError
 from ldm.checkpoint.ema import apply_ema, has_ema, strip_ema
 from ldm.checkpoint.lazy_build import assign_weights, parameters_on_meta
@@ -132,9 +132,10 @@ def load_model(
     `use_ema=None` uses the EMA weights when the file has them; `prediction` ('eps' | 'v') decides
     SD v2 eps vs v when neither the config nor the file name does.
     """
+    folder_detection = None
     if is_diffusers_folder(path):
-        sd, cfg = from_diffusers(path)
-        ckpt = LoadedCheckpoint(Path(path), sd, {"ldm_config": cfg}, {})
+        sd, folder_detection = read_diffusers_folder(path, unsafe=unsafe)
+        ckpt = LoadedCheckpoint(Path(path), sd, {"ldm_config": folder_detection.config}, {})
     else:
         ckpt = read_checkpoint(path, unsafe=unsafe)
     if ckpt.extras.get("adapter"):
@@ -144,7 +145,10 @@ def load_model(
             "the run's exported file: --lora <run>/adapters/<name>.safetensors or --embedding "
             "<run>/adapters/<token>.pt (generate(loras=..., embeddings=...))."
         )
-    detection = resolve_config(ckpt, config, prediction)
+    if folder_detection is not None and config is None and prediction is None:
+        detection = folder_detection
+    else:
+        detection = resolve_config(ckpt, config, prediction)
     logger.info("Model config: %s", detection.reason)
     sd = ckpt.state_dict
     if use_ema is None:

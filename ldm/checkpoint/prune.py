@@ -59,7 +59,7 @@ def _write(
     config: dict[str, Any] | None,
     extras: dict[str, Any] | None,
 ) -> None:
-    if suffix == ".safetensors":
+    if suffix.lower() == ".safetensors":
         from safetensors.torch import save_file
 
         meta = {"format": "pt"}

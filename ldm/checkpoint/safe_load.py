@@ -170,7 +170,8 @@ def _refuse(path: Path, err: Exception) -> UnsafeCheckpointError:
         f"Refusing to load {path}: its pickle needs {what}{detail}, which could run code from the "
         "file. Only tensors, plain containers and Lightning training extras are allowed. If you "
         "trust this file, pass unsafe=True (command line: --unsafe); better, convert it once to "
-        ".safetensors (scripts/convert.py --prune)."
+        f"safetensors: python scripts/convert.py {path} {path.with_suffix('.safetensors').name} "
+        "--unsafe."
     )
 
 
@@ -314,13 +315,15 @@ def read_checkpoint(
     ``verify``: also compare the tensor data of a torch zip file with its CRC-32 checksums.
     """
     path = Path(path)
-    if not path.is_file():
-        hint = (
-            " (it is a folder: for a diffusers folder use scripts/convert.py)"
-            if path.is_dir()
-            else ""
+    if path.is_dir():
+        missing = [n for n in ("model_index.json", "unet/") if not (path / n.rstrip("/")).exists()]
+        raise FileNotFoundError(
+            f"{path} is a folder, not a checkpoint file, and not a diffusers folder (it has no "
+            f"{' and no '.join(missing) or 'readable layout'}). Give a .ckpt / .safetensors file, "
+            "or a diffusers folder with model_index.json and unet/, vae/, text_encoder/."
         )
-        raise FileNotFoundError(f"Checkpoint not found: {path}{hint}")
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint not found: {path}")
     from ldm.checkpoint.integrity import check_checkpoint_file
 
     suffix = path.suffix.lower()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ldm.atomic_output import atomic_path
 from ldm.checkpoint.convert import is_diffusers_folder
+from ldm.checkpoint.formats import SAFETENSORS_SUFFIX, TORCH_SUFFIXES
 from ldm.disk_errors import writing
 from ldm.errors import exit_code, report
 from ldm.util import ConfigError
@@ -23,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--to",
         choices=["auto", "diffusers", "ckpt"],
         default="auto",
-        help="auto: folder src -> file, file src -> folder unless dst has a suffix",
+        help="auto: a folder src gives a file; a file src gives a file when dst ends in "
+        ".safetensors / .ckpt / .pt / .pth / .bin, else a diffusers folder",
     )
     p.add_argument("--config", default=None, help="model config (default: embedded / detected)")
     p.add_argument("--prediction", choices=["eps", "v"], default=None, help="SD v2 eps or v")
@@ -39,7 +41,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--unsafe", action="store_true", help="allow arbitrary pickles (trusted files only)"
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing diffusers folder at dst (never any other folder)",
+    )
     return p
+
+
+#: file outputs by suffix (any case); anything else names a diffusers folder
+FILE_SUFFIXES = (SAFETENSORS_SUFFIX, *TORCH_SUFFIXES)
+
+
+def _is_file_output(dst: Path) -> bool:
+    return dst.suffix.lower() in FILE_SUFFIXES
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies below it (paths resolved)."""
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def _check_folder_dst(src: Path, dst: Path, overwrite: bool) -> None:
+    """A diffusers folder may only be written where nothing is lost: a new or empty folder, or,
+    with --overwrite, an existing diffusers folder that holds neither the source nor the
+    working directory."""
+    if dst.is_file():
+        raise ConfigError(
+            f"dst {dst}: an existing file, but a diffusers folder is written there; give a new "
+            f"folder name, or a {' / '.join(FILE_SUFFIXES)} name for a single file."
+        )
+    if not dst.is_dir() or not any(dst.iterdir()):
+        return
+    for what, path in (("the source", src), ("the working directory", Path.cwd())):
+        if _inside(path, dst):
+            raise ConfigError(
+                f"dst {dst}: holds {what} ({path}); the folder is replaced as a whole, so this "
+                "would delete it. Write the diffusers folder to a new path."
+            )
+    if not is_diffusers_folder(dst):
+        held = sorted(f.name for f in dst.iterdir())
+        raise ConfigError(
+            f"dst {dst}: an existing folder that is not a diffusers folder (it holds "
+            f"{', '.join(held[:5])}{' ...' if len(held) > 5 else ''}); the folder would be "
+            "replaced as a whole. Give a new folder name."
+        )
+    if not overwrite:
+        raise ConfigError(
+            f"dst {dst}: a diffusers folder already exists there; pass --overwrite to replace it, "
+            "or give a new folder name."
+        )
 
 
 def _check_paths(src: Path, dst: Path) -> None:
@@ -53,6 +105,8 @@ def _check_paths(src: Path, dst: Path) -> None:
         )
     if dst.resolve() == src.resolve():
         raise ConfigError(f"dst {dst}: the same path as src; write the result elsewhere.")
+    if dst.is_dir() and _is_file_output(dst):
+        raise ConfigError(f"dst {dst}: an existing folder, but a file name was given; rename it.")
     probe = dst.parent
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -69,12 +123,24 @@ def run(argv: list[str] | None = None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     src, dst = Path(args.src), Path(args.dst)
     _check_paths(src, dst)
+    to = args.to
+    if to == "auto":
+        to = "ckpt" if _is_file_output(dst) or is_diffusers_folder(src) else "diffusers"
+    if to == "ckpt" and not _is_file_output(dst):
+        raise ConfigError(
+            f"dst {dst}: a checkpoint file needs a {' / '.join(FILE_SUFFIXES)} name (the loaders "
+            f"read those); e.g. {dst.with_suffix(SAFETENSORS_SUFFIX).name}."
+        )
+    if to == "diffusers":
+        if is_diffusers_folder(src):
+            raise ConfigError(
+                f"src {src} is already a diffusers folder; give a .safetensors / .ckpt dst to "
+                "convert it to a checkpoint."
+            )
+        _check_folder_dst(src, dst, args.overwrite)
     with writing(dst.parent, f"the converted model {dst.name}", flag="dst"):
         if is_diffusers_folder(src):
-            return diffusers_to_checkpoint(src, dst)
-        to = args.to
-        if to == "auto":
-            to = "ckpt" if dst.suffix in (".safetensors", ".ckpt") else "diffusers"
+            return diffusers_to_checkpoint(src, dst, unsafe=args.unsafe)
         if to == "diffusers":
             with atomic_path(dst, folder=True) as tmp:
                 to_diffusers(
