@@ -63,6 +63,17 @@ class SetupCallback(Callback):
             return
         for d in (self.logdir, self.ckptdir, self.cfgdir, self.logdir / "images"):
             d.mkdir(parents=True, exist_ok=True)
+        if not self.resume:
+            self._save_configs()
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A resumed run saves its configs once the checkpoint is restored: a launch whose config
+        does not fit the checkpoint leaves the run's configs/ as it was (the launcher merges
+        every file there on the next -r)."""
+        if trainer.is_global_zero and self.resume:
+            self._save_configs()
+
+    def _save_configs(self) -> None:
         project = self.cfgdir / f"{self.now}-project.yaml"
         lightning = self.cfgdir / f"{self.now}-lightning.yaml"
         if not project.exists():

@@ -97,3 +97,24 @@ def test_resume_errors(tmp_path: Path) -> None:
     (empty / "checkpoints").mkdir(parents=True)
     with pytest.raises(ConfigError, match="last.ckpt does not exist"):
         run(parse_command(["-r", str(empty), "-t"]).spec)
+
+
+def test_refused_resume_leaves_the_run_configs_unchanged(tmp_path: Path) -> None:
+    """A -r launch whose config does not fit the checkpoint saves no config into the run: the
+    next plain -r merges the run's configs/ and must still fit."""
+    import pytest
+
+    from ldm.util import ConfigError
+
+    first = run(parse_command([*COMMON[:-1], "2", "-l", str(tmp_path)]).spec)
+    configs = first.run_dir / "configs"
+    before = sorted(p.name for p in configs.iterdir())
+    wider = tmp_path / "wider.yaml"
+    wider.write_text("model:\n  params:\n    hidden: 16\n")
+    resume = ["-r", str(first.run_dir), "-t", "--no-test"]
+    with pytest.raises(ConfigError, match="weights do not fit"):
+        run(parse_command([*resume, "--base", str(wider), "--trainer.max_steps", "4"]).spec)
+    assert sorted(p.name for p in configs.iterdir()) == before
+    again = run(parse_command([*resume, "--trainer.max_steps", "4"]).spec)
+    assert again.global_step == 4
+    assert len(list(configs.glob("*-project.yaml"))) == len(before) // 2 + 1
