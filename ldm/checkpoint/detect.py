@@ -159,10 +159,18 @@ def detect_sd(
         return detect_sdxl(state_dict)
     in_shape = _shape(state_dict, UNET_IN)
     if in_shape is None:
+        from ldm.checkpoint.file_kinds import not_a_model_hint
+
         prefixes = sorted({k.split(".")[0] for k in state_dict})[:8]
+        hint = not_a_model_hint(state_dict)
+        where = f"{path}: " if path is not None else ""
         raise DetectionError(
-            f"No `{UNET_IN}` in the checkpoint (top-level prefixes: {prefixes}); it is not a "
-            "Stable Diffusion checkpoint and embeds no config. Pass config=<yaml> (--config)."
+            f"{where}no `{UNET_IN}` in the checkpoint (top-level prefixes: {prefixes}). "
+            + (
+                hint
+                or "It is not a Stable Diffusion checkpoint and embeds no config. Pass "
+                "config=<yaml> (--config)."
+            )
         )
     time_shape = _shape(state_dict, UNET_TIME)
     ctx_dims = set(context_dims(state_dict))
