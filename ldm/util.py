@@ -197,6 +197,20 @@ def get_obj_from_str(string: str, reload: bool = False, path: str = "") -> Any:
     return getattr(module, cls_name)
 
 
+#: keys that sit beside ``target`` / ``params`` of the model node, not inside ``params``
+MODEL_NODE_KEYS = ("base_learning_rate",)
+
+
+def misplaced_hint(key: str) -> str:
+    """`` It belongs at model.<key> ...`` for a model-node key put under params, else ''."""
+    if key not in MODEL_NODE_KEYS:
+        return ""
+    return (
+        f" '{key}' is not a constructor parameter: it belongs at model.{key} (beside "
+        f"model.target and model.params), e.g. the override model.{key}=1e-5."
+    )
+
+
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for the candidate closest to ``word`` (difflib ratio >= 0.6), else
     an empty string; appended to error messages about misspelt names."""
@@ -239,7 +253,8 @@ def _check_params(cls: Any, params: Mapping[str, Any], path: str) -> None:
         if key not in accepted:
             raise ConfigError(
                 f"{path}.params.{key}: {cls_name} has no parameter '{key}'"
-                f"{did_you_mean(str(key), names)}. Accepted parameters: {', '.join(names)}."
+                f"{did_you_mean(str(key), names)}.{misplaced_hint(str(key))} Accepted "
+                f"parameters: {', '.join(names)}."
             )
     missing = [
         n

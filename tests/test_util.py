@@ -144,3 +144,14 @@ def test_config_and_trainer_errors_use_the_one_did_you_mean():
     assert not hasattr(ldm.config, "suggest") and not hasattr(util, "_suggest")
     assert ldm.config.did_you_mean is util.did_you_mean
     assert ldm.trainer_setup.did_you_mean is util.did_you_mean
+
+
+def test_base_learning_rate_in_params_names_where_it_belongs():
+    cfg = OmegaConf.create(
+        {"target": "torch.nn.Linear", "params": {"in_features": 1, "out_features": 1}}
+    )
+    cfg.params.base_learning_rate = 1e-5
+    with pytest.raises(ConfigError) as info:
+        instantiate_from_config(cfg)
+    assert "has no parameter 'base_learning_rate'" in str(info.value)
+    assert "it belongs at model.base_learning_rate (beside model.target" in str(info.value)

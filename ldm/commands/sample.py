@@ -21,6 +21,7 @@ from ldm.commands.sample_checks import (
     device_from_flag,
     read_prompts,
 )
+from ldm.commands.sample_flags import add_compat_flags, apply_compat_flags, inpaint_pairs
 from ldm.commands.validation import MAX_SEED, finite_float, float_in, int_in
 from ldm.disk_errors import writing
 from ldm.errors import RunFailure, exit_code, report
@@ -44,8 +45,11 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         "--negative-prompt", "--negative_prompt", dest="negative_prompt", type=str, default=""
     )
     p.add_argument("--outdir", type=str, default=f"outputs/{mode}-samples")
-    p.add_argument("--n_samples", type=int_in(1), default=3, help="batch size")
-    p.add_argument("--n_iter", type=int_in(1), default=2, help="batches per prompt")
+    one = " (--indir: 1, one result per image)" if mode == "inpaint" else ""
+    p.add_argument("--n_samples", type=int_in(1), default=None, help=f"batch size (default 3{one})")
+    p.add_argument(
+        "--n_iter", type=int_in(1), default=None, help=f"batches per prompt (default 2{one})"
+    )
     p.add_argument(
         "--steps",
         "--ddim_steps",
@@ -219,7 +223,12 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     )
     if mode in ("img2img", "inpaint"):
         p.add_argument(
-            "--init-img", "--init_img", "--image", dest="init_img", type=str, required=True
+            "--init-img",
+            "--init_img",
+            "--image",
+            dest="init_img",
+            type=str,
+            required=mode == "img2img",  # inpaint: or --indir
         )
         p.add_argument(
             "--strength",
@@ -229,20 +238,41 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
             + (" (0 < s <= 1)" if mode == "img2img" else " (0 <= s <= 1)"),
         )
     if mode == "inpaint":
-        p.add_argument("--mask", type=str, required=True, help="white = repaint, black = keep")
+        p.add_argument("--mask", type=str, default=None, help="white = repaint, black = keep")
+    add_compat_flags(p, mode)
     return p
 
 
 def sampler_name(args: argparse.Namespace) -> str | None:
-    """--sampler, else --plms / --dpm_solver, else None (the model's recorded sampler, else ddim)."""
-    from ldm.samplers import SAMPLERS
+    """--sampler, else --plms / --dpm_solver, else None (the model's recorded sampler, else ddim).
 
-    name = args.sampler or ("plms" if args.plms else "dpmpp_2m" if args.dpm_solver else None)
-    if name is not None and name not in SAMPLERS:
-        raise CommandError(
-            f"Unknown --sampler {name!r}; choose one of: {', '.join(sorted(SAMPLERS))}."
-        )
-    return name
+    --sampler takes other names of our samplers too ("DPM++ 2M Karras", "k_euler_a",
+    "EulerDiscreteScheduler"; ``ldm.samplers.aliases``). Flags that choose different samplers
+    (``--plms --dpm_solver``, ``--plms --sampler euler``) are an error.
+    """
+    from ldm.samplers import resolve_sampler
+
+    chosen: list[tuple[str, str]] = []  # (flag as given, registered name)
+    if args.sampler is not None:
+        try:
+            chosen.append((f"--sampler {args.sampler}", resolve_sampler(args.sampler)[0]))
+        except ValueError as err:
+            text = str(err)
+            if text.startswith("unknown sampler "):
+                text = "Unknown --sampler " + text.removeprefix("unknown sampler ")
+            else:
+                text = f"--sampler: {text}."
+            raise CommandError(text) from None
+    if args.plms:
+        chosen.append(("--plms", "plms"))
+    if args.dpm_solver:
+        chosen.append(("--dpm_solver", "dpmpp_2m"))
+    if len({name for _, name in chosen}) > 1:
+        flags = " and ".join(f"{flag} ({name})" for flag, name in chosen)
+        raise CommandError(f"{flags} choose different samplers; give only one of them.")
+    if args.sampler is not None:
+        return args.sampler
+    return chosen[0][1] if chosen else None
 
 
 #: sampler option -> the flag that sets it
@@ -291,13 +321,24 @@ def pick_device(name: str | None) -> torch.device:
 
 
 def prompts(args: argparse.Namespace) -> list[list[str]]:
-    """Batches of prompts: n_samples copies of --prompt, or chunks of --from-file lines."""
+    """Batches of prompts: n_samples copies of --prompt, or chunks of --from-file lines (each
+    line --repeat times, as Stability's script)."""
     if args.from_file:
         if not Path(args.from_file).is_file():
             raise CommandError(f"--from-file {args.from_file}: no such file.")
         lines = read_prompts(args.from_file)
+        lines = [line for line in lines for _ in range(getattr(args, "repeat", 1))]
         return [lines[i : i + args.n_samples] for i in range(0, len(lines), args.n_samples)]
     return [[args.prompt] * args.n_samples]
+
+
+def image_jobs(args: argparse.Namespace, outdir: Path) -> list[tuple[Any, Any, Path | None]]:
+    """(init image, mask, output file or None) to sample: --indir's pairs (each written to
+    --outdir/X.png), else the one --init-img / --mask (None for txt2img)."""
+    indir = getattr(args, "indir", None)
+    if indir is None:
+        return [(getattr(args, "init_img", None), getattr(args, "mask", None), None)]
+    return [(str(image), str(mask), outdir / image.name) for image, mask in inpaint_pairs(indir)]
 
 
 def run(mode: str, argv: list[str] | None = None) -> list[Path]:
@@ -309,6 +350,7 @@ def run(mode: str, argv: list[str] | None = None) -> list[Path]:
     """
     args = build_parser(mode).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    apply_compat_flags(args, mode)
     check_inputs(args)
     name = sampler_name(args)
     device = pick_device(args.device)
@@ -405,12 +447,12 @@ def _sample(mode: str, args: argparse.Namespace, name: str | None, device: torch
     outdir = Path(args.outdir)
     sample_dir = outdir / "samples"
     with writing(outdir, "the images"):
-        sample_dir.mkdir(parents=True, exist_ok=True)
+        (outdir if getattr(args, "indir", None) else sample_dir).mkdir(parents=True, exist_ok=True)
     base = len(list(sample_dir.glob("*.png")))
     written, grid_items = [], []
     params_common = {
         "sampler": sampler,
-        "karras": bool(args.karras),
+        "karras": bool(options.get("karras", False)),
         "steps": steps,
         "scale": scale,
         "eta": options.get("eta", 0.0),
@@ -427,75 +469,82 @@ def _sample(mode: str, args: argparse.Namespace, name: str | None, device: torch
         params_common.update(refiner=Path(args.refiner).name, refiner_switch=args.refiner_switch)
     params_common.update({k: v for k, v in micro["base"].items() if v is not None})
     params_common.update(describe(loras, args.embedding))
+    jobs = image_jobs(args, outdir)
     k = 0
     with adapters, attention_slicing(args.attention_slice), _compile_settings(args.compile):
-        for n in range(args.n_iter):
-            for batch in prompts(args):
-                seed = args.seed if args.fixed_code else args.seed + k
-                k += 1
-                started = time.perf_counter()
-                text = model.conditioner is not None and model.conditioner.text_key() is not None
-                common = {
-                    "negative_prompt": args.negative_prompt
-                    if args.negative_prompt and text
-                    else None,
-                    "sampler": sampler,
-                    "steps": steps,
-                    "guidance_scale": scale if text else 1.0,
-                    "seed": seed,
-                    "decode": "tiled" if args.tiled_decode else "auto",
-                    "precision": precision,
-                    **options,
-                }
-                x = model.generate(
-                    batch if text else None,  # an unconditional model: len(batch) images
-                    num_images_per_prompt=1 if text else len(batch),
-                    height=args.H,
-                    width=args.W,
-                    init_image=getattr(args, "init_img", None),
-                    strength=args.strength if mode != "txt2img" else None,
-                    mask=getattr(args, "mask", None),
-                    output="tensor" if refiner is None else "latent",
-                    denoising_end=args.refiner_switch if refiner is not None else None,
-                    **micro["base"],
-                    **common,
-                )
-                if refiner is not None:  # the refiner continues the base's latents
-                    x = refiner.generate(
-                        batch if text else None,
+        for init_img, mask_img, target in jobs:
+            for n in range(args.n_iter):
+                for batch in prompts(args):
+                    seed = args.seed if args.fixed_code else args.seed + k
+                    k += 1
+                    started = time.perf_counter()
+                    text = (
+                        model.conditioner is not None and model.conditioner.text_key() is not None
+                    )
+                    common = {
+                        "negative_prompt": args.negative_prompt
+                        if args.negative_prompt and text
+                        else None,
+                        "sampler": sampler,
+                        "steps": steps,
+                        "guidance_scale": scale if text else 1.0,
+                        "seed": seed,
+                        "decode": "tiled" if args.tiled_decode else "auto",
+                        "precision": precision,
+                        **options,
+                    }
+                    x = model.generate(
+                        batch if text else None,  # an unconditional model: len(batch) images
                         num_images_per_prompt=1 if text else len(batch),
-                        x_T=x,
-                        denoising_start=args.refiner_switch,
-                        output="tensor",
-                        # inpainting: the refiner keeps the known region too
-                        init_image=getattr(args, "init_img", None) if mode == "inpaint" else None,
-                        mask=getattr(args, "mask", None),
-                        **micro["refiner"],
+                        height=args.H,
+                        width=args.W,
+                        init_image=init_img,
+                        strength=args.strength if mode != "txt2img" else None,
+                        mask=mask_img,
+                        output="tensor" if refiner is None else "latent",
+                        denoising_end=args.refiner_switch if refiner is not None else None,
+                        **micro["base"],
                         **common,
                     )
-                if args.compile:
-                    logger.info(
-                        "batch %d: %.1f s%s",
-                        k,
-                        time.perf_counter() - started,
-                        " (includes compiling the U-Net)" if k == 1 else "",
-                    )
-                for i, img in enumerate(x):
-                    params = {
-                        "prompt": batch[i],
-                        "negative_prompt": args.negative_prompt,
-                        "seed": seed,
-                        "iteration": n,
-                        "index": i,
-                        "size": f"{img.shape[-1]}x{img.shape[-2]}",
-                        **params_common,
-                    }
-                    if not args.skip_save:
-                        with writing(outdir, "the images"):
-                            png = save_png(to_pil(img), sample_dir / f"{base:05}.png", params)
-                        written.append(png)
-                        base += 1
-                grid_items.append((x, batch))
+                    if refiner is not None:  # the refiner continues the base's latents
+                        x = refiner.generate(
+                            batch if text else None,
+                            num_images_per_prompt=1 if text else len(batch),
+                            x_T=x,
+                            denoising_start=args.refiner_switch,
+                            output="tensor",
+                            # inpainting: the refiner keeps the known region too
+                            init_image=init_img if mode == "inpaint" else None,
+                            mask=mask_img,
+                            **micro["refiner"],
+                            **common,
+                        )
+                    if args.compile:
+                        logger.info(
+                            "batch %d: %.1f s%s",
+                            k,
+                            time.perf_counter() - started,
+                            " (includes compiling the U-Net)" if k == 1 else "",
+                        )
+                    for i, img in enumerate(x):
+                        params = {
+                            "prompt": batch[i],
+                            "negative_prompt": args.negative_prompt,
+                            "seed": seed,
+                            "iteration": n,
+                            "index": i,
+                            "size": f"{img.shape[-1]}x{img.shape[-2]}",
+                            **params_common,
+                        }
+                        if target is not None:  # --indir: OUT/X.png, as CompVis
+                            with writing(outdir, "the images"):
+                                written.append(save_png(to_pil(img), target, params))
+                        elif not args.skip_save:
+                            with writing(outdir, "the images"):
+                                png = save_png(to_pil(img), sample_dir / f"{base:05}.png", params)
+                            written.append(png)
+                            base += 1
+                    grid_items.append((x, batch))
     if not args.skip_grid and grid_items:
         from torchvision.utils import make_grid
 

@@ -119,14 +119,27 @@ def check_mode(mode: str, model: Any, flag: str, path: str) -> None:
 
 
 def check_size(args: argparse.Namespace, model: Any) -> None:
-    """--H / --W are multiples of the model's latent factor (8 for Stable Diffusion)."""
-    from ldm.engine.generate import latent_factor
+    """--H / --W are multiples of the model's latent factor f (8 for Stable Diffusion); any
+    multiple works (the U-Net upsamples to its skips' sizes). --f / --C, when given, are the
+    model's (they are read off the checkpoint, not set by the flags)."""
+    from ldm.engine.generate import grid_sides, latent_factor
 
     f = latent_factor(model)
+    if args.f is not None and args.f != f:
+        raise CommandError(
+            f"--f {args.f}: this checkpoint's autoencoder downsamples by {f}; leave --f out "
+            f"or give --f {f}."
+        )
+    channels = getattr(model, "channels", None)
+    if args.C is not None and isinstance(channels, int) and args.C != channels:
+        raise CommandError(
+            f"--C {args.C}: this checkpoint's latents have {channels} channels; leave --C out "
+            f"or give --C {channels}."
+        )
     for flag in ("H", "W"):
         value = getattr(args, flag)
         if value is not None and value % f:
-            low, high = max(f, value - value % f), value - value % f + f
+            low, high = grid_sides(value, f)
             raise CommandError(
                 f"--{flag} {value}: must be a multiple of {f} (the model's latent factor); "
                 f"use {low} or {high}."

@@ -25,15 +25,17 @@ def check_sampling_defaults(
         raise ValueError(f"{where}: unknown key(s) {unknown}; expected some of {list(KEYS)}")
     if "steps" in out and (int(out["steps"]) < 1):
         raise ValueError(f"{where}.steps must be >= 1, found {out['steps']}")
-    if "sampler" in out:
-        from ldm.samplers import SAMPLERS
-
-        if out["sampler"] not in SAMPLERS:
-            raise ValueError(
-                f"{where}.sampler: unknown sampler {out['sampler']!r}; valid: {', '.join(sorted(SAMPLERS))}"
-            )
     if "options" in out:
         out["options"] = dict(out["options"] or {})
+    if "sampler" in out:  # another name of a sampler (an alias) is stored as the registered one
+        from ldm.samplers import resolve_sampler
+
+        try:
+            out["sampler"], options = resolve_sampler(out["sampler"], out.get("options"))
+        except ValueError as err:
+            raise ValueError(f"{where}.sampler: {err}") from None
+        if options:
+            out["options"] = options
     if "precision" in out:
         from ldm.engine.precision import check_precision
 
@@ -48,12 +50,22 @@ def resolve_sampling(
     guidance_scale: float | None,
     options: Mapping[str, Any],
 ) -> tuple[str, int, float, dict[str, Any]]:
-    """Call arguments, else the model's recorded defaults, else ``FALLBACK``."""
+    """Call arguments, else the model's recorded defaults, else ``FALLBACK``. The sampler comes
+    back as its registered name, with the options its name implies ("DPM++ 2M Karras": dpmpp_2m
+    with karras=True; an explicit option contradicting the name raises ValueError)."""
+    from ldm.samplers import resolve_sampler
+
     rec = dict(getattr(model, "sampling_defaults", None) or {})
+    implied: dict[str, Any] = {}
+    if sampler is not None:
+        given = sampler
+        sampler, implied = resolve_sampler(given)
+        resolve_sampler(given, options)  # the call's options against the name
     name = sampler or rec.get("sampler") or FALLBACK["sampler"]
     opts: dict[str, Any] = {}
     if sampler is None or sampler == rec.get("sampler"):
         opts.update(rec.get("options") or {})  # recorded options belong to the recorded sampler
+    opts.update(implied)
     opts.update(options)
     return (
         name,

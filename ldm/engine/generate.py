@@ -62,6 +62,17 @@ def latent_factor(model: Any) -> int:
     return 2 ** (int(levels) - 1) if levels else 1  # no encoder: pixel space / identity
 
 
+def grid_sides(value: int, f: int) -> tuple[int, int]:
+    """The multiples of ``f`` next to ``value``: (the largest <= value, at least f; the next)."""
+    low = max(f, value - value % f)
+    return low, low + f if low >= value else value - value % f + f
+
+
+def snap_to_grid(value: int, f: int) -> int:
+    """``value`` rounded down to a multiple of ``f``, at least ``f`` (an init image's side)."""
+    return grid_sides(value, f)[0]
+
+
 def _prompts(prompt: str | Sequence[str] | None, n: int) -> list[str] | None:
     if prompt is None:
         return None
@@ -220,12 +231,15 @@ def _generate(
     init = load_image(init_image).to(device) * 2 - 1 if init_image is not None else None
     if height or width or init is not None:
         # an init image without height / width keeps its size, rounded down to the latent grid
-        h = height or (init.shape[-2] - init.shape[-2] % f if init is not None else h_lat * f)
-        w = width or (init.shape[-1] - init.shape[-1] % f if init is not None else w_lat * f)
-        if h % f or w % f:
-            raise ValueError(
-                f"height {h} and width {w} must be multiples of {f} (the latent factor)"
-            )
+        # (any multiple of f: the U-Net upsamples to its skips' sizes)
+        h = height or (snap_to_grid(init.shape[-2], f) if init is not None else h_lat * f)
+        w = width or (snap_to_grid(init.shape[-1], f) if init is not None else w_lat * f)
+        for name, side in (("height", h), ("width", w)):
+            if side % f:
+                raise ValueError(
+                    f"{name} {side} must be a multiple of {f} (the latent factor); use "
+                    "{} or {}".format(*grid_sides(side, f))
+                )
         if init is not None and tuple(init.shape[-2:]) != (h, w):
             init = torch.nn.functional.interpolate(init, size=(h, w), mode="bicubic").clamp(-1, 1)
         h_lat, w_lat = h // f, w // f

@@ -449,9 +449,15 @@ class UNetModel(nn.Module):
                 h = h + self._position_embedding(h)
             hs.append(h)
         h = self.middle_block(h, emb, context)
+        # a side that is not a multiple of 2 ** (downsamplings) was rounded up on the way down:
+        # each up block then upsamples to its next skip's size (diffusers' `upsample_size`)
+        odd = any(s % 2 ** (len(self.channel_mult) - 1) for s in x.shape[-2:])
         for module in self.output_blocks:
-            h = torch.cat([h, hs.pop()], dim=1)
-            h = module(h, emb, context)
+            h = torch.cat([h, hs.pop()], dim=1)  # [B, C + C_skip, *spatial]
+            if odd and hs:
+                h = module(h, emb, context, output_size=hs[-1].shape[2:])
+            else:
+                h = module(h, emb, context)
         head = self.id_predictor if self.predict_codebook_ids else self.out
         h = h.to(x.dtype if autocast else head[0].weight.dtype)
         return head(h).contiguous()

@@ -7,6 +7,7 @@ Dhariwal & Nichol 2021 ("Diffusion Models Beat GANs", Sec. 3) with the key names
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -78,10 +79,22 @@ class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
     """Sequential that passes emb to TimestepBlocks and context to SpatialTransformers."""
 
     def forward(
-        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        emb: torch.Tensor,
+        context: torch.Tensor | None = None,
+        output_size: Sequence[int] | None = None,
     ) -> torch.Tensor:
+        """``output_size``: the spatial size an upsampling layer here produces (the skip
+        connection's; see ``Upsample``); None: twice the input's."""
         for layer in self:
-            if isinstance(layer, TimestepBlock):
+            if output_size is not None and isinstance(layer, (Upsample, ResBlock)):
+                x = (
+                    layer(x, emb, output_size)
+                    if isinstance(layer, ResBlock)
+                    else layer(x, output_size)
+                )
+            elif isinstance(layer, TimestepBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
@@ -91,7 +104,12 @@ class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour 2x upsampling (inner two dims for 3-D), optionally followed by a 3x3 conv."""
+    """Nearest-neighbour 2x upsampling (inner two dims for 3-D), optionally followed by a 3x3 conv.
+
+    ``output_size`` (the spatial size of the skip connection the result is concatenated with)
+    upsamples to that size instead, as diffusers' ``Upsample2D`` does for inputs whose side is not
+    a multiple of 2 ** (number of downsamplings); twice the input's size takes the usual path.
+    """
 
     def __init__(
         self,
@@ -109,12 +127,19 @@ class Upsample(nn.Module):
         if use_conv:
             self.conv = conv_nd(dims, channels, self.out_channels, 3, padding=padding)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, output_size: Sequence[int] | None = None) -> torch.Tensor:
         if x.shape[1] != self.channels:
             raise ValueError(f"Upsample expected {self.channels} channels, got {x.shape[1]}")
-        if self.dims == 2 and self.use_conv and worth_fusing(self.conv, x):
+        if output_size is not None:
+            size = tuple(int(s) for s in output_size)[-2:]
+            if size == (2 * x.shape[-2], 2 * x.shape[-1]):
+                output_size = None  # the usual 2x: keep the fast paths below
+        if output_size is not None:  # an odd skip size: nearest to exactly that size
+            size = size if self.dims != 3 else (x.shape[2], *size)
+            x = F.interpolate(x, size=size, mode="nearest")
+        elif self.dims == 2 and self.use_conv and worth_fusing(self.conv, x):
             return upsample_conv2d(x, self.conv.weight, self.conv.bias)
-        if self.dims == 3:
+        elif self.dims == 3:
             x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
         else:
             x = F.interpolate(x, scale_factor=2, mode="nearest")
@@ -204,13 +229,26 @@ class ResBlock(TimestepBlock):
         else:
             self.skip_connection = conv_nd(dims, channels, self.out_channels, 1)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """x: [B, C, *spatial], emb: [B, emb_channels] -> [B, out_channels, *spatial']."""
+    def forward(
+        self, x: torch.Tensor, emb: torch.Tensor, output_size: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """x: [B, C, *spatial], emb: [B, emb_channels] -> [B, out_channels, *spatial'];
+        ``output_size``: the size an up block produces (see ``Upsample``)."""
+        if output_size is not None and isinstance(self.h_upd, Upsample):
+            return checkpoint(
+                self._forward, x, emb, tuple(output_size), enabled=self.use_checkpoint
+            )
         return checkpoint(self._forward, x, emb, enabled=self.use_checkpoint)
 
-    def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def _forward(
+        self, x: torch.Tensor, emb: torch.Tensor, output_size: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
         in_norm, in_conv = self.in_layers[0], self.in_layers[-1]
-        if self.updown:
+        if self.updown and output_size is not None:
+            h = self.h_upd(norm_silu(in_norm, x), output_size)
+            x = self.x_upd(x, output_size)
+            h = in_conv(h)
+        elif self.updown:
             h = self.h_upd(norm_silu(in_norm, x))
             x = self.x_upd(x)
             h = in_conv(h)

@@ -14,7 +14,7 @@ from ldm.diffusion.denoiser import ModelFn
 from ldm.samplers import ddim, ddpm, dpm_adaptive, dpmpp, euler, lms, plms, sde, unipc  # noqa: F401
 from ldm.samplers.ddim import ddim_invert
 from ldm.samplers.guidance import cfg_model_fn, rescale_guidance
-from ldm.samplers.registry import SAMPLERS, get_sampler, register_sampler
+from ldm.samplers.registry import SAMPLERS, get_sampler, register_sampler, resolve_sampler
 
 
 def sample(
@@ -28,6 +28,9 @@ def sample(
 ) -> torch.Tensor:
     """Run ``sampler`` from unit-variance noise ``x_T`` to x_0; see the sampler modules for ``options``.
 
+    ``sampler`` is a registered name or another name of it (``ldm.samplers.aliases``: k-diffusion,
+    ComfyUI, A1111 and diffusers scheduler names; a " Karras" / "_karras" suffix sets karras=True).
+
     ``model_fn(x, t)`` gets x at the VP scale sqrt(a) x_0 + sqrt(1 - a) eps and float timesteps t [B]
     (fractional for sigma-based solvers: log-sigma interpolation) and returns eps, v or x0.
     Common options: generator, callback, disable (tqdm), x0 + strength (img2img), x0 + mask
@@ -36,7 +39,8 @@ def sample(
     ``denoiser=`` replaces (alphas_cumprod, parameterization) by any ``ldm.diffusion.denoiser``
     object (EDM / VE sigma-trained models). Solver options: eta (ddim, ancestral), order, ...
     """
-    fn = get_sampler(sampler)
+    sampler, options = resolve_sampler(sampler, options)  # an alias: "DPM++ 2M Karras", ...
+    fn = SAMPLERS[sampler]
     if alphas_cumprod is None and options.get("denoiser") is None:
         raise ValueError(
             "sample() needs alphas_cumprod=<[T] tensor of the model's training schedule> "
@@ -59,5 +63,6 @@ __all__ = [
     "get_sampler",
     "register_sampler",
     "rescale_guidance",
+    "resolve_sampler",
     "sample",
 ]

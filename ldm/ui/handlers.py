@@ -116,12 +116,13 @@ def generate_images(
     from ldm.adapters.sampling import adapters_applied, describe
     from ldm.engine.defaults import resolve_sampling
     from ldm.engine.precision import NAMES, model_dtype
-    from ldm.samplers import SAMPLERS
+    from ldm.samplers import resolve_sampler
 
-    if settings.sampler is not None and settings.sampler not in SAMPLERS:
-        raise UiError(
-            f"Unknown sampler {settings.sampler!r}; one of {', '.join(sorted(SAMPLERS))}."
-        )
+    if settings.sampler is not None:  # another tool's name ("DPM++ 2M Karras") works too
+        try:
+            resolve_sampler(settings.sampler)
+        except ValueError as err:
+            raise UiError(str(err)[:1].upper() + str(err)[1:]) from None
     init = _image(init_image, ctx, "init image")
     mask_image = _image(mask, ctx, "mask")
     if settings.mode != "txt2img" and init is None:

@@ -325,7 +325,21 @@ def test_init_images_keep_their_size_rounded_to_the_latent_grid(model):
     init = torch.rand(1, 3, 17, 21)  # the tiny first stage has f = 2
     out = model.generate(PROMPTS[0], init_image=init, strength=0.5, seed=0, output="tensor")
     assert out.shape == (1, 3, 16, 20)
-    with pytest.raises(ValueError, match="multiples"):
+    with pytest.raises(ValueError, match="height 17 must be a multiple of 2.*use 16 or 18"):
         model.generate(PROMPTS[0], height=17, output="latent")
     with pytest.raises(ValueError, match="not both"):
         model.generate(PROMPTS[0], cond=torch.zeros(1, 77, 32), output="latent")
+
+
+def test_sizes_the_unet_cannot_halve_evenly_generate(model):
+    """The tiny U-Net downsamples once (even latent sides); 9 x 7 latents (18 x 14 pixels, or an
+    init image of 19 x 15 rounded down to the grid) work, as diffusers' U-Net does."""
+    out = model.generate(PROMPTS[0], height=18, width=14, steps=2, seed=0, output="tensor")
+    assert out.shape == (1, 3, 18, 14) and torch.isfinite(out).all()
+    init = torch.rand(1, 3, 19, 15)
+    out = model.generate(
+        PROMPTS[0], init_image=init, strength=0.5, steps=2, seed=0, output="tensor"
+    )
+    assert out.shape == (1, 3, 18, 14)
+    tiny = model.generate(PROMPTS[0], init_image=torch.rand(1, 3, 1, 5), steps=2, output="tensor")
+    assert tiny.shape == (1, 3, 2, 4)  # at least one latent cell

@@ -132,3 +132,15 @@ def test_compvis_latent_diffusion_configs_build(name, key, cond_cls, trainable):
     if trainable:
         assert all(id(p) in ids for p in model.cond_stage_model.parameters())
     assert not any(id(p) in ids for p in model.first_stage_model.parameters())
+
+
+def test_base_learning_rate_under_params_points_to_model_base_learning_rate():
+    """``model.params.base_learning_rate=1e-5`` (a common slip): the fix, not only the refusal."""
+    from ldm.models.diffusion.ddpm import translate
+
+    with pytest.raises(ConfigError) as info:
+        translate("latent", {"base_learning_rate": 1e-5, "unet_config": {}})
+    msg = str(info.value)
+    assert "LatentDiffusion has no parameter 'base_learning_rate'" in msg
+    assert "it belongs at model.base_learning_rate" in msg
+    assert "model.base_learning_rate=1e-5" in msg

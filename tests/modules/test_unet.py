@@ -205,3 +205,19 @@ def test_readable_errors():
         UNetModel(**dict(TINY, num_heads=-1))
     with pytest.raises(ValueError, match="'sdpx'"):
         UNetModel(**TINY, attn_backend="sdpx")
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [{}, {"resblock_updown": True}, {"conv_resample": False}, {"use_checkpoint": True}],
+    ids=["upsample", "resblock-updown", "avg-pool", "checkpointed"],
+)
+def test_sides_not_divisible_by_the_downsamplings_keep_their_size(variant):
+    """A 9 x 7 latent (one downsampling: sides should be even) comes back 9 x 7, gradients too."""
+    unet = UNetModel(**TINY, **variant)
+    _randomize(unet)
+    x = torch.randn(2, 4, 9, 7, requires_grad=True)
+    out = unet(x, torch.tensor([10.0, 500.5]), context=torch.randn(2, 3, 16))
+    assert out.shape == (2, 4, 9, 7)
+    out.square().mean().backward()
+    assert x.grad is not None and x.grad.shape == x.shape

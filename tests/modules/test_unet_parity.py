@@ -86,3 +86,37 @@ def test_unet_matches_diffusers(params):
     assert theirs.abs().mean() > 1e-2  # a non-trivial output
     err = (ours - theirs).abs().max().item()
     assert err <= 1e-4, f"max abs diff {err:.3g} vs diffusers"
+
+
+@pytest.mark.parametrize("size", [(9, 9), (7, 11), (6, 10)], ids=["9x9", "7x11", "6x10"])
+def test_unet_matches_diffusers_at_sizes_not_divisible_by_the_downsamplings(size):
+    """Two downsamplings need sides divisible by 4; other sides upsample to the skip's size, as
+    diffusers' UNet2DConditionModel does with its `upsample_size`."""
+    unet = UNetModel(**SD1_LIKE).eval()
+    _randomize(unet)
+    ref = _to_diffusers(unet, SD1_LIKE)
+    x = torch.randn(2, 4, *size)
+    t = torch.tensor([3.0, 917.25])
+    ctx = torch.randn(2, 5, SD1_LIKE["context_dim"])
+    with torch.no_grad():
+        ours = unet(x, t, context=ctx)
+        theirs = ref(x, t, encoder_hidden_states=ctx).sample
+    assert ours.shape == theirs.shape == (2, 4, *size)
+    rel = ((ours - theirs).norm() / theirs.norm()).item()
+    assert rel <= 1e-5, f"relative difference {rel:.3g} vs diffusers at {size}"
+
+
+@pytest.mark.parametrize("side", [32, 5], ids=["fused-path", "two-step-path"])
+def test_upsample_to_twice_the_size_is_bit_identical_to_the_plain_2x(side):
+    """A skip size of exactly 2x takes the usual (fused or two-step) path: the same bits."""
+    from ldm.modules.unet_layers import Upsample
+
+    up = Upsample(8, True).eval()
+    _randomize(up)
+    x = torch.randn(1, 8, side, side)
+    with torch.no_grad():
+        assert torch.equal(up(x, (2 * side, 2 * side)), up(x))
+        odd = up(x, (2 * side - 1, 2 * side + 1))
+        ref = up.conv(torch.nn.functional.interpolate(x, size=(2 * side - 1, 2 * side + 1)))
+    assert odd.shape == (1, 8, 2 * side - 1, 2 * side + 1)
+    torch.testing.assert_close(odd, ref)

@@ -107,6 +107,15 @@ def test_generate_calls_generate_with_the_settings(fake, tmp_path: Path) -> None
     assert [read_params(p)["seed"] for p in result.paths] == [42, 43]
 
 
+def test_other_tools_sampler_names_run_their_sampler(fake) -> None:
+    """A1111's "DPM++ 2M Karras" (as read back from its PNG info) is dpmpp_2m with Karras sigmas."""
+    ctx, model = fake
+    result = generate_images(ctx, Settings(prompt="x", sampler="DPM++ 2M Karras", steps=2))
+    _, kw = model.calls[-1]
+    assert kw["sampler"] == "dpmpp_2m" and kw["karras"] is True
+    assert read_params(result.paths[0])["karras"] is True
+
+
 def test_unset_fields_are_the_models_defaults(fake) -> None:
     ctx, model = fake
     result = generate_images(ctx, Settings(prompt="x", seed=1, steps=0, sampler=""))

@@ -32,6 +32,7 @@ from ldm.util import (
     UNCONDITIONAL_SENTINEL,
     ConfigError,
     did_you_mean,
+    misplaced_hint,
     plain,
 )
 
@@ -72,9 +73,9 @@ def translate(kind: str, params: Mapping[str, Any]) -> dict[str, Any]:
     owner = {"ddpm": "DDPM", "latent": "LatentDiffusion", "inpaint": "LatentInpaintDiffusion"}[kind]
     for key in params:
         if key not in allowed:
+            hint = misplaced_hint(key) or " Check model.params in your config."
             raise ConfigError(
-                f"{owner} has no parameter '{key}'{did_you_mean(key, allowed)}. Check "
-                "model.params in your config."
+                f"{owner} has no parameter '{key}'{did_you_mean(key, allowed)}.{hint}"
             )
     p = dict(params)
     if "unet_config" not in p:

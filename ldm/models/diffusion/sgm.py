@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ldm.engine.engine import DiffusionEngine
-from ldm.util import ConfigError, did_you_mean, plain
+from ldm.util import ConfigError, did_you_mean, misplaced_hint, plain
 
 logger = logging.getLogger(__name__)
 
@@ -219,9 +219,9 @@ def translate(params: Mapping[str, Any]) -> dict[str, Any]:
     allowed = SGM_PARAMS + OWN_PARAMS
     for key in params:
         if key not in allowed:
+            hint = misplaced_hint(key) or " Check model.params in your config."
             raise ConfigError(
-                f"sgm DiffusionEngine has no parameter '{key}'{did_you_mean(key, allowed)}. "
-                "Check model.params in your config."
+                f"sgm DiffusionEngine has no parameter '{key}'{did_you_mean(key, allowed)}.{hint}"
             )
     p = dict(params)
     if "network_config" not in p or "denoiser_config" not in p:
