@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_diffusers import tiny_sd_components
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -15,41 +16,7 @@ transformers = pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("diffusers_native")
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=2,
-    )
-    vae = diffusers.AutoencoderKL(
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        layers_per_block=1,
-        sample_size=16,
-    )
-    text = transformers.CLIPTextModel(
-        transformers.CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            hidden_act="quick_gelu",
-        )
-    )
-    with (
-        torch.no_grad()
-    ):  # diffusers zero-initialises nothing here, but make outputs non-trivial anyway
-        for p in list(unet.parameters()) + list(vae.parameters()):
-            p.add_(torch.randn_like(p) * 0.02)
+    unet, vae, text = tiny_sd_components()
     sched = diffusers.DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,

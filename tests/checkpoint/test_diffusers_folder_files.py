@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_diffusers import tiny_sd_components
 from tiny_models import build_tiny, tiny_ldm_config, tsv_state_dict
 
 import ldm
@@ -25,37 +26,7 @@ transformers = pytest.importorskip("transformers")
 
 def _write_folder(root: Path, zero_snr: bool = False, **save_kw) -> None:
     """A tiny SD folder written by diffusers / transformers themselves (no ldm extras)."""
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=2,
-    )
-    vae = diffusers.AutoencoderKL(
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        layers_per_block=1,
-        sample_size=16,
-    )
-    text = transformers.CLIPTextModel(
-        transformers.CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            hidden_act="quick_gelu",
-        )
-    )
-    with torch.no_grad():
-        for p in list(unet.parameters()) + list(vae.parameters()):
-            p.add_(torch.randn_like(p) * 0.02)
+    unet, vae, text = tiny_sd_components()
     for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text)):
         if save_kw.get("variant") == "fp16":
             module = module.half()
