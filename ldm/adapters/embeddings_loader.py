@@ -77,6 +77,13 @@ def match_parts(
                 f"encoders: {_model_text(encoders)}."
             )
         out[enc.name] = rows
+    counts = {name: int(rows.shape[0]) for name, rows in out.items()}
+    if len(set(counts.values())) > 1:  # the encoders' contexts are joined position by position
+        raise EmbeddingError(
+            f"{source}: its parts hold different numbers of vectors ({counts}); every text "
+            "encoder must get the same count, or the tokens after it fall out of step between "
+            "the encoders. The file is damaged or was made wrongly."
+        )
     if not out:
         raise EmbeddingError(
             f"{source} was made for {made_for} (parts {sorted(vectors)}), but no text encoder of "

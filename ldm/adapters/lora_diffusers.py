@@ -41,11 +41,21 @@ _OLD_UNET = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0
 _OLD_TEXT = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
 
+#: a CLIP text model's own module names: transformers 5's `CLIPTextModel` has no `text_model.`
+#: level, so the files peft / diffusers write with it name `text_encoder.encoder.layers...`
+_TEXT_ROOTS = ("encoder.layers.", "embeddings.", "final_layer_norm")
+
+
 def _component(module: str) -> str:
-    """`unet.x` / `text_encoder.x` kept; a bare path gets its component from its first name."""
-    if module.split(".", 1)[0] in COMPONENTS:
-        return module
-    return ("text_encoder." if module.startswith("text_model.") else "unet.") + module
+    """`<component>.<path>` with the text encoders' paths under `text_model.` (as transformers 4
+    and the SD files name them); a bare path gets its component from its first name."""
+    head, _, rest = module.partition(".")
+    if head not in COMPONENTS:
+        text = module.startswith(("text_model.", *_TEXT_ROOTS))
+        head, rest = ("text_encoder" if text else "unet"), module
+    if head != "unet" and rest.startswith(_TEXT_ROOTS):
+        rest = "text_model." + rest
+    return f"{head}.{rest}"
 
 
 def split_key(key: str, source: str) -> tuple[str, str]:

@@ -32,7 +32,10 @@ def combine_rows(parts: list[LoraModule], n_rows: int) -> LoraModule:
         up[start:stop, col : col + p.rank] += block
         col += p.rank
     alpha = scales.pop() * total if same else None
-    dtype = parts[0].down.dtype
+    dtypes = {t.dtype for p in parts for t in (p.down, p.up)}
+    # the parts' own dtype only where nothing was computed (one scale, one dtype): a scaled up
+    # or mixed dtypes stay in float32, not rounded to fp16 / bf16
+    dtype = dtypes.pop() if same and len(dtypes) == 1 else torch.float32
     return LoraModule(torch.cat(downs).to(dtype), up.to(dtype), alpha, None)
 
 

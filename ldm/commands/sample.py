@@ -382,6 +382,24 @@ def _load(args: argparse.Namespace, flag: str, device: torch.device, **kwargs: A
         raise CommandError(f"{flag} {err}") from err
 
 
+@contextlib.contextmanager
+def _refiner_embeddings(refiner: Any | None, embeddings: list[str]) -> Any:
+    """The embeddings in the refiner too (A1111 and diffusers condition SDXL's refiner with an
+    SDXL embedding's clip_g part); a file with no part for the refiner's encoder is left out
+    with a log line. LoRAs stay on the base model, as there."""
+    with contextlib.ExitStack() as stack:
+        if refiner is not None:
+            from ldm.adapters.embeddings_errors import EmbeddingError
+            from ldm.adapters.embeddings_loader import load_embeddings
+
+            for path in embeddings:
+                try:
+                    stack.enter_context(load_embeddings(refiner, [path]))
+                except EmbeddingError as err:
+                    logger.info("--embedding %s: not for the refiner (%s)", path, err)
+        yield
+
+
 def _compile_settings(backend: str | None) -> contextlib.AbstractContextManager:
     """Inductor's freezing while sampling: the weights never change there, so the compiled graph
     folds them in as constants (prepacked convolution and matmul weights). SD v1 U-Net forward at
@@ -471,7 +489,12 @@ def _sample(mode: str, args: argparse.Namespace, name: str | None, device: torch
     params_common.update(describe(loras, args.embedding))
     jobs = image_jobs(args, outdir)
     k = 0
-    with adapters, attention_slicing(args.attention_slice), _compile_settings(args.compile):
+    with (
+        adapters,
+        _refiner_embeddings(refiner, args.embedding),
+        attention_slicing(args.attention_slice),
+        _compile_settings(args.compile),
+    ):
         for init_img, mask_img, target in jobs:
             for n in range(args.n_iter):
                 for batch in prompts(args):

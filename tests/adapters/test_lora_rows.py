@@ -62,3 +62,29 @@ def test_q_k_v_combine_on_one_weight_and_split_back_on_save(model, tmp_path):
     for name, (down, up, alpha) in factors.items():
         assert torch.equal(written[name].down, down) and torch.equal(written[name].up, up)
         assert written[name].alpha == alpha
+
+
+def test_combining_half_precision_parts_of_different_alphas_stays_exact():
+    """up * scale of fp16 / bf16 parts is kept in float32: the combined delta is the sum of the
+    parts' own deltas to float32 rounding, not to fp16's."""
+    from ldm.adapters.lora_rows import combine_rows
+    from ldm.adapters.lora_weights import LoraModule
+
+    g = torch.Generator().manual_seed(3)
+    parts = [
+        LoraModule(
+            torch.randn(4, D, generator=g).to(dt),
+            torch.randn(D, 4, generator=g).to(dt),
+            alpha,
+            (i * D, (i + 1) * D),
+        )  # fmt: skip
+        for i, (dt, alpha) in enumerate(
+            [(torch.float16, 1.0), (torch.bfloat16, 3.0), (torch.float32, 4.0)]
+        )
+    ]
+    combined = combine_rows(parts, 3 * D)
+    want = torch.cat([p.delta() for p in parts])
+    assert combined.up.dtype == torch.float32
+    torch.testing.assert_close(combined.delta(), want, atol=1e-6, rtol=1e-6)
+    same = [LoraModule(p.down.half(), p.up.half(), 2.0, p.rows) for p in parts]
+    assert combine_rows(same, 3 * D).up.dtype == torch.float16  # nothing computed: kept as is

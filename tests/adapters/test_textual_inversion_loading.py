@@ -114,6 +114,17 @@ def test_sdxl_file_fills_both_encoders(sdxl, tmp_path):
     assert all(torch.equal(after[k], state[k]) for k in state) and after.keys() == state.keys()
 
 
+def test_sdxl_parts_of_different_lengths_are_refused(sdxl, tmp_path):
+    """clip_l and clip_g contexts are joined position by position: 2 vs 3 vectors would shift
+    every later token of one encoder against the other."""
+    save_file({"clip_l": _vec(2, 32), "clip_g": _vec(3, 48, 1)}, str(tmp_path / "<m>.safetensors"))
+    with pytest.raises(
+        ValueError, match=r"different numbers of vectors \({'clip_l': 2, 'clip_g': 3}"
+    ):
+        load_embeddings(sdxl, tmp_path / "<m>.safetensors")
+    assert "<m>" not in sdxl.conditioner.embedders[0].tokenizer.added_tokens
+
+
 def test_single_encoder_file_on_sdxl(sdxl, tmp_path, caplog):
     """A single-encoder file goes to the one encoder of its width, or is refused."""
     path = _a1111(tmp_path, "<g>", _vec(1, 48), ".safetensors")

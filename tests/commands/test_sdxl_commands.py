@@ -114,3 +114,50 @@ def test_inpaint_with_refiner_keeps_the_known_region(files, tmp_path: Path) -> N
         outs.append(ref.generate(["a red cube"], seed=5, x_T=lat, denoising_start=0.7, **kw))
     assert torch.equal(outs[0][..., :4], outs[1][..., :4])
     assert not torch.allclose(outs[0][..., 4:], outs[1][..., 4:])
+
+
+def test_sdxl_embedding_conditions_the_refiner_too(files, tmp_path: Path, monkeypatch) -> None:
+    """An SDXL embedding's clip_g part reaches the refiner's OpenCLIP encoder (A1111, diffusers):
+    the refiner encodes the prompt with the token's vectors, the image equals the API's."""
+    from safetensors.torch import save_file
+
+    from ldm import load_model
+    from ldm.adapters.embeddings_loader import load_embeddings
+    from ldm.commands import sample
+
+    g = torch.Generator().manual_seed(5)
+    emb = tmp_path / "xltok.safetensors"
+    save_file({"clip_l": torch.randn(2, 32, generator=g), "clip_g": torch.randn(2, 48, generator=g)},
+              str(emb))  # fmt: skip
+    seen: list[set[str]] = []
+    real_load = sample._load
+
+    def load(args, flag, device, **kw):  # noqa: ANN001, ANN003, ANN202
+        model = real_load(args, flag, device, **kw)
+        if flag == "--refiner":
+            encoder = model.conditioner.embedders[0]
+            real_generate = model.generate
+
+            def generate(*a, **k):  # noqa: ANN002, ANN003, ANN202
+                seen.append(set(encoder.tokenizer.added_tokens))
+                return real_generate(*a, **k)
+
+            model.generate = generate
+        return model
+
+    monkeypatch.setattr(sample, "_load", load)
+    flags = _flags(files, tmp_path / "cli", "--refiner", str(files["refiner"]),
+                   "--refiner-switch", "0.5", "--embedding", str(emb))  # fmt: skip
+    flags[flags.index("--prompt") + 1] = "a xltok cube"
+    got = np.asarray(Image.open(run("txt2img", flags)[0]), dtype=np.float32) / 255
+    assert seen == [{"xltok"}]
+
+    base, ref = load_model(files["base"]), load_model(files["refiner"])
+    kw = {"sampler": "euler", "steps": 6, "guidance_scale": 4.0, "seed": 3}
+    with load_embeddings(base, [emb]):
+        lat = base.generate(["a xltok cube"], height=32, width=32, output="latent",
+                            denoising_end=0.5, **kw)  # fmt: skip
+    with load_embeddings(ref, [emb]):
+        img = ref.generate(["a xltok cube"], x_T=lat, denoising_start=0.5, output="tensor",
+                           **kw)[0]  # fmt: skip
+    assert np.abs(got - img.permute(1, 2, 0).numpy()).max() <= 1 / 255 + 1e-6
