@@ -145,6 +145,19 @@ def _diffusers_dir(path: Path) -> Path:
     )
 
 
+def _refuse_lora(data: Mapping[Any, Any], path: Path) -> None:
+    """EmbeddingError sending a LoRA file given as an embedding to --lora (before its keys are
+    taken for token names)."""
+    from ldm.checkpoint.file_kinds import lora_key
+
+    key = lora_key(map(str, data))
+    if key is not None:
+        raise EmbeddingError(
+            f"{path} is a LoRA file, not a textual-inversion embedding (key `{key}`): pass it "
+            f"with --lora {path}[:SCALE] (generate(loras=...))."
+        )
+
+
 def read_embeddings(path: str | os.PathLike, token: str | None = None) -> list[EmbeddingFile]:
     """The tokens of an embedding file or folder; ``token`` overrides the name (stem / key)."""
     path = Path(path)
@@ -153,6 +166,7 @@ def read_embeddings(path: str | os.PathLike, token: str | None = None) -> list[E
     if not path.is_file():
         raise FileNotFoundError(f"Embedding file not found: {path}")
     data = _load(path)
+    _refuse_lora(data, path)
     name = token or path.stem
     if "string_to_param" in data:  # A1111 / original textual inversion
         params = data["string_to_param"]

@@ -17,9 +17,10 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from ldm.adapters.lora_layout import UNET, TextSlot, layout_of
+from ldm.adapters.lora_family import model_family
+from ldm.adapters.lora_layout import UNET, Layout, TextSlot, layout_of
 from ldm.adapters.lora_rows import add_module
-from ldm.adapters.lora_weights import LoraModule, LoraSet
+from ldm.adapters.lora_weights import LoraError, LoraModule, LoraSet
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,50 @@ def _differs(base: Mapping[str, Tensor], tuned: Mapping[str, Tensor], keys: list
     return max(((tuned[k].float() - base[k].float()).abs().max().item() for k in keys), default=0.0)
 
 
+def _targets(sd: Mapping[str, Tensor], layout: Layout) -> dict[str, tuple[int, ...]]:
+    """Every LoRA target of a state dict (convs included) -> its shape."""
+    keys = [k for k in sd if k.startswith(UNET) and unet_target(k, True)]
+    for slot in layout.texts:
+        keys += [k for k in sd if k.startswith(slot.prefix) and text_target(k, slot)]
+    return {k: tuple(sd[k].shape) for k in keys}
+
+
+def check_same_model(
+    base_sd: Mapping[str, Tensor], tuned_sd: Mapping[str, Tensor], names: tuple[str, str]
+) -> None:
+    """LoraError unless both state dicts are the same model (family, layout, LoRA targets with
+    their shapes): a delta between two different models is no fine-tune, whatever keys match."""
+    base, tuned = names
+    fix = (
+        "A LoRA is extracted from a fine-tuned checkpoint and the very checkpoint it was "
+        "fine-tuned from: give that one as the base."
+    )
+    fam_b = model_family({k: v.shape for k, v in base_sd.items()})
+    fam_t = model_family({k: v.shape for k, v in tuned_sd.items()})
+    lay_b, lay_t = layout_of(base_sd), layout_of(tuned_sd)
+    if str(fam_b) != str(fam_t):
+        raise LoraError(f"{base} is {fam_b} but {tuned} is {fam_t}: different models. {fix}")
+    if lay_b != lay_t:
+        what = "text encoders" if lay_b.texts != lay_t.texts else "U-Net blocks"
+        raise LoraError(f"{base} and {tuned} are laid out differently ({what}). {fix}")
+    want, got = _targets(base_sd, lay_b), _targets(tuned_sd, lay_t)
+    only_b, only_t = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    reshaped = sorted(k for k in set(want) & set(got) if want[k] != got[k])
+    if not (only_b or only_t or reshaped):
+        return
+    if reshaped:
+        k = reshaped[0]
+        example = f"`{k}` is {list(want[k])} in {base} but {list(got[k])} in {tuned}"
+    else:
+        k = (only_b or only_t)[0]
+        example = f"`{k}` is only in {base if only_b else tuned}"
+    raise LoraError(
+        f"{base} and {tuned} are different models: {len(only_b) + len(only_t) + len(reshaped)} "
+        f"LoRA target weights differ ({len(only_b)} only in {base}, {len(only_t)} only in "
+        f"{tuned}, {len(reshaped)} with other shapes), e.g. {example}. {fix}"
+    )
+
+
 def extract_lora(
     base_sd: Mapping[str, Tensor],
     tuned_sd: Mapping[str, Tensor],
@@ -90,10 +135,16 @@ def extract_lora(
     conv_rank: int | None = None,
     clamp_quantile: float | None = 0.99,
     min_diff: float = 0.01,
+    names: tuple[str, str] = ("the base checkpoint", "the tuned checkpoint"),
 ) -> LoraSet:
-    """The LoRA (keyed by engine keys, alpha = rank) that turns `base_sd` into about `tuned_sd`."""
+    """The LoRA (keyed by engine keys, alpha = rank) that turns `base_sd` into about `tuned_sd`;
+    LoraError when the two are not the same model (`names` name them in the message)."""
+    from ldm.checkpoint.loader import match_clip_layout
+
     if rank < 1 or (conv_rank is not None and conv_rank < 1):
         raise ValueError(f"rank and conv_rank must be >= 1, got {rank} and {conv_rank}.")
+    tuned_sd = match_clip_layout(dict(tuned_sd), set(base_sd))  # old/new CLIP key levels
+    check_same_model(base_sd, tuned_sd, names)
     shared = [k for k in base_sd if k in tuned_sd and base_sd[k].shape == tuned_sd[k].shape]
     layout = layout_of(base_sd)
     keys = [k for k in shared if k.startswith(UNET) and unet_target(k, conv_rank is not None)]

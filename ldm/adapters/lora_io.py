@@ -19,14 +19,14 @@ from torch import Tensor
 
 from ldm.adapters.lora_diffusers import read_diffusers, write_diffusers
 from ldm.adapters.lora_family import MODELSPEC, SS_VERSION, Family, file_family, model_family
-from ldm.adapters.lora_format import DIFFUSERS, FORMATS, KOHYA, detect_format
+from ldm.adapters.lora_format import DIFFUSERS, FORMATS, KOHYA, detect_format, refuse_embedding
 from ldm.adapters.lora_kohya import read_kohya, write_kohya
 from ldm.adapters.lora_layout import layout_of
 from ldm.adapters.lora_names import Names, Target, by_diffusers, by_kohya, target_names
 from ldm.adapters.lora_report import grouped, shape_lines
 from ldm.adapters.lora_rows import add_module, split_rows
 from ldm.adapters.lora_weights import LoraError, LoraFile, LoraModule, LoraSet
-from ldm.checkpoint.safe_load import SAFETENSORS_SUFFIX, read_checkpoint
+from ldm.checkpoint.safe_load import SAFETENSORS_SUFFIX, CheckpointFormatError, read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +35,12 @@ Shapes = Mapping[str, torch.Size]
 
 def read_named(path: str | os.PathLike) -> tuple[dict[str, LoraModule], dict[str, str], str]:
     """(modules by their names in the file, header metadata, format) of a LoRA file."""
-    ckpt = read_checkpoint(path)
     source = Path(path).name
+    try:
+        ckpt = read_checkpoint(path)
+    except CheckpointFormatError as err:  # an A1111 .pt embedding holds nested dicts
+        refuse_embedding(err.keys, source)
+        raise
     fmt = detect_format(ckpt.state_dict, source)
     if fmt == KOHYA:
         return read_kohya(ckpt.state_dict, source), dict(ckpt.metadata), fmt

@@ -23,16 +23,24 @@ LoraSpec = tuple[str, float]
 
 def split_scale(text: str) -> LoraSpec:
     """``PATH[:SCALE]`` -> (path, scale), scale 1 when absent; ``C:\\x.safetensors``,
-    ``a:b/c.safetensors`` and existing files whose names hold a colon stay whole paths."""
+    ``a:b/c.safetensors`` and existing files whose names hold a colon stay whole paths.
+    LoraError (a usage error) for an infinite scale, or one that is no number after a file."""
+    from ldm.adapters.lora_weights import LoraError
+
     head, sep, tail = text.rpartition(":")
     if not sep or not head or Path(text).exists():
         return text, 1.0
     try:
         scale = float(tail)
     except ValueError:
+        if Path(head).is_file() and not any(c in tail for c in "/\\"):
+            raise LoraError(
+                f"LoRA {text!r}: the scale {tail!r} after {head} is not a number; give "
+                f"PATH:SCALE, e.g. {head}:0.8."
+            ) from None
         return text, 1.0  # the colon belongs to the path
     if not math.isfinite(scale):
-        raise ValueError(f"LoRA {text!r}: the scale must be a finite number.")
+        raise LoraError(f"LoRA {text!r}: the scale must be a finite number.")
     return head, scale
 
 

@@ -8,4 +8,10 @@ SAFETENSORS_SUFFIX = ".safetensors"
 
 
 class CheckpointFormatError(ValueError):
-    """The file is not a checkpoint we can read (unknown suffix, no state dict inside)."""
+    """The file is not a checkpoint we can read (unknown suffix, no state dict inside);
+    ``keys``: the top-level keys of a pickled dict that held no state dict, for callers that
+    tell what the file is instead (an embedding given as a LoRA)."""
+
+    def __init__(self, message: str, keys: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.keys = keys

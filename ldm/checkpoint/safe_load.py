@@ -262,9 +262,13 @@ def _split(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
                 return dict(inner), extras
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
+        from ldm.checkpoint.file_kinds import not_a_model_hint
+
+        hint = not_a_model_hint(map(str, obj)) if obj else None
         raise CheckpointFormatError(
             f"{path} has no tensors: top-level keys {sorted(map(str, obj))[:10]}; expected "
-            "'state_dict' or a flat name -> tensor mapping."
+            "'state_dict' or a flat name -> tensor mapping." + (f" {hint}" if hint else ""),
+            keys=tuple(map(str, obj)),
         )
     extras = {k: v for k, v in obj.items() if not isinstance(v, torch.Tensor)}
     return tensors, extras

@@ -28,7 +28,7 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
     try:
         return split_scale(text)
     except ValueError as err:
-        raise argparse.ArgumentTypeError(f"--lora: {err}") from None
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,7 +166,8 @@ def run_extract(args: argparse.Namespace) -> Path:
     base, _ = _weights(args.base, args.unsafe)
     tuned, _ = _weights(args.tuned, args.unsafe)
     clamp = None if args.clamp_quantile >= 1 else args.clamp_quantile
-    modules = extract_lora(base, tuned, args.rank, args.conv_rank, clamp, args.min_diff)
+    names = (f"--base {args.base}", f"--tuned {args.tuned}")
+    modules = extract_lora(base, tuned, args.rank, args.conv_rank, clamp, args.min_diff, names)
     if not modules:
         raise ValueError(f"{args.tuned} does not differ from {args.base} on any LoRA target.")
     shapes = {k: v.shape for k, v in base.items()}
@@ -232,6 +233,7 @@ def run(argv: list[str] | None = None) -> str:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "info":
         return describe(args.path)
+    _check_out(args)
     out_dir = _out_dir(args.out)
     with writing(out_dir, f"{Path(args.out).name}", flag="--out"):
         if args.command in ("merge", "unmerge"):
@@ -241,6 +243,35 @@ def run(argv: list[str] | None = None) -> str:
         else:
             out = run_convert(args)
     return f"Wrote {out}\n"
+
+
+def _inputs(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(flag, path) of every file a command reads."""
+    if args.command in ("merge", "unmerge"):
+        return [("the checkpoint", args.ckpt)] + [("--lora", p) for p, _ in args.lora]
+    if args.command == "extract":
+        return [("--base", args.base), ("--tuned", args.tuned)]
+    return [("the LoRA file", args.src)] + ([("--like", args.like)] if args.like else [])
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """ValueError (exit 2) for an --out the loaders could not read back (its suffix), or one that
+    is a file the command reads: it would be replaced by the result."""
+    from ldm.checkpoint.formats import SAFETENSORS_SUFFIX, TORCH_SUFFIXES
+
+    suffixes = (SAFETENSORS_SUFFIX, *TORCH_SUFFIXES)
+    if Path(args.out).suffix.lower() not in suffixes:
+        raise ValueError(
+            f"--out {args.out}: the loaders read only {', '.join(suffixes)} files; name the "
+            f"output with one of them, e.g. {Path(args.out).with_suffix(SAFETENSORS_SUFFIX)}."
+        )
+    out = Path(args.out).resolve()
+    for flag, path in _inputs(args):
+        if Path(path).resolve() == out:
+            raise ValueError(
+                f"--out {args.out} is {flag} {path} itself: writing it would replace an input. "
+                "Give another --out."
+            )
 
 
 def _out_dir(out: str) -> Path:

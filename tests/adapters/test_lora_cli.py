@@ -3,6 +3,8 @@ base back, convert kohya <-> diffusers (against a model or by the file's own nam
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 from lora_files import SDXL_TEXT_KEYS, SDXL_UNET_KEYS, low_rank, tsv_shapes
@@ -132,3 +134,57 @@ def test_convert_by_names_renames_every_target_of_the_real_families(tmp_path, ts
 )
 def test_lora_argument_parsing(text, want):
     assert parse_lora_arg(text) == want
+
+
+def test_a_scale_that_is_not_a_number_after_a_file_is_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.safetensors").write_bytes(b"")
+    with pytest.raises(argparse.ArgumentTypeError, match="scale 'abc' after a.safetensors is not"):
+        parse_lora_arg("a.safetensors:abc")
+    # no file before the colon, or a file whose name holds the colon: the whole text is the path
+    assert parse_lora_arg("b.safetensors:abc") == ("b.safetensors:abc", 1.0)
+    (tmp_path / "c.safetensors:abc").write_bytes(b"")
+    assert parse_lora_arg("c.safetensors:abc") == ("c.safetensors:abc", 1.0)
+
+
+def test_extract_from_two_different_models_is_refused(files, tmp_path, capsys):
+    from tiny_models import build_tiny, tiny_ldm_config
+
+    root = files[0]
+    v1 = tmp_path / "v1.safetensors"
+    save_file({k: v.contiguous() for k, v in build_tiny(tiny_ldm_config()).state_dict().items()},
+              str(v1))  # fmt: skip
+    out = tmp_path / "e.safetensors"
+    argv = ["extract", "--base", str(v1), "--tuned", str(root / "tuned.safetensors"),
+            "--rank", "4", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "different models" in err and "SDXL layout" in err
+    assert not out.exists()
+
+
+def test_out_that_replaces_an_input_or_cannot_be_read_back_is_refused(files, tmp_path, capsys):
+    root, _, _ = files
+    base, tuned = root / "base.safetensors", root / "tuned.safetensors"
+    lora = tmp_path / "l.safetensors"
+    assert main(["extract", "--base", str(base), "--tuned", str(tuned), "--rank", "2",
+                 "--out", str(lora)]) == 0  # fmt: skip
+    capsys.readouterr()
+    before = base.read_bytes()
+    same = root / "sub" / ".." / "base.safetensors"  # another spelling of the input
+    runs = {
+        "merge": ["merge", str(base), "--lora", str(lora), "--out", str(same)],
+        "merge-lora": ["merge", str(base), "--lora", f"{lora}:0.5", "--out", str(lora)],
+        "extract": ["extract", "--base", str(base), "--tuned", str(tuned), "--rank", "2",
+                    "--out", str(tuned)],
+        "convert": ["convert", str(lora), "--to", "diffusers", "--out", str(lora)],
+    }  # fmt: skip
+    for name, argv in runs.items():
+        assert main(argv) == 2, name
+        assert "replace an input" in capsys.readouterr().err, name
+    assert base.read_bytes() == before
+    txt = tmp_path / "m2.txt"
+    assert main(["merge", str(base), "--lora", str(lora), "--out", str(txt)]) == 2
+    assert "name the output with one of them" in capsys.readouterr().err
+    assert not txt.exists()
+    assert main(["convert", str(lora), "--to", "kohya", "--out", str(tmp_path / "c.json")]) == 2

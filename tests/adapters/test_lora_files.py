@@ -78,6 +78,8 @@ def test_metadata_tells_the_family_when_the_keys_cannot(tmp_path, v1):
         (("lokr_w1", "lokr_w2", "alpha"), "LoKr"),
         (("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha"), "Tucker"),
         (("lora_down.weight", "lora_up.weight", "dora_scale", "alpha"), "DoRA"),
+        (("diff",), 'LyCORIS "full"'),
+        (("diff", "diff_b"), 'LyCORIS "full"'),
     ],
 )
 def test_lycoris_and_dora_files_are_refused_by_name(tmp_path, v1, suffixes, kind):
@@ -175,3 +177,37 @@ def test_save_writes_sd_scripts_metadata(tmp_path, v1):
     assert meta["ss_output_name"] == "m"
     back = load_lora(path, v1)
     assert back.made_for == "SD v1" and back.modules[conv].scale == 0.5
+
+
+@pytest.mark.parametrize(
+    "tensors, key",
+    [
+        ({"emb_params": torch.ones(2, 768)}, "emb_params"),
+        ({"clip_l": torch.ones(2, 768), "clip_g": torch.ones(2, 1280)}, "clip_"),
+        ({"<cat-toy>": torch.ones(768)}, "<cat-toy>"),
+    ],
+    ids=["a1111", "sdxl", "diffusers"],
+)
+def test_an_embedding_given_as_a_lora_is_sent_to_embedding(tmp_path, v1, tensors, key):
+    path = tmp_path / "emb.safetensors"
+    save_file(tensors, str(path))
+    with pytest.raises(LoraError, match=rf"emb.safetensors is a textual-inversion embedding, not "
+                       rf"a LoRA \(key `{key}.*\): pass it with --embedding emb.safetensors"):  # fmt: skip
+        load_lora(path, v1)
+
+
+def test_an_a1111_pt_embedding_given_as_a_lora_is_sent_to_embedding(tmp_path, v1):
+    """Its nested dicts hold no flat state dict: the reader's refusal still names the kind."""
+    torch.save(
+        {"string_to_token": {"*": 265}, "string_to_param": {"*": torch.ones(2, 768)},
+         "name": "tok", "step": 10},
+        tmp_path / "tok.pt",
+    )  # fmt: skip
+    with pytest.raises(LoraError, match="tok.pt is a textual-inversion embedding.*--embedding"):
+        load_lora(tmp_path / "tok.pt", v1)
+
+
+def test_unknown_small_files_keep_the_generic_refusal(tmp_path, v1):
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(LoraError, match="not a LoRA file we know"):
+        load_lora(tmp_path / "x.safetensors", v1)

@@ -121,3 +121,31 @@ def test_refusals_name_the_file_and_the_formats(tmp_path):
         read_embeddings(tmp_path / "junk.pt")
     with pytest.raises(ValueError, match="one embedding each|one token per file|folder"):
         write_embeddings(tmp_path / "two.pt", {"a": {"*": _vec(1, 8)}, "b": {"*": _vec(1, 8)}})
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        ["lora_te_text_model_encoder_layers_0_mlp_fc1.alpha"],  # kohya, alpha first
+        ["lora_unet_mid_block_attentions_0_proj_in.lora_down.weight"],
+        ["unet.conv_out.lora_A.weight", "unet.conv_out.lora_B.weight"],  # diffusers / peft
+        ["text_encoder.text_model.encoder.layers.0.self_attn.to_q_lora.down.weight"],  # older
+    ],
+    ids=["kohya-alpha", "kohya", "diffusers", "diffusers-attn-processor"],
+)
+def test_a_lora_given_as_an_embedding_is_sent_to_lora(tmp_path, keys):
+    save_file({k: _vec(2, 768) for k in keys}, str(tmp_path / "style.safetensors"))
+    with pytest.raises(ValueError, match=r"style.safetensors is a LoRA file, not a textual-"
+                       r"inversion embedding \(key .*\): pass it with --lora .*\[:SCALE\]"):  # fmt: skip
+        read_embeddings(tmp_path / "style.safetensors")
+
+
+def test_lora_a_factors_of_text_width_are_not_read_as_tokens(tmp_path):
+    """A diffusers LoRA holding only `lora_A` [r, 768] factors: once read as one token each."""
+    keys = [f"unet.down_blocks.0.attentions.0.transformer_blocks.{i}.attn2.to_k.lora_A.weight"
+            for i in range(3)]  # fmt: skip
+    save_file(
+        {k: _vec(4, 768, seed=i) for i, k in enumerate(keys)}, str(tmp_path / "a.safetensors")
+    )
+    with pytest.raises(ValueError, match="is a LoRA file, not a textual-inversion embedding"):
+        read_embeddings(tmp_path / "a.safetensors")

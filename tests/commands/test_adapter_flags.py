@@ -98,3 +98,13 @@ def test_bad_adapter_flags_exit_with_a_message(files, tmp_path, capsys) -> None:
     )  # fmt: skip
     assert main("txt2img", _flags(files, tmp_path / "y", "--lora", str(bad))) == 2
     assert "SDXL" in capsys.readouterr().err
+
+
+def test_a_file_given_to_the_other_flag_or_a_bad_scale_is_named(files, tmp_path, capsys) -> None:
+    lora, emb = str(files["lora"]), str(files["emb"])
+    assert main("txt2img", _flags(files, tmp_path / "a", "--lora", f"{lora}:abc")) == 2
+    assert f"scale 'abc' after {lora} is not a number" in capsys.readouterr().err
+    assert main("txt2img", _flags(files, tmp_path / "b", "--embedding", lora)) == 2
+    assert "is a LoRA file, not a textual-inversion embedding" in capsys.readouterr().err
+    assert main("txt2img", _flags(files, tmp_path / "c", "--lora", emb)) == 2
+    assert "mytok.pt is a textual-inversion embedding, not a LoRA" in capsys.readouterr().err
