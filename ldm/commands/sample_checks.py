@@ -88,7 +88,25 @@ def check_inputs(args: argparse.Namespace) -> None:
                 f"{name} {value}: {problem}. Give a PNG, JPEG or WebP image"
                 + (" (white = repaint, black = keep)." if flag == "mask" else ".")
             )
+    _check_adapter_flags(args)
     _check_outdir(args.outdir)
+
+
+def _check_adapter_flags(args: argparse.Namespace) -> None:
+    """--lora PATH[:SCALE] parses and names a file, --embedding files exist: before the model
+    loads."""
+    from ldm.adapters.sampling import parse_lora
+
+    for spec in getattr(args, "lora", None) or ():
+        try:
+            path, _ = parse_lora(spec)
+        except ValueError as err:
+            raise CommandError(f"--lora {spec}: {err}") from err
+        if not Path(path).is_file():
+            raise CommandError(f"--lora {path}: no such file.")
+    for path in getattr(args, "embedding", None) or ():
+        if not Path(path).is_file():
+            raise CommandError(f"--embedding {path}: no such file.")
 
 
 def read_prompts(path: str) -> list[str]:

@@ -108,3 +108,19 @@ def test_a_file_given_to_the_other_flag_or_a_bad_scale_is_named(files, tmp_path,
     assert "is a LoRA file, not a textual-inversion embedding" in capsys.readouterr().err
     assert main("txt2img", _flags(files, tmp_path / "c", "--lora", emb)) == 2
     assert "mytok.pt is a textual-inversion embedding, not a LoRA" in capsys.readouterr().err
+
+
+def test_adapter_flags_are_checked_before_the_model_loads(files, tmp_path, capsys, monkeypatch):
+    from ldm.commands import sample
+
+    def no_load(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(sample, "_load", no_load)
+    lora = str(files["lora"])
+    assert main("txt2img", _flags(files, tmp_path / "a", "--lora", f"{lora}:abc")) == 2
+    assert f"scale 'abc' after {lora} is not a number" in capsys.readouterr().err
+    assert main("txt2img", _flags(files, tmp_path / "b", "--lora", "nope.safetensors")) == 2
+    assert "--lora nope.safetensors: no such file" in capsys.readouterr().err
+    assert main("txt2img", _flags(files, tmp_path / "c", "--embedding", "nope.pt")) == 2
+    assert "--embedding nope.pt: no such file" in capsys.readouterr().err
