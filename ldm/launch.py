@@ -214,6 +214,7 @@ def _run(spec: RunSpec, paths: RunPaths) -> RunResult:
             raise ConfigError(
                 "the merged config has no 'model' section ({target, params}); add one."
             )
+        _drop_latent_options(config, sources)
         model = _build(config, "model", sources)
         data = _build(config, "data", sources) if "data" in config else None
     except ConfigError as err:
@@ -265,6 +266,13 @@ def _run(spec: RunSpec, paths: RunPaths) -> RunResult:
         and is_overridden("test_step", model)
     ):
         trainer.test(model, datamodule=data, **_eval_ckpt(spec, ckpt_path))
+    elif not spec.train and not spec.validate:
+        logger.warning(
+            "nothing was run: without -t (train) main.py only validates (--validate) or tests "
+            "(a data.params.test split%s); add -t to %s.",
+            ", and --no-test is set" if spec.no_test else "",
+            "continue training this run" if spec.resume else "train",
+        )
     result = summarize(
         trainer, paths, time.time() - start, lr, interrupt, getattr(model, "monitor", None)
     )
@@ -306,6 +314,30 @@ def _manual_optimization_settings(model: Any, trainer_kwargs: dict[str, Any]) ->
         logger.info("manual optimization under DDP: strategy ddp_find_unused_parameters_true")
 
 
+def _drop_latent_options(config: DictConfig, sources: ConfigSources) -> None:
+    """A data config made for latent diffusion (``configs/data/image-folder.yaml`` sets
+    ``model.params.cache_latents``) merged over an autoencoder: the autoencoder trains on pixels,
+    so the option is dropped with a log line instead of refused."""
+    params = OmegaConf.select(config, "model.params")
+    if not isinstance(params, DictConfig) or "cache_latents" not in params:
+        return
+    from ldm.models.autoencoder_base import FirstStageTraining
+    from ldm.util import get_obj_from_str
+
+    try:
+        cls = get_obj_from_str(str(OmegaConf.select(config, "model.target")))
+    except Exception:  # noqa: BLE001 - a bad target is reported by _build
+        return
+    if isinstance(cls, type) and issubclass(cls, FirstStageTraining):
+        params.pop("cache_latents")
+        logger.info(
+            "model.params.cache_latents%s: %s trains on pixels, there are no latents to cache; "
+            "ignored",
+            sources.where("model.params.cache_latents"),
+            cls.__name__,
+        )
+
+
 def _build(config: DictConfig, section: str, sources: ConfigSources) -> Any:
     """Instantiate a section; a constructor's ValueError becomes a ConfigError naming it."""
     from ldm.util import instantiate_from_config
@@ -314,7 +346,14 @@ def _build(config: DictConfig, section: str, sources: ConfigSources) -> Any:
         return instantiate_from_config(config[section])
     except ConfigError:
         raise
-    except (ValueError, AssertionError, RuntimeError) as err:  # e.g. a negative layer size
+    except (  # e.g. a negative layer size, a data folder or checkpoint that is not there
+        ValueError,
+        AssertionError,
+        RuntimeError,
+        FileNotFoundError,
+        NotADirectoryError,
+        IsADirectoryError,
+    ) as err:
         target = OmegaConf.select(config, f"{section}.target")
         raise ConfigError(
             f"{section}{sources.where(section + '.params')}: building {target} failed: "

@@ -113,6 +113,13 @@ class ConfigError(ValueError):
     """A user mistake in a config: the message names the key path, the problem and the fix."""
 
 
+class DataKeyError(ConfigError, KeyError):
+    """A batch without the key the model reads (``first_stage_key``, an embedder's input key):
+    a config mistake (exit 2 from the commands) that is also a ``KeyError``."""
+
+    __str__ = BaseException.__str__  # the message as written, not KeyError's quoted repr
+
+
 # id(sub-config object) -> (object, key path), so nested instantiate_from_config calls made from
 # inside constructors know where in the user's config they are. Entries live only while the
 # constructor that registered them runs (ids are reused after garbage collection).

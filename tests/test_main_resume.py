@@ -118,3 +118,13 @@ def test_refused_resume_leaves_the_run_configs_unchanged(tmp_path: Path) -> None
     again = run(parse_command([*resume, "--trainer.max_steps", "4"]).spec)
     assert again.global_step == 4
     assert len(list(configs.glob("*-project.yaml"))) == len(before) // 2 + 1
+
+
+def test_resume_without_t_says_nothing_was_trained(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    import logging
+
+    first = run(parse_command([*COMMON[:-1], "2", "-l", str(tmp_path)]).spec)
+    with caplog.at_level(logging.WARNING):
+        again = run(parse_command(["-r", str(first.run_dir)]).spec)
+    assert again.global_step == 0  # CompVis semantics: no -t, no training step
+    assert "add -t to continue training this run" in caplog.text

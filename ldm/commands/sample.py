@@ -551,8 +551,8 @@ def _sample(mode: str, args: argparse.Namespace, name: str | None, device: torch
                         )
                     for i, img in enumerate(x):
                         params = {
-                            "prompt": batch[i],
-                            "negative_prompt": args.negative_prompt,
+                            "prompt": batch[i] if text else "",  # an unconditional model
+                            "negative_prompt": args.negative_prompt if text else None,
                             "seed": seed,
                             "iteration": n,
                             "index": i,
@@ -574,9 +574,10 @@ def _sample(mode: str, args: argparse.Namespace, name: str | None, device: torch
         allx = torch.cat([g for g, _ in grid_items])
         grid = make_grid(allx, nrow=args.n_rows or args.n_samples)
         grid_count = len(list(outdir.glob("grid-*.png")))
+        text = model.conditioner is not None and model.conditioner.text_key() is not None
         params = {
-            "prompt": grid_items[0][1][0],
-            "negative_prompt": args.negative_prompt,
+            "prompt": grid_items[0][1][0] if text else "",
+            "negative_prompt": args.negative_prompt if text else None,
             "seed": args.seed,
             **params_common,
         }

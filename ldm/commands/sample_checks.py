@@ -134,6 +134,13 @@ def check_mode(mode: str, model: Any, flag: str, path: str) -> None:
             f"{flag} {path}: an inpainting model (conditioned on a mask and the masked image); "
             "use ldm-inpaint with --init-img and --mask, or a text-to-image checkpoint."
         )
+    if keys and conditioner.text_key() is None and not {"mask", "masked_image"} & keys:
+        example = ", ".join(f"'{k}': [...]" for k in sorted(keys))
+        raise CommandError(
+            f"{flag} {path}: a model conditioned on {sorted(keys)}, not on text; the sampling "
+            "commands set only prompts. Sample it from Python: ldm.load_model(path).generate("
+            f"batch={{{example}}}) (class labels as ints, one per image)."
+        )
 
 
 def check_size(args: argparse.Namespace, model: Any) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ldm.engine.context_length import align_outputs, match_context_lengths, sequence_parts
+from ldm.util import DataKeyError
 
 KINDS = ("crossattn", "vector", "concat", "auto")
 NDIM_KINDS = {2: "vector", 3: "crossattn", 4: "concat", 5: "concat"}
@@ -123,7 +124,7 @@ class Conditioner:
                 continue
             key = e.keys[0]
             if key not in batch:
-                raise KeyError(
+                raise DataKeyError(
                     f"conditioning input '{key}' (ucg_rate {e.ucg_rate}) is not in the batch "
                     f"(keys: {sorted(batch)}); set the embedder's input key to a key your data "
                     "set yields."

@@ -65,7 +65,7 @@ from ldm.engine.schedule import TrainingSchedule
 from ldm.engine.sharding import shard_engine, uses_fsdp2
 from ldm.engine.text_cache import enable_text_cache, text_cache_settings
 from ldm.optimizers import OptimizerSpec
-from ldm.util import ConfigError, count_params, instantiate_from_config, plain
+from ldm.util import ConfigError, DataKeyError, count_params, instantiate_from_config, plain
 
 logger = logging.getLogger(__name__)
 
@@ -410,9 +410,11 @@ class DiffusionEngine(FirstStageMixin, CompVisSampling, pl.LightningModule):
         if k not in batch and k == self.first_stage_key and MOMENTS_KEY in batch:
             return self.images_from_cache(batch)
         if k not in batch:
-            raise KeyError(
-                f"batch has no key '{k}' (keys: {sorted(batch)}); set first_stage_key / "
-                "cond_stage_key to the key your data set yields."
+            which = "first_stage_key" if k == self.first_stage_key else "cond_stage_key"
+            raise DataKeyError(
+                f"model.params.{which}: the batch has no key '{k}' (keys: {sorted(batch)}); set "
+                f"model.params.{which} to the key your data set yields (or the data set's "
+                "image_key / caption_key to this one)."
             )
         x = batch[k]
         if not isinstance(x, torch.Tensor):

@@ -213,3 +213,16 @@ def test_several_embedders_assemble_by_kind_train_and_generate():
     assert torch.equal(again, out)
     with pytest.raises(KeyError, match="label"):
         model.generate("a b", batch={"caption_2": ["d"]}, steps=2, output="latent")
+
+
+def test_a_batch_without_the_models_keys_is_a_config_error():
+    """The data set yields 'image', the config reads 'jpg': a ConfigError (exit 2 from main.py)
+    that names the config key, and still a KeyError for code that catches one."""
+    model = build_tiny(tiny_ldm_config())  # first_stage_key jpg, cond_stage_key txt
+    batch = {"image": torch.zeros(2, 16, 16, 3), "txt": ["a", "b"]}
+    with pytest.raises(
+        ConfigError, match=r"model.params.first_stage_key: the batch has no key 'jpg'"
+    ) as err:
+        model.training_step(batch, 0)
+    assert isinstance(err.value, KeyError)
+    assert str(err.value).startswith("model.params.first_stage_key")  # not KeyError's quoted repr

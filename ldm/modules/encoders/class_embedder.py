@@ -7,6 +7,7 @@ The CompVis latent-diffusion configs (``key: class_label``, no ``ucg_rate``) bui
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -40,7 +41,8 @@ class ClassEmbedder(nn.Module):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Embed the labels; in training mode drop each to the null class with prob. ``ucg_rate``."""
-        labels = batch if isinstance(batch, torch.Tensor) else batch[key or self.key]
+        # a batch dict (CompVis), or the labels themselves: a tensor, a list or a tuple of ints
+        labels = batch[key or self.key] if isinstance(batch, Mapping) else batch
         labels = torch.as_tensor(labels, device=self.embedding.weight.device).long()
         if labels.ndim == 2 and labels.shape[1] == 1:
             labels = labels[:, 0]
