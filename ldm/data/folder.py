@@ -24,6 +24,15 @@ from torch.utils.data import Dataset
 
 from ldm.data.buckets import BucketSpec, Size, describe_buckets
 from ldm.data.captions import caption_processor_from_config, item_rng
+from ldm.data.folder_params import (
+    check_background,
+    check_bool,
+    check_extensions,
+    check_flip,
+    check_optional_int,
+    check_size,
+)
+from ldm.data.folder_splits import split_roots
 from ldm.data.image_io import (
     IMAGE_EXTENSIONS,
     BadImageError,
@@ -33,15 +42,16 @@ from ldm.data.image_io import (
     verify_image,
 )
 from ldm.data.latent_cache import MOMENTS_KEY, LatentStore, entry_key, file_digest
-from ldm.data.metadata_file import read_rows
+from ldm.data.metadata_file import read_caption_file, read_metadata
 from ldm.data.micro_conditioning import MicroConditioning
 from ldm.data.transforms import ImageTransform
+from ldm.util import ConfigError
+
+__all__ = ["ImageFolderDataset", "find_images", "read_caption_file", "read_metadata"]
 
 logger = logging.getLogger(__name__)
 
 CAPTION_SOURCES = ("auto", "metadata", "txt", "none")
-METADATA_FILES = ("metadata.jsonl", "metadata.csv")
-CAPTION_COLUMNS = ("text", "caption", "txt", "prompt")
 VALIDATE_MODES = ("verify", "full", "none")
 MAX_SUBSTITUTES = 64
 
@@ -51,30 +61,6 @@ def find_images(root: Path, extensions: tuple[str, ...], recursive: bool = True)
     exts = {e.lower() for e in extensions}
     pattern = "**/*" if recursive else "*"
     return sorted(p for p in root.glob(pattern) if p.suffix.lower() in exts and p.is_file())
-
-
-def read_metadata(
-    root: Path, recursive: bool = True, caption_column: str | None = None
-) -> dict[Path, str]:
-    """Map image path -> caption from every metadata.jsonl/.csv (file_name relative to its folder)."""
-    captions: dict[Path, str] = {}
-    for name in METADATA_FILES:
-        for meta in sorted(root.glob(f"**/{name}" if recursive else name)):
-            for n, row in read_rows(meta):
-                if "file_name" not in row:
-                    raise ValueError(
-                        f"{meta}:{n}: no 'file_name' column (found {sorted(row)}); the Hugging "
-                        "Face imagefolder convention is one row per image with 'file_name' and 'text'"
-                    )
-                columns = (caption_column,) if caption_column else CAPTION_COLUMNS
-                text = next((row[c] for c in columns if c in row and row[c] is not None), None)
-                if text is None:
-                    raise ValueError(
-                        f"{meta}:{n}: no caption column; expected one of {list(columns)}, "
-                        f"found {sorted(row)}"
-                    )
-                captions[(meta.parent / row["file_name"]).resolve()] = str(text).strip()
-    return captions
 
 
 class ImageFolderDataset(Dataset):
@@ -101,7 +87,10 @@ class ImageFolderDataset(Dataset):
         buckets: Any = "auto",
         captions: Any = None,
         seed: int | None = None,
+        split: str | None = None,
     ):
+        """`split`: with split folders under `root` (train/, test/, validation/, ... as Hugging
+        Face's imagefolder names them) the one split to read, default 'train'; None without."""
         if caption_source not in CAPTION_SOURCES:
             raise ValueError(
                 f"caption_source must be one of {CAPTION_SOURCES}, got {caption_source!r}"
@@ -114,16 +103,25 @@ class ImageFolderDataset(Dataset):
                 f"image folder {str(self.root)!r} does not exist or is not a directory; "
                 "set data.params.<split>.params.root to a folder of images"
             )
+        size = check_size(size)
+        extensions = check_extensions(extensions)
+        recursive = check_bool("recursive", recursive)
+        max_items = check_optional_int("max_items", max_items)
         self.image_key, self.caption_key = image_key, caption_key
-        self.transform = ImageTransform(size, crop=crop, flip=flip, interpolation=interpolation)
-        self.background = tuple(background)
+        self.transform = ImageTransform(
+            size, crop=crop, flip=check_flip(flip), interpolation=interpolation
+        )
+        self.background = check_background(background)
         self.return_path = return_path
         self.default_caption = default_caption
         self.skipped = SkipLog(f"image folder {self.root}")
-        extensions = tuple(extensions)
+        roots, self.split = split_roots(self.root, split)
 
-        paths = find_images(self.root, extensions, recursive)
-        metadata = read_metadata(self.root, recursive, caption_column)
+        paths = [p for r in roots for p in find_images(r, extensions, recursive)]
+        metadata: dict[Path, str] = {}
+        if caption_source in ("auto", "metadata"):  # 'txt' / 'none' never read the metadata
+            for r in roots:
+                metadata.update(read_metadata(r, recursive, caption_column))
         if caption_source == "auto":
             if metadata:
                 caption_source = "metadata"
@@ -132,10 +130,12 @@ class ImageFolderDataset(Dataset):
             else:
                 caption_source = "none"
         self.caption_source = caption_source
+        self._no_sidecar: set[Path] = set()
         self.paths, self.captions = self._pair_captions(paths, metadata, caption_source)
         if validate != "none":
             self._prevalidate(full=validate == "full")
         self.skipped.report()  # one warning: count and first names (missing or unreadable files)
+        self._report_missing_sidecars()
         if max_items is not None:
             self.paths, self.captions = self.paths[:max_items], self.captions[:max_items]
         if not self.paths:
@@ -172,22 +172,14 @@ class ImageFolderDataset(Dataset):
         if source == "none":
             return paths, [None] * len(paths)
         if source == "txt":
-            captions, missing = [], 0
+            captions = []
             for p in paths:
                 txt = p.with_suffix(".txt")
                 if txt.is_file():
-                    captions.append(txt.read_text(encoding="utf-8", errors="replace").strip())
+                    captions.append(read_caption_file(txt))
                 else:
-                    missing += 1
+                    self._no_sidecar.add(p)
                     captions.append(self.default_caption)
-            if missing:
-                logger.warning(
-                    "image folder %s: %d of %d images have no sidecar .txt caption; using %r",
-                    self.root,
-                    missing,
-                    len(paths),
-                    self.default_caption,
-                )
             return paths, captions
         if not metadata:
             raise ValueError(
@@ -205,6 +197,18 @@ class ImageFolderDataset(Dataset):
                 unlisted,
             )
         return [p for p, _ in kept], [c for _, c in kept]
+
+    def _report_missing_sidecars(self) -> None:
+        """One warning: how many of the readable images have no sidecar .txt caption."""
+        missing = sum(p in self._no_sidecar for p in self.paths)
+        if missing:
+            logger.warning(
+                "image folder %s: %d of %d images have no sidecar .txt caption; using %r",
+                self.root,
+                missing,
+                len(self.paths),
+                self.default_caption,
+            )
 
     @staticmethod
     def _bucket_spec(buckets: Any, size: int | None) -> BucketSpec | None:
@@ -272,9 +276,11 @@ class ImageFolderDataset(Dataset):
     def cache_variants(self, i: int) -> list[tuple[str, bool]]:
         """(cache key, flip) of every form item i takes: unflipped, and flipped when flips are on."""
         if self.transform.crop == "random":
-            raise ValueError(
-                f"image folder {self.root}: caching latents with crop='random' would freeze one "
-                "crop; set crop: center (with buckets only the few pixels that do not fit are cut)"
+            raise ConfigError(
+                f"model.params.cache_latents with data.params.train.params.crop: random (image "
+                f"folder {self.root}): caching latents with crop='random' would freeze one crop "
+                "per image; set crop: center (with buckets only the few pixels that do not fit "
+                "are cut), or model.params.cache_latents: false to keep random crops"
             )
         if self._digests is None:
             self._digests = {}

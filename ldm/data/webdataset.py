@@ -29,8 +29,10 @@ from webdataset.shardlists import expand_urls
 
 from ldm.data.buckets import BucketSpec, assign_bucket
 from ldm.data.captions import caption_processor_from_config
-from ldm.data.folder import find_images, read_metadata
+from ldm.data.folder import find_images
+from ldm.data.folder_splits import split_roots
 from ldm.data.image_io import IMAGE_EXTENSIONS, BadImageError, SkipLog, load_rgb
+from ldm.data.metadata_file import read_caption_file, read_metadata
 from ldm.data.shard_ends import all_but_last, is_cut
 from ldm.data.transforms import ImageTransform
 
@@ -85,7 +87,7 @@ def caption_from_sample(
 ) -> str | None:
     """Caption of a raw webdataset sample from its .txt, else its .json (first key present)."""
     if "txt" in sample:
-        return sample["txt"].decode("utf-8", errors="replace").strip()
+        return sample["txt"].decode("utf-8-sig", errors="replace").strip()
     if "json" in sample:
         meta = json.loads(sample["json"])
         for k in json_keys:
@@ -383,12 +385,19 @@ def write_shards(
 
 
 def folder_samples(
-    root: str | os.PathLike, caption_source: str = "auto"
+    root: str | os.PathLike, caption_source: str = "auto", split: str | None = None
 ) -> Iterator[dict[str, Any]]:
-    """Raw samples of an image folder (original bytes, no re-encoding) with their captions."""
+    """Raw samples of an image folder (original bytes, no re-encoding) with their captions.
+
+    With split folders (train/, test/, ...: ``ldm.data.folder_splits``) only `split` (default
+    'train') is read."""
     root = Path(root)
-    paths = find_images(root, IMAGE_EXTENSIONS)
-    metadata = read_metadata(root) if caption_source in ("auto", "metadata") else {}
+    roots, _ = split_roots(root, split)
+    paths = [p for r in roots for p in find_images(r, IMAGE_EXTENSIONS)]
+    metadata: dict[Path, str] = {}
+    if caption_source in ("auto", "metadata"):
+        for r in roots:
+            metadata.update(read_metadata(r))
     for i, p in enumerate(paths):
         sample: dict[str, Any] = {
             "__key__": f"{i:09d}",
@@ -397,7 +406,7 @@ def folder_samples(
         txt = p.with_suffix(".txt")
         text = metadata.get(p.resolve())
         if text is None and caption_source in ("auto", "txt") and txt.is_file():
-            text = txt.read_text(encoding="utf-8", errors="replace").strip()
+            text = read_caption_file(txt)
         if text is not None:
             sample["txt"] = text
         sample["json"] = {
@@ -413,9 +422,12 @@ def folder_to_shards(
     samples_per_shard: int = 1000,
     caption_source: str = "auto",
     prefix: str = "shard",
+    split: str | None = None,
 ) -> list[str]:
-    """Pack an image folder (captions from metadata.jsonl or sidecar .txt) into tar shards."""
-    paths = write_shards(folder_samples(root, caption_source), out_dir, samples_per_shard, prefix)
+    """Pack an image folder (captions from metadata.jsonl or sidecar .txt) into tar shards; with
+    split folders, only `split` (default 'train')."""
+    samples = folder_samples(root, caption_source, split)
+    paths = write_shards(samples, out_dir, samples_per_shard, prefix)
     if not paths:
         raise ValueError(f"no images found under {root!r} to write into shards")
     return paths
