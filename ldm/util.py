@@ -120,6 +120,13 @@ class DataKeyError(ConfigError, KeyError):
     __str__ = BaseException.__str__  # the message as written, not KeyError's quoted repr
 
 
+class MissingPathError(ConfigError, FileNotFoundError):
+    """A file or folder a config names that is not there: a config mistake (exit 2 from the
+    commands) that is also a ``FileNotFoundError``."""
+
+    __str__ = BaseException.__str__
+
+
 # id(sub-config object) -> (object, key path), so nested instantiate_from_config calls made from
 # inside constructors know where in the user's config they are. Entries live only while the
 # constructor that registered them runs (ids are reused after garbage collection).

@@ -45,7 +45,7 @@ from ldm.data.latent_cache import MOMENTS_KEY, LatentStore, entry_key, file_dige
 from ldm.data.metadata_file import read_caption_file, read_metadata
 from ldm.data.micro_conditioning import MicroConditioning
 from ldm.data.transforms import ImageTransform
-from ldm.util import ConfigError
+from ldm.util import ConfigError, MissingPathError
 
 __all__ = ["ImageFolderDataset", "find_images", "read_caption_file", "read_metadata"]
 
@@ -99,7 +99,7 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f"validate must be one of {VALIDATE_MODES}, got {validate!r}")
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
-            raise FileNotFoundError(
+            raise MissingPathError(
                 f"image folder {str(self.root)!r} does not exist or is not a directory; "
                 "set data.params.<split>.params.root to a folder of images"
             )

@@ -204,3 +204,13 @@ def test_missing_sidecar_count_leaves_out_unreadable_files(tmp_path, caplog):
     assert len(ds) == 2 and ds.skipped.count == 1
     (msg,) = [r.getMessage() for r in caplog.records if "no sidecar" in r.getMessage()]
     assert "1 of 2 images have no sidecar .txt caption" in msg
+
+
+def test_a_missing_root_is_a_config_error(tmp_path) -> None:  # noqa: ANN001
+    """exit 2 from main.py (a ConfigError), still a FileNotFoundError for callers."""
+    from ldm.data.folder import ImageFolderDataset
+    from ldm.util import ConfigError
+
+    with pytest.raises(ConfigError, match="does not exist or is not a directory") as err:
+        ImageFolderDataset(root=tmp_path / "nope")
+    assert isinstance(err.value, FileNotFoundError)
