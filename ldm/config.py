@@ -20,6 +20,13 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ldm.config_ranges import (
+    NO_ANNOTATION,
+    describe_annotation,
+    examples,
+    fits_annotation,
+    parameter_annotation,
+)
 from ldm.util import ConfigError, accepts_parameter, did_you_mean
 
 logger = logging.getLogger(__name__)
@@ -49,6 +56,11 @@ class ConfigSources:
                 path = f"{prefix}[{i}]"
                 self.by_key[path] = source
                 self.record(cfg._get_node(i), source, path)
+
+    def forget(self, path: str) -> None:
+        """Drop ``path`` and the keys under it (a replaced component)."""
+        for key in [k for k in self.by_key if k == path or k.startswith((f"{path}.", f"{path}["))]:
+            del self.by_key[key]
 
     def of(self, path: str) -> str | None:
         """Source of ``path`` or of its longest recorded prefix."""
@@ -178,18 +190,51 @@ def _compatible(old: Any, new: Any) -> bool:
     return not isinstance(new, DictConfig | ListConfig)
 
 
+def _check_parameter_value(key: str, target: str, value: Any) -> bool:
+    """Check an override of a constructor parameter against its annotation; False when there is
+    no annotation to read (the caller falls back to comparing with the current value)."""
+    name = key.rsplit(".", 1)[-1]
+    ann, written = parameter_annotation(target, name)
+    if ann is NO_ANNOTATION:
+        return False
+    if isinstance(value, str) and value.startswith("${"):
+        return True  # an interpolation: its type is known once resolved
+    fits = fits_annotation(ann, value)
+    if fits is None:
+        return False
+    if not fits and value is not None:  # null: the constructor's default / "off", as before
+        cls = target.rsplit(".", 1)[-1]
+        expected = describe_annotation(ann)
+        fixes = (
+            " or ".join(f"'{key}={ex}'" if ex[0] in "{[" else f"{key}={ex}" for ex in examples(ann))
+            or f"{key}=<{expected}>"
+        )
+        raise ConfigError(
+            f"command line: '{key}' expects {expected} ({cls}'s parameter {name}: {written}), "
+            f"found {_type_name(value)} {value!r}. Fix: {fixes} (values are YAML)."
+        )
+    return True
+
+
 def _child(node: DictConfig | ListConfig, key: str | int) -> Any:
     """Child node without resolving interpolations (sub-configs stay configs)."""
     child = node._get_node(key)
     return child if isinstance(child, DictConfig | ListConfig) else child._value()  # type: ignore[union-attr]
 
 
+def _params_target(parent: Any, walked: str) -> str | None:
+    """The ``target`` whose constructor receives the keys under ``walked`` (a ``params`` node)."""
+    if not (walked == "params" or walked.endswith(".params")) or not isinstance(parent, DictConfig):
+        return None
+    target = parent._get_node("target") if "target" in parent.keys() else None
+    value = target._value() if target is not None else None  # type: ignore[union-attr]
+    return value if isinstance(value, str) and not value.startswith("${") else None
+
+
 def _is_constructor_parameter(parent: Any, walked: str, name: str) -> bool:
     """True when ``walked`` is the ``params`` of a ``{target, params}`` node whose target takes ``name``."""
-    if not (walked == "params" or walked.endswith(".params")) or not isinstance(parent, DictConfig):
-        return False
-    target = parent.get("target") if "target" in parent.keys() else None
-    return isinstance(target, str) and accepts_parameter(target, name) is True
+    target = _params_target(parent, walked)
+    return target is not None and accepts_parameter(target, name) is True
 
 
 def check_override(base: DictConfig, key: str, value: Any, sources: ConfigSources) -> None:
@@ -200,7 +245,8 @@ def check_override(base: DictConfig, key: str, value: Any, sources: ConfigSource
     node: Any = base
     parent: Any = None
     walked = ""
-    for part in parts:
+    target = None  # the class whose constructor parameter the key is, when it is one
+    for i, part in enumerate(parts):
         if part.startswith("["):
             walked += part
             idx = int(part[1:-1])
@@ -209,6 +255,8 @@ def check_override(base: DictConfig, key: str, value: Any, sources: ConfigSource
             node = _child(node, idx)
             continue
         path = f"{walked}.{part}" if walked else part
+        if i == len(parts) - 1:
+            target = _params_target(parent, walked)
         if not isinstance(node, DictConfig):
             if node is not None and not (walked.startswith("lightning.trainer")):
                 raise ConfigError(
@@ -229,13 +277,15 @@ def check_override(base: DictConfig, key: str, value: Any, sources: ConfigSource
                     "Fix the spelling (a new key is only accepted when it is not a near-miss)."
                 )
             logger.info("command line adds new key '%s'", path)
+            if target is not None:
+                _check_parameter_value(key, target, value)
             return
         parent, node = node, _child(node, part)
         walked = path
+    if target is not None and _check_parameter_value(key, target, value):
+        return  # checked against the constructor's annotation instead of the current value
     if node == "???":
         return  # a required value (MISSING) being supplied: any type
-    if key.startswith("lightning.trainer."):
-        return  # Trainer arguments are checked by ldm.trainer_setup against the Trainer signature
     if not _compatible(node, value):
         raise ConfigError(
             f"command line: '{key}' expects {_type_name(node)} like the current value "
@@ -285,6 +335,44 @@ def _drop_replaced_components(base: DictConfig, new: DictConfig, path: str = "")
         _drop_replaced_components(old, child, f"{path}.{key}" if path else str(key))
 
 
+def _targets_in(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Component path -> the ``target`` ``cfg`` gives it (``a.b.target=X`` -> ``{"a.b": X}``)."""
+    found: dict[str, Any] = {}
+    if isinstance(cfg, DictConfig):
+        for key in cfg.keys():
+            child = cfg._get_node(key)
+            if key == "target" and prefix:
+                found[prefix] = child._value()  # type: ignore[union-attr]
+            path = f"{prefix}.{key}" if prefix else str(key)
+            found.update(_targets_in(child, path))
+    elif isinstance(cfg, ListConfig):
+        for i in range(len(cfg)):
+            found.update(_targets_in(cfg._get_node(i), f"{prefix}[{i}]"))
+    return found
+
+
+def _drop_retargeted(merged: DictConfig, overrides: Sequence[str], sources: ConfigSources) -> None:
+    """An override naming a different ``target`` for a component drops the ``params`` that the
+    files gave it, as a later file does (params set on the same command line, before or after the
+    target, are kept: the overrides are applied afterwards)."""
+    targets: dict[str, Any] = {}
+    for tok in overrides:
+        if "=" in tok:
+            targets.update(_targets_in(parse_overrides([tok])))
+    for path, new in targets.items():
+        node = OmegaConf.select(merged, path, throw_on_resolution_failure=False)
+        if not isinstance(node, DictConfig) or "target" not in node.keys():
+            continue
+        old = node._get_node("target")._value()  # type: ignore[union-attr]
+        if old == new or "params" not in node.keys():
+            continue
+        del node["params"]  # other keys (model.base_learning_rate) stay
+        sources.forget(f"{path}.params")
+        logger.info(
+            "%s: target changes from %s to %s; its params are replaced, not merged", path, old, new
+        )
+
+
 def merge_configs(
     paths: Sequence[str | Path], overrides: Sequence[str] = ()
 ) -> tuple[DictConfig, ConfigSources]:
@@ -300,6 +388,7 @@ def merge_configs(
             merged = OmegaConf.merge(merged, cfg)
         except OmegaConfBaseException as err:
             raise ConfigError(f"{p}: cannot merge into the configs before it: {err}") from err
+    _drop_retargeted(merged, overrides, sources)
     for tok in overrides:
         key, _, _ = tok.partition("=")
         single = parse_overrides([tok])

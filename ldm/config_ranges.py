@@ -1,4 +1,5 @@
-"""Ranges of the numeric ``lightning.trainer`` values, checked when the config is read.
+"""Ranges of the numeric ``lightning.trainer`` values, checked when the config is read, and the
+values a constructor parameter's annotation allows (command-line overrides, :mod:`ldm.config`).
 
 Lightning checks some of these only when training starts (``accumulate_grad_batches: 0`` ends in a
 ZeroDivisionError there); here a value out of range is a :class:`~ldm.util.ConfigError` that names
@@ -7,13 +8,30 @@ the key, the file that set it, the range and the value.
 
 from __future__ import annotations
 
+import collections.abc as abc
+import inspect
 import math
-from typing import Any
+import os
+import types
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
-from ldm.config import ConfigSources
-from ldm.util import ConfigError
+from omegaconf import DictConfig, ListConfig
 
-__all__ = ["check_trainer_ranges"]
+from ldm.util import ConfigError, get_obj_from_str
+
+if TYPE_CHECKING:
+    from ldm.config import ConfigSources
+
+__all__ = [
+    "NO_ANNOTATION",
+    "check_trainer_ranges",
+    "describe_annotation",
+    "examples",
+    "fits_annotation",
+    "parameter_annotation",
+]
 
 #: integer Trainer arguments -> smallest allowed value (-1 = "unlimited" where Lightning has it)
 INT_MIN = {
@@ -90,3 +108,136 @@ def check_trainer_ranges(trainer_kwargs: dict[str, Any], sources: ConfigSources)
     """Raise a ConfigError for the first numeric Trainer argument out of its range."""
     for key, value in trainer_kwargs.items():
         _check(key, value, sources)
+
+
+NO_ANNOTATION: Any = inspect.Parameter.empty
+
+
+def parameter_annotation(target: str, name: str) -> tuple[Any, str]:
+    """``(annotation, as written)`` of ``name`` in ``target``'s constructor, following ``**kwargs``
+    up the MRO; ``NO_ANNOTATION`` when there is none to read (unannotated, unimportable)."""
+    try:
+        cls = get_obj_from_str(target)
+    except Exception:  # noqa: BLE001 - an unimportable target is reported when it is built
+        return NO_ANNOTATION, ""
+    for klass in getattr(cls, "__mro__", (cls,)):
+        init = klass.__init__ if isinstance(klass, type) else klass
+        try:
+            params = inspect.signature(init).parameters
+        except (TypeError, ValueError):
+            break
+        if name in params:
+            ann = params[name].annotation
+            if ann is NO_ANNOTATION and _forwards(init, name):
+                continue  # a declared __signature__ (LatentDiffusion): the annotation is above
+            if not isinstance(ann, str):
+                return ann, inspect.formatannotation(ann)
+            try:  # `from __future__ import annotations`: evaluate in the defining module
+                return eval(ann, dict(getattr(init, "__globals__", {}))), ann  # noqa: S307
+            except Exception:  # noqa: BLE001 - a name only imported for type checking
+                return NO_ANNOTATION, ""
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            break
+    return NO_ANNOTATION, ""
+
+
+def _forwards(init: Any, name: str) -> bool:
+    """Whether ``init``'s code passes ``name`` on through ``**kwargs`` (it does not declare it)."""
+    code = getattr(init, "__code__", None)
+    if code is None or not code.co_flags & inspect.CO_VARKEYWORDS:
+        return False
+    return name not in code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
+
+
+def _all_fit(results: Iterable[bool | None]) -> bool | None:
+    results = list(results)
+    return False if False in results else (None if None in results else True)
+
+
+def fits_annotation(ann: Any, value: Any) -> bool | None:
+    """Whether a YAML value fits a parameter annotation; None when the annotation cannot tell
+    (a class such as ``nn.Module``, ``Callable``)."""
+    if ann is Any or ann is object or isinstance(ann, TypeVar):
+        return True
+    if ann is None or ann is type(None):
+        return value is None
+    origin, args = get_origin(ann), get_args(ann)
+    if origin is Annotated:
+        return fits_annotation(args[0], value)
+    if origin is Union or origin is types.UnionType:
+        results = [fits_annotation(a, value) for a in args]
+        return True if True in results else (None if None in results else False)
+    if origin is Literal:
+        return any(type(a) is type(value) and a == value for a in args)
+    base = origin or ann
+    if not isinstance(base, type):
+        return None
+    if base is bool:
+        return isinstance(value, bool)
+    if base is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if base is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if base is str or issubclass(base, os.PathLike | Path):
+        return isinstance(value, str)
+    if issubclass(base, abc.Mapping):
+        if not isinstance(value, DictConfig):
+            return False
+        return (
+            _all_fit(fits_annotation(args[1], value[k]) for k in value) if len(args) == 2 else True
+        )
+    if issubclass(base, abc.Sequence | abc.Set) and not issubclass(base, str | bytes):
+        if not isinstance(value, ListConfig):
+            return False
+        if base is tuple and args and args[-1] is not Ellipsis:
+            return len(args) == len(value) and _all_fit(map(fits_annotation, args, value))
+        return _all_fit(fits_annotation(args[0], v) for v in value) if args else True
+    return None
+
+
+def describe_annotation(ann: Any) -> str:
+    """``bool | float`` -> ``a boolean or a number`` for messages."""
+    origin, args = get_origin(ann), get_args(ann)
+    if ann is None or ann is type(None):
+        return "null"
+    if origin is Annotated:
+        return describe_annotation(args[0])
+    if origin is Union or origin is types.UnionType:
+        names = dict.fromkeys(describe_annotation(a) for a in args)
+        return " or ".join(names)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    base = origin or ann
+    names = {bool: "a boolean", int: "a whole number", float: "a number", str: "a string"}
+    if base in names:
+        return names[base]
+    if isinstance(base, type) and issubclass(base, os.PathLike | Path):
+        return "a string"
+    if isinstance(base, type) and issubclass(base, abc.Mapping):
+        return "a mapping"
+    if isinstance(base, type) and issubclass(base, abc.Sequence | abc.Set):
+        return "a list"
+    return f"a {getattr(base, '__name__', base)}"
+
+
+_EXAMPLES = {
+    "a boolean": "true",
+    "a whole number": "1",
+    "a number": "0.5",
+    "a string": "text",
+    "a mapping": "{key: value}",
+    "a list": "[a, b]",
+}
+
+
+def examples(ann: Any) -> list[str]:
+    """Example override values for an annotation (``bool | float`` -> ``true``, ``0.5``)."""
+    origin, args = get_origin(ann), get_args(ann)
+    if origin is Union or origin is types.UnionType:
+        return list(dict.fromkeys(e for a in args for e in examples(a)))
+    if origin is Literal:
+        return [str(a) for a in args]
+    if origin is Annotated:
+        return examples(args[0])
+    found = _EXAMPLES.get(describe_annotation(ann))
+    return [found] if found else []
