@@ -18,9 +18,18 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    Sampler,
+    default_collate,
+    default_convert,
+    get_worker_info,
+)
 
 from ldm.data.bucket_sampler import BucketBatchSampler
+from ldm.data.collate import CheckedCollate, dataset_name
 from ldm.util import ConfigError, config_path_of, instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -29,10 +38,22 @@ SPLITS = ("train", "validation", "test", "predict")
 
 
 class WrappedDataset(Dataset):
-    """Wraps any object with ``__len__`` and ``__getitem__`` into a torch Dataset (CompVis)."""
+    """Wraps any object with ``__len__`` and ``__getitem__`` into a torch Dataset (CompVis).
+
+    Other attribute lookups go to the wrapped data set, so wrapping hides nothing the data module
+    and the trainer look for (``item_buckets``, ``set_epoch``, the latent-cache methods).
+    """
 
     def __init__(self, dataset: Any) -> None:
         self.data = dataset
+
+    def __getattr__(self, name: str) -> Any:
+        # only called when normal lookup fails; read ``data`` from __dict__ so that a half-built
+        # instance (unpickling in a worker process, copy) does not recurse; dunders stay ours
+        data = self.__dict__.get("data")
+        if data is None or (name.startswith("__") and name.endswith("__")):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(data, name)
 
     def __len__(self) -> int:
         return len(self.data)
@@ -164,6 +185,12 @@ class DataModuleFromConfig(pl.LightningDataModule):
         self.batch_size = batch_size
         cpus = os.cpu_count() or 1
         self.num_workers = num_workers if num_workers is not None else min(batch_size * 2, cpus)
+        if not isinstance(wrap, bool):
+            raise ConfigError(
+                f"data.params.wrap: expected true or false (wrap each data set in WrappedDataset), "
+                f"found {wrap!r} ({type(wrap).__name__}). Write wrap: true or wrap: false, "
+                "without quotes."
+            )
         self.wrap = wrap
         self.use_worker_init_fn = use_worker_init_fn
         self.shuffle = {"train": True, "validation": shuffle_val_dataloader}
@@ -190,7 +217,7 @@ class DataModuleFromConfig(pl.LightningDataModule):
     def _build(self, split: str) -> Any:
         cfg = self.dataset_configs[split]
         dataset = instantiate_from_config(cfg)
-        if self.wrap:
+        if self.wrap and not isinstance(dataset, IterableDataset):  # a stream has no items
             dataset = WrappedDataset(dataset)
         if isinstance(dataset, Sized) and len(dataset) == 0:
             where = config_path_of(cfg, default=f"data.params.{split}")
@@ -238,6 +265,27 @@ class DataModuleFromConfig(pl.LightningDataModule):
         # an epoch's last batch Lightning leaves them saying "finished" for the whole next epoch.)
         return trainer.current_epoch, batches.current.processed
 
+    def _image_key(self) -> str | None:
+        """The attached model's image key (``first_stage_key``; ``image_key`` of autoencoders)."""
+        try:
+            module = self.trainer.lightning_module if self.trainer is not None else None
+        except (AttributeError, RuntimeError):
+            return None
+        for name in ("first_stage_key", "image_key"):
+            key = getattr(module, name, None)
+            if isinstance(key, str):
+                return key
+        return None
+
+    def _collate(self, split: str, dataset: Any, batched: bool = True) -> CheckedCollate:
+        """Collation that names contract violations; the train loader checks its first batch."""
+        return CheckedCollate(
+            dataset_name(dataset),
+            collate=default_collate if batched else default_convert,
+            image_key=self._image_key(),
+            check=split == "train",
+        )
+
     def _seed(self) -> int:
         return self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
 
@@ -263,6 +311,7 @@ class DataModuleFromConfig(pl.LightningDataModule):
         return ResumableDataLoader(
             dataset,
             batch_sampler=batch_sampler,
+            collate_fn=self._collate(split, dataset),
             seed=self._seed(),
             num_workers=self.num_workers,
             worker_init_fn=init_fn,
@@ -304,6 +353,7 @@ class DataModuleFromConfig(pl.LightningDataModule):
             dataset,
             batch_size=batch_size,
             sampler=sampler,
+            collate_fn=self._collate(split, dataset, batched=batch_size is not None),
             num_workers=self.num_workers,
             worker_init_fn=init_fn,
             persistent_workers=self.num_workers > 0,
