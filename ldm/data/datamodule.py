@@ -323,6 +323,18 @@ class DataModuleFromConfig(pl.LightningDataModule):
             self.setup()
         dataset = self.datasets[split]
         iterable = isinstance(dataset, IterableDataset)
+        if split == "train" and not iterable and len(dataset) < self.batch_size:
+            logger.warning(
+                "data.params.batch_size %d is larger than the %s set (%d items, %s): every "
+                "batch holds at most %d items, while a learning rate scaled by batch size "
+                "(--scale_lr) counts %d. Lower data.params.batch_size or add data.",
+                self.batch_size,
+                split,
+                len(dataset),
+                type(dataset).__name__,
+                len(dataset),
+                self.batch_size,
+            )
         init_fn = worker_init_fn if (iterable or self.use_worker_init_fn) else None
         buckets = None if iterable else getattr(dataset, "item_buckets", None)
         if buckets is not None:

@@ -61,3 +61,13 @@ def test_wrapped_dataset_pickles_and_copies_without_recursion(tmp_path: Path) ->
 def test_wrap_must_be_a_bool(tmp_path: Path, wrap: object) -> None:
     with pytest.raises(ConfigError, match=r"data\.params\.wrap: expected true or false"):
         _module(tmp_path, wrap=wrap)
+
+
+def test_a_batch_size_beyond_the_data_set_is_warned(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    import logging
+
+    train = {"target": FOLDER, "params": {"root": str(_folder(tmp_path)), "size": 32}}
+    dm = DataModuleFromConfig(batch_size=64, train=train, num_workers=0)
+    with caplog.at_level(logging.WARNING):
+        dm.train_dataloader()
+    assert "batch_size 64 is larger than the train set (6 items" in caplog.text
