@@ -16,7 +16,6 @@ _LORA_PREFIXES = ("lora_unet_", "lora_te")
 # kohya, diffusers/peft and the older diffusers attention-processor names
 _LORA_MARKS = (".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", "lora.down.", "lora.up.")
 _LORA_MARKS += (".lora_linear_layer.",)
-_EMBEDDING_KEYS = {"string_to_param", "string_to_token", "emb_params", "clip_l", "clip_g"}
 _EMBEDDING_MARKS = ("string_to_param", "emb_params", "clip_l", "clip_g")
 _FEW_TOKENS = 16  # a diffusers learned_embeds file holds one or a few tokens
 _MIN_WIDTH = 16  # of a text encoder's token vectors (768 and up in real models)
@@ -66,7 +65,7 @@ def not_a_model_hint(keys: Iterable[str]) -> str | None:
             "to the base model it was trained on, --ckpt BASE --lora FILE[:SCALE] "
             "(generate(loras=...))."
         )
-    if tops <= _EMBEDDING_KEYS or ("string_to_param" in tops):
+    if embedding_key(keys) is not None:
         return (
             "It is a textual-inversion embedding, not a model: load it with --embedding FILE "
             "next to --ckpt BASE (generate(embeddings=...))."

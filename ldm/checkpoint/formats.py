@@ -5,6 +5,8 @@ from __future__ import annotations
 
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
+#: every suffix the checkpoint loaders read
+CHECKPOINT_SUFFIXES = (SAFETENSORS_SUFFIX, *TORCH_SUFFIXES)
 
 
 class CheckpointFormatError(ValueError):

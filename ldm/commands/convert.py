@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ldm.atomic_output import atomic_path
 from ldm.checkpoint.convert import is_diffusers_folder
-from ldm.checkpoint.formats import SAFETENSORS_SUFFIX, TORCH_SUFFIXES
+from ldm.checkpoint.formats import CHECKPOINT_SUFFIXES, SAFETENSORS_SUFFIX
 from ldm.disk_errors import writing
 from ldm.errors import exit_code, report
 from ldm.util import ConfigError
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: file outputs by suffix (any case); anything else names a diffusers folder
-FILE_SUFFIXES = (SAFETENSORS_SUFFIX, *TORCH_SUFFIXES)
+FILE_SUFFIXES = CHECKPOINT_SUFFIXES
 
 
 def _is_file_output(dst: Path) -> bool:

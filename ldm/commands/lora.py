@@ -257,12 +257,11 @@ def _inputs(args: argparse.Namespace) -> list[tuple[str, str]]:
 def _check_out(args: argparse.Namespace) -> None:
     """ValueError (exit 2) for an --out the loaders could not read back (its suffix), or one that
     is a file the command reads: it would be replaced by the result."""
-    from ldm.checkpoint.formats import SAFETENSORS_SUFFIX, TORCH_SUFFIXES
+    from ldm.checkpoint.formats import CHECKPOINT_SUFFIXES, SAFETENSORS_SUFFIX
 
-    suffixes = (SAFETENSORS_SUFFIX, *TORCH_SUFFIXES)
-    if Path(args.out).suffix.lower() not in suffixes:
+    if Path(args.out).suffix.lower() not in CHECKPOINT_SUFFIXES:
         raise ValueError(
-            f"--out {args.out}: the loaders read only {', '.join(suffixes)} files; name the "
+            f"--out {args.out}: the loaders read only {', '.join(CHECKPOINT_SUFFIXES)} files; name the "
             f"output with one of them, e.g. {Path(args.out).with_suffix(SAFETENSORS_SUFFIX)}."
         )
     out = Path(args.out).resolve()

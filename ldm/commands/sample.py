@@ -21,7 +21,7 @@ from ldm.commands.sample_checks import (
     device_from_flag,
     read_prompts,
 )
-from ldm.commands.sample_flags import add_compat_flags, apply_compat_flags, inpaint_pairs
+from ldm.commands.sample_flags import add_compat_flags, apply_compat_flags
 from ldm.commands.validation import MAX_SEED, finite_float, float_in, int_in
 from ldm.disk_errors import writing
 from ldm.errors import RunFailure, exit_code, report
@@ -338,7 +338,8 @@ def image_jobs(args: argparse.Namespace, outdir: Path) -> list[tuple[Any, Any, P
     indir = getattr(args, "indir", None)
     if indir is None:
         return [(getattr(args, "init_img", None), getattr(args, "mask", None), None)]
-    return [(str(image), str(mask), outdir / image.name) for image, mask in inpaint_pairs(indir)]
+    pairs = args.indir_pairs  # read by apply_compat_flags, before the model loaded
+    return [(str(image), str(mask), outdir / image.name) for image, mask in pairs]
 
 
 def run(mode: str, argv: list[str] | None = None) -> list[Path]:
@@ -435,13 +436,7 @@ def _sample(mode: str, args: argparse.Namespace, name: str | None, device: torch
         check_mode(mode, refiner, "--refiner", args.refiner)
     from ldm.adapters.sampling import adapters_applied, describe, parse_lora
 
-    loras = [parse_lora(spec) for spec in args.lora]
-    for path, _ in loras:
-        if not Path(path).is_file():
-            raise CommandError(f"--lora {path}: no such file.")
-    for path in args.embedding:
-        if not Path(path).is_file():
-            raise CommandError(f"--embedding {path}: no such file.")
+    loras = [parse_lora(spec) for spec in args.lora]  # checked with the files in check_inputs
     adapters = adapters_applied(model, loras, args.embedding)
     micro = micro_conditioning(args, model, refiner)
     options: dict[str, Any] = {}
@@ -488,6 +483,7 @@ def _sample(mode: str, args: argparse.Namespace, name: str | None, device: torch
     params_common.update({k: v for k, v in micro["base"].items() if v is not None})
     params_common.update(describe(loras, args.embedding))
     jobs = image_jobs(args, outdir)
+    text = model.conditioner is not None and model.conditioner.text_key() is not None
     k = 0
     with (
         adapters,
@@ -501,9 +497,6 @@ def _sample(mode: str, args: argparse.Namespace, name: str | None, device: torch
                     seed = args.seed if args.fixed_code else args.seed + k
                     k += 1
                     started = time.perf_counter()
-                    text = (
-                        model.conditioner is not None and model.conditioner.text_key() is not None
-                    )
                     common = {
                         "negative_prompt": args.negative_prompt
                         if args.negative_prompt and text
@@ -574,7 +567,6 @@ def _sample(mode: str, args: argparse.Namespace, name: str | None, device: torch
         allx = torch.cat([g for g, _ in grid_items])
         grid = make_grid(allx, nrow=args.n_rows or args.n_samples)
         grid_count = len(list(outdir.glob("grid-*.png")))
-        text = model.conditioner is not None and model.conditioner.text_key() is not None
         params = {
             "prompt": grid_items[0][1][0] if text else "",
             "negative_prompt": args.negative_prompt if text else None,

@@ -76,7 +76,7 @@ def apply_compat_flags(args: argparse.Namespace, mode: str) -> None:
                     f"--indir writes one result per image (--outdir/X.png); drop --{flag} "
                     f"{getattr(args, flag)}."
                 )
-        inpaint_pairs(indir)  # checked before the model loads
+        args.indir_pairs = inpaint_pairs(indir)  # checked before the model loads
         args.n_samples = args.n_iter = 1
         args.skip_grid = True
     if args.n_samples is None:

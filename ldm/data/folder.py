@@ -47,7 +47,13 @@ from ldm.data.micro_conditioning import MicroConditioning
 from ldm.data.transforms import ImageTransform
 from ldm.util import ConfigError, MissingPathError
 
-__all__ = ["ImageFolderDataset", "find_images", "read_caption_file", "read_metadata"]
+__all__ = [
+    "ImageFolderDataset",
+    "find_images",
+    "images_and_captions",
+    "read_caption_file",
+    "read_metadata",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +67,22 @@ def find_images(root: Path, extensions: tuple[str, ...], recursive: bool = True)
     exts = {e.lower() for e in extensions}
     pattern = "**/*" if recursive else "*"
     return sorted(p for p in root.glob(pattern) if p.suffix.lower() in exts and p.is_file())
+
+
+def images_and_captions(
+    roots: list[Path],
+    extensions: tuple[str, ...],
+    recursive: bool = True,
+    caption_column: str | None = None,
+    metadata: bool = True,
+) -> tuple[list[Path], dict[Path, str]]:
+    """(image paths, metadata captions by resolved path) of the folders ``roots`` (a root, or
+    its split folders); ``metadata`` False: no metadata file is read."""
+    paths = [p for r in roots for p in find_images(r, extensions, recursive)]
+    captions: dict[Path, str] = {}
+    for r in roots if metadata else ():
+        captions.update(read_metadata(r, recursive, caption_column))
+    return paths, captions
 
 
 class ImageFolderDataset(Dataset):
@@ -117,11 +139,9 @@ class ImageFolderDataset(Dataset):
         self.skipped = SkipLog(f"image folder {self.root}")
         roots, self.split = split_roots(self.root, split)
 
-        paths = [p for r in roots for p in find_images(r, extensions, recursive)]
-        metadata: dict[Path, str] = {}
-        if caption_source in ("auto", "metadata"):  # 'txt' / 'none' never read the metadata
-            for r in roots:
-                metadata.update(read_metadata(r, recursive, caption_column))
+        paths, metadata = images_and_captions(  # 'txt' / 'none' never read the metadata
+            roots, extensions, recursive, caption_column, caption_source in ("auto", "metadata")
+        )
         if caption_source == "auto":
             if metadata:
                 caption_source = "metadata"

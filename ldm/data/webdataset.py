@@ -29,10 +29,10 @@ from webdataset.shardlists import expand_urls
 
 from ldm.data.buckets import BucketSpec, assign_bucket
 from ldm.data.captions import caption_processor_from_config
-from ldm.data.folder import find_images
+from ldm.data.folder import images_and_captions
 from ldm.data.folder_splits import split_roots
 from ldm.data.image_io import IMAGE_EXTENSIONS, BadImageError, SkipLog, load_rgb
-from ldm.data.metadata_file import read_caption_file, read_metadata
+from ldm.data.metadata_file import read_caption_file
 from ldm.data.shard_ends import all_but_last, is_cut
 from ldm.data.transforms import ImageTransform
 
@@ -393,11 +393,9 @@ def folder_samples(
     'train') is read."""
     root = Path(root)
     roots, _ = split_roots(root, split)
-    paths = [p for r in roots for p in find_images(r, IMAGE_EXTENSIONS)]
-    metadata: dict[Path, str] = {}
-    if caption_source in ("auto", "metadata"):
-        for r in roots:
-            metadata.update(read_metadata(r))
+    paths, metadata = images_and_captions(
+        roots, IMAGE_EXTENSIONS, metadata=caption_source in ("auto", "metadata")
+    )
     for i, p in enumerate(paths):
         sample: dict[str, Any] = {
             "__key__": f"{i:09d}",

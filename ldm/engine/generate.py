@@ -65,7 +65,7 @@ def latent_factor(model: Any) -> int:
 def grid_sides(value: int, f: int) -> tuple[int, int]:
     """The multiples of ``f`` next to ``value``: (the largest <= value, at least f; the next)."""
     low = max(f, value - value % f)
-    return low, low + f if low >= value else value - value % f + f
+    return low, low + f
 
 
 def snap_to_grid(value: int, f: int) -> int:
